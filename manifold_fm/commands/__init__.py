@@ -1,0 +1,1 @@
+"""One module per ``manifold-fm`` subcommand (registered in :data:`manifold_fm.cli.COMMANDS`)."""

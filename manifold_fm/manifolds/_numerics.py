@@ -1,0 +1,101 @@
+"""Numerical helpers shared by the manifolds: dtype policy, time broadcasting, safe elementwise functions.
+
+Pure tensor math; nothing here holds state.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a computation on ``dtype`` inputs runs in: float32 for float16/bfloat16, else ``dtype``."""
+    return torch.float32 if dtype in LOW_PRECISION else dtype
+
+
+def _cast_out(out: Any, dtype: torch.dtype) -> Any:
+    if isinstance(out, Tensor):
+        return out.to(dtype) if out.is_floating_point() else out
+    if isinstance(out, tuple):
+        return tuple(_cast_out(o, dtype) for o in out)
+    return out
+
+
+def upcast(fn: F) -> F:
+    """Run ``fn`` in float32 when its first tensor argument is float16/bfloat16; cast tensor results back.
+
+    The convention (DESIGN.md): low-precision inputs are computed internally in float32 and returned in the input's
+    dtype. Other floating tensor arguments are promoted to the same compute dtype.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        first = next((a for a in args if isinstance(a, Tensor) and a.is_floating_point()), None)
+        if first is None or first.dtype not in LOW_PRECISION:
+            return fn(self, *args, **kwargs)
+        in_dtype = first.dtype
+
+        def up(a: Any) -> Any:
+            return a.float() if isinstance(a, Tensor) and a.is_floating_point() else a
+
+        out = fn(self, *(up(a) for a in args), **{k: up(v) for k, v in kwargs.items()})
+        return _cast_out(out, in_dtype)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def broadcast_time(t: float | Tensor, x: Tensor) -> Tensor:
+    """Shape ``t`` to broadcast against ``x``.
+
+    ``t`` may be a Python number, a 0-d tensor, a per-sample vector of shape ``(B,)`` with ``B == x.shape[0]``
+    (broadcast over every other axis of ``x``: all tokens of a sample share its time), or a tensor already
+    broadcastable to ``x`` with ``x.ndim`` dimensions.
+    """
+    t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+    if t.dtype != x.dtype:
+        t = t.to(x.dtype)
+    if t.ndim == 0 or t.ndim == x.ndim:
+        return t
+    if t.ndim == 1 and x.ndim >= 1 and t.shape[0] == x.shape[0]:
+        return t.reshape(t.shape[0], *([1] * (x.ndim - 1)))
+    raise ValueError(
+        f"time of shape {tuple(t.shape)} does not fit points of shape {tuple(x.shape)}: pass a scalar, a (B,) vector "
+        f"with B = {x.shape[0] if x.ndim else 1}, or a tensor with {x.ndim} dimensions"
+    )
+
+
+def safe_sqrt(s: Tensor) -> Tensor:
+    """``sqrt(max(s, 0))`` whose gradient is 0 (not inf/NaN) where ``s <= tiny``."""
+    tiny = torch.finfo(s.dtype).tiny
+    return torch.where(s > tiny, s, torch.ones_like(s)).sqrt() * (s > tiny)
+
+
+def sinc(x: Tensor) -> Tensor:
+    """Unnormalised ``sin(x) / x`` with value 1 and finite gradients at 0."""
+    return torch.sinc(x / math.pi)
+
+
+def atan2_over_y(y: Tensor, x: Tensor) -> Tensor:
+    """``atan2(y, x) / y`` for ``y >= 0``, finite as ``y -> 0`` (its limit ``1/x`` for ``x > 0``).
+
+    For ``y -> 0`` with ``x <= 0`` the true value diverges; the caller handles that case (an antipodal policy), and
+    this returns the finite stand-in ``pi / max(y, tiny)`` there so no Inf appears.
+    """
+    tiny = torch.finfo(y.dtype).tiny
+    small = y <= tiny
+    y_safe = torch.where(small, torch.ones_like(y), y)
+    ratio = torch.atan2(y_safe, x) / y_safe
+    # y -> 0, x > 0: atan2(y, x)/y -> 1/x (x > 0 on this branch, bounded away from 0 by |x| = radius).
+    x_safe = torch.where(x > 0, x, torch.ones_like(x))
+    limit = torch.where(x > 0, 1.0 / x_safe, torch.full_like(x, math.pi / tiny))
+    return torch.where(small, limit, ratio)

@@ -1,0 +1,271 @@
+"""Spheres: :class:`Sphere` (one sphere on the last axis) and :class:`TokenSpheres` (a product of per-token spheres).
+
+Everything is computed along one *sphere axis* with ``keepdim`` reductions, so a ``(B, C, H, W)`` latent with
+``axis=1`` is ``H*W`` independent spheres ``S^{C-1}(R)`` per sample without any reshaping.
+
+Accuracy. Angles never come from ``acos`` of a dot product. For points ``x, y`` let ``m = sign<x, y>`` and
+``v = y - m x`` (``y - x`` for acute pairs, ``y + x`` for obtuse ones: both are exact float subtractions by
+Sterbenz's lemma where they matter, near 0 and near pi). Then ``y`` has tangential part
+``y_perp = v - (<v, x>/<x, x>) x`` and parallel part ``<y, x>/|x| = <v, x>/|x| + m |x|``, and
+
+    angle(x, y) = atan2(|y_perp|, <v, x>/|x| + m |x|),
+
+the exact angle between the two vectors whatever their norms, accurate to a few ulps from 1e-6 rad to pi.
+
+Degenerate cases (one policy each, tested):
+- identical points: angle 0, ``logmap = 0``, the geodesic is constant with zero velocity;
+- antipodal points (``y_perp == 0`` and ``<x, y> < 0``): the geodesic is not unique; we take the great circle
+  through the tangent direction obtained by projecting the coordinate axis ``e_k`` on which ``|x_k|`` is smallest
+  (deterministic, never degenerate); ``logmap`` has norm ``pi R``;
+- zero tangent vector: ``expmap(x, 0) = x`` with finite gradients (``sinc`` form);
+- zero-norm input to ``projx``: mapped to ``R e_0`` (the first coordinate axis), with zero gradient.
+
+Low precision: float16/bfloat16 inputs are computed in float32 and returned in the input dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ._numerics import atan2_over_y, broadcast_time, safe_sqrt, sinc, upcast
+from .base import Manifold, ManifoldError
+
+
+class _Pair(NamedTuple):
+    """Per-token quantities of an ordered pair ``(x, y)``; reductions have a kept size-1 sphere axis."""
+
+    v: Tensor  # y - m x, full shape
+    nx: Tensor  # |x|
+    c: Tensor  # <v, x> / <x, x>: y_perp = v - c x
+    s: Tensor  # |y_perp| (before the antipodal fallback)
+    w: Tensor  # angle(x, y) in [0, pi]
+    ratio: Tensor  # w / s, finite everywhere
+
+
+class Sphere(Manifold):
+    """The sphere ``S^{n-1}(R) = {x in R^n : |x| = R}`` on the last axis of a tensor ``(..., n)``.
+
+    Metric: the one induced by the ambient Euclidean space, so ``dist(x, y) = R * angle(x, y)``.
+    """
+
+    name = "sphere"
+    point_ndim: int | None = 1
+
+    def __init__(self, radius: float = 1.0) -> None:
+        if not (isinstance(radius, (int, float)) and math.isfinite(radius) and radius > 0):
+            raise ValueError(f"Sphere radius must be a finite positive number, got {radius!r}")
+        self.radius = float(radius)
+        self.axis = -1
+
+    def __repr__(self) -> str:
+        return f"Sphere(radius={self.radius:g})"
+
+    # ------------------------------------------------------------ helpers
+    def _dot(self, a: Tensor, b: Tensor) -> Tensor:
+        return (a * b).sum(dim=self.axis, keepdim=True)
+
+    def _check_axis(self, x: Tensor) -> None:
+        if x.ndim == 0:
+            raise ManifoldError(f"{self.name}: expected a tensor with a sphere axis, got a scalar")
+
+    def _tokens_to_points(self, per_token: Tensor, like: Tensor) -> Tensor:
+        """Reduce a keepdim per-token tensor to the batch shape (Sphere: drop the sphere axis)."""
+        return per_token.squeeze(self.axis)
+
+    def _fallback_direction(self, x: Tensor) -> Tensor:
+        """A unit tangent vector at ``x``: the coordinate axis where ``|x_k|`` is smallest, projected and normalised."""
+        k = x.abs().argmin(dim=self.axis, keepdim=True)
+        e = torch.zeros_like(x).scatter_(self.axis, k, 1.0)
+        xx = self._dot(x, x)
+        e = e - self._dot(e, x) / xx * x
+        return e / self._dot(e, e).sqrt()
+
+    def _pair(self, x: Tensor, y: Tensor) -> _Pair:
+        xy = self._dot(x, y)
+        m = torch.where(xy >= 0, 1.0, -1.0).to(x.dtype)
+        v = y - m * x
+        xx = self._dot(x, x)
+        vx = self._dot(v, x)
+        vv = self._dot(v, v)
+        nx = xx.sqrt()
+        c = vx / xx
+        # |v_perp|^2 = |v|^2 - <v,x>^2/|x|^2; clamp the rounding-level negative values of near-parallel pairs.
+        s = safe_sqrt(vv - vx * c)
+        par = vx / nx + m * nx
+        w = torch.atan2(s, par)
+        return _Pair(v=v, nx=nx, c=c, s=s, w=w, ratio=atan2_over_y(s, par))
+
+    def _direction_terms(self, x: Tensor, p: _Pair) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(v, c, w, ratio)`` with the antipodal fallback applied: ``y_perp/s = (v - c x) * ratio / w``."""
+        antipodal = (p.s <= torch.finfo(x.dtype).tiny) & (p.w > 1.0)
+        if not bool(antipodal.any()):
+            return p.v, p.c, p.w, p.ratio
+        # Replace the (zero) tangential part by R times a deterministic unit tangent direction.
+        e = self._fallback_direction(x)
+        v = p.v + antipodal * (p.nx * e)
+        w = torch.where(antipodal, torch.full_like(p.w, math.pi), p.w)
+        ratio = torch.where(antipodal, math.pi / p.nx, p.ratio)
+        return v, p.c, w, ratio
+
+    # ------------------------------------------------------------ geometry
+    @upcast
+    def projx(self, x: Tensor) -> Tensor:
+        """``R x / |x|`` per token; zero-norm tokens map to ``R e_0``. Scale-safe for tiny and huge inputs."""
+        self._check_axis(x)
+        scale = x.abs().amax(dim=self.axis, keepdim=True)
+        zero = scale == 0
+        y = x / torch.where(zero, torch.ones_like(scale), scale)
+        e0 = torch.zeros_like(x).narrow(self.axis, 0, 1).fill_(1.0)
+        e0 = torch.cat([e0, torch.zeros_like(x).narrow(self.axis, 1, x.shape[self.axis] - 1)], dim=self.axis)
+        y = torch.where(zero, e0, y)
+        return y * (self.radius / self._dot(y, y).sqrt())
+
+    @upcast
+    def proju(self, x: Tensor, u: Tensor) -> Tensor:
+        """``u - <u, x>/<x, x> x`` per token."""
+        xx = self._dot(x, x).clamp_min(torch.finfo(x.dtype).tiny)
+        return u - self._dot(u, x) / xx * x
+
+    @upcast
+    def expmap(self, x: Tensor, u: Tensor) -> Tensor:
+        """``cos(|u|/R) x + sinc(|u|/R) u`` per token, renormalised to radius ``R`` (so chains do not drift)."""
+        theta = safe_sqrt(self._dot(u, u)) / self.radius
+        y = torch.cos(theta) * x + sinc(theta) * u
+        return y * (self.radius / safe_sqrt(self._dot(y, y)).clamp_min(torch.finfo(y.dtype).tiny))
+
+    @upcast
+    def logmap(self, x: Tensor, y: Tensor) -> Tensor:
+        """``R * angle * y_perp / |y_perp|`` per token (zero for identical points; antipodal policy above)."""
+        v, c, _, ratio = self._direction_terms(x, self._pair(x, y))
+        return (self.radius * ratio) * (v - c * x)
+
+    @upcast
+    def angle(self, x: Tensor, y: Tensor) -> Tensor:
+        """Per-token angle in ``[0, pi]`` with a kept size-1 sphere axis."""
+        return self._pair(x, y).w
+
+    @upcast
+    def dist(self, x: Tensor, y: Tensor) -> Tensor:
+        """Geodesic distance ``R * angle(x, y)`` (for token spheres: the product metric over tokens)."""
+        return self._points_norm(self.radius * self._pair(x, y).w, x)
+
+    def _points_norm(self, per_token: Tensor, like: Tensor) -> Tensor:
+        return self._tokens_to_points(per_token, like)
+
+    @upcast
+    def geodesic(self, x0: Tensor, x1: Tensor, t: float | Tensor) -> tuple[Tensor, Tensor]:
+        """Closed-form slerp per token.
+
+        With ``x0_hat = x0/|x0|``, unit tangent ``e = y_perp/|y_perp|`` and angle ``w``:
+        ``x_t = R (cos(t w) x0_hat + sin(t w) e)`` and ``u_t = R w (cos(t w) e - sin(t w) x0_hat)``, i.e. the
+        SFM target ``w (cos(t w) x1 - cos((1-t) w) x0) / sin w`` without its ``0/0`` at ``w -> 0`` or ``pi``.
+        Both are evaluated as ``a x0 + b v`` with per-token scalars, two fused passes over the data.
+        """
+        p = self._pair(x0, x1)
+        v, c, w, ratio = self._direction_terms(x0, p)
+        tt = broadcast_time(t, x0)
+        R = self.radius
+        tw = tt * w
+        cos_tw, sin_tw = torch.cos(tw), torch.sin(tw)
+        k = R * tt * ratio * sinc(tw)  # R sin(t w) / s
+        a_x = R * cos_tw / p.nx - k * c
+        rc = R * ratio * cos_tw  # R w cos(t w) / s
+        a_u = -R * w * sin_tw / p.nx - rc * c
+        x_t = torch.addcmul(a_x * x0, k, v)
+        u_t = torch.addcmul(a_u * x0, rc, v)
+        return x_t, u_t
+
+    @upcast
+    def transp(self, x: Tensor, y: Tensor, v: Tensor) -> Tensor:
+        """Parallel transport of ``v`` from ``x`` to ``y`` along their geodesic.
+
+        With unit direction ``e`` and angle ``w``: ``v + <e, v> ((cos w - 1) e - sin w x_hat)``; the part of ``v``
+        orthogonal to ``e`` and ``x`` is unchanged. An isometry ``T_x -> T_y``.
+        """
+        p = self._pair(x, y)
+        vv, c, w, ratio = self._direction_terms(x, p)
+        # e = (vv - c x) * ratio / w; write ratio/w as 1/s (with s = R for the antipodal fallback).
+        inv_s = torch.where(w > 0, ratio / torch.where(w > 0, w, torch.ones_like(w)), torch.zeros_like(w))
+        e = (vv - c * x) * inv_s
+        xhat = x / p.nx
+        ev = self._dot(e, v)
+        return v + ev * ((torch.cos(w) - 1.0) * e - torch.sin(w) * xhat)
+
+    def random_base(
+        self,
+        shape: Sequence[int],
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> Tensor:
+        """Uniform samples: the radial projection ``R e/|e|`` of standard Gaussians ``e`` of the given shape."""
+        dtype = dtype or torch.get_default_dtype()
+        e = torch.randn(tuple(shape), generator=generator, dtype=dtype, device=device)
+        return self.projx(e)
+
+    def point_error(self, x: Tensor) -> Tensor:
+        """``| |x| - R | / R`` per token, maximised over the tokens of each point."""
+        xc = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        err = (self._dot(xc, xc).sqrt() / self.radius - 1.0).abs()
+        return self._max_over_point(err, x)
+
+    def vector_error(self, x: Tensor, u: Tensor) -> Tensor:
+        """``|<u, x>| / (|u| |x|)`` per token (the cosine to the normal), maximised over tokens."""
+        xc = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        uc = u.float() if u.dtype in (torch.float16, torch.bfloat16) else u
+        tiny = torch.finfo(xc.dtype).tiny
+        cos = self._dot(uc, xc).abs() / (self._dot(uc, uc).sqrt() * self._dot(xc, xc).sqrt()).clamp_min(tiny)
+        return self._max_over_point(cos, x)
+
+    def _max_over_point(self, per_token: Tensor, like: Tensor) -> Tensor:
+        return per_token.squeeze(self.axis)
+
+
+class TokenSpheres(Sphere):
+    """The product of per-token spheres ``S^{d-1}(R)``, ``R = sqrt(d)`` by default, over any tensor layout.
+
+    ``axis`` names the channel (sphere) axis: ``axis=1`` for ``(B, C, H, W)`` latents, ``axis=-1`` for ``(B, N, D)``
+    token sequences. Every other position is an independent token; one *point* is a whole sample (all axes but the
+    leading batch axis), so ``inner``, ``norm`` and ``dist`` return shape ``(B,)`` with the product metric
+    ``dist(x, y)^2 = sum_tokens (R * angle)^2``. Per-token angles are available from :meth:`angle`.
+    """
+
+    name = "token_spheres"
+    point_ndim = None
+
+    def __init__(self, dim: int, axis: int = 1, radius: float | None = None) -> None:
+        if not (isinstance(dim, int) and dim >= 2):
+            raise ValueError(f"TokenSpheres dim must be an integer >= 2 (channels per token), got {dim!r}")
+        super().__init__(math.sqrt(dim) if radius is None else radius)
+        self.dim = dim
+        self.axis = axis
+
+    def __repr__(self) -> str:
+        return f"TokenSpheres(dim={self.dim}, axis={self.axis}, radius={self.radius:g})"
+
+    def _check_axis(self, x: Tensor) -> None:
+        if x.ndim < 2:
+            raise ManifoldError(f"{self.name}: expected a batch with a token axis, got shape {tuple(x.shape)}")
+        if x.shape[self.axis] != self.dim:
+            raise ManifoldError(
+                f"{self.name}: axis {self.axis} has size {x.shape[self.axis]} but the tokens have dim={self.dim}; "
+                "pass the right axis (1 for (B, C, H, W), -1 for (B, N, D)) or dim"
+            )
+
+    def _tokens_to_points(self, per_token: Tensor, like: Tensor) -> Tensor:
+        return per_token.sum(dim=self.point_dims(like))
+
+    def _points_norm(self, per_token: Tensor, like: Tensor) -> Tensor:
+        return torch.linalg.vector_norm(per_token, dim=self.point_dims(like))
+
+    def _max_over_point(self, per_token: Tensor, like: Tensor) -> Tensor:
+        return per_token.amax(dim=self.point_dims(like))
+
+    def token_norms(self, x: Tensor) -> Tensor:
+        """Per-token Euclidean norms with a kept size-1 channel axis."""
+        return torch.linalg.vector_norm(x, dim=self.axis, keepdim=True)
