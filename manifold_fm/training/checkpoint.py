@@ -1,0 +1,153 @@
+"""Atomic, resumable checkpoints: weights in safetensors, everything else a training loop needs to continue exactly.
+
+Layout of a run's checkpoint folder::
+
+    checkpoints/
+      step_00001000/           one complete checkpoint (written as step_00001000.tmp-<pid>/, then renamed)
+        model.safetensors      model weights
+        ema.safetensors        EMA weights (optional)
+        state.pt               optimizer / scheduler / RNG / data-position state (torch.save)
+        meta.json              step, config digest, wall time, free-form metadata
+      latest                   text file naming the newest complete checkpoint (replaced atomically)
+
+A crash at any moment leaves either the previous ``latest`` or the new one, never a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+LATEST = "latest"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or unreadable."""
+
+
+@dataclass
+class Checkpoint:
+    """The contents of one checkpoint folder."""
+
+    step: int
+    model: dict[str, Tensor]
+    ema: dict[str, Tensor] | None = None
+    state: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+
+def rng_state() -> dict[str, Any]:
+    """Every global RNG a training step may touch: Python, NumPy, torch CPU and (if present) CUDA."""
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore the RNGs captured by :func:`rng_state`."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _contiguous(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    # safetensors refuses shared or non-contiguous storage; clone detaches tied weights as well.
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
+
+
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    model: Mapping[str, Tensor],
+    *,
+    ema: Mapping[str, Tensor] | None = None,
+    state: Mapping[str, Any] | None = None,
+    meta: Mapping[str, Any] | None = None,
+    keep: int | None = None,
+) -> Path:
+    """Write checkpoint ``step`` under ``root`` atomically and point ``root/latest`` at it.
+
+    ``keep``: if given, delete all but the newest ``keep`` complete checkpoints afterwards.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    tmp = root / f"{final.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_file(_contiguous(model), str(tmp / "model.safetensors"))
+    if ema is not None:
+        save_file(_contiguous(ema), str(tmp / "ema.safetensors"))
+    torch.save(dict(state or {}), tmp / "state.pt")
+    (tmp / "meta.json").write_text(json.dumps({"step": step, **dict(meta or {})}, indent=2, default=str))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    pointer = root / f"{LATEST}.tmp-{os.getpid()}"
+    pointer.write_text(final.name + "\n")
+    os.replace(pointer, root / LATEST)
+    if keep is not None and keep > 0:
+        for old in list_checkpoints(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """Complete checkpoint folders under ``root``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step_*") if p.is_dir() and ".tmp-" not in p.name)
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The checkpoint ``root/latest`` names, or ``None`` if there is none yet."""
+    root = Path(root)
+    pointer = root / LATEST
+    if pointer.is_file():
+        path = root / pointer.read_text().strip()
+        if path.is_dir():
+            return path
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Read a checkpoint folder (or a run's ``checkpoints`` root, taking its latest)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist; pass a run's checkpoints folder or a step_* folder")
+    if not (path / "model.safetensors").is_file():
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise CheckpointError(f"{path} holds no complete checkpoint (no step_*/model.safetensors)")
+        path = latest
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        model = load_file(str(path / "model.safetensors"), device=str(map_location))
+        ema_file = path / "ema.safetensors"
+        ema = load_file(str(ema_file), device=str(map_location)) if ema_file.is_file() else None
+        state = torch.load(path / "state.pt", map_location=map_location, weights_only=False)
+    except (OSError, ValueError, json.JSONDecodeError, RuntimeError) as exc:
+        raise CheckpointError(f"checkpoint {path} is unreadable ({exc}); resume from an earlier one") from None
+    return Checkpoint(step=int(meta["step"]), model=model, ema=ema, state=state, meta=meta, path=path)
