@@ -29,13 +29,13 @@ def test_roundtrip_weights_state_and_rng(tmp_path):
     rng = rng_state()
     path = save_checkpoint(tmp_path, 7, model.state_dict(), ema=model.state_dict(),
                            state={"optimizer": opt.state_dict(), "rng": rng, "data_pos": 13}, meta={"note": "x"})
-    expected = (torch.rand(3), random.random(), np.random.rand())
+    expected = (torch.rand(3), random.random(), np.random.rand())  # noqa: NPY002 - the global RNG is under test
     ckpt = load_checkpoint(tmp_path)
     assert ckpt.path == path and ckpt.step == 7 and ckpt.meta["note"] == "x" and ckpt.state["data_pos"] == 13
     for k, v in model.state_dict().items():
         assert torch.equal(ckpt.model[k], v) and torch.equal(ckpt.ema[k], v)
     set_rng_state(ckpt.state["rng"])
-    again = (torch.rand(3), random.random(), np.random.rand())
+    again = (torch.rand(3), random.random(), np.random.rand())  # noqa: NPY002 - the global RNG is under test
     assert torch.equal(expected[0], again[0]) and expected[1:] == again[1:]
     opt2 = torch.optim.AdamW(nn.Linear(4, 3).parameters(), lr=1e-2)
     opt2.load_state_dict(ckpt.state["optimizer"])

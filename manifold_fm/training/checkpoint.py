@@ -52,7 +52,7 @@ def rng_state() -> dict[str, Any]:
     """Every global RNG a training step may touch: Python, NumPy, torch CPU and (if present) CUDA."""
     state: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": np.random.get_state(),  # noqa: NPY002 - the global RNG is what we restore
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -63,7 +63,7 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: Mapping[str, Any]) -> None:
     """Restore the RNGs captured by :func:`rng_state`."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    np.random.set_state(state["numpy"])  # noqa: NPY002
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

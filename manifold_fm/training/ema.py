@@ -37,7 +37,7 @@ class EMA:
         ema_params = [p for n, p in self.model.named_parameters() if n in src]
         new = [src[n].detach().float() for n, _ in self.model.named_parameters() if n in src]
         torch._foreach_lerp_(ema_params, new, 1.0 - d)
-        for (_, b_ema), (_, b) in zip(self.model.named_buffers(), model.named_buffers()):
+        for (_, b_ema), (_, b) in zip(self.model.named_buffers(), model.named_buffers(), strict=True):
             b_ema.copy_(b)
         self.updates += 1
 
