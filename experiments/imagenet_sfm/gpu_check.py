@@ -1,0 +1,426 @@
+#!/usr/bin/env python
+"""One-GPU throughput check for the ImageNet-256 recipe, with no downloads (see ``gpu_check.sh``).
+
+Everything is randomly initialised and fed synthetic data, so only speed and memory are measured, never quality:
+
+1. **Latent extraction**: a FLUX.2-sized VAE (``diffusers.AutoencoderKLFlux2`` with its default config: 32 latent
+   channels, 8x downsampling), saved with ``save_pretrained`` and loaded back by path through
+   :meth:`manifold_fm.tokenizers.DiffusersTokenizer.from_pretrained` (the user's code path), encoding synthetic
+   ``256 x 256`` images together with their horizontal flips, as ``extract-latents`` does. Reported as source
+   images/s (each image is encoded twice).
+2. **Training**: SiT-B/2 on ``(32, 32, 32)`` latents (FLUX.2 at 256 px), bf16 autocast, AdamW, gradient clipping,
+   EMA, class dropout; one step = time sampling, path sampling, forward, the flow-matching loss, backward, optimizer
+   and EMA update. Measured for the linear baseline (Gaussian prior, :class:`~manifold_fm.paths.LinearPath`) and
+   spherical flow matching (:class:`~manifold_fm.manifolds.TokenSpheres` prior and data, geodesic path,
+   tangent-projected loss) in the same process; the ratio ``spherical_step_time / linear_step_time`` is the
+   spherical overhead. MFU = ``3 * forward_flops_per_image * images_per_s / peak_flops`` (the 3x is forward +
+   backward; FLOPs from :func:`manifold_fm.models.sit.sit_forward_flops`; peak = dense bf16 of the device).
+3. **Sampling**: 50 Euler steps with classifier-free guidance (scale 1.5, one batched call on 2B) from the engine's
+   :func:`~manifold_fm.solvers.integrate`, then VAE decode; images/s for both modes.
+
+Peak GPU memory (``torch.cuda.max_memory_allocated``) is recorded per section. The result is one JSON object on
+stdout (and in ``--out``). ``--cpu-smoke`` runs the same code with tiny shapes on the CPU in seconds (used by the
+test suite), so the script is exercised even where no GPU exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+# Dense (no sparsity) bf16 tensor-core peaks from the vendors' data sheets, FLOP/s; matched on the device name.
+PEAK_BF16_FLOPS: dict[str, float] = {
+    "H200": 989.4e12,
+    "H100": 989.4e12,  # SXM; the PCIe card is 756e12: pass --peak-tflops for it
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 70e12,
+    "RTX 4090": 165e12,
+}
+IMAGENET_TRAIN_IMAGES = 1_281_167
+
+
+@dataclass
+class CheckSpec:
+    """Shapes and step counts of one check run."""
+
+    image_size: int
+    vae: dict[str, Any]  # AutoencoderKLFlux2 config overrides ({} = FLUX.2's own shape)
+    sit: str
+    num_classes: int
+    batch: int
+    vae_batch: int
+    warmup: int
+    train_steps: int
+    sample_batch: int
+    sample_steps: int
+    cfg_scale: float
+    device: str
+    amp: bool
+
+
+FULL = CheckSpec(
+    image_size=256,
+    vae={},
+    sit="SiT-B/2",
+    num_classes=1000,
+    batch=256,
+    vae_batch=64,
+    warmup=10,
+    train_steps=40,
+    sample_batch=256,
+    sample_steps=50,
+    cfg_scale=1.5,
+    device="cuda",
+    amp=True,
+)
+
+CPU_SMOKE = CheckSpec(
+    image_size=32,
+    # Same block types and 32 latent channels as FLUX.2, but two narrow levels (f=2) so it runs in milliseconds.
+    vae={
+        "block_out_channels": (8, 8),
+        "down_block_types": ("DownEncoderBlock2D",) * 2,
+        "up_block_types": ("UpDecoderBlock2D",) * 2,
+        "layers_per_block": 1,
+        "norm_num_groups": 4,
+        "sample_size": 32,
+    },
+    sit="SiT-Micro/2",
+    num_classes=10,
+    batch=4,
+    vae_batch=2,
+    warmup=1,
+    train_steps=2,
+    sample_batch=2,
+    sample_steps=2,
+    cfg_scale=1.5,
+    device="cpu",
+    amp=False,
+)
+
+
+# ----------------------------------------------------------------------------- timing helpers
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_gib(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+
+
+def timed(fn: Callable[[], Any], device: torch.device, warmup: int, iters: int) -> float:
+    """Seconds per call of ``fn`` after ``warmup`` untimed calls (device synchronised around the timed loop)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - start) / iters
+
+
+def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def peak_flops(device: torch.device, override_tflops: float | None) -> tuple[float | None, str]:
+    """The device's dense bf16 peak (FLOP/s) and where the figure came from."""
+    if override_tflops is not None:
+        return override_tflops * 1e12, "--peak-tflops"
+    if device.type != "cuda":
+        return None, "no GPU"
+    name = torch.cuda.get_device_name(device)
+    for key, flops in PEAK_BF16_FLOPS.items():
+        if key in name:
+            return flops, f"data sheet, dense bf16 ({key})"
+    return None, f"unknown device '{name}': pass --peak-tflops"
+
+
+# ----------------------------------------------------------------------------- sections
+@contextlib.contextmanager
+def saved_flux2_vae(spec: CheckSpec) -> Iterator[Path]:
+    """A randomly initialised ``AutoencoderKLFlux2`` saved in diffusers format to a temporary folder."""
+    from diffusers import AutoencoderKLFlux2
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLFlux2(**spec.vae)
+    with tempfile.TemporaryDirectory(prefix="gpu_check_vae_") as tmp:
+        vae.save_pretrained(tmp)
+        del vae
+        yield Path(tmp)
+
+
+def check_extraction(tokenizer: Any, spec: CheckSpec, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """Encode synthetic images plus their horizontal flips; images/s counts source images."""
+    images = torch.rand(spec.vae_batch, 3, spec.image_size, spec.image_size, device=device, dtype=dtype) * 2 - 1
+    latents: dict[str, Tensor] = {}
+
+    @torch.no_grad()
+    def step() -> None:
+        both = torch.cat([images, images.flip(-1)])
+        latents["z"] = tokenizer.encode(both)
+
+    _reset_peak(device)
+    sec = timed(step, device, warmup=1, iters=max(2, spec.warmup // 2))
+    z = latents["z"]
+    return {
+        "vae_params_m": round(sum(p.numel() for p in tokenizer.vae.parameters()) / 1e6, 2)
+        if hasattr(tokenizer, "vae")
+        else None,
+        "latent_shape": list(z.shape[1:]),
+        "batch_images": spec.vae_batch,
+        "images_per_s": round(spec.vae_batch / sec, 2),
+        "encodes_per_s_with_flips": round(2 * spec.vae_batch / sec, 2),
+        "peak_mem_gib": _peak_gib(device),
+        "_latent_channels": z.shape[1],
+        "_latent_size": z.shape[-1],
+    }
+
+
+def _flow(mode: str, channels: int) -> tuple[Any, Any, Callable[[tuple[int, ...], torch.device], Tensor]]:
+    """(path, manifold, prior sampler) of one mode: ``linear`` or ``spherical``."""
+    from manifold_fm.manifolds import Euclidean, TokenSpheres
+    from manifold_fm.paths import GeodesicPath, LinearPath
+
+    if mode == "spherical":
+        manifold = TokenSpheres(channels, axis=1)
+        return GeodesicPath(manifold), manifold, lambda shape, dev: manifold.random_base(shape, device=dev)
+    return LinearPath(), Euclidean(), lambda shape, dev: torch.randn(shape, device=dev)
+
+
+def check_training(spec: CheckSpec, channels: int, size: int, device: torch.device, flops_peak: float | None):
+    """SiT training images/s, MFU and peak memory for the linear and spherical modes (same model, same run)."""
+    from manifold_fm.loss import flow_matching_loss
+    from manifold_fm.models.sit import build_sit, count_parameters, sit_forward_flops
+    from manifold_fm.training.ema import EMA
+
+    results: dict[str, Any] = {}
+    data = torch.randn(spec.batch, channels, size, size, device=device)
+    labels = torch.randint(0, spec.num_classes, (spec.batch,), device=device)
+    for mode in ("linear", "spherical"):
+        torch.manual_seed(0)
+        model = build_sit(spec.sit, input_size=size, in_channels=channels, num_classes=spec.num_classes).to(device)
+        params = count_parameters(model)
+        fwd_flops = sit_forward_flops(model, batch=1)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+        ema = EMA(model, decay=0.9999)
+        path, manifold, prior = _flow(mode, channels)
+        x1 = manifold.projx(data) if mode == "spherical" else data
+        _reset_peak(device)
+
+        def step(model=model, opt=opt, ema=ema, path=path, manifold=manifold, prior=prior, x1=x1) -> None:
+            t = torch.rand(spec.batch, device=device)
+            drop = torch.rand(spec.batch, device=device) < 0.1
+            y = torch.where(drop, torch.full_like(labels, spec.num_classes), labels)
+            sample = path.sample(prior(tuple(x1.shape), device), x1, t)
+            with _autocast(device, spec.amp):
+                pred = model(sample.x_t, sample.t, y)
+            loss = flow_matching_loss(manifold, pred.float(), sample)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            ema.update(model)
+
+        sec = timed(step, device, spec.warmup, spec.train_steps)
+        ips = spec.batch / sec
+        results[mode] = {
+            "step_s": round(sec, 5),
+            "images_per_s": round(ips, 2),
+            "mfu": round(3 * fwd_flops * ips / flops_peak, 4) if flops_peak else None,
+            "peak_mem_gib": _peak_gib(device),
+        }
+        results["params_m"] = round(params / 1e6, 2)
+        results["forward_gflops_per_image"] = round(fwd_flops / 1e9, 3)
+        del model, opt, ema
+    results["spherical_over_linear_step_time"] = round(results["spherical"]["step_s"] / results["linear"]["step_s"], 4)
+    return results
+
+
+def check_sampling(spec: CheckSpec, tokenizer: Any, channels: int, size: int, device: torch.device):
+    """50-step Euler sampling with CFG (one batched call per step on 2B) + VAE decode, images/s per mode."""
+    from manifold_fm.guidance import guided_velocity
+    from manifold_fm.models.sit import build_sit
+    from manifold_fm.solvers import integrate
+
+    torch.manual_seed(0)
+    model = build_sit(spec.sit, input_size=size, in_channels=channels, num_classes=spec.num_classes).to(device)
+    model.eval().requires_grad_(False)
+    y = torch.randint(0, spec.num_classes, (spec.sample_batch,), device=device)
+    results: dict[str, Any] = {}
+    for mode in ("linear", "spherical"):
+        _, manifold, prior = _flow(mode, channels)
+        velocity = guided_velocity(model, y, spec.cfg_scale, model.null_class)
+        out: dict[str, Tensor] = {}
+
+        @torch.no_grad()
+        def run(manifold=manifold, prior=prior, velocity=velocity, out=out) -> None:
+            x0 = prior((spec.sample_batch, channels, size, size), device)
+            with _autocast(device, spec.amp):
+                out["z"] = integrate(velocity, x0, manifold, steps=spec.sample_steps, method="euler")
+
+        @torch.no_grad()
+        def decode(out=out) -> None:
+            out["img"] = tokenizer.decode(out["z"].to(tokenizer_dtype(tokenizer)))
+
+        _reset_peak(device)
+        ode_s = timed(run, device, warmup=1, iters=1)
+        dec_s = timed(decode, device, warmup=1, iters=1)
+        results[mode] = {
+            "ode_images_per_s": round(spec.sample_batch / ode_s, 2),
+            "with_decode_images_per_s": round(spec.sample_batch / (ode_s + dec_s), 2),
+            "peak_mem_gib": _peak_gib(device),
+        }
+    results.update(steps=spec.sample_steps, solver="euler", cfg_scale=spec.cfg_scale, batch=spec.sample_batch)
+    return results
+
+
+def tokenizer_dtype(tokenizer: Any) -> torch.dtype:
+    vae = getattr(tokenizer, "vae", None)
+    if vae is not None:
+        return next(vae.parameters()).dtype
+    return torch.float32
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True, timeout=10,
+            cwd=Path(__file__).resolve().parent,
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def projection(train: dict[str, Any], spec: CheckSpec, gpus: int = 8, epochs: int = 80) -> dict[str, Any] | None:
+    """Wall-clock of the paper's 80-epoch run on ``gpus`` such devices, if throughput scaled linearly (a projection,
+    not a measurement: data loading and communication are ignored)."""
+    if spec.device != "cuda":
+        return None
+    images = IMAGENET_TRAIN_IMAGES * epochs
+    return {
+        f"{mode}_hours_{gpus}gpu_{epochs}ep": round(images / (train[mode]["images_per_s"] * gpus) / 3600, 1)
+        for mode in ("linear", "spherical")
+    }
+
+
+def run_check(spec: CheckSpec, peak_tflops: float | None = None, progress: bool = True) -> dict[str, Any]:
+    """All three sections; returns the JSON-ready report."""
+    from manifold_fm.tokenizers import DiffusersTokenizer
+
+    device = torch.device(spec.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("no CUDA device visible; run with --cpu-smoke for the CPU path")
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    vae_dtype = torch.bfloat16 if spec.amp else torch.float32
+    flops_peak, peak_source = peak_flops(device, peak_tflops)
+    report: dict[str, Any] = {
+        "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+        "commit": _git_commit(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor()})",
+        "torch": torch.__version__,
+        "mode": "full" if spec.device == "cuda" else "cpu-smoke",
+        "spec": asdict(spec),
+        "peak_bf16_tflops": flops_peak / 1e12 if flops_peak else None,
+        "peak_source": peak_source,
+    }
+    t0 = time.perf_counter()
+
+    def log(msg: str) -> None:
+        if progress:
+            print(f"[gpu_check {time.perf_counter() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    with saved_flux2_vae(spec) as vae_dir:
+        tokenizer = DiffusersTokenizer.from_pretrained(str(vae_dir), kind="flux2", dtype=vae_dtype, device=device)
+    tokenizer.eval()
+    log("latent extraction")
+    extraction = check_extraction(tokenizer, spec, device, vae_dtype)
+    channels, size = extraction.pop("_latent_channels"), extraction.pop("_latent_size")
+    report["extraction"] = extraction
+    log(f"training {spec.sit} on ({channels}, {size}, {size}) latents")
+    report["training"] = check_training(spec, channels, size, device, flops_peak)
+    log(f"sampling ({spec.sample_steps} Euler steps, CFG {spec.cfg_scale})")
+    report["sampling"] = check_sampling(spec, tokenizer, channels, size, device)
+    report["projection_if_linear_scaling"] = projection(report["training"], spec)
+    report["wall_s"] = round(time.perf_counter() - t0, 1)
+    log("done")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Throughput check of the ImageNet-256 SFM recipe on one GPU.")
+    parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU (seconds); for tests")
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON report to this file")
+    parser.add_argument("--batch", type=int, default=None, help="training batch (default 256)")
+    parser.add_argument("--train-steps", type=int, default=None, help="timed training steps per mode (default 40)")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="device peak dense bf16 TFLOP/s for MFU")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    args = parser.parse_args(argv)
+    spec = CPU_SMOKE if args.cpu_smoke else FULL
+    if args.batch is not None:
+        spec = replace(spec, batch=args.batch)
+    if args.train_steps is not None:
+        spec = replace(spec, train_steps=args.train_steps)
+    if spec.device == "cpu":
+        torch.set_num_threads(min(2, os.cpu_count() or 1))
+    try:
+        report = run_check(spec, args.peak_tflops, progress=not args.quiet)
+    except (RuntimeError, ImportError, ValueError) as exc:
+        print(f"gpu_check: error: {exc}", file=sys.stderr)
+        return 1
+    text = json.dumps(report, indent=2, default=_json_default)
+    print(text)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.out.with_name(args.out.name + ".tmp")
+        tmp.write_text(text + "\n")
+        os.replace(tmp, args.out)
+    return 0
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (tuple, Path)):
+        return list(obj) if isinstance(obj, tuple) else str(obj)
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
