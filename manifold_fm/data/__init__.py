@@ -1,0 +1,1 @@
+"""Datasets: built-in toy manifolds and tiny images, image folders, latent caches."""
