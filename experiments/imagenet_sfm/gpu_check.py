@@ -8,15 +8,16 @@ Everything is randomly initialised and fed synthetic data, so only speed and mem
    :meth:`manifold_fm.tokenizers.DiffusersTokenizer.from_pretrained` (the user's code path), encoding synthetic
    ``256 x 256`` images together with their horizontal flips, as ``extract-latents`` does. Reported as source
    images/s (each image is encoded twice).
-2. **Training**: SiT-B/2 on ``(32, 32, 32)`` latents (FLUX.2 at 256 px), bf16 autocast, AdamW, gradient clipping,
-   EMA, class dropout; one step = time sampling, path sampling, forward, the flow-matching loss, backward, optimizer
-   and EMA update. Measured for the linear baseline (Gaussian prior, :class:`~manifold_fm.paths.LinearPath`) and
-   spherical flow matching (:class:`~manifold_fm.manifolds.TokenSpheres` prior and data, geodesic path,
-   tangent-projected loss) in the same process; the ratio ``spherical_step_time / linear_step_time`` is the
-   spherical overhead. MFU = ``3 * forward_flops_per_image * images_per_s / peak_flops`` (the 3x is forward +
-   backward; FLOPs from :func:`manifold_fm.models.sit.sit_forward_flops`; peak = dense bf16 of the device).
-3. **Sampling**: 50 Euler steps with classifier-free guidance (scale 1.5, one batched call on 2B) from the engine's
-   :func:`~manifold_fm.solvers.integrate`, then VAE decode; images/s for both modes.
+2. **Training**: SiT-B/2 on ``(32, 32, 32)`` latents (FLUX.2 at 256 px) through the project's own trainer
+   (:class:`~manifold_fm.training.trainer.FlowTrainer`: accelerate with bf16 autocast, AdamW, gradient clipping,
+   EMA 0.9999, class dropout 0.1, batch 256), for the linear baseline (Gaussian prior, straight path) and spherical
+   flow matching (:class:`~manifold_fm.manifolds.TokenSpheres` prior and data, geodesic path, tangent-projected
+   loss) in the same process; ``spherical_over_linear_step_time`` is the spherical overhead. MFU =
+   ``3 * forward_flops_per_image * images_per_s / peak_flops`` (forward + backward ~ 3 forwards; FLOPs from
+   :func:`manifold_fm.models.sit.sit_forward_flops`, 2 per multiply-add; peak = dense bf16 of the device).
+3. **Sampling**: 50 Euler steps with classifier-free guidance (scale 1.5, one batched call on 2B per step) through
+   :func:`manifold_fm.eval.sampling.generate_latents`, in float32 (what ``manifold-fm sample`` runs) and under bf16
+   autocast, then the VAE decode; images/s per mode.
 
 Peak GPU memory (``torch.cuda.max_memory_allocated``) is recorded per section. The result is one JSON object on
 stdout (and in ``--out``). ``--cpu-smoke`` runs the same code with tiny shapes on the CPU in seconds (used by the
@@ -206,100 +207,114 @@ def check_extraction(tokenizer: Any, spec: CheckSpec, device: torch.device, dtyp
     }
 
 
-def _flow(mode: str, channels: int) -> tuple[Any, Any, Callable[[tuple[int, ...], torch.device], Tensor]]:
-    """(path, manifold, prior sampler) of one mode: ``linear`` or ``spherical``."""
-    from manifold_fm.manifolds import Euclidean, TokenSpheres
-    from manifold_fm.paths import GeodesicPath, LinearPath
+def check_training(
+    spec: CheckSpec, channels: int, size: int, device: torch.device, flops_peak: float | None, work: Path
+) -> dict[str, Any]:
+    """SiT training images/s, MFU and peak memory for linear and spherical, through the project's own trainer.
 
-    if mode == "spherical":
-        manifold = TokenSpheres(channels, axis=1)
-        return GeodesicPath(manifold), manifold, lambda shape, dev: manifold.random_base(shape, device=dev)
-    return LinearPath(), Euclidean(), lambda shape, dev: torch.randn(shape, device=dev)
-
-
-def check_training(spec: CheckSpec, channels: int, size: int, device: torch.device, flops_peak: float | None):
-    """SiT training images/s, MFU and peak memory for the linear and spherical modes (same model, same run)."""
-    from manifold_fm.loss import flow_matching_loss
+    Each mode runs :class:`~manifold_fm.training.trainer.FlowTrainer` (accelerate, bf16 autocast, AdamW, clipping,
+    EMA, class dropout) for ``warmup + train_steps`` steps on synthetic latents held on the host, as a latent cache
+    would be; the trainer logs images/s every ``warmup`` steps and the first window (warm-up, autotuning) is dropped.
+    """
     from manifold_fm.models.sit import build_sit, count_parameters, sit_forward_flops
-    from manifold_fm.training.ema import EMA
+    from manifold_fm.training.image_config import load_image_config
+    from manifold_fm.training.logging import read_jsonl
+    from manifold_fm.training.trainer import FlowTrainer, TensorLatents, make_flow
 
     results: dict[str, Any] = {}
-    data = torch.randn(spec.batch, channels, size, size, device=device)
-    labels = torch.randint(0, spec.num_classes, (spec.batch,), device=device)
+    gen = torch.Generator().manual_seed(0)
+    n = 2 * spec.batch
+    latents = torch.randn(n, channels, size, size, generator=gen)
+    labels = torch.randint(0, spec.num_classes, (n,), generator=gen)
+    window = max(1, spec.warmup)
+    steps = window + spec.train_steps
     for mode in ("linear", "spherical"):
+        cfg = load_image_config(
+            {"kind": "image", "name": f"gpu-check-{mode}", "model": {"arch": spec.sit}},
+            [
+                f"flow.mode={mode}",
+                f"train.steps={steps}",
+                f"train.batch_size={spec.batch}",
+                "train.class_dropout=0.1",
+                "train.ema_decay=0.9999",
+                f"train.mixed_precision={'bf16' if spec.amp else 'no'}",
+                f"train.log_every={window}",
+                f"train.checkpoint_every={10 * steps}",  # only the final save, after the last timed window
+                "train.keep_checkpoints=1",
+                "optim.lr=1e-4",
+            ],
+        )
         torch.manual_seed(0)
-        model = build_sit(spec.sit, input_size=size, in_channels=channels, num_classes=spec.num_classes).to(device)
-        params = count_parameters(model)
-        fwd_flops = sit_forward_flops(model, batch=1)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
-        ema = EMA(model, decay=0.9999)
-        path, manifold, prior = _flow(mode, channels)
-        x1 = manifold.projx(data) if mode == "spherical" else data
+        model = build_sit(spec.sit, input_size=size, in_channels=channels, num_classes=spec.num_classes)
+        params, fwd_flops = count_parameters(model), sit_forward_flops(model, batch=1)
         _reset_peak(device)
-
-        def step(model=model, opt=opt, ema=ema, path=path, manifold=manifold, prior=prior, x1=x1) -> None:
-            t = torch.rand(spec.batch, device=device)
-            drop = torch.rand(spec.batch, device=device) < 0.1
-            y = torch.where(drop, torch.full_like(labels, spec.num_classes), labels)
-            sample = path.sample(prior(tuple(x1.shape), device), x1, t)
-            with _autocast(device, spec.amp):
-                pred = model(sample.x_t, sample.t, y)
-            loss = flow_matching_loss(manifold, pred.float(), sample)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            ema.update(model)
-
-        sec = timed(step, device, spec.warmup, spec.train_steps)
-        ips = spec.batch / sec
+        trainer = FlowTrainer(
+            model, make_flow(mode, channels), TensorLatents(latents, labels), cfg, work / mode,
+            null_class=spec.num_classes, device=spec.device, progress=False,
+        )
+        trainer.fit()
+        peak = _peak_gib(device)
+        rates = [r["images_per_s"] for r in read_jsonl(work / mode / "metrics.jsonl") if "images_per_s" in r]
+        timed_rates = rates[1:] or rates
+        ips = len(timed_rates) / sum(1.0 / r for r in timed_rates)  # harmonic mean = total images / total time
         results[mode] = {
-            "step_s": round(sec, 5),
             "images_per_s": round(ips, 2),
+            "step_s": round(spec.batch / ips, 5),
             "mfu": round(3 * fwd_flops * ips / flops_peak, 4) if flops_peak else None,
-            "peak_mem_gib": _peak_gib(device),
+            "peak_mem_gib": peak,
+            "timed_steps": spec.train_steps,
+            "final_loss": round(float(trainer.last_loss), 5),
         }
         results["params_m"] = round(params / 1e6, 2)
         results["forward_gflops_per_image"] = round(fwd_flops / 1e9, 3)
-        del model, opt, ema
+        del trainer, model
+    results["batch"] = spec.batch
     results["spherical_over_linear_step_time"] = round(results["spherical"]["step_s"] / results["linear"]["step_s"], 4)
     return results
 
 
-def check_sampling(spec: CheckSpec, tokenizer: Any, channels: int, size: int, device: torch.device):
-    """50-step Euler sampling with CFG (one batched call per step on 2B) + VAE decode, images/s per mode."""
-    from manifold_fm.guidance import guided_velocity
+def check_sampling(spec: CheckSpec, tokenizer: Any, channels: int, size: int, device: torch.device) -> dict[str, Any]:
+    """``spec.sample_steps`` Euler steps with CFG (one batched call on 2B per step) through the project's sampler
+    (:func:`manifold_fm.eval.sampling.generate_latents`), then VAE decode; images/s per mode, in float32 (what
+    ``manifold-fm sample`` runs) and under bf16 autocast."""
+    from manifold_fm.eval.sampling import SamplerSpec, generate_latents
     from manifold_fm.models.sit import build_sit
-    from manifold_fm.solvers import integrate
+    from manifold_fm.training.trainer import make_flow
 
     torch.manual_seed(0)
     model = build_sit(spec.sit, input_size=size, in_channels=channels, num_classes=spec.num_classes).to(device)
     model.eval().requires_grad_(False)
-    y = torch.randint(0, spec.num_classes, (spec.sample_batch,), device=device)
+    labels = torch.randint(0, spec.num_classes, (spec.sample_batch,), device=device)
+    sampler = SamplerSpec(method="euler", steps=spec.sample_steps, cfg_scale=spec.cfg_scale)
     results: dict[str, Any] = {}
     for mode in ("linear", "spherical"):
-        _, manifold, prior = _flow(mode, channels)
-        velocity = guided_velocity(model, y, spec.cfg_scale, model.null_class)
+        flow = make_flow(mode, channels)
         out: dict[str, Tensor] = {}
+        row: dict[str, Any] = {}
+        for precision in ("fp32", "bf16") if spec.amp else ("fp32",):
 
-        @torch.no_grad()
-        def run(manifold=manifold, prior=prior, velocity=velocity, out=out) -> None:
-            x0 = prior((spec.sample_batch, channels, size, size), device)
-            with _autocast(device, spec.amp):
-                out["z"] = integrate(velocity, x0, manifold, steps=spec.sample_steps, method="euler")
+            @torch.no_grad()
+            def run(flow=flow, out=out, precision=precision) -> None:
+                with _autocast(device, precision == "bf16"):
+                    out["z"] = generate_latents(
+                        model, flow, labels, (channels, size, size), sampler, seed=0, null_class=spec.num_classes
+                    )
+
+            _reset_peak(device)
+            ode_s = timed(run, device, warmup=1 if precision == "bf16" else 0, iters=1)
+            row[f"ode_images_per_s_{precision}"] = round(spec.sample_batch / ode_s, 2)
+            row[f"peak_mem_gib_{precision}"] = _peak_gib(device)
+            on_sphere = float((out["z"].float().norm(dim=1) / math.sqrt(channels) - 1).abs().max())
+            if mode == "spherical":
+                row[f"max_radius_error_{precision}"] = on_sphere
 
         @torch.no_grad()
         def decode(out=out) -> None:
             out["img"] = tokenizer.decode(out["z"].to(tokenizer_dtype(tokenizer)))
 
-        _reset_peak(device)
-        ode_s = timed(run, device, warmup=1, iters=1)
         dec_s = timed(decode, device, warmup=1, iters=1)
-        results[mode] = {
-            "ode_images_per_s": round(spec.sample_batch / ode_s, 2),
-            "with_decode_images_per_s": round(spec.sample_batch / (ode_s + dec_s), 2),
-            "peak_mem_gib": _peak_gib(device),
-        }
+        row["decode_images_per_s"] = round(spec.sample_batch / dec_s, 2)
+        results[mode] = row
     results.update(steps=spec.sample_steps, solver="euler", cfg_scale=spec.cfg_scale, batch=spec.sample_batch)
     return results
 
@@ -374,7 +389,8 @@ def run_check(spec: CheckSpec, peak_tflops: float | None = None, progress: bool 
     channels, size = extraction.pop("_latent_channels"), extraction.pop("_latent_size")
     report["extraction"] = extraction
     log(f"training {spec.sit} on ({channels}, {size}, {size}) latents")
-    report["training"] = check_training(spec, channels, size, device, flops_peak)
+    with tempfile.TemporaryDirectory(prefix="gpu_check_runs_") as work:
+        report["training"] = check_training(spec, channels, size, device, flops_peak, Path(work))
     log(f"sampling ({spec.sample_steps} Euler steps, CFG {spec.cfg_scale})")
     report["sampling"] = check_sampling(spec, tokenizer, channels, size, device)
     report["projection_if_linear_scaling"] = projection(report["training"], spec)
