@@ -1,0 +1,90 @@
+"""Run logging: one JSON object per line in ``metrics.jsonl`` and, when installed, TensorBoard scalars.
+
+Each record is ``{"step": int, "time": seconds since the run started, <name>: float, ...}``. On resume the log is
+truncated to the resumed step first, so a resumed run's log reads exactly like an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+
+def _clean(value: Any) -> Any:
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/Inf; keep them visible as strings
+    return value
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """All records of a JSONL log (a torn last line from a crash is ignored)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+class RunLogger:
+    """Append-only JSONL metrics (plus TensorBoard if ``tensorboard`` is importable and ``tensorboard=True``)."""
+
+    def __init__(self, out_dir: str | Path, *, resume_step: int | None = None, tensorboard: bool = True,
+                 enabled: bool = True) -> None:
+        self.out_dir = Path(out_dir)
+        self.path = self.out_dir / "metrics.jsonl"
+        self.enabled = enabled
+        self.start = time.perf_counter()
+        self._tb = None
+        if not enabled:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None:
+            self.truncate(resume_step)
+        elif self.path.exists():
+            self.path.unlink()
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is optional
+                SummaryWriter = None  # noqa: N806
+            if SummaryWriter is not None:
+                self._tb = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
+
+    def truncate(self, step: int) -> None:
+        """Keep only records with ``step <= step`` (atomically rewritten)."""
+        kept = [r for r in read_jsonl(self.path) if int(r.get("step", 0)) <= step]
+        tmp = self.path.with_name(self.path.name + f".tmp-{os.getpid()}")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, self.path)
+
+    def log(self, step: int, values: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), "time": round(time.perf_counter() - self.start, 3)}
+        record.update({k: _clean(v) for k, v in values.items()})
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self._tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
