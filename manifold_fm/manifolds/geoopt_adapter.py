@@ -65,8 +65,14 @@ class GeooptManifold(Manifold):
 
     @upcast
     def inner(self, x: Tensor, u: Tensor, v: Tensor) -> Tensor:
-        """geoopt's Riemannian inner product, reduced over the point axes."""
-        return _plain(self.manifold.inner(x, u, v))
+        """geoopt's Riemannian inner product, reduced over the point axes (shape: the batch shape).
+
+        Called with ``keepdim=True`` and reshaped: ``PoincareBall.inner(..., keepdim=False)`` in geoopt 0.5 broadcasts
+        a kept conformal factor against the reduced product and returns a ``(B, B)`` matrix.
+        """
+        out = _plain(self.manifold.inner(x, u, v, keepdim=True))
+        batch = torch.broadcast_shapes(x.shape, u.shape, v.shape)[: -self.point_ndim]
+        return out.reshape(batch)
 
     @upcast
     def expmap(self, x: Tensor, u: Tensor) -> Tensor:

@@ -1,0 +1,335 @@
+"""The manifold contract, one parametrized suite over every manifold and dtype (geoopt's basic-test style).
+
+Each property is checked on random batches drawn by hypothesis (seeds, radii fractions, times); identities are
+asserted to tolerances relative to the manifold's scale. The finite-difference check of the geodesic velocity runs
+in float64 (an independent reference: it uses only ``geodesic``'s points, never its velocities).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import geoopt
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import Tensor
+
+from manifold_fm.manifolds import (
+    Euclidean,
+    FlatTorus,
+    GeooptManifold,
+    Manifold,
+    ManifoldError,
+    Product,
+    Sphere,
+    TokenSpheres,
+)
+from manifold_fm.manifolds.torus import wrap_angle
+
+B = 6
+
+
+def _plain_diff(a: Tensor, b: Tensor) -> Tensor:
+    return a - b
+
+
+def _torus_diff(a: Tensor, b: Tensor) -> Tensor:
+    return wrap_angle(a - b)
+
+
+def _product_diff(a: Tensor, b: Tensor) -> Tensor:
+    # Layout of the product case below: sphere (3) | torus (2) | euclidean (2).
+    d = a - b
+    return torch.cat([d[..., :3], wrap_angle(d[..., 3:5]), d[..., 5:]], dim=-1)
+
+
+@dataclass
+class Case:
+    id: str
+    make: Callable[[], Manifold]
+    shape: tuple[int, ...]
+    max_tangent: float  # tangent norms up to this stay inside the injectivity radius (and numerically benign)
+    scale: float = 1.0  # typical size of a point's coordinates, for relative tolerances
+    tol32: float = 2e-5  # float32 tolerance relative to scale
+    tol64: float = 1e-9  # float64 tolerance relative to scale
+    diff: Callable[[Tensor, Tensor], Tensor] = field(default=_plain_diff)
+
+    def __str__(self) -> str:
+        return self.id
+
+
+CASES = [
+    Case("euclidean", lambda: Euclidean(), (B, 3, 2), max_tangent=3.0, scale=3.0),
+    Case("euclidean_vec", lambda: Euclidean(point_ndim=1), (B, 4), max_tangent=3.0, scale=3.0),
+    Case("sphere", lambda: Sphere(), (B, 4), max_tangent=0.85 * math.pi),
+    Case("sphere_r3.7", lambda: Sphere(3.7), (B, 3), max_tangent=0.85 * math.pi * 3.7, scale=3.7),
+    Case("token_spheres_chw", lambda: TokenSpheres(4, axis=1), (B, 4, 3, 2), 0.85 * math.pi * 2.0, scale=2.0),
+    Case("token_spheres_nd", lambda: TokenSpheres(5, axis=-1), (B, 3, 5), 0.85 * math.pi * math.sqrt(5), 2.3),
+    Case("flat_torus", lambda: FlatTorus(), (B, 3), max_tangent=0.9 * math.pi, scale=math.pi, diff=_torus_diff),
+    Case(
+        "product",
+        lambda: Product([(Sphere(), 3), (FlatTorus(), 2), (Euclidean(point_ndim=1), 2)]),
+        (B, 7),
+        max_tangent=0.85 * math.pi,
+        scale=math.pi,
+        diff=_product_diff,
+    ),
+    # Hyperbolic float32 precision degrades towards the ball's boundary: keep samples within distance ~3 of 0.
+    Case("poincare_ball", lambda: GeooptManifold(geoopt.PoincareBall(), 0.3), (B, 3), max_tangent=1.0, tol32=5e-4),
+    Case("lorentz", lambda: GeooptManifold(geoopt.Lorentz()), (B, 4), 1.5, 3.0, tol32=2e-3, tol64=2e-8),
+    Case("spd", lambda: GeooptManifold(geoopt.SymmetricPositiveDefinite()), (B, 3, 3), 1.5, scale=3.0, tol32=2e-4),
+]
+
+DTYPES = [torch.float64, torch.float32]
+
+contract = settings(max_examples=12)
+case_param = pytest.mark.parametrize("case", CASES, ids=str)
+dtype_param = pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+
+
+def tol(case: Case, dtype: torch.dtype) -> float:
+    return case.scale * (case.tol64 if dtype == torch.float64 else case.tol32)
+
+
+def assert_close(actual: Tensor, expected: Tensor, atol: float, what: str) -> None:
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    err = float((actual.double() - expected.double()).abs().max()) if actual.numel() else 0.0
+    assert err <= atol, f"{what}: max abs error {err:.3g} > {atol:.3g}"
+
+
+def points(m: Manifold, case: Case, seed: int, dtype: torch.dtype, n: int = 2) -> list[Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [m.random_base(case.shape, generator=g, dtype=dtype) for _ in range(n)]
+
+
+def batch_view(v: Tensor, like: Tensor, m: Manifold) -> Tensor:
+    """Reshape a batch-shaped scalar so it broadcasts against ``like`` over its point axes."""
+    return v.reshape(*v.shape, *([1] * len(m.point_dims(like))))
+
+
+def tangent(m: Manifold, x: Tensor, seed: int, max_norm: float, frac: Tensor | float) -> Tensor:
+    """A tangent vector at ``x`` with Riemannian norm ``frac * max_norm`` (per batch element)."""
+    g = torch.Generator().manual_seed(seed + 1)
+    u = m.proju(x, torch.randn(x.shape, generator=g, dtype=torch.float64).to(x.dtype))
+    n = m.norm(x, u)
+    return u * batch_view(torch.as_tensor(frac, dtype=x.dtype) * max_norm / n, x, m)
+
+
+seeds = st.integers(0, 2**31 - 1)
+fracs = st.floats(0.0, 1.0)
+times = st.floats(0.0, 1.0)
+
+
+# ----------------------------------------------------------------------------------------------- points, tangents
+@case_param
+@dtype_param
+@contract
+@given(seed=seeds)
+def test_random_base_on_manifold_and_dtype(case: Case, dtype: torch.dtype, seed: int) -> None:
+    m = case.make()
+    (x,) = points(m, case, seed, dtype, n=1)
+    assert x.shape == case.shape and x.dtype == dtype
+    m.check_point(x)
+
+
+@case_param
+@dtype_param
+@contract
+@given(seed=seeds)
+def test_projx_idempotent(case: Case, dtype: torch.dtype, seed: int) -> None:
+    m = case.make()
+    (x,) = points(m, case, seed, dtype, n=1)
+    g = torch.Generator().manual_seed(seed + 7)
+    a = x + 0.1 * torch.randn(x.shape, generator=g, dtype=torch.float64).to(dtype)
+    p = m.projx(a)
+    m.check_point(p)
+    assert_close(m.projx(p), p, tol(case, dtype), "projx(projx(a)) vs projx(a)")
+    assert_close(m.projx(x), x, tol(case, dtype), "projx of a point")
+
+
+@case_param
+@dtype_param
+@contract
+@given(seed=seeds)
+def test_proju_tangent_and_idempotent(case: Case, dtype: torch.dtype, seed: int) -> None:
+    m = case.make()
+    (x,) = points(m, case, seed, dtype, n=1)
+    g = torch.Generator().manual_seed(seed + 3)
+    a = torch.randn(x.shape, generator=g, dtype=torch.float64).to(dtype)
+    u = m.proju(x, a)
+    m.check_vector(x, u)
+    assert_close(m.proju(x, u), u, tol(case, dtype) * 4, "proju(x, proju(x, a)) vs proju(x, a)")
+
+
+# ------------------------------------------------------------------------------------------------ exp / log / dist
+@case_param
+@dtype_param
+@contract
+@given(seed=seeds)
+def test_expmap_of_logmap(case: Case, dtype: torch.dtype, seed: int) -> None:
+    m = case.make()
+    x, y = points(m, case, seed, dtype)
+    v = m.logmap(x, y)
+    m.check_vector(x, v)
+    assert_close(m.expmap(x, v), y, 4 * tol(case, dtype), "expmap(x, logmap(x, y)) vs y")
+
+
+@case_param
+@dtype_param
+@contract
+@given(seed=seeds, frac=fracs)
+def test_logmap_of_expmap(case: Case, dtype: torch.dtype, seed: int, frac: float) -> None:
+    m = case.make()
+    (x,) = points(m, case, seed, dtype, n=1)
+    u = tangent(m, x, seed, case.max_tangent, frac)
+    y = m.expmap(x, u)
+    m.check_point(y)
+    assert_close(m.logmap(x, y), u, 10 * tol(case, dtype), "logmap(x, expmap(x, u)) vs u")
+
+
+@case_param
+@dtype_param
+@contract
+@given(seed=seeds)
+def test_dist_is_norm_of_logmap_symmetric_triangle(case: Case, dtype: torch.dtype, seed: int) -> None:
+    m = case.make()
+    x, y, z = points(m, case, seed, dtype, n=3)
+    d_xy = m.dist(x, y)
+    assert d_xy.shape == (B,) and d_xy.dtype == dtype
+    atol = 4 * tol(case, dtype)
+    assert_close(d_xy, m.norm(x, m.logmap(x, y)), atol, "dist vs |logmap|")
+    assert_close(d_xy, m.dist(y, x), atol, "dist symmetry")
+    assert bool((m.dist(x, z) <= d_xy + m.dist(y, z) + atol).all()), "triangle inequality"
+    assert_close(m.dist(x, x), torch.zeros(B, dtype=dtype), atol, "dist(x, x)")
+
+
+# -------------------------------------------------------------------------------------------------------- geodesic
+@case_param
+@dtype_param
+@contract
+@given(seed=seeds)
+def test_geodesic_endpoints(case: Case, dtype: torch.dtype, seed: int) -> None:
+    m = case.make()
+    x0, x1 = points(m, case, seed, dtype)
+    v = m.logmap(x0, x1)
+    xa, ua = m.geodesic(x0, x1, torch.zeros(B, dtype=dtype))
+    xb, ub = m.geodesic(x0, x1, 1.0)
+    atol = 4 * tol(case, dtype)
+    assert_close(xa, x0, atol, "x_t at t=0")
+    assert_close(xb, x1, atol, "x_t at t=1")
+    assert_close(ua, v, 4 * atol, "u_0 vs logmap(x0, x1)")
+    assert_close(ub, -m.logmap(x1, x0), 4 * atol, "u_1 vs -logmap(x1, x0)")
+
+
+@case_param
+@dtype_param
+@contract
+@given(seed=seeds, t=times)
+def test_geodesic_velocity_tangent_constant_speed(case: Case, dtype: torch.dtype, seed: int, t: float) -> None:
+    m = case.make()
+    x0, x1 = points(m, case, seed, dtype)
+    tt = torch.full((B,), t, dtype=dtype)
+    x_t, u_t = m.geodesic(x0, x1, tt)
+    assert x_t.dtype == dtype and u_t.dtype == dtype
+    m.check_point(x_t)
+    m.check_vector(x_t, u_t)
+    atol = 8 * tol(case, dtype)
+    assert_close(m.norm(x_t, u_t), m.dist(x0, x1), atol, "|u_t| vs dist(x0, x1)")
+    if t < 0.9:
+        expected = m.logmap(x_t, x1) / (1.0 - t)
+        assert_close(u_t, expected, atol / (1.0 - t), "u_t vs logmap(x_t, x1) / (1 - t)")
+
+
+@case_param
+@contract
+@given(seed=seeds, t=st.floats(0.01, 0.99))
+def test_geodesic_velocity_is_finite_difference(case: Case, seed: int, t: float) -> None:
+    m = case.make()
+    x0, x1 = points(m, case, seed, torch.float64)
+    h = 1e-5
+    _, u_t = m.geodesic(x0, x1, t)
+    x_plus, _ = m.geodesic(x0, x1, t + h)
+    x_minus, _ = m.geodesic(x0, x1, t - h)
+    fd = case.diff(x_plus, x_minus) / (2 * h)
+    assert_close(u_t, fd, 1e-6 * case.scale * 10, "u_t vs central difference of x_t")
+
+
+def test_time_broadcasts_per_sample() -> None:
+    m = TokenSpheres(4, axis=1)
+    x0, x1 = m.random_base((3, 4, 2, 2)), m.random_base((3, 4, 2, 2))
+    t = torch.tensor([0.1, 0.5, 0.9])
+    x_t, u_t = m.geodesic(x0, x1, t)
+    for i in range(3):
+        xi, ui = m.geodesic(x0[i : i + 1], x1[i : i + 1], float(t[i]))
+        assert_close(x_t[i : i + 1], xi, 1e-6, "per-sample time x_t")
+        assert_close(u_t[i : i + 1], ui, 1e-6, "per-sample time u_t")
+    with pytest.raises(ValueError, match="does not fit"):
+        m.geodesic(x0, x1, torch.rand(5))
+
+
+# --------------------------------------------------------------------------------------------- parallel transport
+@case_param
+@dtype_param
+@contract
+@given(seed=seeds)
+def test_transp_isometry_and_velocity(case: Case, dtype: torch.dtype, seed: int) -> None:
+    m = case.make()
+    x, y = points(m, case, seed, dtype)
+    v = tangent(m, x, seed, 1.0, 1.0)
+    w = tangent(m, x, seed + 11, 1.0, 0.5)
+    tv, tw = m.transp(x, y, v), m.transp(x, y, w)
+    m.check_vector(y, tv)
+    atol = 20 * tol(case, dtype) / case.scale
+    assert_close(m.inner(y, tv, tw), m.inner(x, v, w), atol, "<Tv, Tw>_y vs <v, w>_x")
+    assert_close(m.norm(y, tv), m.norm(x, v), atol, "|Tv|_y vs |v|_x")
+    vel = m.transp(x, y, m.logmap(x, y))
+    assert_close(vel, -m.logmap(y, x), 10 * tol(case, dtype), "transport of the geodesic's velocity")
+
+
+# -------------------------------------------------------------------------------------------- low precision, checks
+@case_param
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_low_precision_returns_dtype_and_finite(case: Case, dtype: torch.dtype) -> None:
+    m = case.make()
+    x, y = points(m, case, 5, dtype)
+    u = m.proju(x, m.logmap(x, y))
+    outputs = {
+        "projx": m.projx(x),
+        "proju": u,
+        "expmap": m.expmap(x, u),
+        "logmap": m.logmap(x, y),
+        "inner": m.inner(x, u, u),
+        "norm": m.norm(x, u),
+        "dist": m.dist(x, y),
+        "geodesic.x_t": m.geodesic(x, y, torch.rand(B).to(dtype))[0],
+        "geodesic.u_t": m.geodesic(x, y, 0.3)[1],
+        "transp": m.transp(x, y, u),
+    }
+    for name, out in outputs.items():
+        assert out.dtype == dtype, f"{name} returned {out.dtype} for {dtype} input"
+        assert bool(torch.isfinite(out).all()), f"{name} is not finite"
+    # float32 reference of the same low-precision inputs: low precision costs only its own rounding.
+    ref = m.dist(x.float(), y.float())
+    assert_close(outputs["dist"].float(), ref, 0.02 * float(ref.abs().max()) + 1e-3, "low-precision dist")
+
+
+@case_param
+def test_check_point_and_vector_reject_bad_input(case: Case) -> None:
+    m = case.make()
+    (x,) = points(m, case, 0, torch.float64, n=1)
+    bad = x.clone()
+    bad.view(-1)[0] = float("nan")
+    with pytest.raises(ManifoldError, match="NaN"):
+        m.check_point(bad)
+    with pytest.raises(ManifoldError, match="shape"):
+        m.check_vector(x, torch.zeros(*x.shape[:-1], x.shape[-1] + 1, dtype=x.dtype))
+    if not isinstance(m, Euclidean):
+        off = m.expmap(x, tangent(m, x, 0, 0.5, 1.0))
+        off = off + 0.5 * torch.randn(off.shape, dtype=off.dtype)  # leaves the manifold (except flat coordinates)
+        if not isinstance(m, FlatTorus) and float(m.point_error(off).max()) > 1e-3:
+            with pytest.raises(ManifoldError, match="projx"):
+                m.check_point(off)
