@@ -228,6 +228,7 @@ def check_training(
     labels = torch.randint(0, spec.num_classes, (n,), generator=gen)
     window = max(1, spec.warmup)
     steps = window + spec.train_steps
+    precision = "bf16" if spec.amp else "'no'"  # quoted: YAML would read a bare no as false
     for mode in ("linear", "spherical"):
         cfg = load_image_config(
             {"kind": "image", "name": f"gpu-check-{mode}", "model": {"arch": spec.sit}},
@@ -237,7 +238,7 @@ def check_training(
                 f"train.batch_size={spec.batch}",
                 "train.class_dropout=0.1",
                 "train.ema_decay=0.9999",
-                f"train.mixed_precision={'bf16' if spec.amp else 'no'}",
+                f"train.mixed_precision={precision}",
                 f"train.log_every={window}",
                 f"train.checkpoint_every={10 * steps}",  # only the final save, after the last timed window
                 "train.keep_checkpoints=1",
