@@ -1,0 +1,99 @@
+"""TokenSpheres against a plain Python loop over tokens applying :class:`Sphere` to each token vector."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import Tensor
+
+from manifold_fm.manifolds import ManifoldError, Sphere, TokenSpheres
+
+
+def tokens(x: Tensor, axis: int) -> Tensor:
+    """``(B, C, H, W)`` with axis 1 or ``(B, N, D)`` with axis -1 -> ``(B, T, C)``: one row per token."""
+    return x.movedim(axis, -1).reshape(x.shape[0], -1, x.shape[axis])
+
+
+LAYOUTS = [
+    pytest.param((3, 6, 4, 2), 1, id="BCHW_axis1"),
+    pytest.param((3, 5, 6), -1, id="BND_axis-1"),
+]
+
+
+@pytest.mark.parametrize("shape,axis", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("radius", [None, 0.7], ids=["R=sqrt(dim)", "R=0.7"])
+def test_matches_loop_over_tokens(
+    shape: tuple[int, ...], axis: int, dtype: torch.dtype, radius: float | None
+) -> None:
+    dim = shape[axis]
+    m = TokenSpheres(dim, axis=axis, radius=radius)
+    R = math.sqrt(dim) if radius is None else radius
+    assert m.radius == pytest.approx(R)
+    s = Sphere(R)
+    g = torch.Generator().manual_seed(0)
+    x = m.random_base(shape, generator=g, dtype=dtype)
+    y = m.random_base(shape, generator=g, dtype=dtype)
+    a = torch.randn(shape, generator=g, dtype=dtype)
+    u = m.proju(x, a)
+    t = torch.rand(shape[0], generator=g, dtype=dtype)
+    x_t, u_t = m.geodesic(x, y, t)
+    ours = {
+        "projx": tokens(m.projx(a), axis),
+        "proju": tokens(u, axis),
+        "expmap": tokens(m.expmap(x, u), axis),
+        "logmap": tokens(m.logmap(x, y), axis),
+        "transp": tokens(m.transp(x, y, u), axis),
+        "x_t": tokens(x_t, axis),
+        "u_t": tokens(u_t, axis),
+    }
+    X, Y, A, U = (tokens(z, axis) for z in (x, y, a, u))
+    atol = 1e-12 if dtype == torch.float64 else 1e-5 * max(R, 1.0)
+    sq_dist = torch.zeros(shape[0], dtype=torch.float64)
+    inner = torch.zeros(shape[0], dtype=torch.float64)
+    for b in range(shape[0]):
+        for k in range(X.shape[1]):
+            xv, yv, av, uv = X[b, k], Y[b, k], A[b, k], U[b, k]
+            xt, ut = s.geodesic(xv, yv, float(t[b]))
+            expected = {
+                "projx": s.projx(av),
+                "proju": s.proju(xv, av),
+                "expmap": s.expmap(xv, uv),
+                "logmap": s.logmap(xv, yv),
+                "transp": s.transp(xv, yv, uv),
+                "x_t": xt,
+                "u_t": ut,
+            }
+            for name, ref in expected.items():
+                err = float((ours[name][b, k] - ref).abs().max())
+                assert err <= atol, f"{name} token ({b}, {k}): error {err:.3g}"
+            sq_dist[b] += float(s.dist(xv, yv)) ** 2
+            inner[b] += float(s.inner(xv, uv, uv))
+    rtol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert torch.allclose(m.dist(x, y).double(), sq_dist.sqrt(), rtol=rtol)
+    assert torch.allclose(m.inner(x, u, u).double(), inner, rtol=rtol)
+    assert m.dist(x, y).shape == (shape[0],)
+    # per-token angles keep a size-1 channel axis
+    assert m.angle(x, y).shape[axis] == 1
+
+
+def test_wrong_channel_count_is_a_clear_error() -> None:
+    m = TokenSpheres(8, axis=1)
+    with pytest.raises(ManifoldError, match="dim=8"):
+        m.projx(torch.randn(2, 4, 3, 3))
+    with pytest.raises(ManifoldError, match="token axis"):
+        m.projx(torch.randn(8))
+    with pytest.raises(ValueError, match="dim must be an integer"):
+        TokenSpheres(1)
+
+
+def test_check_point_on_latent_batch() -> None:
+    m = TokenSpheres(4, axis=1)
+    x = m.random_base((2, 4, 3, 3))
+    m.check_point(x)
+    with pytest.raises(ManifoldError, match="off the manifold"):
+        m.check_point(x * 1.1)
+    with pytest.raises(ManifoldError, match="not tangent"):
+        m.check_vector(x, x)
