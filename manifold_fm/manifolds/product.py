@@ -63,7 +63,9 @@ class Product(Manifold):
         self.dim = start
 
     def __repr__(self) -> str:
-        inner = ", ".join(f"({m!r}, {s[0] if len(s) == 1 else s})" for m, s in zip(self.factors, self.shapes))
+        inner = ", ".join(
+            f"({m!r}, {s[0] if len(s) == 1 else s})" for m, s in zip(self.factors, self.shapes, strict=True)
+        )
         return f"Product([{inner}])"
 
     # ------------------------------------------------------------ layout
@@ -77,21 +79,25 @@ class Product(Manifold):
     def split(self, x: Tensor) -> list[Tensor]:
         """The factor views of ``x``: slice ``i`` of the last axis reshaped to ``(..., *shape_i)``."""
         self._check(x)
-        return [x[..., sl].reshape(*x.shape[:-1], *shp) for sl, shp in zip(self.slices, self.shapes)]
+        return [
+            x[..., sl].reshape(*x.shape[:-1], *shp) for sl, shp in zip(self.slices, self.shapes, strict=True)
+        ]
 
     def join(self, parts: Sequence[Tensor]) -> Tensor:
         """Inverse of :meth:`split`: flatten each factor's trailing axes and concatenate on the last axis."""
-        flat = [p.reshape(*p.shape[: p.ndim - len(shp)], -1) for p, shp in zip(parts, self.shapes)]
+        flat = [
+            p.reshape(*p.shape[: p.ndim - len(shp)], -1) for p, shp in zip(parts, self.shapes, strict=True)
+        ]
         batch = torch.broadcast_shapes(*(f.shape[:-1] for f in flat))
         return torch.cat([f.expand(*batch, f.shape[-1]) for f in flat], dim=-1)
 
     def _map(self, fn: Callable[..., Tensor], *tensors: Tensor) -> Tensor:
         split = [self.split(t) for t in tensors]
-        return self.join([fn(m, *args) for m, *args in zip(self.factors, *split)])
+        return self.join([fn(m, *args) for m, *args in zip(self.factors, *split, strict=True)])
 
     def _sum(self, fn: Callable[..., Tensor], *tensors: Tensor) -> Tensor:
         split = [self.split(t) for t in tensors]
-        return sum(fn(m, *args) for m, *args in zip(self.factors, *split))  # type: ignore[return-value]
+        return sum(fn(m, *args) for m, *args in zip(self.factors, *split, strict=True))  # type: ignore[return-value]
 
     def _factor_time(self, t: float | Tensor, x: Tensor, shape: tuple[int, ...]) -> Tensor:
         tt = broadcast_time(t, x)
@@ -131,7 +137,7 @@ class Product(Manifold):
     def geodesic(self, x0: Tensor, x1: Tensor, t: float | Tensor) -> tuple[Tensor, Tensor]:
         """Factor-wise geodesics sharing the time ``t``."""
         xs, us = [], []
-        for m, shp, a, b in zip(self.factors, self.shapes, self.split(x0), self.split(x1)):
+        for m, shp, a, b in zip(self.factors, self.shapes, self.split(x0), self.split(x1), strict=True):
             xt, ut = m.geodesic(a, b, self._factor_time(t, x0, shp))
             xs.append(xt)
             us.append(ut)
@@ -154,15 +160,17 @@ class Product(Manifold):
             raise ManifoldError(f"{self.name}: random_base shape must end with {self.dim}, got {shape}")
         parts = [
             m.random_base((*shape[:-1], *shp), generator=generator, dtype=dtype, device=device)
-            for m, shp in zip(self.factors, self.shapes)
+            for m, shp in zip(self.factors, self.shapes, strict=True)
         ]
         return self.join(parts)
 
     def point_error(self, x: Tensor) -> Tensor:
-        errs = [m.point_error(a).float() for m, a in zip(self.factors, self.split(x))]
+        errs = [m.point_error(a).float() for m, a in zip(self.factors, self.split(x), strict=True)]
         return torch.stack(errs).amax(dim=0)
 
     def vector_error(self, x: Tensor, u: Tensor) -> Tensor:
-        errs = [m.vector_error(a, b).float() for m, a, b in zip(self.factors, self.split(x), self.split(u))]
+        errs = [
+            m.vector_error(a, b).float()
+            for m, a, b in zip(self.factors, self.split(x), self.split(u), strict=True)
+        ]
         return torch.stack(errs).amax(dim=0)
-
