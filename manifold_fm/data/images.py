@@ -1,0 +1,289 @@
+"""Image datasets: a procedural class-conditional set that needs no download, and an ImageNet-layout folder reader.
+
+Both yield ``(image, label)`` with ``image`` a ``(3, H, W)`` float tensor in ``[-1, 1]`` and ``label`` an ``int``.
+
+:class:`BuiltinImages` renders 12 classes = 4 shapes (disk, square, triangle, cross) x 3 textures (solid, stripes,
+checker). Colours, background gradient, position, scale, rotation and stripe frequency are random per image, so
+colour carries no class information and a classifier has to learn shape and texture. Every image is a pure function
+of ``(seed, split, index)``: the same arguments give bit-identical tensors on any machine.
+
+:class:`ImageFolderDataset` reads ``root/<class>/<image>`` (ImageNet's train layout), with the ADM centre crop
+(box-downsample by 2 while the short side is >= 2x the target, bicubic resize of the short side, centre crop).
+Unreadable images raise :class:`ImageReadError` naming the file; latent extraction skips and counts them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+SHAPES = ("disk", "square", "triangle", "cross")
+TEXTURES = ("solid", "stripes", "checker")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
+
+_SPLIT_OFFSET = {"train": 0, "test": 1}
+_DEFAULT_PER_CLASS = {"train": 500, "test": 100}
+
+
+class ImageReadError(ValueError):
+    """An image file could not be read or decoded; the message names the file and the reason."""
+
+
+def _hsv_to_rgb(h: Tensor, s: Tensor, v: Tensor) -> Tensor:
+    """HSV in ``[0, 1]`` (shape ``(N,)``) to RGB ``(N, 3)`` in ``[0, 1]`` (the standard hexcone formula)."""
+    k = torch.stack([(5 + h * 6) % 6, (3 + h * 6) % 6, (1 + h * 6) % 6], dim=-1)
+    f = torch.clamp(torch.minimum(k, 4 - k), 0, 1)
+    return v[:, None] - v[:, None] * s[:, None] * f
+
+
+def _item_params(seed: int, split: str, index: int, num_classes: int) -> dict[str, float]:
+    """The random nuisance parameters of one image, drawn from its own generator (order-independent)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + _SPLIT_OFFSET[split] * 500_000_000 + index)
+    r = torch.rand(14, generator=g, dtype=torch.float64).tolist()
+    return {
+        "cx": 0.5 * (r[0] - 0.5),  # centre in [-0.25, 0.25] of the half-width
+        "cy": 0.5 * (r[1] - 0.5),
+        "scale": 0.45 + 0.25 * r[2],  # shape half-size as a fraction of the half-width
+        "angle": 2 * math.pi * r[3],
+        "fg_h": r[4],
+        "fg_s": 0.55 + 0.45 * r[5],
+        "fg_v": 0.65 + 0.35 * r[6],
+        "bg_h": r[7],
+        "bg_s": 0.1 + 0.3 * r[8],
+        "bg_v": 0.15 + 0.35 * r[9],
+        "grad_angle": 2 * math.pi * r[10],
+        "grad_amp": 0.25 * r[11],
+        "freq": 2.5 + 2.0 * r[12],  # texture periods across the shape
+        "noise_seed": int(r[13] * 2**31),
+    }
+
+
+def render_builtin(labels: Sequence[int], params: Sequence[dict[str, float]], size: int = 32) -> Tensor:
+    """Render images ``(N, 3, size, size)`` in ``[-1, 1]`` for class ids and their nuisance parameters.
+
+    A class id ``c`` is shape ``SHAPES[c // 3]`` with texture ``TEXTURES[c % 3]``. Shapes are signed-distance
+    functions in the rotated, scaled local frame ``(u, v)``, blended with a soft edge about one pixel wide (so the
+    images are band-limited enough for a small VAE).
+    """
+    n = len(labels)
+    p = {k: torch.tensor([q[k] for q in params], dtype=torch.float64) for k in params[0] if k != "noise_seed"}
+    lin = (torch.arange(size, dtype=torch.float64) + 0.5) / size * 2 - 1
+    yy, xx = torch.meshgrid(lin, lin, indexing="ij")
+    x = xx[None] - p["cx"][:, None, None]
+    y = yy[None] - p["cy"][:, None, None]
+    ca, sa = torch.cos(p["angle"])[:, None, None], torch.sin(p["angle"])[:, None, None]
+    s = p["scale"][:, None, None]
+    u = (ca * x + sa * y) / s
+    v = (-sa * x + ca * y) / s
+    shape_id = torch.tensor([int(c) // len(TEXTURES) for c in labels])[:, None, None]
+    tex_id = torch.tensor([int(c) % len(TEXTURES) for c in labels])[:, None, None]
+
+    r = torch.sqrt(u**2 + v**2)
+    sdf_disk = r - 0.9
+    sdf_square = torch.maximum(u.abs(), v.abs()) - 0.75
+    # Equilateral triangle (circumradius ~1): intersection of three half-planes.
+    h1 = v - 0.5
+    h2 = -0.866 * u - 0.5 * v - 0.5
+    h3 = 0.866 * u - 0.5 * v - 0.5
+    sdf_tri = torch.maximum(torch.maximum(h1, h2), h3)
+    bar = 0.3
+    sdf_cross = torch.minimum(
+        torch.maximum(u.abs() - bar, v.abs() - 0.95), torch.maximum(u.abs() - 0.95, v.abs() - bar)
+    )
+    sdf = torch.stack([sdf_disk, sdf_square, sdf_tri, sdf_cross])  # (4, N, H, W)
+    sdf = torch.gather(sdf, 0, shape_id.expand(1, n, size, size).clone()).squeeze(0) if n else sdf[0]
+    pixel = 2.0 / size / s
+    mask = torch.sigmoid(-sdf / (0.5 * pixel))
+
+    f = p["freq"][:, None, None] * math.pi / 2
+    stripes = (torch.sin(f * u) > 0).double()
+    checker = ((torch.sin(f * u) * torch.sin(f * v)) > 0).double()
+    pattern = torch.where(tex_id == 0, torch.ones_like(u), torch.where(tex_id == 1, stripes, checker))
+
+    fg = _hsv_to_rgb(p["fg_h"], p["fg_s"], p["fg_v"])[:, :, None, None]
+    fg_dark = fg * 0.35
+    bg = _hsv_to_rgb(p["bg_h"], p["bg_s"], p["bg_v"])[:, :, None, None]
+    gdir = torch.cos(p["grad_angle"])[:, None, None] * xx + torch.sin(p["grad_angle"])[:, None, None] * yy
+    background = bg * (1 + p["grad_amp"][:, None, None, None] * gdir[:, None])
+    foreground = fg * pattern[:, None] + fg_dark * (1 - pattern[:, None])
+    img = mask[:, None] * foreground + (1 - mask[:, None]) * background
+
+    noise = torch.stack(
+        [
+            torch.randn(
+                3, size, size, generator=torch.Generator().manual_seed(int(q["noise_seed"])), dtype=torch.float64
+            )
+            for q in params
+        ]
+    ) if n else torch.zeros(0, 3, size, size, dtype=torch.float64)
+    img = (img + 0.015 * noise).clamp(0, 1)
+    return (img * 2 - 1).float()
+
+
+class BuiltinImages(Dataset):
+    """The procedural 12-class RGB dataset (see the module docstring); deterministic from ``seed``.
+
+    Args:
+        split: ``"train"`` or ``"test"`` (disjoint random streams).
+        size: image side in pixels (32 by default; any size >= 8 renders the same scenes at that resolution).
+        per_class: images per class (default 500 for train, 100 for test). Item ``i`` has label ``i % 12``.
+        seed: the dataset seed.
+    """
+
+    def __init__(
+        self,
+        split: Literal["train", "test"] = "train",
+        size: int = 32,
+        per_class: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        if split not in _SPLIT_OFFSET:
+            raise ValueError(f"BuiltinImages split must be 'train' or 'test', got {split!r}")
+        if not (isinstance(size, int) and size >= 8):
+            raise ValueError(f"BuiltinImages size must be an integer >= 8, got {size!r}")
+        per_class = _DEFAULT_PER_CLASS[split] if per_class is None else per_class
+        if not (isinstance(per_class, int) and per_class >= 1):
+            raise ValueError(f"BuiltinImages per_class must be a positive integer, got {per_class!r}")
+        self.split = split
+        self.size = size
+        self.per_class = per_class
+        self.seed = seed
+        self.class_names = [f"{s}-{t}" for s in SHAPES for t in TEXTURES]
+        self.num_classes = len(self.class_names)
+
+    def __len__(self) -> int:
+        return self.per_class * self.num_classes
+
+    def __repr__(self) -> str:
+        return f"BuiltinImages(split={self.split!r}, size={self.size}, per_class={self.per_class}, seed={self.seed})"
+
+    @property
+    def identity(self) -> str:
+        """A string naming exactly which images this dataset yields (for manifests)."""
+        return f"builtin:{self.split}:size={self.size}:per_class={self.per_class}:seed={self.seed}"
+
+    def label(self, index: int) -> int:
+        return index % self.num_classes
+
+    def render(self, indices: Sequence[int]) -> tuple[Tensor, Tensor]:
+        """Images ``(N, 3, size, size)`` and labels ``(N,)`` for many indices at once (vectorised rendering)."""
+        idx = [self._check_index(i) for i in indices]
+        labels = [self.label(i) for i in idx]
+        params = [_item_params(self.seed, self.split, i, self.num_classes) for i in idx]
+        if not idx:
+            return torch.zeros(0, 3, self.size, self.size), torch.zeros(0, dtype=torch.long)
+        return render_builtin(labels, params, self.size), torch.tensor(labels, dtype=torch.long)
+
+    def tensors(self) -> tuple[Tensor, Tensor]:
+        """The whole dataset as ``(images, labels)`` tensors."""
+        return self.render(range(len(self)))
+
+    def _check_index(self, index: int) -> int:
+        n = len(self)
+        if index < 0:
+            index += n
+        if not 0 <= index < n:
+            raise IndexError(f"index {index} out of range for {self!r} of length {n}")
+        return int(index)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        images, labels = self.render([index])
+        return images[0], int(labels[0])
+
+
+def adm_center_crop(image: object, size: int) -> np.ndarray:
+    """ADM's centre crop of a PIL image to ``size x size``: returns a ``(size, size, 3)`` uint8 array.
+
+    Box-downsample by 2 while the short side is >= ``2 * size`` (cheap anti-aliasing), resize the short side to
+    ``size`` with bicubic, then crop the centre (as in guided-diffusion's ``center_crop_arr``).
+    """
+    from PIL import Image
+
+    pil = image
+    while min(*pil.size) >= 2 * size:
+        pil = pil.resize(tuple(x // 2 for x in pil.size), resample=Image.BOX)
+    scale = size / min(*pil.size)
+    pil = pil.resize(tuple(round(x * scale) for x in pil.size), resample=Image.BICUBIC)
+    arr = np.asarray(pil)
+    top = (arr.shape[0] - size) // 2
+    left = (arr.shape[1] - size) // 2
+    return arr[top : top + size, left : left + size]
+
+
+class ImageFolderDataset(Dataset):
+    """Images in ``root/<class_name>/...`` (one folder per class, ImageNet layout), centre-cropped ADM-style.
+
+    Classes are the sorted sub-folder names; label ``k`` is the ``k``-th. Files with an image suffix are listed
+    recursively inside each class folder, in sorted order. Reading a corrupt or unreadable file raises
+    :class:`ImageReadError` (it is never silently replaced).
+
+    Args:
+        root: the folder holding one sub-folder per class.
+        size: output side in pixels.
+        class_names: optional explicit class list (order = label ids); missing folders are an error.
+    """
+
+    def __init__(self, root: str | Path, size: int = 256, class_names: Sequence[str] | None = None) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(
+                f"image folder {self.root} does not exist; pass a folder with one sub-folder per class"
+            )
+        if not (isinstance(size, int) and size >= 1):
+            raise ValueError(f"ImageFolderDataset size must be a positive integer, got {size!r}")
+        self.size = size
+        found = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if class_names is None:
+            class_names = found
+        missing = [c for c in class_names if c not in found]
+        if missing:
+            raise FileNotFoundError(f"class folder(s) {missing[:3]} not found under {self.root}")
+        self.class_names = list(class_names)
+        self.num_classes = len(self.class_names)
+        self.samples: list[tuple[Path, int]] = []
+        for k, name in enumerate(self.class_names):
+            files = sorted(
+                p for p in (self.root / name).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+            )
+            self.samples.extend((p, k) for p in files)
+        if not self.samples:
+            raise FileNotFoundError(
+                f"no images ({', '.join(IMAGE_SUFFIXES)}) under {self.root}; expected root/<class>/<image> files"
+            )
+
+    @property
+    def identity(self) -> str:
+        return f"folder:{self.root.resolve()}:size={self.size}:n={len(self.samples)}"
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def label(self, index: int) -> int:
+        return self.samples[index][1]
+
+    def path(self, index: int) -> Path:
+        return self.samples[index][0]
+
+    def load(self, index: int) -> Tensor:
+        """The image at ``index`` as ``(3, size, size)`` in ``[-1, 1]``; :class:`ImageReadError` if unreadable."""
+        from PIL import Image, UnidentifiedImageError
+
+        path = self.samples[index][0]
+        try:
+            with Image.open(path) as im:
+                im.load()
+                rgb = im.convert("RGB")
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+            raise ImageReadError(f"cannot read image {path}: {exc}") from None
+        arr = adm_center_crop(rgb, self.size)
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 127.5 - 1.0
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        return self.load(index), self.samples[index][1]

@@ -1,0 +1,1 @@
+"""Evaluation: FID, geometry diagnostics, swap probes, plots."""

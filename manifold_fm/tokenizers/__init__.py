@@ -1,0 +1,78 @@
+"""Tokenizers: the interface, diffusers adapters, the built-in tiny VAE, spherical projection, decoder finetuning.
+
+``DiffusersTokenizer`` and ``finetune_decoder`` are imported lazily (diffusers is heavy and optional).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import LatentNormalization, Tokenizer, compute_channel_stats
+from .spherical import SphericalTokenizer, load_decoder_state
+from .tiny_vae import TinyVAE, TinyVAETokenizer, builtin_tokenizer, load_tiny_vae, save_tiny_vae, train_tiny_vae
+
+__all__ = [
+    "DiffusersTokenizer",
+    "LatentNormalization",
+    "SphericalTokenizer",
+    "TinyVAE",
+    "TinyVAETokenizer",
+    "Tokenizer",
+    "builtin_tokenizer",
+    "compute_channel_stats",
+    "finetune_decoder",
+    "load_decoder_state",
+    "load_tiny_vae",
+    "load_tokenizer",
+    "save_tiny_vae",
+    "train_tiny_vae",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "DiffusersTokenizer":
+        from .diffusers_adapter import DiffusersTokenizer
+
+        return DiffusersTokenizer
+    if name == "finetune_decoder":
+        from .finetune import finetune_decoder
+
+        return finetune_decoder
+    raise AttributeError(f"module 'manifold_fm.tokenizers' has no attribute {name!r}")
+
+
+def load_tokenizer(
+    spec: str,
+    *,
+    subfolder: str | None = None,
+    kind: str = "kl",
+    dtype: Any = None,
+    device: Any = "cpu",
+    normalization: Any = None,
+    spherical: bool = False,
+    decoder_state: Any = None,
+    progress: bool = True,
+) -> Tokenizer:
+    """A tokenizer from a CLI-style spec: ``"builtin"`` (the tiny VAE) or a diffusers hub id / local directory.
+
+    ``normalization`` (a :class:`LatentNormalization` or a JSON path) replaces the tokenizer's own constants;
+    ``spherical=True`` wraps it in :class:`SphericalTokenizer` with the optional finetuned ``decoder_state``.
+    """
+    import torch
+
+    dtype = dtype or torch.float32
+    if spec == "builtin":
+        tok: Tokenizer = builtin_tokenizer(progress=progress).to(device=device, dtype=dtype)
+    else:
+        from .diffusers_adapter import DiffusersTokenizer
+
+        tok = DiffusersTokenizer.from_pretrained(spec, subfolder=subfolder, kind=kind, dtype=dtype, device=device)
+    if normalization is not None:
+        norm = normalization
+        if not isinstance(norm, LatentNormalization):
+            norm = LatentNormalization.load(normalization)
+        tok.with_normalization(norm)
+    if spherical or decoder_state is not None:
+        tok = SphericalTokenizer(tok, decoder_state)
+        tok.decoder.to(device=device, dtype=dtype)
+    return tok.eval()
