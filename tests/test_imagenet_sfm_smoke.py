@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,3 +83,53 @@ def test_prepare_imagenet_matches_adm_center_crop_and_reports_skips(tmp_path: Pa
     assert (again["written"], again["existing"], again["skipped"]) == (0, 6, 1)
     assert prep.main(["--src", str(src), "--dst", str(dst), "--size", "32", "--max-skipped", "0", "--no-progress"]) == 1
     assert prep.main(["--src", str(tmp_path / "missing"), "--dst", str(dst), "--no-progress"]) == 2
+
+
+# ----------------------------------------------------------------------------- GPU check, CPU path
+def test_gpu_check_shell_wrapper_runs_the_script(tmp_path: Path) -> None:
+    # From an unrelated directory, without relying on an installed package: the wrapper sets PYTHONPATH itself.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(
+        ["bash", str(EXP / "gpu_check.sh"), "--help"], capture_output=True, text=True, env=env, timeout=120,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--cpu-smoke" in proc.stdout and "--peak-tflops" in proc.stdout
+
+
+def test_gpu_check_cpu_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    gc = _load(EXP / "gpu_check.py", "imagenet_sfm_gpu_check")
+    out = tmp_path / "gpu_check.json"
+    assert gc.main(["--cpu-smoke", "--out", str(out), "--quiet"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert json.loads(out.read_text()) == report
+    assert report["mode"] == "cpu-smoke" and report["spec"]["sit"] == "SiT-Micro/2"
+    # The FLUX.2-shaped VAE (32 latent channels) was saved, reloaded by path and encoded images with their flips.
+    ext = report["extraction"]
+    assert ext["latent_shape"] == [32, 16, 16] and ext["encodes_per_s_with_flips"] == pytest.approx(
+        2 * ext["images_per_s"], rel=0.02
+    )
+    train = report["training"]
+    for mode in ("linear", "spherical"):
+        assert train[mode]["images_per_s"] > 0 and math.isfinite(train[mode]["final_loss"])
+        assert train[mode]["step_s"] == pytest.approx(train["batch"] / train[mode]["images_per_s"], rel=0.01)
+        assert report["sampling"][mode]["ode_images_per_s_fp32"] > 0
+    assert train["spherical_over_linear_step_time"] == pytest.approx(
+        train["spherical"]["step_s"] / train["linear"]["step_s"], rel=1e-3
+    )
+    # Spherical samples end on the token spheres (exp-map steps), to float32 accuracy.
+    assert report["sampling"]["spherical"]["max_radius_error_fp32"] < 1e-5
+    assert train["linear"]["mfu"] is None and report["peak_bf16_tflops"] is None  # no peak FLOPs known on a CPU
+
+
+def test_gpu_check_peak_flops_lookup() -> None:
+    import torch
+
+    gc = _load(EXP / "gpu_check.py", "imagenet_sfm_gpu_check")
+    assert gc.peak_flops(torch.device("cpu"), 100.0) == (100e12, "--peak-tflops")
+    assert gc.peak_flops(torch.device("cpu"), None)[0] is None
+    # MFU arithmetic: 3 x forward FLOPs x images/s over the peak; the FLOP count of SiT-B/2 on 32x32x32 latents.
+    from manifold_fm.models.sit import build_sit, sit_forward_flops
+
+    model = build_sit("SiT-B/2", input_size=32, in_channels=32, num_classes=1000, device="meta")
+    assert sit_forward_flops(model) == pytest.approx(46.1e9, rel=0.01)

@@ -375,6 +375,9 @@ def run_check(spec: CheckSpec, peak_tflops: float | None = None, progress: bool 
         "spec": asdict(spec),
         "peak_bf16_tflops": flops_peak / 1e12 if flops_peak else None,
         "peak_source": peak_source,
+        "note": None
+        if device.type == "cuda"
+        else "cpu-smoke: tiny shapes on a CPU; the figures only show the code path runs, they measure nothing",
     }
     t0 = time.perf_counter()
 
