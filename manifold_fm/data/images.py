@@ -287,3 +287,13 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         return self.load(index), self.samples[index][1]
+
+
+def image_dataset(
+    spec: str | Path, *, split: Literal["train", "test"] = "train", size: int = 32, per_class: int | None = None,
+    seed: int = 0,
+) -> BuiltinImages | ImageFolderDataset:
+    """A dataset from a CLI-style spec: ``"builtin"`` (:class:`BuiltinImages` of ``split``) or an image folder."""
+    if str(spec) == "builtin":
+        return BuiltinImages(split, size=size, per_class=per_class, seed=seed)
+    return ImageFolderDataset(spec, size=size)

@@ -1,0 +1,82 @@
+"""``manifold-fm finetune-decoder``: finetune a tokenizer's decoder to decode per-token projected latents."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import click
+
+from .extract_latents import build_dataset, build_tokenizer, data_options, tokenizer_options
+
+
+def _save_state(state: dict, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp))
+    os.replace(tmp, path)
+
+
+@click.command("finetune-decoder")
+@tokenizer_options
+@data_options
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Output directory: decoder.safetensors, report.json (and decoder_vanilla.safetensors).")
+@click.option("--steps", type=int, default=500, show_default=True)
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--lr", type=float, default=1e-4, show_default=True)
+@click.option("--perceptual-weight", type=float, default=1.0, show_default=True)
+@click.option("--gan-weight", type=float, default=0.1, show_default=True)
+@click.option("--gan-start", type=int, default=None, help="Discriminator start step (default: steps // 2).")
+@click.option("--lpips-vgg", type=click.Path(dir_okay=False), default=None,
+              help="Local torchvision VGG16 weights (vgg16-397923af.pth) for LPIPS.")
+@click.option("--lpips-lin", type=click.Path(dir_okay=False), default=None,
+              help="Local LPIPS v0.1 linear heads (vgg.pth). Without both files a named fallback distance is used.")
+@click.option("--vanilla-control/--no-vanilla-control", default=False, show_default=True,
+              help="Also finetune on raw latents with the same recipe (the paper's FT-vanilla control).")
+@click.option("--eval-items", type=int, default=64, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def finetune_decoder(tokenizer_spec: str, subfolder: str | None, kind: str, dtype: str, device: str,
+                     normalization: str | None, data_spec: str, split: str, size: int, per_class: int | None,
+                     out_dir: Path, steps: int, batch_size: int, lr: float, perceptual_weight: float,
+                     gan_weight: float, gan_start: int | None, lpips_vgg: str | None, lpips_lin: str | None,
+                     vanilla_control: bool, eval_items: int, seed: int) -> None:
+    """Encoder frozen, KL dropped; L1 + perceptual + patch-GAN (with warm-up); reports PSNR/SSIM/perceptual."""
+    from ..data.images import BuiltinImages
+    from ..tokenizers.finetune import finetune_decoder as run
+    from ..tokenizers.perceptual import perceptual_distance
+
+    if steps < 0 or batch_size < 1:
+        raise click.BadParameter("steps must be >= 0 and batch size >= 1")
+    tok = build_tokenizer(tokenizer_spec, subfolder, kind, dtype, device, normalization)
+    dataset = build_dataset(data_spec, split, size, per_class)
+    eval_set = BuiltinImages("test", size=size) if data_spec == "builtin" else None
+    try:
+        perceptual = perceptual_distance(lpips_vgg, lpips_lin)
+    except (FileNotFoundError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs = [True, False] if vanilla_control else [True]
+    report: dict = {"tokenizer": tok.describe(), "data": str(data_spec), "metrics": {}, "runs": {}}
+    for project in runs:
+        try:
+            state, rep = run(tok, dataset, steps, batch_size=batch_size, lr=lr, project=project,
+                             perceptual=perceptual, perceptual_weight=perceptual_weight, gan_weight=gan_weight,
+                             gan_start=gan_start, eval_dataset=eval_set, eval_items=eval_items, seed=seed)
+        except (ValueError, FloatingPointError) as exc:
+            raise click.ClickException(str(exc)) from None
+        name = "decoder.safetensors" if project else "decoder_vanilla.safetensors"
+        _save_state(state, out_dir / name)
+        report["metrics"].update(rep.pop("metrics"))
+        report["runs"]["projected" if project else "vanilla"] = {**rep, "decoder_state": name}
+    report["perceptual_metric"] = getattr(perceptual, "name", type(perceptual).__name__)
+    path = out_dir / "report.json"
+    tmp = path.with_name("report.json.tmp")
+    tmp.write_text(json.dumps(report, indent=1))
+    os.replace(tmp, path)
+    for key, m in report["metrics"].items():
+        click.echo(f"{key:40s} PSNR {m['psnr']:6.2f} dB  SSIM {m['ssim']:.4f}  {report['perceptual_metric']} "
+                   f"{m['perceptual']:.4f}")
+    click.echo(f"wrote {out_dir / 'decoder.safetensors'} and {path}")

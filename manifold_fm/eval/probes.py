@@ -1,0 +1,181 @@
+"""The component-swap probe: is image content carried by token directions or by token norms?
+
+For an anchor latent ``z_a`` and its nearest same-class neighbour ``z_b`` (L2 over the whole latent), write every
+token as ``z = r u`` with ``r = |z|`` and ``u = z / r``. Decode hybrids and measure their distance to the anchor's
+own decode ``D(z_a)``:
+
+- ``neighbour``: ``D(z_b)`` (how different the neighbour is at all);
+- ``radius_swapped``: ``r_b u_a``, the anchor's directions with the neighbour's norms;
+- ``direction_swapped``: ``r_a u_b``, the anchor's norms with the neighbour's directions;
+- ``radius_flattened``: ``mean(r_a) u_a``, every token at the anchor's mean token norm.
+
+If directions carry the content, ``radius_swapped`` and ``radius_flattened`` stay close to the anchor while
+``direction_swapped`` moves about as far as the neighbour itself. Distances: the perceptual distance in use (LPIPS or
+the named fallback) and PSNR (dB, higher = closer).
+
+:func:`plot_probe_report` draws the figures of ``manifold-fm probe``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..tokenizers.base import Tokenizer
+from ..tokenizers.perceptual import GradientPyramidDistance, psnr
+
+HYBRIDS = ("neighbour", "radius_swapped", "direction_swapped", "radius_flattened")
+
+
+def same_class_neighbours(latents: Tensor, labels: Tensor) -> Tensor:
+    """For each item, the index of its nearest other item of the same class (L2), or -1 if it has none."""
+    flat = latents.flatten(1).double()
+    d = torch.cdist(flat, flat)
+    same = labels[:, None] == labels[None, :]
+    d = torch.where(same, d, torch.full_like(d, float("inf")))
+    d.fill_diagonal_(float("inf"))
+    best = d.argmin(dim=1)
+    return torch.where(torch.isfinite(d.min(dim=1).values), best, torch.full_like(best, -1))
+
+
+def swap_hybrids(za: Tensor, zb: Tensor, axis: int = 1) -> dict[str, Tensor]:
+    """The hybrid latents of the probe (module docstring) for anchor/neighbour batches of equal shape."""
+    ra = torch.linalg.vector_norm(za, dim=axis, keepdim=True)
+    rb = torch.linalg.vector_norm(zb, dim=axis, keepdim=True)
+    tiny = torch.finfo(za.dtype).tiny
+    ua, ub = za / ra.clamp_min(tiny), zb / rb.clamp_min(tiny)
+    mean_ra = ra.mean(dim=tuple(range(1, za.ndim)), keepdim=True)
+    return {
+        "neighbour": zb,
+        "radius_swapped": rb * ua,
+        "direction_swapped": ra * ub,
+        "radius_flattened": mean_ra * ua,
+    }
+
+
+@torch.no_grad()
+def component_swap_probe(
+    tokenizer: Tokenizer,
+    images: Tensor,
+    labels: Tensor,
+    *,
+    perceptual: nn.Module | None = None,
+    max_pairs: int = 64,
+    batch_size: int = 32,
+) -> dict[str, Any]:
+    """Run the probe on ``images`` ``(N, 3, H, W)`` with class ``labels`` ``(N,)``; returns a JSON-safe report.
+
+    Latents are ``tokenizer.encode`` (normalised); decodes use ``tokenizer.decode``. The first ``max_pairs`` anchors
+    that have a same-class neighbour are used. The report has per-hybrid ``{perceptual_mean, perceptual_std,
+    psnr_mean, psnr_std, perceptual, psnr}`` (the last two per pair) plus the metric name and pair count.
+    """
+    if images.shape[0] != labels.shape[0]:
+        raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
+    perceptual = perceptual or GradientPyramidDistance()
+    device = tokenizer.device
+    perceptual = perceptual.to(device)
+    z = torch.cat([tokenizer.encode(images[i : i + batch_size].to(device)) for i in range(0, len(images), batch_size)])
+    nb = same_class_neighbours(z.float().cpu(), labels.cpu())
+    anchors = torch.nonzero(nb >= 0).flatten()[:max_pairs]
+    if anchors.numel() == 0:
+        raise ValueError("no anchor has a same-class neighbour; give at least two images of one class")
+    per: dict[str, dict[str, list[float]]] = {h: {"perceptual": [], "psnr": []} for h in HYBRIDS}
+    for start in range(0, anchors.numel(), batch_size):
+        a = anchors[start : start + batch_size]
+        za, zb = z[a], z[nb[a]]
+        ref = tokenizer.decode(za).float()
+        for name, h in swap_hybrids(za.float(), zb.float(), axis=tokenizer.channel_axis).items():
+            img = tokenizer.decode(h.to(za.dtype)).float()
+            per[name]["perceptual"] += perceptual(img, ref).float().cpu().tolist()
+            per[name]["psnr"] += psnr(img, ref).cpu().tolist()
+    out: dict[str, Any] = {
+        "metric": getattr(perceptual, "name", type(perceptual).__name__),
+        "pairs": int(anchors.numel()),
+        "tokenizer": tokenizer.name,
+    }
+    for name, vals in per.items():
+        p, q = torch.tensor(vals["perceptual"]), torch.tensor(vals["psnr"])
+        out[name] = {
+            "perceptual_mean": float(p.mean()),
+            "perceptual_std": float(p.std(unbiased=False)),
+            "psnr_mean": float(q.mean()),
+            "psnr_std": float(q.std(unbiased=False)),
+            "perceptual": vals["perceptual"],
+            "psnr": vals["psnr"],
+        }
+    return out
+
+
+def plot_probe_report(report: dict[str, Any], norms: dict[str, Tensor], out_dir: str | Path) -> list[Path]:
+    """Write the probe figures (PNG) into ``out_dir``; returns their paths.
+
+    ``norm_hist.png``: histograms of per-token ``|z|/sqrt(d)`` for each entry of ``norms`` (name -> norms tensor);
+    ``norm_along_t.png`` and ``radial_share.png`` from ``report["paths"]``; ``swap_distances.png`` from
+    ``report["swap"]``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+
+    def save(fig: Any, name: str) -> None:
+        path = out / name
+        tmp = out / f".{name}.tmp.png"
+        fig.tight_layout()
+        fig.savefig(tmp, dpi=110)
+        plt.close(fig)
+        tmp.replace(path)
+        written.append(path)
+
+    d = report["paths"]["d"]
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for name, r in norms.items():
+        ax.hist((r.flatten().double() / d**0.5).numpy(), bins=60, alpha=0.5, density=True, label=name)
+    ax.axvline(1.0, color="k", lw=0.8, ls="--")
+    ax.set_xlabel(r"token norm $|z| / \sqrt{d}$")
+    ax.set_ylabel("density")
+    ax.legend(fontsize=8)
+    save(fig, "norm_hist.png")
+
+    paths = report["paths"]
+    t = paths["t"]
+    path_names: Sequence[str] = [p for p in ("linear", "polar", "slerp") if p in paths]
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for p in path_names:
+        m = torch.tensor(paths[p]["norm_mean"]) / d**0.5
+        s = torch.tensor(paths[p]["norm_std"]) / d**0.5
+        ax.plot(t, m, label=p)
+        ax.fill_between(t, m - s, m + s, alpha=0.2)
+    ax.set_xlabel("t (0 = prior, 1 = data)")
+    ax.set_ylabel(r"token norm $/\sqrt{d}$ (mean $\pm$ std)")
+    ax.legend(fontsize=8)
+    save(fig, "norm_along_t.png")
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for p in path_names:
+        ax.plot(t, paths[p]["radial_share"], label=p)
+    ax.set_xlabel("t")
+    ax.set_ylabel("radial share of velocity target")
+    ax.set_ylim(-0.02, 1.0)
+    ax.legend(fontsize=8)
+    save(fig, "radial_share.png")
+
+    swap = report["swap"]
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.4))
+    names = [h for h in HYBRIDS if h in swap]
+    axes[0].boxplot([swap[h]["perceptual"] for h in names])
+    axes[0].set_title(f"distance to anchor decode ({swap['metric']})", fontsize=9)
+    axes[1].boxplot([swap[h]["psnr"] for h in names])
+    axes[1].set_title("PSNR to anchor decode (dB)", fontsize=9)
+    for ax in axes:
+        ax.set_xticks(range(1, len(names) + 1), [n.replace("_", "\n") for n in names], fontsize=7)
+    save(fig, "swap_distances.png")
+    return written
