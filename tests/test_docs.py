@@ -91,6 +91,8 @@ def test_strict_build_fails_on_a_broken_reference(tmp_path: Path) -> None:
     """The guard itself: the same configuration must reject a page with a dangling cross-reference and link."""
     shutil.copy(ROOT / "mkdocs.yml", tmp_path / "mkdocs.yml")
     shutil.copytree(DOCS, tmp_path / "docs")
+    if (ROOT / "benchmarks" / "results").is_dir():  # pages include generated reports from there
+        shutil.copytree(ROOT / "benchmarks" / "results", tmp_path / "benchmarks" / "results")
     page = tmp_path / "docs" / "index.md"
     page.write_text(page.read_text() + "\nSee [nothing][manifold_fm.manifolds.NoSuchManifold].\n")
     proc = _build(tmp_path, tmp_path / "site")
