@@ -89,9 +89,9 @@ def probe(tokenizer_spec: str, subfolder: str | None, kind: str, dtype: str, dev
     nr = report["norms"]
     click.echo(f"token norm / sqrt(d): raw {nr['raw']['mean_radius_over_sqrt_d']:.3f} (CV {nr['raw']['cv']:.3f}), "
                f"normalised {nr['normalized']['mean_radius_over_sqrt_d']:.3f} (CV {nr['normalized']['cv']:.3f})")
-    lin = report["paths"]["linear"]
-    mid = len(lin["t"]) // 2
-    click.echo(f"linear path at t={lin['t'][mid]:.2f}: norm/sqrt(d) {lin['norm_mean_over_sqrt_d'][mid]:.3f}, "
+    lin, ts = report["paths"]["linear"], report["paths"]["t"]
+    mid = len(ts) // 2
+    click.echo(f"linear path at t={ts[mid]:.2f}: norm/sqrt(d) {lin['norm_mean_over_sqrt_d'][mid]:.3f}, "
                f"shell deviation {lin['shell_deviation'][mid]:.2f} std, radial share {lin['radial_share'][mid]:.3f}")
     sw = report["swap"]
     click.echo("swap probe (" + sw["metric"] + "): " + ", ".join(
