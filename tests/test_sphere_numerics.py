@@ -250,3 +250,34 @@ def test_zero_norm_projection_policy() -> None:
     tm = TokenSpheres(4, axis=1)
     zz = torch.zeros(1, 4, 2, 2)
     assert torch.equal(tm.projx(zz)[:, 0], torch.full((1, 2, 2), 2.0))
+
+
+# ------------------------------------------------------------------------------------ geodesic (fast / exact paths)
+def slerp_reference(x0: Tensor, x1: Tensor, t: Tensor, radius: float) -> tuple[Tensor, Tensor]:
+    """The SFM formulas in float64 on the normalised float32 inputs: x_t and u_t (closed form, no shortcuts)."""
+    a = x0.double() / x0.double().norm(dim=-1, keepdim=True)
+    b = x1.double() / x1.double().norm(dim=-1, keepdim=True)
+    w = exact_angle(x0, x1).unsqueeze(-1)
+    t = t.double().unsqueeze(-1)
+    x_t = radius * (torch.sin((1 - t) * w) * a + torch.sin(t * w) * b) / torch.sin(w)
+    u_t = radius * w * (torch.cos(t * w) * b - torch.cos((1 - t) * w) * a) / torch.sin(w)
+    return x_t, u_t
+
+
+@pytest.mark.parametrize("theta", [1e-6, 1e-4, 1e-2, 0.5, 1.5, 2.5, 2.68, 2.70, 3.1, math.pi - 1e-3])
+def test_geodesic_matches_float64_slerp(theta: float) -> None:
+    radius = math.sqrt(32)
+    m = Sphere(radius)
+    x0, x1 = pairs_at_angle(theta, radius, n=300)
+    t = torch.rand(300, generator=torch.Generator().manual_seed(5))
+    x_t, u_t = m.geodesic(x0, x1, t)
+    ref_x, ref_u = slerp_reference(x0, x1, t, radius)
+    speed = radius * exact_angle(x0, x1).unsqueeze(-1)
+    x_err = float(((x_t.double() - ref_x).abs() / radius).max())
+    u_err = float(((u_t.double() - ref_u).norm(dim=-1, keepdim=True) / speed).max())
+    assert x_err < 1e-6, f"x_t error {x_err:.2e} (relative to R)"
+    assert u_err < 2e-6, f"u_t error {u_err:.2e} (relative to |u_t|)"
+    tm = TokenSpheres(32, axis=-1)  # the token layout takes the same code path
+    tx, tu = tm.geodesic(x0.reshape(3, 100, 32), x1.reshape(3, 100, 32), t.reshape(3, 100, 1))
+    assert torch.allclose(tx.reshape(300, 32), x_t, atol=1e-6 * radius)
+    assert torch.allclose(tu.reshape(300, 32), u_t, atol=1e-6 * float(speed.max()))
