@@ -418,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.train_steps is not None:
         spec = replace(spec, train_steps=args.train_steps)
     if spec.device == "cpu":
-        torch.set_num_threads(min(2, os.cpu_count() or 1))
+        torch.set_num_threads(1)  # tiny shapes: extra OpenMP threads only add synchronisation (and contention)
     try:
         report = run_check(spec, args.peak_tflops, progress=not args.quiet)
     except (RuntimeError, ImportError, ValueError) as exc:

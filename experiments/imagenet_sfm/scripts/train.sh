@@ -7,7 +7,8 @@
 # The config is a file path or a name from experiments/imagenet_sfm/configs/. Paths inside it are relative to the
 # directory you launch from (see the README's layout). Environment:
 #   GPUS_PER_NODE (default: all visible GPUs), NNODES (1), NODE_RANK (0), MASTER_ADDR (localhost),
-#   MASTER_PORT (29500), RUNS (runs), ACCELERATE_EXTRA (extra `accelerate launch` flags, e.g. "--dynamo_backend no").
+#   MASTER_PORT (29500), RUNS (runs), ACCELERATE_EXTRA (extra `accelerate launch` flags, e.g. "--dynamo_backend no"),
+#   ACCELERATE (the launcher executable, default: accelerate).
 # Extra arguments go to `manifold-fm train` (e.g. --set train.compile=true).
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -33,7 +34,7 @@ NNODES="${NNODES:-1}"
 NODE_RANK="${NODE_RANK:-0}"
 NUM_PROCESSES=$((NNODES * GPUS_PER_NODE))
 
-LAUNCH=(accelerate launch --num_processes "$NUM_PROCESSES" --num_machines "$NNODES" --machine_rank "$NODE_RANK")
+LAUNCH=("${ACCELERATE:-accelerate}" launch --num_processes "$NUM_PROCESSES" --num_machines "$NNODES" --machine_rank "$NODE_RANK")
 if [[ "$NUM_PROCESSES" -gt 1 ]]; then
   LAUNCH+=(--multi_gpu --main_process_ip "${MASTER_ADDR:-localhost}" --main_process_port "${MASTER_PORT:-29500}")
 fi
