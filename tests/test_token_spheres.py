@@ -97,3 +97,23 @@ def test_check_point_on_latent_batch() -> None:
         m.check_point(x * 1.1)
     with pytest.raises(ManifoldError, match="not tangent"):
         m.check_vector(x, x)
+
+
+def test_branch_free_geodesic_matches_default() -> None:
+    """The graph that ``compile=True`` hands to torch.compile (branch-free antipodal blend) equals the eager path.
+
+    torch.compile itself is not run here: compiling takes minutes on the 2-core CI machine.
+    """
+    m = TokenSpheres(4, axis=1)
+    assert TokenSpheres(4, compile=True).compile
+    x0 = m.random_base((3, 4, 2, 2), dtype=torch.float64)
+    x1 = m.random_base((3, 4, 2, 2), dtype=torch.float64)
+    x1[:, :, 0, 0] = -x0[:, :, 0, 0]  # antipodal tokens exercise the blended fallback
+    x1[:, :, 1, 1] = x0[:, :, 1, 1]  # identical tokens
+    t = torch.tensor([0.0, 0.3, 0.8], dtype=torch.float64).reshape(3, 1, 1, 1)
+    default = m.geodesic(x0, x1, t)
+    branch_free = m._geodesic(x0, x1, t, branch_free=True)
+    for a, b in zip(default, branch_free, strict=True):
+        assert torch.allclose(a, b, atol=1e-12)
+    # and the antipodal tokens follow the policy: speed pi R
+    assert torch.allclose(default[1][:, :, 0, 0].norm(dim=1), torch.full((3,), math.pi * 2.0, dtype=torch.float64))

@@ -21,12 +21,18 @@ Degenerate cases (one policy each, tested):
 - zero-norm input to ``projx``: mapped to ``R e_0`` (the first coordinate axis), with zero gradient.
 
 Low precision: float16/bfloat16 inputs are computed in float32 and returned in the input dtype.
+
+Speed: ``geodesic`` is memory-bound in eager mode (one pass for ``v``, four dot products, two passes per output;
+``benchmarks/bench_geometry.py`` has the ratio to a linear interpolation). ``Sphere(..., compile=True)`` /
+``TokenSpheres(..., compile=True)`` route it through ``torch.compile`` of the branch-free variant, a fused kernel for
+GPU users (opt-in: compiling takes minutes on a small CPU).
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -56,11 +62,14 @@ class Sphere(Manifold):
     name = "sphere"
     point_ndim: int | None = 1
 
-    def __init__(self, radius: float = 1.0) -> None:
+    def __init__(self, radius: float = 1.0, compile: bool = False) -> None:
         if not (isinstance(radius, (int, float)) and math.isfinite(radius) and radius > 0):
             raise ValueError(f"Sphere radius must be a finite positive number, got {radius!r}")
         self.radius = float(radius)
         self.axis = -1
+        # Opt-in: run geodesic() through torch.compile (a fused kernel); eager stays the tested default.
+        self.compile = bool(compile)
+        self._compiled: Callable[..., tuple[Tensor, Tensor]] | None = None
 
     def __repr__(self) -> str:
         return f"Sphere(radius={self.radius:g})"
@@ -101,10 +110,16 @@ class Sphere(Manifold):
         w = torch.atan2(s, par)
         return _Pair(v=v, nx=nx, c=c, s=s, w=w, ratio=atan2_over_y(s, par))
 
-    def _direction_terms(self, x: Tensor, p: _Pair) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``(v, c, w, ratio)`` with the antipodal fallback applied: ``y_perp/s = (v - c x) * ratio / w``."""
+    def _direction_terms(
+        self, x: Tensor, p: _Pair, branch_free: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(v, c, w, ratio)`` with the antipodal fallback applied: ``y_perp/s = (v - c x) * ratio / w``.
+
+        ``branch_free`` always blends the fallback in with ``where`` (no host sync; for compiled graphs) instead of
+        skipping it when no token is antipodal (the cheaper eager choice).
+        """
         antipodal = (p.s <= torch.finfo(x.dtype).tiny) & (p.w > 1.0)
-        if not bool(antipodal.any()):
+        if not branch_free and not bool(antipodal.any()):
             return p.v, p.c, p.w, p.ratio
         # Replace the (zero) tangential part by R times a deterministic unit tangent direction.
         e = self._fallback_direction(x)
@@ -173,9 +188,21 @@ class Sphere(Manifold):
         the exact path anyway for near-antipodal tokens (common for 4-channel latents); measured not worth it.
         """
         tt = broadcast_time(t, x0)
+        if self.compile:
+            return self._compiled_geodesic()(x0, x1, tt)
+        return self._geodesic(x0, x1, tt)
+
+    def _geodesic(self, x0: Tensor, x1: Tensor, tt: Tensor, branch_free: bool = False) -> tuple[Tensor, Tensor]:
         p = self._pair(x0, x1)
-        v, c, w, ratio = self._direction_terms(x0, p)
+        v, c, w, ratio = self._direction_terms(x0, p, branch_free)
         return self._slerp_outputs(x0, v, tt, p.nx, c, w, ratio)
+
+    def _compiled_geodesic(self) -> Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]:
+        """The branch-free geodesic under ``torch.compile``, built on first use (compiling takes ~1-3 minutes on a
+        small CPU; meant for GPU training, where the fused kernel reads each input once)."""
+        if self._compiled is None:
+            self._compiled = torch.compile(functools.partial(self._geodesic, branch_free=True), dynamic=False)
+        return self._compiled
 
     def _slerp_outputs(
         self, x0: Tensor, v: Tensor, tt: Tensor, nx: Tensor, c: Tensor, w: Tensor, ratio: Tensor
@@ -251,10 +278,10 @@ class TokenSpheres(Sphere):
     name = "token_spheres"
     point_ndim = None
 
-    def __init__(self, dim: int, axis: int = 1, radius: float | None = None) -> None:
+    def __init__(self, dim: int, axis: int = 1, radius: float | None = None, compile: bool = False) -> None:
         if not (isinstance(dim, int) and dim >= 2):
             raise ValueError(f"TokenSpheres dim must be an integer >= 2 (channels per token), got {dim!r}")
-        super().__init__(math.sqrt(dim) if radius is None else radius)
+        super().__init__(math.sqrt(dim) if radius is None else radius, compile=compile)
         self.dim = dim
         self.axis = axis
 
