@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -290,3 +291,77 @@ def test_recipe_end_to_end_on_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         assert metrics[f"fd[{extractor}]"] == pytest.approx(_frechet_reference(feats, ref_feats), rel=1e-6, abs=1e-9)
         assert "fid" not in metrics  # a stand-in's distance is never called FID
         assert math.isfinite(metrics["inception_score_mean"])
+
+
+# ----------------------------------------------------------------------------- launch scripts (launcher stubbed)
+def _stub(path: Path, body: str) -> Path:
+    path.write_text("#!/usr/bin/env bash\n" + body)
+    path.chmod(0o755)
+    return path
+
+
+def _calls(log: Path) -> list[list[str]]:
+    return [shlex.split(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def test_train_script_builds_the_accelerate_command(tmp_path: Path) -> None:
+    log = tmp_path / "calls.log"
+    stub = _stub(tmp_path / "accelerate", f'printf "%q " "$@" >> {log}; echo >> {log}\n')
+    script = str(EXP / "scripts" / "train.sh")
+    base = {**os.environ, "ACCELERATE": str(stub), "GPUS_PER_NODE": "1"}
+    config = str((EXP / "configs" / "flux2-B2-spherical-80ep.yaml").resolve())
+
+    def run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["bash", script, *args], capture_output=True, text=True, cwd=tmp_path,
+                              env={**base, **env}, timeout=60)
+
+    assert run("flux2-B2-spherical-80ep", "--set", "train.compile=true").returncode == 0
+    assert _calls(log)[-1] == [
+        "launch", "--num_processes", "1", "--num_machines", "1", "--machine_rank", "0", "-m", "manifold_fm.cli",
+        "train", "--config", config, "--out", "runs/flux2-B2-spherical-80ep", "--set", "train.compile=true",
+    ]
+    # Many nodes: one process per GPU on every node, rendezvous at node 0; a checkpoint present -> --resume.
+    (tmp_path / "runs" / "flux2-B2-spherical-80ep" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "runs" / "flux2-B2-spherical-80ep" / "checkpoints" / "latest").write_text("step_00000010")
+    assert run(config, NNODES="4", NODE_RANK="2", MASTER_ADDR="node0", GPUS_PER_NODE="8").returncode == 0
+    call = _calls(log)[-1]
+    assert call[:13] == ["launch", "--num_processes", "32", "--num_machines", "4", "--machine_rank", "2",
+                         "--multi_gpu", "--main_process_ip", "node0", "--main_process_port", "29500", "-m"]
+    assert call[-1] == "--resume" and call[call.index("--config") + 1] == config
+    bad = run("flux2-B3-spherical")
+    assert bad.returncode == 2 and "flux2-B2-spherical-80ep" in bad.stderr and len(_calls(log)) == 2
+
+
+def test_sample_eval_script_samples_each_scale_then_evaluates(tmp_path: Path) -> None:
+    log = tmp_path / "calls.log"
+    accelerate = _stub(tmp_path / "accelerate", f'printf "%q " "$@" >> {log}; echo >> {log}\n')
+    # The CLI stub records the call and, for evaluate, writes a metrics file where --out points.
+    cli = _stub(tmp_path / "mfm", f'printf "%q " "$@" >> {log}; echo >> {log}\n'
+                'while [[ $# -gt 0 ]]; do if [[ $1 == --out ]]; then '
+                'mkdir -p "$(dirname "$2")"; echo \'{"fid": 12.5, "inception_score_mean": 101.25}\' > "$2"; fi; '
+                'shift; done\n')
+    run_dir, ref, weights = tmp_path / "runs" / "r", tmp_path / "ref.npz", tmp_path / "inception.pth"
+    run_dir.mkdir(parents=True)
+    ref.write_bytes(b"x")
+    weights.write_bytes(b"x")
+    (run_dir / "fid50000-cfg2.0").mkdir()
+    (run_dir / "fid50000-cfg2.0" / "samples.npz").write_bytes(b"x")  # already sampled: reused, not redone
+    env = {**os.environ, "ACCELERATE": str(accelerate), "MANIFOLD_FM": str(cli), "GPUS_PER_NODE": "8",
+           "STEPS": "100", "SCALES": "1.5 2.0"}
+    proc = subprocess.run(["bash", str(EXP / "scripts" / "sample_eval.sh"), str(run_dir), str(ref), str(weights)],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    calls = _calls(log)
+    assert [c[0] for c in calls] == ["launch", "evaluate", "evaluate"]
+    out = f"{run_dir}/fid50000-cfg1.5"
+    assert calls[0] == ["launch", "--num_processes", "8", "--multi_gpu", "-m", "manifold_fm.cli", "sample",
+                        str(run_dir), "--num", "50000", "--cfg-scale", "1.5", "--batch-size", "125", "--seed", "0",
+                        "--out", out, "--steps", "100"]
+    assert calls[1] == ["evaluate", f"{out}/samples.npz", "--reference", str(ref), "--inception-weights",
+                        str(weights), "--no-prc", "--out", f"{out}/metrics.json"]
+    assert "| r | 1.5 | 12.50 | 101.25 |" in proc.stdout and "| r | 2.0 | 12.50 | 101.25 |" in proc.stdout
+    missing = subprocess.run(
+        ["bash", str(EXP / "scripts" / "sample_eval.sh"), str(run_dir), "nope.npz", str(weights)],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60,
+    )
+    assert missing.returncode == 2 and "nope.npz does not exist" in missing.stderr

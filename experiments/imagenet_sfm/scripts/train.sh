@@ -16,12 +16,13 @@ if [[ $# -lt 1 ]]; then
   echo "usage: $0 CONFIG_NAME_OR_PATH [manifold-fm train options...]" >&2
   exit 2
 fi
-CONFIG="$1"; shift
+GIVEN="$1"; shift
+CONFIG="$GIVEN"
 if [[ ! -f "$CONFIG" ]]; then
-  CONFIG="$HERE/../configs/${CONFIG%.yaml}.yaml"
+  CONFIG="$(cd "$HERE/../configs" && pwd)/${CONFIG%.yaml}.yaml"
 fi
 if [[ ! -f "$CONFIG" ]]; then
-  echo "error: config '$1' is neither a file nor one of: $(ls "$HERE/../configs" | sed 's/\.yaml$//' | tr '\n' ' ')" >&2
+  echo "error: config '$GIVEN' is neither a file nor one of: $(ls "$HERE/../configs" | sed 's/\.yaml$//' | tr '\n' ' ')" >&2
   exit 2
 fi
 NAME="$(basename "${CONFIG%.yaml}")"
