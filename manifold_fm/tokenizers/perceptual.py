@@ -24,6 +24,18 @@ _VGG_STAGE_ENDS = (4, 9, 16, 23, 30)
 _VGG_CHANNELS = (64, 128, 256, 512, 512)
 
 
+def _vgg16_features() -> nn.Sequential:
+    """VGG16's convolutional trunk (torchvision's layout), without building the 120M-parameter classifier."""
+    try:
+        from torchvision.models.vgg import cfgs, make_layers
+
+        return make_layers(cfgs["D"], batch_norm=False)
+    except ImportError:  # a torchvision without these helpers: build the whole model and keep its trunk
+        from torchvision.models import vgg16
+
+        return vgg16(weights=None).features
+
+
 def _check_pair(a: Tensor, b: Tensor) -> None:
     if a.shape != b.shape or a.ndim != 4:
         raise ValueError(f"image distance needs two (B, C, H, W) batches of equal shape, got {tuple(a.shape)} and "
@@ -41,14 +53,13 @@ class LPIPS(nn.Module):
 
     def __init__(self, vgg_weights: str | Path, lin_weights: str | Path) -> None:
         super().__init__()
-        from torchvision.models import vgg16
-
-        features = vgg16(weights=None).features
+        with torch.device("meta"):  # the weights come from the file: skip the (slow) random initialisation
+            features = _vgg16_features()
         state = self._load(vgg_weights, "VGG16")
         feat_state = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
         if not feat_state:
             raise ValueError(f"{vgg_weights} holds no 'features.*' tensors; expected torchvision's vgg16 state dict")
-        features.load_state_dict(feat_state)
+        features.load_state_dict(feat_state, assign=True)
         starts = (0, *_VGG_STAGE_ENDS[:-1])
         bounds = zip(starts, _VGG_STAGE_ENDS, strict=True)
         self.stages = nn.ModuleList(nn.Sequential(*features[s:e]) for s, e in bounds)
