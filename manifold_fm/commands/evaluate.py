@@ -1,0 +1,68 @@
+"""``manifold-fm evaluate``: FID / IS / precision-recall (torch-fidelity, local Inception weights) or, on the built-in
+dataset, the Fréchet distance in a small built-in classifier's features plus that classifier's accuracy."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import click
+
+
+@click.command("evaluate")
+@click.argument("samples", type=click.Path(path_type=Path))
+@click.option("--reference", type=click.Path(path_type=Path), default=None,
+              help="Reference statistics .npz (mu, sigma), an .npz of images (arr_0) or an image folder.")
+@click.option("--inception-weights", type=click.Path(path_type=Path), default=None,
+              help="Local pt_inception-2015-12-05-6726825d.pth (nothing is downloaded).")
+@click.option("--feature-extractor", default="inception-v3-compat", show_default=True,
+              help="A torch-fidelity feature extractor name (anything but Inception is reported as fd[name]).")
+@click.option("--builtin", "builtin", is_flag=True, default=False,
+              help="Evaluate against the built-in dataset with its classifier (default when no --reference).")
+@click.option("--no-isc", is_flag=True, default=False, help="Skip the Inception Score.")
+@click.option("--no-prc", is_flag=True, default=False, help="Skip precision/recall.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--out", "out_path", type=click.Path(path_type=Path), default=None, help="Write the metrics as JSON.")
+def evaluate(samples: Path, reference: Path | None, inception_weights: Path | None, feature_extractor: str,
+             builtin: bool, no_isc: bool, no_prc: bool, batch_size: int, out_path: Path | None) -> None:
+    """Score SAMPLES (an .npz in the ADM layout, uint8 NHWC in arr_0 and labels in arr_1, or an image folder)."""
+    import numpy as np
+    import torch
+
+    from ..eval.fid import fidelity_metrics, load_images
+
+    try:
+        images = load_images(samples)
+        labels = None
+        if samples.suffix == ".npz":
+            with np.load(samples) as data:
+                if "arr_1" in data:
+                    labels = torch.from_numpy(np.asarray(data["arr_1"]).reshape(-1).astype(np.int64))
+        if images.shape[0] < 2:
+            raise ValueError(f"{samples} holds {images.shape[0]} image(s); Fréchet distances need at least 2")
+        metrics: dict[str, float] = {}
+        if reference is not None:
+            metrics.update(fidelity_metrics(images, reference, inception_weights=inception_weights,
+                                            feature_extractor=feature_extractor, isc=not no_isc, prc=not no_prc,
+                                            batch_size=batch_size))
+        if builtin or reference is None:
+            from ..eval.classifier import FD_NAME, builtin_evaluator
+
+            ev = builtin_evaluator()
+            x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+            res = ev.evaluate(x, labels if labels is not None and labels.shape[0] == x.shape[0] else None)
+            metrics[FD_NAME] = res["fd_builtin_classifier"]
+            if "classifier_accuracy" in res:
+                metrics["classifier_accuracy"] = res["classifier_accuracy"]
+    except (FileNotFoundError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    width = max(len(k) for k in metrics)
+    for k, v in metrics.items():
+        click.echo(f"{k:<{width}}  {v:.4f}")
+    if out_path is not None:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps({"samples": str(samples), "num_samples": int(images.shape[0]), **metrics},
+                                  indent=2))
+        os.replace(tmp, out_path)

@@ -1,0 +1,104 @@
+"""``manifold-fm sample``: class-conditional samples of a trained image run as a PNG grid and/or an ADM ``.npz``.
+
+Shard across processes with accelerate: ``accelerate launch -m manifold_fm.cli sample RUN --num 50000``; each
+process writes its chunks to ``shards/``, then the main process merges them in index order into ``samples.npz``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+@click.command("sample")
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("--num", "num_samples", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Number of samples (classes cycle 0, 1, ..., so every class appears equally often).")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
+              help="Output folder (default: RUN/samples-<step>).")
+@click.option("--method", default=None, help="Solver: euler, heun, midpoint, rk4, dopri5, ... (default: run config).")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Solver steps (default: run config).")
+@click.option("--cfg-scale", type=float, default=None, help="Classifier-free guidance scale (1 = off).")
+@click.option("--cfg-interval", type=(float, float), default=None, help="Apply guidance only for t in [LO, HI].")
+@click.option("--class", "class_id", type=int, default=None, help="Sample only this class.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--grid/--no-grid", default=True, show_default=True, help="Write grid.png (first 64 samples).")
+@click.option("--npz/--no-npz", default=True, show_default=True, help="Write samples.npz (uint8 NHWC, ADM layout).")
+@click.option("--ema/--no-ema", default=True, show_default=True, help="Use the EMA weights.")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: this process's accelerate device).")
+def sample(run: Path, num_samples: int, out_dir: Path | None, method: str | None, steps: int | None,
+           cfg_scale: float | None, cfg_interval: tuple[float, float] | None, class_id: int | None, seed: int,
+           batch_size: int, grid: bool, npz: bool, ema: bool, device: str | None) -> None:
+    """Sample RUN (a `manifold-fm train` output folder or one of its checkpoints)."""
+    import numpy as np
+    import torch
+    from accelerate import PartialState
+
+    from ..config import ConfigError
+    from ..eval.sampling import SamplerSpec, load_run, sample_run, save_image_grid, save_npz, to_uint8
+    from ..manifolds import ManifoldError
+    from ..training.checkpoint import CheckpointError
+
+    if not (grid or npz):
+        raise click.UsageError("nothing to write: pass --grid and/or --npz")
+    state = PartialState(cpu=device == "cpu")
+    dev = device or str(state.device)
+    try:
+        loaded = load_run(run, use_ema=ema, device=dev, progress=state.is_main_process)
+        sc = loaded.cfg.sample
+        spec = SamplerSpec(method=method or sc.method, steps=steps or sc.steps,
+                           cfg_scale=sc.cfg_scale if cfg_scale is None else cfg_scale,
+                           cfg_interval=cfg_interval if cfg_interval is not None else sc.cfg_interval)
+        labels = None
+        if class_id is not None:
+            if not 0 <= class_id < loaded.num_classes:
+                raise click.BadParameter(f"must be in [0, {loaded.num_classes})", param_hint="--class")
+            labels = torch.full((num_samples,), class_id, dtype=torch.long)
+        if loaded.decoder is None:
+            raise ValueError("this run has no tokenizer (tokenizer.kind: none), so its latents cannot be decoded")
+        idx, lab, images = sample_run(loaded, num_samples, spec, seed=seed, batch_size=batch_size, labels=labels,
+                                      rank=state.process_index, world_size=state.num_processes,
+                                      progress=state.is_main_process)
+    except (ConfigError, ManifoldError, CheckpointError, FileNotFoundError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    out = out_dir or (Path(run) / f"samples-{loaded.step:08d}")
+    out.mkdir(parents=True, exist_ok=True)
+    shards = out / "shards"
+    arr = to_uint8(images) if images.numel() else np.zeros((0, 1, 1, 3), np.uint8)
+    if state.num_processes > 1:
+        save_npz(shards / f"part_{state.process_index:03d}.npz", arr, np.stack([idx.numpy(), lab.numpy()]).T)
+        state.wait_for_everyone()
+        if not state.is_main_process:
+            return
+        parts = []
+        for f in sorted(shards.glob("part_*.npz")):
+            with np.load(f) as d:
+                parts.append((d["arr_0"], d["arr_1"]))
+        arr = np.concatenate([p[0] for p in parts if p[0].shape[0] > 0])
+        meta = np.concatenate([p[1] for p in parts])
+        order = np.argsort(meta[:, 0])
+        arr, lab_np = arr[order], meta[order, 1]
+    else:
+        lab_np = lab.numpy()
+    written = []
+    if npz:
+        written.append(save_npz(out / "samples.npz", arr, lab_np))
+    if grid:
+        n = min(64, arr.shape[0])
+        tensor = torch.from_numpy(arr[:n]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        written.append(save_image_grid(tensor, out / "grid.png", nrow=int(np.ceil(np.sqrt(n)))))
+    if state.num_processes > 1:
+        for f in shards.glob("part_*.npz"):
+            f.unlink()
+        shards.rmdir()
+    info = {"run": str(run), "step": loaded.step, "num_samples": int(arr.shape[0]), "method": spec.method,
+            "steps": spec.steps, "cfg_scale": spec.cfg_scale, "cfg_interval": spec.cfg_interval, "seed": seed,
+            "ema": ema, "flow": loaded.flow.mode}
+    tmp = out / ".sample_info.json.tmp"
+    tmp.write_text(json.dumps(info, indent=2))
+    tmp.replace(out / "sample_info.json")
+    for path in written:
+        click.echo(str(path))

@@ -1,0 +1,208 @@
+"""Fréchet distances and the torch-fidelity metrics (FID, Inception Score, precision/recall).
+
+``frechet_distance`` is ``|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^{1/2})`` between Gaussians fitted to features
+(Heusel et al.). FID is that distance in the 2048-d pool features of torch-fidelity's ``inception-v3-compat``
+network, which needs its weight file (``pt_inception-2015-12-05-6726825d.pth``): nothing is downloaded here, so a
+local path must be given. The reference is either a statistics file (``.npz`` with ``mu`` and ``sigma``, as in the
+ADM reference batches or pytorch-fid) or images (a folder, or an ``.npz`` whose ``arr_0`` is uint8 NHWC).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import linalg
+from torch import Tensor
+from torch.utils.data import Dataset
+
+INCEPTION = "inception-v3-compat"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def feature_stats(features: np.ndarray | Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Mean ``(D,)`` and unbiased covariance ``(D, D)`` of ``(N, D)`` features, in float64."""
+    f = features.double().cpu().numpy() if isinstance(features, Tensor) else np.asarray(features, np.float64)
+    if f.ndim != 2 or f.shape[0] < 2:
+        raise ValueError(f"need at least 2 feature vectors of shape (N, D) for statistics, got {f.shape}")
+    return f.mean(axis=0), np.cov(f, rowvar=False)
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
+                     eps: float = 1e-6) -> float:
+    """``|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^{1/2})``.
+
+    As in pytorch-fid/ADM: if the product is singular, ``eps * I`` is added to both covariances; a tiny imaginary
+    part from ``sqrtm`` round-off is dropped (a large one raises).
+    """
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.shape[0],) * 2:
+        raise ValueError(f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}")
+    diff = mu1 - mu2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        covmean = linalg.sqrtm(s1.dot(s2))
+    if not np.isfinite(covmean).all():
+        offset = np.eye(s1.shape[0]) * eps
+        covmean = linalg.sqrtm((s1 + offset).dot(s2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"sqrtm has a large imaginary part ({np.abs(covmean.imag).max():.3g})")
+        covmean = covmean.real
+    return float(diff.dot(diff) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+# ----------------------------------------------------------------------------- images
+class UInt8Images(Dataset):
+    """``(N, H, W, 3)`` uint8 images as torch-fidelity wants them: ``(3, H, W)`` uint8 tensors."""
+
+    def __init__(self, images: np.ndarray) -> None:
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"expected uint8 images (N, H, W, 3), got {images.dtype} {images.shape}")
+        self.images = images
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, i: int) -> Tensor:
+        return torch.from_numpy(np.ascontiguousarray(self.images[i].transpose(2, 0, 1)))
+
+
+def load_images(path: str | Path) -> np.ndarray:
+    """uint8 ``(N, H, W, 3)`` from an ADM ``.npz`` (``arr_0``) or a folder of images (searched recursively)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; pass an .npz of samples or a folder of images")
+    if path.is_file():
+        if path.suffix != ".npz":
+            raise ValueError(f"{path}: expected an .npz (ADM layout, arr_0 uint8 NHWC) or a folder of images")
+        with np.load(path) as data:
+            if "arr_0" not in data:
+                raise ValueError(f"{path} has no arr_0 image array (keys: {', '.join(data.files)})")
+            arr = data["arr_0"]
+        if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
+            raise ValueError(f"{path}: arr_0 must be uint8 (N, H, W, 3), got {arr.dtype} {arr.shape}")
+        return arr
+    from PIL import Image, UnidentifiedImageError
+
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    out = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                out.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
+        except (OSError, UnidentifiedImageError) as exc:
+            raise ValueError(f"cannot read image {f}: {exc}; remove or replace it") from None
+    shapes = {a.shape for a in out}
+    if len(shapes) != 1:
+        raise ValueError(f"images in {path} have different sizes {sorted(shapes)[:3]}...; resize them first")
+    return np.stack(out)
+
+
+def load_reference_stats(path: str | Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(mu, sigma)`` if ``path`` is a statistics ``.npz`` (keys ``mu``, ``sigma``), else ``None``."""
+    path = Path(path)
+    if not (path.is_file() and path.suffix == ".npz"):
+        return None
+    with np.load(path) as data:
+        if "mu" in data and "sigma" in data:
+            return data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
+    return None
+
+
+def save_stats(path: str | Path, mu: np.ndarray, sigma: np.ndarray) -> Path:
+    """Write ``mu``/``sigma`` to an ``.npz`` (atomically)."""
+    import os
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with tmp.open("wb") as fh:
+        np.savez(fh, mu=mu, sigma=sigma)
+    os.replace(tmp, path)
+    return path
+
+
+# ----------------------------------------------------------------------------- torch-fidelity
+def _extractor(name: str, layers: list[str], weights: str | Path | None, cuda: bool) -> Any:
+    from torch_fidelity.utils import create_feature_extractor
+
+    kwargs: dict[str, Any] = {"verbose": False}
+    if name == INCEPTION:
+        if weights is None:
+            raise FileNotFoundError(
+                "FID needs the Inception weights file (pt_inception-2015-12-05-6726825d.pth) and nothing is "
+                "downloaded here; pass its local path with --inception-weights"
+            )
+        if not Path(weights).is_file():
+            raise FileNotFoundError(f"Inception weights {weights} not found; pass the .pth file's local path")
+    if weights is not None:
+        kwargs["feature_extractor_weights_path"] = str(weights)
+    return create_feature_extractor(name, layers, cuda=cuda, **kwargs)
+
+
+def _features(images: np.ndarray, extractor: Any, batch_size: int, cuda: bool) -> dict[str, Tensor]:
+    from torch_fidelity.utils import get_featuresdict_from_dataset
+
+    return get_featuresdict_from_dataset(UInt8Images(images), extractor, batch_size, cuda, True, False)
+
+
+def fidelity_metrics(
+    samples: np.ndarray,
+    reference: str | Path | np.ndarray,
+    *,
+    inception_weights: str | Path | None = None,
+    feature_extractor: str = INCEPTION,
+    isc: bool = True,
+    prc: bool = True,
+    batch_size: int = 64,
+    cuda: bool | None = None,
+    prc_neighborhood: int = 3,
+) -> dict[str, float]:
+    """FID (+ IS, precision/recall) of uint8 NHWC ``samples`` against ``reference`` through torch-fidelity.
+
+    ``reference``: a statistics ``.npz`` (``mu``, ``sigma``: FID only, since precision/recall need reference
+    features), an ``.npz`` of images, a folder of images, or an image array. ``feature_extractor`` may name any
+    extractor registered with torch-fidelity (the test suite registers a small stand-in; metrics computed with it
+    are not FID and are keyed ``fd[<name>]`` instead of ``fid``).
+    """
+    from torch_fidelity.metric_isc import isc_featuresdict_to_metric
+    from torch_fidelity.metric_prc import prc_featuresdict_to_metric
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+    if feature_extractor not in FEATURE_EXTRACTORS_REGISTRY:
+        raise ValueError(f"unknown torch-fidelity feature extractor '{feature_extractor}'; "
+                         f"registered: {', '.join(FEATURE_EXTRACTORS_REGISTRY)}")
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    cls = FEATURE_EXTRACTORS_REGISTRY[feature_extractor]
+    fid_layer = cls.get_default_feature_layer_for_metric("fid")
+    isc_layer = cls.get_default_feature_layer_for_metric("isc")
+    stats = None if isinstance(reference, np.ndarray) else load_reference_stats(reference)
+    layers = [fid_layer] + ([isc_layer] if isc and isc_layer != fid_layer else [])
+    extractor = _extractor(feature_extractor, layers, inception_weights, cuda)
+    feats = _features(samples, extractor, batch_size, cuda)
+    mu, sigma = feature_stats(feats[fid_layer])
+    fid_key = "fid" if feature_extractor == INCEPTION else f"fd[{feature_extractor}]"
+    out: dict[str, float] = {}
+    if stats is not None:
+        out[fid_key] = frechet_distance(mu, sigma, *stats)
+    else:
+        ref_images = reference if isinstance(reference, np.ndarray) else load_images(reference)
+        ref_feats = _features(ref_images, extractor, batch_size, cuda)
+        out[fid_key] = frechet_distance(mu, sigma, *feature_stats(ref_feats[fid_layer]))
+        if prc:
+            kw = {"prc_neighborhood": prc_neighborhood, "prc_batch_size": 10000, "cuda": cuda, "verbose": False}
+            m = prc_featuresdict_to_metric(feats, ref_feats, fid_layer, **kw)
+            out.update({"precision": float(m["precision"]), "recall": float(m["recall"])})
+    if isc:
+        m = isc_featuresdict_to_metric(feats, isc_layer, isc_splits=min(10, samples.shape[0]), rng_seed=2020,
+                                       verbose=False)
+        out.update({"inception_score_mean": float(m["inception_score_mean"]),
+                    "inception_score_std": float(m["inception_score_std"])})
+    return out
