@@ -365,3 +365,52 @@ def test_sample_eval_script_samples_each_scale_then_evaluates(tmp_path: Path) ->
         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60,
     )
     assert missing.returncode == 2 and "nope.npz does not exist" in missing.stderr
+
+
+# ----------------------------------------------------------------------------- per-channel latent statistics
+def test_latent_stats_bakes_dataset_standardisation_into_a_vae_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], one_thread: None
+) -> None:
+    import torch
+    from diffusers import AutoencoderKL
+
+    from manifold_fm.data.images import ImageFolderDataset
+    from manifold_fm.tokenizers import DiffusersTokenizer
+
+    stats = _load(EXP / "scripts" / "latent_stats.py", "imagenet_sfm_latent_stats")
+    assert stats.even_indices(10, 4) == [0, 2, 5, 7] and stats.even_indices(3, 8) == [0, 1, 2]
+    write_fake_imagenet(tmp_path / "raw", per_class=3)
+    prep = _load(EXP / "scripts" / "prepare_imagenet.py", "imagenet_sfm_prepare")
+    assert prep.main(["--src", str(tmp_path / "raw"), "--dst", str(tmp_path / "img"), "--size", "16",
+                      "--no-progress"]) == 0
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
+                        layers_per_block=1, sample_size=16, scaling_factor=0.5, shift_factor=0.1)
+    vae.save_pretrained(tmp_path / "vae")
+    out = tmp_path / "vae-stats"
+    args = ["--vae", str(tmp_path / "vae"), "--data", str(tmp_path / "img"), "--out", str(out), "--size", "16",
+            "--max-items", "100", "--batch-size", "4", "--device", "cpu", "--no-progress"]
+    assert stats.main(args) == 0
+
+    # Reference: every image's posterior mode in float64, per-channel mean and (population) std over all positions.
+    images = torch.stack([img for img, _ in ImageFolderDataset(tmp_path / "img", size=16)])
+    with torch.no_grad():
+        z = vae.double().encode(images.double()).latent_dist.mode()
+    zc = z.transpose(0, 1).reshape(4, -1)
+    config = json.loads((out / "config.json").read_text())
+    np.testing.assert_allclose(config["latents_mean"], zc.mean(1).numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(config["latents_std"], zc.std(1, unbiased=False).numpy(), rtol=1e-4, atol=1e-6)
+    assert config["scaling_factor"] == 1.0 and config["shift_factor"] is None
+    assert (out / "diffusion_pytorch_model.safetensors").is_symlink() and (out / "latent_stats.json").is_file()
+    # Loaded from the derived folder, the tokenizer's own normalisation now standardises every channel.
+    tok = DiffusersTokenizer.from_pretrained(str(out))
+    with torch.no_grad():
+        y = tok.encode(images).double().transpose(0, 1).reshape(4, -1)
+    np.testing.assert_allclose(y.mean(1).numpy(), 0.0, atol=1e-4)
+    np.testing.assert_allclose(y.std(1, unbiased=False).numpy(), 1.0, atol=1e-4)
+    # FLUX.2 folders normalise with their own batch-norm statistics: refused with a one-line reason.
+    flux = tmp_path / "flux2"
+    _tiny_flux2_vae(flux)
+    assert stats.main([*args[:1], str(flux), *args[2:5], str(tmp_path / "x"), *args[6:]]) == 2
+    assert "AutoencoderKLFlux2" in capsys.readouterr().err and not (tmp_path / "x").exists()

@@ -38,16 +38,21 @@ def even_indices(n: int, k: int) -> list[int]:
     return [(i * n) // k for i in range(k)]
 
 
+def _check_kl_config(folder: Path) -> dict[str, Any]:
+    config = json.loads((folder / "config.json").read_text())
+    if config.get("_class_name") not in (None, "AutoencoderKL"):
+        raise ValueError(
+            f"{folder} holds a {config.get('_class_name')}; per-channel statistics apply to AutoencoderKL folders "
+            "(FLUX.2's VAE normalises with its own batch-norm statistics)"
+        )
+    return config
+
+
 def derive_vae_folder(src: Path, dst: Path, mean: list[float], std: list[float], copy: bool = False) -> Path:
     """``dst``: ``src``'s files with ``latents_mean``/``latents_std`` in ``config.json`` (written atomically)."""
     if src.resolve() == dst.resolve():
         raise ValueError("--out must differ from --vae (the original folder is never modified)")
-    config = json.loads((src / "config.json").read_text())
-    if config.get("_class_name") not in (None, "AutoencoderKL"):
-        raise ValueError(
-            f"{src} holds a {config.get('_class_name')}; per-channel statistics apply to AutoencoderKL folders "
-            "(FLUX.2's VAE normalises with its own batch-norm statistics)"
-        )
+    config = _check_kl_config(src)
     channels = int(config["latent_channels"])
     if len(mean) != channels or len(std) != channels:
         raise ValueError(f"statistics have {len(mean)} channels, the VAE has {channels}")
@@ -79,6 +84,7 @@ def compute(args: argparse.Namespace) -> dict[str, Any]:
     vae_dir = Path(args.vae) / (args.subfolder or "")
     if not (vae_dir / "config.json").is_file():
         raise FileNotFoundError(f"{vae_dir} has no config.json; pass a diffusers-format AutoencoderKL folder")
+    _check_kl_config(vae_dir)
     tok = load_tokenizer(str(args.vae), subfolder=args.subfolder, kind="kl", dtype=getattr(torch, args.dtype),
                          device=args.device)
     dataset = image_dataset(args.data, size=args.size)
