@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -133,3 +135,49 @@ def test_tokenizer_and_patch_size_match_the_paper(path: Path) -> None:
     expected = {"flux2": ("flux2", 2), "vavae": ("kl", 1), "repae-flux1": ("kl", 2), "sdvae": ("kl", 2)}[tok]
     assert cfg.tokenizer.vae_kind == expected[0]
     assert model.endswith(f"/{expected[1]}") and model.split("-")[1].split("/")[0] in ("B", "XL")
+
+
+def _readme_commands() -> list[list[str]]:
+    """Every command of the README's bash blocks, continuation lines joined, ``$E`` expanded, env prefixes dropped."""
+    text = (EXP / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("#", 1)[0].strip()
+            if not line:
+                continue
+            words = shlex.split(line.replace("$E", str(EXP)))
+            while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):
+                words.pop(0)
+            commands.append(words)
+    return commands
+
+
+def test_readme_commands_match_the_cli_and_scripts() -> None:
+    """The recipe's commands parse: CLI options exist, script flags exist, configs named by train.sh exist."""
+    import click
+
+    from manifold_fm.cli import main
+
+    seen = set()
+    for words in _readme_commands():
+        if words[0] == "manifold-fm":
+            ctx = click.Context(main)
+            command = main.get_command(ctx, words[1])
+            assert command is not None, words
+            command.make_context(words[1], words[2:])  # raises on an unknown option or a bad value
+            seen.add(words[1])
+        elif words[0] == "python" and words[1].endswith(".py"):
+            module = _load_script(Path(words[1]).stem)
+            module.build_parser().parse_args(words[2:])
+            seen.add(Path(words[1]).stem)
+        elif words[0] == "bash" and words[1].endswith("train.sh"):
+            assert (EXP / "configs" / f"{words[2]}.yaml").is_file(), words
+            seen.add("train.sh")
+        elif words[0] == "bash":
+            assert Path(words[1]).is_file(), words
+            seen.add(Path(words[1]).name)
+        elif words[0] != "mv":
+            raise AssertionError(f"unexpected README command {words}")
+    assert {"finetune-decoder", "extract-latents", "prepare_imagenet", "latent_stats", "train.sh",
+            "sample_eval.sh", "gpu_check.sh"} <= seen

@@ -99,7 +99,7 @@ def compute(args: argparse.Namespace) -> dict[str, Any]:
     return {"out": str(out), "items": len(subset), "mean": mean, "std": std}
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--vae", required=True, help="diffusers AutoencoderKL folder (holding config.json)")
     parser.add_argument("--subfolder", default=None)
@@ -112,6 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--copy", action="store_true", help="copy the weights instead of symlinking them")
     parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.max_items < 2:
         parser.error("--max-items must be at least 2")

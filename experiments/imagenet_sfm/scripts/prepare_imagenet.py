@@ -115,7 +115,7 @@ def prepare(src: Path, dst: Path, size: int = 256, workers: int = 1, progress: b
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--src", type=Path, required=True, help="ImageNet train folder: SRC/<class_id>/<image>")
     parser.add_argument("--dst", type=Path, required=True, help="output folder (created; existing PNGs are kept)")
@@ -123,6 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=min(32, os.cpu_count() or 1))
     parser.add_argument("--max-skipped", type=int, default=100, help="exit 1 when more files than this are skipped")
     parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         report = prepare(args.src, args.dst, args.size, args.workers, progress=not args.no_progress)
