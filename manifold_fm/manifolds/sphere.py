@@ -151,14 +151,14 @@ class Sphere(Manifold):
     def expmap(self, x: Tensor, u: Tensor) -> Tensor:
         """``cos(|u|/R) x + sinc(|u|/R) u`` per token, renormalised to radius ``R`` (so chains do not drift)."""
         theta = safe_sqrt(self._dot(u, u)) / self.radius
-        y = torch.cos(theta) * x + sinc(theta) * u
+        y = torch.mul(x, torch.cos(theta)).addcmul_(sinc(theta), u)  # two passes, one allocation
         return y * (self.radius / safe_sqrt(self._dot(y, y)).clamp_min(torch.finfo(y.dtype).tiny))
 
     @upcast
     def logmap(self, x: Tensor, y: Tensor) -> Tensor:
         """``R * angle * y_perp / |y_perp|`` per token (zero for identical points; antipodal policy above)."""
         v, c, _, ratio = self._direction_terms(x, self._pair(x, y))
-        return (self.radius * ratio) * (v - c * x)
+        return torch.addcmul(v, c, x, value=-1.0).mul_(self.radius * ratio)
 
     @upcast
     def angle(self, x: Tensor, y: Tensor) -> Tensor:
