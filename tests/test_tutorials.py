@@ -1,4 +1,5 @@
-"""Every tutorial page runs as written: its ```python blocks are executed in order in one fresh namespace.
+"""Every tutorial page (and the landing page's quick start) runs as written: its ```python blocks are executed in
+order in one fresh namespace.
 
 A tutorial is documentation *and* a test: if an API it uses changes, or one of its ``assert``s stops holding, this
 fails. Blocks fenced as ```text, ```bash etc. are not executed. Each page runs in its own temporary directory
@@ -15,8 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-TUTORIALS = Path(__file__).resolve().parents[1] / "docs" / "tutorials"
-PAGES = sorted(p for p in TUTORIALS.glob("*.md") if p.name != "index.md")
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+TUTORIALS = DOCS / "tutorials"
+# Every tutorial, plus the landing page's quick-start snippet.
+PAGES = [DOCS / "index.md", *sorted(p for p in TUTORIALS.glob("*.md") if p.name != "index.md")]
 
 # A fenced block opened by ```python (no indentation: blocks inside admonitions are illustrations, not steps).
 _BLOCK = re.compile(r"^```python[^\n]*\n(.*?)^```[ \t]*$", re.DOTALL | re.MULTILINE)
@@ -36,7 +39,7 @@ def test_there_are_tutorials() -> None:
     assert {p.stem for p in PAGES} >= {"sphere-s2", "custom-manifold", "tokenizer"}
 
 
-@pytest.mark.parametrize("page", PAGES, ids=[p.stem for p in PAGES])
+@pytest.mark.parametrize("page", PAGES, ids=[p.relative_to(DOCS).with_suffix("").as_posix() for p in PAGES])
 def test_tutorial_runs(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     blocks = python_blocks(page.read_text())
     assert blocks, f"{page.name} has no ```python blocks"
