@@ -268,6 +268,9 @@ def check_training(
         }
         results["params_m"] = round(params / 1e6, 2)
         results["forward_gflops_per_image"] = round(fwd_flops / 1e9, 3)
+        # The accelerator keeps references to the prepared model/optimizer: drop them so the next mode's peak
+        # memory is its own.
+        trainer.accelerator.free_memory()
         del trainer, model
     results["batch"] = spec.batch
     results["spherical_over_linear_step_time"] = round(results["spherical"]["step_s"] / results["linear"]["step_s"], 4)
@@ -375,6 +378,7 @@ def run_check(spec: CheckSpec, peak_tflops: float | None = None, progress: bool 
         "spec": asdict(spec),
         "peak_bf16_tflops": flops_peak / 1e12 if flops_peak else None,
         "peak_source": peak_source,
+        "tf32_matmul": device.type == "cuda",
         "note": None
         if device.type == "cuda"
         else "cpu-smoke: tiny shapes on a CPU; the figures only show the code path runs, they measure nothing",

@@ -120,7 +120,10 @@ def make_config(tok: str, scale: str, mode: str, epochs: int) -> dict[str, Any]:
             "checkpoint_every": 10 * STEPS_PER_EPOCH,
             "keep_checkpoints": None,
             "log_every": 100,
-            "sample_every": 10 * STEPS_PER_EPOCH,
+            # No grids during training: the trainer's grid hook draws num_classes x grid_per_class samples (1000
+            # here) and decodes them where the tokenizer was loaded (the CPU). Use `manifold-fm sample RUN --num 64`
+            # on any checkpoint instead.
+            "sample_every": None,
             "eval_every": None,
             "threads": None,
         },
