@@ -88,6 +88,15 @@ def test_api_reference_renders_docstrings(site: Path) -> None:
         assert needle in html, needle
 
 
+def test_accuracy_page_includes_the_benchmark_report(site: Path) -> None:
+    """The numerical-accuracy page shows the generated report itself (not retyped numbers)."""
+    report = (ROOT / "benchmarks" / "results" / "accuracy.md").read_text()
+    first_row = next(line for line in report.splitlines() if line.startswith("| 1e-06 |"))
+    html = (site / "benchmarks/accuracy/index.html").read_text()
+    for cell in first_row.strip("|").split("|"):
+        assert f"<td>{cell.strip()}</td>" in html, cell
+
+
 def test_strict_build_fails_on_a_broken_reference(tmp_path: Path) -> None:
     """The guard itself: the site's configuration (same plugins, same strictness) on a one-page site must reject a
     dangling cross-reference, while the same page with a valid one builds."""
