@@ -40,10 +40,11 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:  # torch is imported inside the functions, so --help answers without loading it
+    import torch
+    from torch import Tensor
 
 # Dense (no sparsity) bf16 tensor-core peaks from the vendors' data sheets, FLOP/s; matched on the device name.
 PEAK_BF16_FLOPS: dict[str, float] = {
@@ -119,17 +120,23 @@ CPU_SMOKE = CheckSpec(
 
 # ----------------------------------------------------------------------------- timing helpers
 def _sync(device: torch.device) -> None:
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def _reset_peak(device: torch.device) -> None:
+    import torch
+
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 
 
 def _peak_gib(device: torch.device) -> float | None:
+    import torch
+
     if device.type != "cuda":
         return None
     return round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
@@ -148,6 +155,8 @@ def timed(fn: Callable[[], Any], device: torch.device, warmup: int, iters: int) 
 
 
 def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    import torch
+
     if not enabled:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
@@ -155,6 +164,8 @@ def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContext
 
 def peak_flops(device: torch.device, override_tflops: float | None) -> tuple[float | None, str]:
     """The device's dense bf16 peak (FLOP/s) and where the figure came from."""
+    import torch
+
     if override_tflops is not None:
         return override_tflops * 1e12, "--peak-tflops"
     if device.type != "cuda":
@@ -170,6 +181,7 @@ def peak_flops(device: torch.device, override_tflops: float | None) -> tuple[flo
 @contextlib.contextmanager
 def saved_flux2_vae(spec: CheckSpec) -> Iterator[Path]:
     """A randomly initialised ``AutoencoderKLFlux2`` saved in diffusers format to a temporary folder."""
+    import torch
     from diffusers import AutoencoderKLFlux2
 
     torch.manual_seed(0)
@@ -182,6 +194,8 @@ def saved_flux2_vae(spec: CheckSpec) -> Iterator[Path]:
 
 def check_extraction(tokenizer: Any, spec: CheckSpec, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     """Encode synthetic images plus their horizontal flips; images/s counts source images."""
+    import torch
+
     images = torch.rand(spec.vae_batch, 3, spec.image_size, spec.image_size, device=device, dtype=dtype) * 2 - 1
     latents: dict[str, Tensor] = {}
 
@@ -216,6 +230,8 @@ def check_training(
     EMA, class dropout) for ``warmup + train_steps`` steps on synthetic latents held on the host, as a latent cache
     would be; the trainer logs images/s every ``warmup`` steps and the first window (warm-up, autotuning) is dropped.
     """
+    import torch
+
     from manifold_fm.models.sit import build_sit, count_parameters, sit_forward_flops
     from manifold_fm.training.image_config import load_image_config
     from manifold_fm.training.logging import read_jsonl
@@ -281,6 +297,8 @@ def check_sampling(spec: CheckSpec, tokenizer: Any, channels: int, size: int, de
     """``spec.sample_steps`` Euler steps with CFG (one batched call on 2B per step) through the project's sampler
     (:func:`manifold_fm.eval.sampling.generate_latents`), then VAE decode; images/s per mode, in float32 (what
     ``manifold-fm sample`` runs) and under bf16 autocast."""
+    import torch
+
     from manifold_fm.eval.sampling import SamplerSpec, generate_latents
     from manifold_fm.models.sit import build_sit
     from manifold_fm.training.trainer import make_flow
@@ -324,6 +342,8 @@ def check_sampling(spec: CheckSpec, tokenizer: Any, channels: int, size: int, de
 
 
 def tokenizer_dtype(tokenizer: Any) -> torch.dtype:
+    import torch
+
     vae = getattr(tokenizer, "vae", None)
     if vae is not None:
         return next(vae.parameters()).dtype
@@ -359,6 +379,8 @@ def projection(train: dict[str, Any], spec: CheckSpec, gpus: int = 8, epochs: in
 
 def run_check(spec: CheckSpec, peak_tflops: float | None = None, progress: bool = True) -> dict[str, Any]:
     """All three sections; returns the JSON-ready report."""
+    import torch
+
     from manifold_fm.tokenizers import DiffusersTokenizer
 
     device = torch.device(spec.device)
@@ -421,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
         spec = replace(spec, batch=args.batch)
     if args.train_steps is not None:
         spec = replace(spec, train_steps=args.train_steps)
+    import torch
+
     if spec.device == "cpu":
         torch.set_num_threads(1)  # tiny shapes: extra OpenMP threads only add synchronisation (and contention)
     try:
