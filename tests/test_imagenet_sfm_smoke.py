@@ -122,6 +122,7 @@ def test_gpu_check_cpu_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str],
     assert ext["latent_shape"] == [32, 16, 16] and ext["encodes_per_s_with_flips"] == pytest.approx(
         2 * ext["images_per_s"], rel=0.02
     )
+    assert ext["extract_latents_images_per_s"] > 0
     train = report["training"]
     for mode in ("linear", "spherical"):
         assert train[mode]["images_per_s"] > 0 and math.isfinite(train[mode]["final_loss"])

@@ -7,7 +7,8 @@ Everything is randomly initialised and fed synthetic data, so only speed and mem
    channels, 8x downsampling), saved with ``save_pretrained`` and loaded back by path through
    :meth:`manifold_fm.tokenizers.DiffusersTokenizer.from_pretrained` (the user's code path), encoding synthetic
    ``256 x 256`` images together with their horizontal flips, as ``extract-latents`` does. Reported as source
-   images/s (each image is encoded twice).
+   images/s (each image is encoded twice): the bf16 encoder alone, and the whole
+   :func:`~manifold_fm.data.latents.extract_latents` (host-side items, flips, bf16 shards written to disk).
 2. **Training**: SiT-B/2 on ``(32, 32, 32)`` latents (FLUX.2 at 256 px) through the project's own trainer
    (:class:`~manifold_fm.training.trainer.FlowTrainer`: accelerate with bf16 autocast, AdamW, gradient clipping,
    EMA 0.9999, class dropout 0.1, batch 256), for the linear baseline (Gaussian prior, straight path) and spherical
@@ -206,7 +207,8 @@ def check_extraction(tokenizer: Any, spec: CheckSpec, device: torch.device, dtyp
 
     _reset_peak(device)
     sec = timed(step, device, warmup=1, iters=max(2, spec.warmup // 2))
-    z = latents["z"]
+    z, peak = latents["z"], _peak_gib(device)
+    pipeline_ips = extraction_pipeline(tokenizer, spec)
     return {
         "vae_params_m": round(sum(p.numel() for p in tokenizer.vae.parameters()) / 1e6, 2)
         if hasattr(tokenizer, "vae")
@@ -215,10 +217,42 @@ def check_extraction(tokenizer: Any, spec: CheckSpec, device: torch.device, dtyp
         "batch_images": spec.vae_batch,
         "images_per_s": round(spec.vae_batch / sec, 2),
         "encodes_per_s_with_flips": round(2 * spec.vae_batch / sec, 2),
-        "peak_mem_gib": _peak_gib(device),
+        "extract_latents_images_per_s": round(pipeline_ips, 2),
+        "peak_mem_gib": peak,
         "_latent_channels": z.shape[1],
         "_latent_size": z.shape[-1],
     }
+
+
+def extraction_pipeline(tokenizer: Any, spec: CheckSpec) -> float:
+    """Source images/s of :func:`manifold_fm.data.latents.extract_latents` itself (item loading on the host,
+    encoding with flips, bf16 shards written to disk) over ``4 * vae_batch`` synthetic images."""
+    import torch
+    from torch.utils.data import Dataset
+
+    from manifold_fm.data.latents import extract_latents
+
+    class Synthetic(Dataset):
+        num_classes = 2
+        class_names = ["a", "b"]
+        identity = "gpu-check-synthetic"
+
+        def __len__(self) -> int:
+            return 4 * spec.vae_batch
+
+        def __getitem__(self, i: int) -> tuple[Tensor, int]:
+            g = torch.Generator().manual_seed(i)
+            return torch.rand(3, spec.image_size, spec.image_size, generator=g) * 2 - 1, i % 2
+
+    device = torch.device(spec.device)
+    with tempfile.TemporaryDirectory(prefix="gpu_check_cache_") as tmp:
+        _sync(device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            extract_latents(tokenizer, Synthetic(), tmp, batch_size=spec.vae_batch, flip=True,
+                            shard_size=2 * spec.vae_batch, dtype="bfloat16", progress=False)
+        _sync(device)
+        return 4 * spec.vae_batch / (time.perf_counter() - start)
 
 
 def check_training(
