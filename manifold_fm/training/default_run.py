@@ -164,7 +164,7 @@ def plot_over_steps(history: dict[str, list[dict[str, Any]]], path: Path) -> Pat
         axes[1].plot([r["step"] for r in ev], [r["classifier_accuracy"] for r in ev], "o-", label=mode)
         axes[2].plot([r["step"] for r in loss], [r["loss"] for r in loss], label=mode)
     for ax, title in zip(axes, ["FD-builtin-classifier (lower is better)", "classifier accuracy",
-                                "flow-matching loss (not comparable across modes)"]):
+                                "flow-matching loss (not comparable across modes)"], strict=True):
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -175,6 +175,21 @@ def plot_over_steps(history: dict[str, list[dict[str, Any]]], path: Path) -> Pat
     plt.close(fig)
     os.replace(tmp, path)
     return path
+
+
+def translate_default_overrides(overrides: Sequence[str]) -> list[str]:
+    """``train``'s shortcuts for the default run: ``train.steps=N`` -> ``steps=N``; ``path=linear|geodesic`` ->
+    only that mode."""
+    out = []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if key == "train.steps":
+            item = f"steps={value}"
+        elif key == "path":
+            item = f"modes=[{ {'geodesic': 'spherical'}.get(value, value) }]"
+        out.append(item)
+    return out
 
 
 def run_default(out_dir: str | Path | None = None, overrides: Sequence[str] = (), *, progress: bool = True,
@@ -191,7 +206,7 @@ def run_default(out_dir: str | Path | None = None, overrides: Sequence[str] = ()
     from .logging import read_jsonl
     from .trainer import FlowTrainer, TensorLatents, flow_from_config
 
-    cfg = load_config(DefaultRunConfig, "default", overrides)
+    cfg = load_config(DefaultRunConfig, "default", translate_default_overrides(overrides))
     out = Path(out_dir) if out_dir is not None else Path("runs") / "default"
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")

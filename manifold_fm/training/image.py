@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import save_config
+from .checkpoint import CheckpointError
 from .image_config import ImageRunConfig, load_image_config
 from .trainer import DatasetLatents, FlowSetup, FlowTrainer, TensorLatents, flow_from_config
 
@@ -150,4 +151,7 @@ def train_image(
         meta={"latent_shape": [channels, side, side], "num_classes": num_classes,
               "tokenizer": getattr(tokenizer, "name", None)},
     )
-    return trainer.fit(resume=resume)
+    try:
+        return trainer.fit(resume=resume)
+    except CheckpointError as exc:
+        raise ValueError(str(exc)) from None

@@ -158,6 +158,21 @@ class ImageRunConfig:
             raise ConfigError("tokenizer.kind: 'none' needs data.source 'latents' (built-in images must be encoded)")
 
 
+def translate_overrides(overrides: Sequence[str]) -> list[str]:
+    """Map ``train``'s generic shortcuts onto image keys: ``path=linear|geodesic`` -> ``flow.mode=linear|spherical``."""
+    out = []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key.strip() == "path":
+            value = value.strip()
+            mode = {"geodesic": "spherical", "spherical": "spherical", "linear": "linear"}.get(value)
+            if mode is None:
+                raise ConfigError(f"path: {value!r} is not one of 'geodesic', 'linear'")
+            item = f"flow.mode={mode}"
+        out.append(item)
+    return out
+
+
 def load_image_config(
     source: str | Path | Mapping[str, Any] | ImageRunConfig | None, overrides: Sequence[str] = ()
 ) -> ImageRunConfig:
@@ -166,4 +181,4 @@ def load_image_config(
         from ..config import to_dict
 
         source = to_dict(source)
-    return load_config(ImageRunConfig, source, overrides)
+    return load_config(ImageRunConfig, source, translate_overrides(overrides))

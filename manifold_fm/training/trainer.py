@@ -43,7 +43,7 @@ from .logging import RunLogger
 RESUME_KEYS = ("model", "flow", "data", "optim")
 
 
-class TrainingError(RuntimeError):
+class TrainingError(ValueError):
     """The training run cannot continue (diverged loss, resume mismatch); the message says what to do."""
 
 
