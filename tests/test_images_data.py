@@ -96,3 +96,12 @@ def test_image_folder_errors(tmp_path) -> None:
     (tmp_path / "empty_class").mkdir()
     with pytest.raises(FileNotFoundError, match="no images"):
         ImageFolderDataset(tmp_path)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small tensors gain nothing from a second thread and lose a lot when the 2 cores are shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -119,3 +119,12 @@ def test_load_errors(tmp_path, kl_dir) -> None:
     with pytest.raises(FileNotFoundError, match="cannot load"):  # a hub id that is not cached (offline here)
         DiffusersTokenizer.from_pretrained("no-such-org/no-such-vae", local_files_only=True)
     assert load_tokenizer(str(kl_dir), subfolder="vae").latent_channels == 4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small tensors gain nothing from a second thread and lose a lot when the 2 cores are shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

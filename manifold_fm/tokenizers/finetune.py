@@ -127,7 +127,9 @@ def finetune_decoder(
         return manifold.projx(z) if proj else z
 
     decoder = copy.deepcopy(tokenizer.decoder_module()).float().to(device).train().requires_grad_(True)
-    disc = PatchDiscriminator().to(device)
+    with torch.random.fork_rng(devices=[]):  # a seeded discriminator init without touching the global RNG
+        torch.manual_seed(seed)
+        disc = PatchDiscriminator().to(device)
     opt_g = torch.optim.AdamW(decoder.parameters(), lr=lr, betas=(0.5, 0.9), weight_decay=0.0)
     opt_d = torch.optim.AdamW(disc.parameters(), lr=disc_lr or lr, betas=(0.5, 0.9), weight_decay=0.0)
 
