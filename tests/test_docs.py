@@ -86,6 +86,11 @@ def test_api_reference_renders_docstrings(site: Path) -> None:
     # The class names and a phrase from a docstring (rendered from source, not copied into the page).
     for needle in ["TokenSpheres", "random_base", "The product of per-token spheres"]:
         assert needle in html, needle
+    # Sphinx roles in docstrings are rewritten into links (docs/_ext/rst_roles.py), never printed literally.
+    for page in (site / "reference" / "api").rglob("index.html"):
+        text = page.read_text()
+        assert not re.search(r":(class|func|meth|mod|data|attr):`", text), f"raw Sphinx role in {page}"
+    assert 'href="#manifold_fm.paths.GeodesicPath"' in (site / "reference/api/engine/index.html").read_text()
 
 
 def test_accuracy_page_includes_the_benchmark_report(site: Path) -> None:
