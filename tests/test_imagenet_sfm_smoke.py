@@ -415,3 +415,23 @@ def test_latent_stats_bakes_dataset_standardisation_into_a_vae_folder(
     _tiny_flux2_vae(flux)
     assert stats.main([*args[:1], str(flux), *args[2:5], str(tmp_path / "x"), *args[6:]]) == 2
     assert "AutoencoderKLFlux2" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_gpu_check_bf16_sampling_keeps_samples_on_the_spheres(one_thread: None) -> None:
+    """The bf16 sampling figure autocasts the network only: the exp-map steps stay float32 on the spheres."""
+    import dataclasses
+
+    import torch
+
+    gc = _load(EXP / "gpu_check.py", "imagenet_sfm_gpu_check")
+    spec = dataclasses.replace(gc.CPU_SMOKE, amp=True)
+
+    class Decoder:
+        vae = torch.nn.Linear(1, 1)
+
+        def decode(self, z: Any) -> Any:
+            return torch.zeros(z.shape[0], 3, 32, 32)
+
+    out = gc.check_sampling(spec, Decoder(), 32, 8, torch.device("cpu"))
+    assert out["spherical"]["max_radius_error_bf16"] < 1e-5
+    assert out["linear"]["ode_images_per_s_bf16"] > 0
