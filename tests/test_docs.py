@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -110,7 +111,7 @@ def test_strict_build_fails_on_a_broken_reference(tmp_path: Path) -> None:
     config["nav"] = ["index.md"]
     config.pop("extra_javascript", None)
     (tmp_path / "mkdocs.yml").write_text(yaml.safe_dump(config))
-    (tmp_path / "docs").mkdir()
+    shutil.copytree(DOCS / "_ext", tmp_path / "docs" / "_ext")  # the griffe extension named in the config
     page = tmp_path / "docs" / "index.md"
     good = "# Page\n\nSee [spheres][manifold_fm.manifolds.Sphere].\n\n::: manifold_fm.manifolds.Sphere\n"
     page.write_text(good)
