@@ -361,6 +361,17 @@ def test_sample_eval_script_samples_each_scale_then_evaluates(tmp_path: Path) ->
     assert calls[1] == ["evaluate", f"{out}/samples.npz", "--reference", str(ref), "--inception-weights",
                         str(weights), "--no-prc", "--out", f"{out}/metrics.json"]
     assert "| r | 1.5 | 12.50 | 101.25 |" in proc.stdout and "| r | 2.0 | 12.50 | 101.25 |" in proc.stdout
+    # Node 1 of 2: samples its share of every scale (rendezvous at node 0), never evaluates.
+    log.unlink()
+    env2 = {**env, "NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "node0", "SCALES": "1.0"}
+    proc = subprocess.run(["bash", str(EXP / "scripts" / "sample_eval.sh"), str(run_dir), str(ref), str(weights)],
+                          capture_output=True, text=True, cwd=tmp_path, env=env2, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    calls = _calls(log)
+    assert len(calls) == 1 and calls[0][:13] == [
+        "launch", "--num_processes", "16", "--num_machines", "2", "--machine_rank", "1", "--main_process_ip", "node0",
+        "--main_process_port", "29500", "--multi_gpu", "-m",
+    ]
     missing = subprocess.run(
         ["bash", str(EXP / "scripts" / "sample_eval.sh"), str(run_dir), "nope.npz", str(weights)],
         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60,

@@ -9,9 +9,12 @@
 #
 # Writes RUN/fid<NUM>-cfg<S>/{samples.npz, grid.png, sample_info.json, metrics.json} per scale S and prints a table.
 # Samples already written are reused (delete the folder to resample). Classes cycle 0..999, so NUM=50000 gives
-# exactly 50 images per class. Environment:
+# exactly 50 images per class. Several nodes: run the same command on every node with NNODES / NODE_RANK /
+# MASTER_ADDR (as train.sh); RUN must be on a filesystem all nodes share (the shards are merged by rank 0), and only
+# node 0 evaluates. Environment:
 #   NUM (50000), SCALES ("1.0 1.5 2.0"), METHOD / STEPS (default: the run config's sample section),
 #   CFG_INTERVAL ("LO HI", default none), BATCH (per process, 125), SEED (0), GPUS_PER_NODE (all visible),
+#   NNODES (1), NODE_RANK (0), MASTER_ADDR (localhost), MASTER_PORT (29500),
 #   EVAL_ARGS (extra `manifold-fm evaluate` options), ACCELERATE (launcher, accelerate),
 #   MANIFOLD_FM (how to run the CLI, "python -m manifold_fm.cli").
 set -euo pipefail
@@ -32,8 +35,15 @@ if [[ -z "${GPUS_PER_NODE:-}" ]]; then
   GPUS_PER_NODE="$(python -c 'import torch; print(max(torch.cuda.device_count(), 1))')"
 fi
 read -r -a CLI <<< "${MANIFOLD_FM:-python -m manifold_fm.cli}"
-LAUNCH=("${ACCELERATE:-accelerate}" launch --num_processes "$GPUS_PER_NODE")
-if [[ "$GPUS_PER_NODE" -gt 1 ]]; then
+NNODES="${NNODES:-1}"
+NODE_RANK="${NODE_RANK:-0}"
+NUM_PROCESSES=$((NNODES * GPUS_PER_NODE))
+LAUNCH=("${ACCELERATE:-accelerate}" launch --num_processes "$NUM_PROCESSES")
+if [[ "$NNODES" -gt 1 ]]; then
+  LAUNCH+=(--num_machines "$NNODES" --machine_rank "$NODE_RANK" --main_process_ip "${MASTER_ADDR:-localhost}"
+           --main_process_port "${MASTER_PORT:-29500}")
+fi
+if [[ "$NUM_PROCESSES" -gt 1 ]]; then
   LAUNCH+=(--multi_gpu)
 fi
 SAMPLER=()
@@ -54,10 +64,16 @@ for s in $SCALES; do
     "${LAUNCH[@]}" -m manifold_fm.cli sample "$RUN" --num "$NUM" --cfg-scale "$s" --batch-size "$BATCH" \
       --seed "$SEED" --out "$out" "${SAMPLER[@]}"
   fi
+  if [[ "$NODE_RANK" -ne 0 ]]; then
+    continue  # node 0 merges the shards and evaluates
+  fi
   # Reference stats -> FID (precision/recall need reference images, so they are skipped) + IS.
   "${CLI[@]}" evaluate "$out/samples.npz" --reference "$REF" --inception-weights "$WEIGHTS" --no-prc \
     --out "$out/metrics.json" "${EXTRA[@]}"
 done
+if [[ "$NODE_RANK" -ne 0 ]]; then
+  exit 0
+fi
 
 python - "$RUN" "$NUM" $SCALES <<'PY'
 import json, sys
