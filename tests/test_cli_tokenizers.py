@@ -81,3 +81,18 @@ def test_probe_cli_writes_report_and_figures(tmp_path) -> None:
     for name in ("norm_hist.png", "norm_along_t.png", "radial_share.png", "swap_distances.png"):
         assert (tmp_path / name).stat().st_size > 1000
     assert "swap probe" in r.output
+
+
+def test_extract_latents_with_dataset_stats(tmp_path) -> None:
+    out = tmp_path / "c"
+    r = _run("extract-latents", "--per-class", "2", "--no-flip", "--dataset-stats", "--out", str(out))
+    assert r.exit_code == 0, r.output
+    assert (out / "latent_stats.json").is_file()
+    z, _ = LatentCache(out).load_all()
+    m = LatentCache(out).manifest
+    assert m["normalization"]["kind"] == "dataset"
+    # Per-channel statistics of the cached latents are (0, 1) by construction.
+    per_channel = z.double().transpose(0, 1).reshape(z.shape[1], -1)
+    torch.testing.assert_close(per_channel.mean(1), torch.zeros(16, dtype=torch.float64), atol=1e-4, rtol=0)
+    torch.testing.assert_close(per_channel.std(1, unbiased=False), torch.ones(16, dtype=torch.float64), atol=1e-4,
+                               rtol=0)

@@ -78,10 +78,14 @@ def build_dataset(data_spec: str, split: str, size: int, per_class: int | None) 
 @click.option("--shard-size", type=int, default=4096, show_default=True, help="Source images per shard.")
 @click.option("--resume/--no-resume", default=True, show_default=True, help="Continue a partial cache.")
 @click.option("--store-dtype", type=click.Choice(_DTYPES), default="float32", show_default=True)
+@click.option("--dataset-stats", is_flag=True,
+              help="Normalise with per-channel mean/std computed over the dataset (saved as <out>/latent_stats.json "
+                   "and reused on resume) instead of the tokenizer's own constants.")
+@click.option("--stats-items", type=int, default=10000, show_default=True, help="Images used by --dataset-stats.")
 def extract_latents(tokenizer_spec: str, subfolder: str | None, kind: str, dtype: str, device: str,
                     normalization: str | None, data_spec: str, split: str, size: int, per_class: int | None,
                     spherical: bool, out_dir: Path, batch_size: int, flip: bool, shard_size: int, resume: bool,
-                    store_dtype: str) -> None:
+                    store_dtype: str, dataset_stats: bool, stats_items: int) -> None:
     """Encode images once into sharded safetensors latents plus a manifest (resumable; bad images are counted)."""
     import torch
 
@@ -89,6 +93,22 @@ def extract_latents(tokenizer_spec: str, subfolder: str | None, kind: str, dtype
 
     tok = build_tokenizer(tokenizer_spec, subfolder, kind, dtype, device, normalization, spherical=spherical)
     dataset = build_dataset(data_spec, split, size, per_class)
+    if dataset_stats:
+        from ..tokenizers import LatentNormalization, compute_channel_stats
+
+        if spherical:
+            raise click.BadParameter("spherical latents are not renormalised", param_hint="--dataset-stats")
+        stats_path = out_dir / "latent_stats.json"
+        try:
+            if stats_path.is_file() and resume:
+                norm = LatentNormalization.load(stats_path)
+            else:
+                norm = compute_channel_stats(tok, dataset, max_items=stats_items, progress=True)
+                out_dir.mkdir(parents=True, exist_ok=True)
+                norm.save(stats_path)
+        except (FileNotFoundError, ValueError) as exc:
+            raise click.ClickException(str(exc)) from None
+        tok.with_normalization(norm)
     try:
         with torch.no_grad():
             manifest = run(tok, dataset, out_dir, batch_size=batch_size, flip=flip, shard_size=shard_size,

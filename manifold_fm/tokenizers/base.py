@@ -250,27 +250,48 @@ def compute_channel_stats(
 ) -> LatentNormalization:
     """Per-channel mean and std of the raw latents over a dataset: ``shift = mean``, ``scale = 1 / std``.
 
-    Statistics pool every spatial position and image; accumulated in float64 (sum and sum of squares).
+    Statistics pool every spatial position and image; accumulated in float64 (sum and sum of squares). With
+    ``max_items`` below the dataset size, items are spread evenly over the dataset (class folders are contiguous).
+    Unreadable images (:class:`~manifold_fm.data.images.ImageReadError`) are skipped and counted in ``meta``.
     """
     from tqdm.auto import tqdm
 
-    n = len(dataset) if max_items is None else min(max_items, len(dataset))  # type: ignore[arg-type]
+    from ..data.images import ImageReadError
+
+    size = len(dataset)  # type: ignore[arg-type]
+    n = size if max_items is None else min(max_items, size)
     if n == 0:
         raise ValueError("cannot compute latent statistics over an empty dataset")
+    order = torch.linspace(0, size - 1, n).round().long().tolist() if n < size else list(range(size))
+    render = getattr(dataset, "render", None)
     total = torch.zeros((), dtype=torch.float64)
     s1 = s2 = None
+    skipped = 0
     for start in tqdm(range(0, n, batch_size), disable=not progress, desc="latent stats"):
-        images = torch.stack([dataset[i][0] for i in range(start, min(n, start + batch_size))])
+        idx = order[start : start + batch_size]
+        if callable(render):
+            images = render(idx)[0]
+        else:
+            items = []
+            for i in idx:
+                try:
+                    items.append(dataset[i][0])
+                except ImageReadError:
+                    skipped += 1
+            if not items:
+                continue
+            images = torch.stack(items)
         z = tokenizer.encode_raw(images.to(tokenizer.device, tokenizer.dtype)).double()
         zs = z.transpose(0, 1).reshape(z.shape[1], -1)
         s1 = zs.sum(1) if s1 is None else s1 + zs.sum(1)
         s2 = (zs**2).sum(1) if s2 is None else s2 + (zs**2).sum(1)
         total += zs.shape[1]
-    assert s1 is not None and s2 is not None
+    if s1 is None or s2 is None:
+        raise ValueError("no readable image to compute latent statistics from")
     mean = s1 / total
     var = (s2 / total - mean**2).clamp_min(0)
     std = var.sqrt().clamp_min(1e-8)
     return LatentNormalization(
-        shift=mean, scale=1.0 / std, kind="dataset", meta={"items": n, "tokenizer": tokenizer.name}
+        shift=mean, scale=1.0 / std, kind="dataset",
+        meta={"items": n - skipped, "skipped": skipped, "tokenizer": tokenizer.name},
     )
-
