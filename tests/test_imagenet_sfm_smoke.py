@@ -134,6 +134,11 @@ def test_gpu_check_cpu_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str],
     # Spherical samples end on the token spheres (exp-map steps), to float32 accuracy.
     assert report["sampling"]["spherical"]["max_radius_error_fp32"] < 1e-5
     assert train["linear"]["mfu"] is None and report["peak_bf16_tflops"] is None  # no peak FLOPs known on a CPU
+    # The README rows of this report: one per figure, each with date, hardware and commit; marked as no measurement.
+    assert gc.main(["--rows", str(out)]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert len(rows) == 6 and all(r.count(" | ") == 4 and "cpu-smoke: not a measurement" in r for r in rows)
+    assert all(report["date_utc"] in r and str(report["commit"]) in r for r in rows)
 
 
 def test_gpu_check_peak_flops_lookup() -> None:

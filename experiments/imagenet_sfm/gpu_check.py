@@ -484,6 +484,41 @@ def run_check(spec: CheckSpec, peak_tflops: float | None = None, progress: bool 
     return report
 
 
+def results_rows(report: dict[str, Any]) -> list[str]:
+    """README results-table rows (``| what | figure | date | hardware | commit |``) from a report of this script."""
+
+    def pct(x: float | None) -> str:
+        return "n/a" if x is None else f"{100 * x:.1f}%"
+
+    def gib(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.1f} GiB"
+
+    ext, tr, sm = report["extraction"], report["training"], report["sampling"]
+    spec = report["spec"]
+    tag = "" if report["mode"] == "full" else " (cpu-smoke: not a measurement)"
+    rows = [
+        (f"latent extraction, FLUX.2-sized VAE, {spec['image_size']} px, with flips{tag}",
+         f"{ext['images_per_s']:.1f} img/s (encoder), {ext['extract_latents_images_per_s']:.1f} img/s "
+         f"(extract_latents); peak {gib(ext['peak_mem_gib'])}"),
+    ]
+    for mode in ("linear", "spherical"):
+        t = tr[mode]
+        rows.append((f"{spec['sit']} bf16 training, batch {tr['batch']}, {mode}{tag}",
+                     f"{t['images_per_s']:.1f} img/s, MFU {pct(t['mfu'])}, peak {gib(t['peak_mem_gib'])}"))
+    rows.append((f"{spec['sit']} spherical / linear training step time{tag}",
+                 f"{tr['spherical_over_linear_step_time']:.3f}"))
+    for mode in ("linear", "spherical"):
+        m = sm[mode]
+        figure = f"{m['ode_images_per_s_fp32']:.1f} img/s fp32"
+        if "ode_images_per_s_bf16" in m:
+            figure += f", {m['ode_images_per_s_bf16']:.1f} img/s bf16 autocast"
+        figure += f"; decode {m['decode_images_per_s']:.1f} img/s"
+        rows.append((f"sampling {sm['steps']} Euler steps, CFG {sm['cfg_scale']}, batch {sm['batch']}, {mode}{tag}",
+                     figure))
+    meta = f"{report['date_utc']} | {report['device']}, torch {report['torch']} | {report['commit']}"
+    return [f"| {what} | {figure} | {meta} |" for what, figure in rows]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Throughput check of the ImageNet-256 SFM recipe on one GPU.")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU (seconds); for tests")
@@ -492,7 +527,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-steps", type=int, default=None, help="timed training steps per mode (default 40)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak dense bf16 TFLOP/s for MFU")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    parser.add_argument("--rows", type=Path, default=None, metavar="REPORT_JSON",
+                        help="print the README results-table rows of an existing report, then exit")
     args = parser.parse_args(argv)
+    if args.rows is not None:
+        try:
+            print("\n".join(results_rows(json.loads(args.rows.read_text()))))
+        except (OSError, ValueError, KeyError) as exc:
+            print(f"gpu_check: error: cannot read report {args.rows}: {exc!r}", file=sys.stderr)
+            return 1
+        return 0
     spec = CPU_SMOKE if args.cpu_smoke else FULL
     if args.batch is not None:
         spec = replace(spec, batch=args.batch)
