@@ -41,6 +41,11 @@ from ._numerics import atan2_over_y, broadcast_time, safe_sqrt, sinc, upcast
 from .base import Manifold, ManifoldError
 
 
+def _tracks_grad(*tensors: Tensor) -> bool:
+    """Whether autograd records ops on these inputs (then no in-place buffer reuse)."""
+    return torch.is_grad_enabled() and any(a.requires_grad for a in tensors)
+
+
 class _Pair(NamedTuple):
     """Per-token quantities of an ordered pair ``(x, y)``; reductions have a kept size-1 sphere axis."""
 
@@ -94,13 +99,22 @@ class Sphere(Manifold):
         e = e - self._dot(e, x) / xx * x
         return e / self._dot(e, e).sqrt()
 
-    def _pair(self, x: Tensor, y: Tensor) -> _Pair:
-        xy = self._dot(x, y)
+    def _pair(self, x: Tensor, y: Tensor, scratch: Tensor | None = None) -> _Pair:
+        """Per-token quantities of ``(x, y)``. With a ``scratch`` tensor shaped like ``x`` the four dot products
+        reuse it for their elementwise products instead of allocating four temporaries (no-autograd path only)."""
+        if scratch is None:
+            dot = self._dot
+        else:
+
+            def dot(a: Tensor, b: Tensor) -> Tensor:
+                return torch.mul(a, b, out=scratch).sum(dim=self.axis, keepdim=True)
+
+        xy = dot(x, y)
         m = torch.where(xy >= 0, 1.0, -1.0).to(x.dtype)
         v = torch.addcmul(y, m, x, value=-1.0)
-        xx = self._dot(x, x)
-        vx = self._dot(v, x)
-        vv = self._dot(v, v)
+        xx = dot(x, x)
+        vx = dot(v, x)
+        vv = dot(v, v)
         nx = xx.sqrt()
         c = vx / xx
         # |v_perp|^2 = |v|^2 - <v,x>^2/|x|^2; clamp the rounding-level negative values of near-parallel pairs.
@@ -143,15 +157,26 @@ class Sphere(Manifold):
     @upcast
     def expmap(self, x: Tensor, u: Tensor) -> Tensor:
         """``cos(|u|/R) x + sinc(|u|/R) u`` per token, renormalised to radius ``R`` (so chains do not drift)."""
-        theta = safe_sqrt(self._dot(u, u)) / self.radius
-        y = torch.mul(x, torch.cos(theta)).addcmul_(sinc(theta), u)  # two passes, one allocation
-        return y * (self.radius / safe_sqrt(self._dot(y, y)).clamp_min(torch.finfo(y.dtype).tiny))
+        if _tracks_grad(x, u) or x.shape != u.shape:
+            theta = safe_sqrt(self._dot(u, u)) / self.radius
+            y = torch.mul(x, torch.cos(theta)).addcmul_(sinc(theta), u)  # two passes, one allocation
+            return y * (self.radius / safe_sqrt(self._dot(y, y)).clamp_min(torch.finfo(y.dtype).tiny))
+        # No autograd: one scratch tensor for both dot products and in-place scaling (see _geodesic).
+        scratch = torch.empty_like(x)
+        theta = safe_sqrt(torch.mul(u, u, out=scratch).sum(dim=self.axis, keepdim=True)) / self.radius
+        y = torch.mul(x, torch.cos(theta)).addcmul_(sinc(theta), u)
+        yy = torch.mul(y, y, out=scratch).sum(dim=self.axis, keepdim=True)
+        return y.mul_(self.radius / safe_sqrt(yy).clamp_min(torch.finfo(y.dtype).tiny))
 
     @upcast
     def logmap(self, x: Tensor, y: Tensor) -> Tensor:
         """``R * angle * y_perp / |y_perp|`` per token (zero for identical points; antipodal policy above)."""
-        v, c, _, ratio = self._direction_terms(x, self._pair(x, y))
-        return torch.addcmul(v, c, x, value=-1.0).mul_(self.radius * ratio)
+        if _tracks_grad(x, y) or x.shape != y.shape:
+            v, c, _, ratio = self._direction_terms(x, self._pair(x, y))
+            return torch.addcmul(v, c, x, value=-1.0).mul_(self.radius * ratio)
+        # No autograd: reuse a scratch tensor for the dot products and build the result in v (our own temporary).
+        v, c, _, ratio = self._direction_terms(x, self._pair(x, y, torch.empty_like(x)))
+        return v.addcmul_(c, x, value=-1.0).mul_(self.radius * ratio)
 
     @upcast
     def angle(self, x: Tensor, y: Tensor) -> Tensor:
@@ -186,9 +211,16 @@ class Sphere(Manifold):
         return self._geodesic(x0, x1, tt)
 
     def _geodesic(self, x0: Tensor, x1: Tensor, tt: Tensor) -> tuple[Tensor, Tensor]:
-        p = self._pair(x0, x1)
+        if _tracks_grad(x0, x1, tt) or x0.shape != torch.broadcast_shapes(x0.shape, x1.shape, tt.shape):
+            p = self._pair(x0, x1)
+            v, c, w, ratio = self._direction_terms(x0, p)
+            return self._slerp_outputs(x0, v, tt, p.nx, c, w, ratio)
+        # No autograd (training targets, sampling): fresh full-size tensors cost page faults that dominate this
+        # memory-bound op on CPU, so allocate two (scratch, v) and build x_t and u_t in them, in place.
+        scratch = torch.empty_like(x0)
+        p = self._pair(x0, x1, scratch)
         v, c, w, ratio = self._direction_terms(x0, p)
-        return self._slerp_outputs(x0, v, tt, p.nx, c, w, ratio)
+        return self._slerp_outputs(x0, v, tt, p.nx, c, w, ratio, out_x=scratch, reuse_v=True)
 
     def _compiled_geodesic(self) -> Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]:
         """The geodesic under ``torch.compile``, built on first use (two fused graphs around the host-side antipodal
@@ -199,7 +231,16 @@ class Sphere(Manifold):
         return self._compiled
 
     def _slerp_outputs(
-        self, x0: Tensor, v: Tensor, tt: Tensor, nx: Tensor, c: Tensor, w: Tensor, ratio: Tensor
+        self,
+        x0: Tensor,
+        v: Tensor,
+        tt: Tensor,
+        nx: Tensor,
+        c: Tensor,
+        w: Tensor,
+        ratio: Tensor,
+        out_x: Tensor | None = None,
+        reuse_v: bool = False,
     ) -> tuple[Tensor, Tensor]:
         """``x_t = a_x x0 + k v`` and ``u_t = a_u x0 + r v``, given ``y_perp = v - c x0``, ``ratio = w/|y_perp|``."""
         R = self.radius
@@ -210,8 +251,9 @@ class Sphere(Manifold):
         r = R * ratio * cos_tw  # R w cos(t w) / s
         a_u = -R * w * sin_tw / nx - r * c
         # In-place accumulation: one allocation and two passes per output (eager CPU is memory-bound here).
-        x_t = torch.mul(x0, a_x).addcmul_(k, v)
-        u_t = torch.mul(x0, a_u).addcmul_(r, v)
+        x_t = torch.mul(x0, a_x, out=out_x).addcmul_(k, v) if out_x is not None else torch.mul(x0, a_x).addcmul_(k, v)
+        # u_t last: with reuse_v it overwrites v (the caller's own temporary), which x_t no longer needs.
+        u_t = v.mul_(r).addcmul_(a_u, x0) if reuse_v else torch.mul(x0, a_u).addcmul_(r, v)
         return x_t, u_t
 
     @upcast
