@@ -446,10 +446,14 @@ def run_check(spec: CheckSpec, peak_tflops: float | None = None, progress: bool 
         torch.backends.cudnn.allow_tf32 = True
     vae_dtype = torch.bfloat16 if spec.amp else torch.float32
     flops_peak, peak_source = peak_flops(device, peak_tflops)
+    if device.type == "cuda":
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        device_name = f"cpu ({os.cpu_count()} cores, {platform.machine()})"
     report: dict[str, Any] = {
         "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
         "commit": _git_commit(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor()})",
+        "device": device_name,
         "torch": torch.__version__,
         "mode": "full" if spec.device == "cuda" else "cpu-smoke",
         "spec": asdict(spec),
@@ -503,7 +507,8 @@ def results_rows(report: dict[str, Any]) -> list[str]:
     ]
     for mode in ("linear", "spherical"):
         t = tr[mode]
-        rows.append((f"{spec['sit']} bf16 training, batch {tr['batch']}, {mode}{tag}",
+        precision = "bf16" if spec["amp"] else "fp32"
+        rows.append((f"{spec['sit']} {precision} training, batch {tr['batch']}, {mode}{tag}",
                      f"{t['images_per_s']:.1f} img/s, MFU {pct(t['mfu'])}, peak {gib(t['peak_mem_gib'])}"))
     rows.append((f"{spec['sit']} spherical / linear training step time{tag}",
                  f"{tr['spherical_over_linear_step_time']:.3f}"))
