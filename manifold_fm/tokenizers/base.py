@@ -186,14 +186,14 @@ class Tokenizer(ABC):
 
     # ----------------------------------------------------------- derived
     def encode(self, images: Tensor) -> Tensor:
-        """``normalize(encode_raw(images))``: latents ``(B, C, H/f, W/f)``."""
+        """``normalize(encode_raw(images))``: latents ``(B, C, H/f, W/f)`` on the tokenizer's device and dtype."""
         check_images(images, self.downsample)
-        return self.normalization.normalize(self.encode_raw(images.to(self.dtype)))
+        return self.normalization.normalize(self.encode_raw(images.to(self.device, self.dtype)))
 
     def decode(self, latents: Tensor) -> Tensor:
         """``decode_raw(denormalize(latents))``: images ``(B, 3, H, W)`` in ``[-1, 1]``."""
         check_latents(latents, self.latent_channels)
-        return self.decode_raw(self.normalization.denormalize(latents.to(self.dtype)))
+        return self.decode_raw(self.normalization.denormalize(latents.to(self.device, self.dtype)))
 
     def latent_shape(self, image_size: int) -> tuple[int, int, int]:
         """``(C, h, w)`` of the latents of a square image of side ``image_size``."""

@@ -1,0 +1,93 @@
+"""Latent cache vs encoding on the fly: what a training epoch pays for its latents.
+
+Builds a cache of the built-in test images with the built-in tokenizer, then times, in the same run, producing
+batches of latents by (a) rendering + encoding the images every time, (b) per-item memory-mapped reads through
+``LatentCache`` with a DataLoader, (c) ``LatentCache.load_all``. Reports seconds and ratios against (a).
+
+    python benchmarks/bench_latent_cache.py        # writes benchmarks/results/latent_cache.{json,md}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from manifold_fm.data.images import BuiltinImages
+from manifold_fm.data.latents import LatentCache, extract_latents
+from manifold_fm.tokenizers import builtin_tokenizer
+
+
+def best_of(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--per-class", type=int, default=40)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    tok = builtin_tokenizer()
+    ds = BuiltinImages("test", per_class=args.per_class)
+    n = len(ds)
+    with tempfile.TemporaryDirectory() as tmp:
+        extract_latents(tok, ds, tmp, batch_size=args.batch_size, flip=False, shard_size=256, progress=False)
+        cache = LatentCache(tmp)
+
+        @torch.no_grad()
+        def on_the_fly() -> None:
+            for s in range(0, n, args.batch_size):
+                x, _ = ds.render(range(s, min(n, s + args.batch_size)))
+                tok.encode(x)
+
+        def mmap_items() -> None:
+            for _ in DataLoader(cache, batch_size=args.batch_size, shuffle=True, num_workers=0):
+                pass
+
+        def load_all() -> None:
+            LatentCache(tmp).load_all()
+
+        t_fly = best_of(on_the_fly, args.repeats)
+        t_mmap = best_of(mmap_items, args.repeats)
+        t_all = best_of(load_all, args.repeats)
+    res = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "items": n,
+        "latent_shape": list(tok.latent_shape(32)),
+        "threads": args.threads,
+        "seconds": {"render_and_encode": t_fly, "cache_per_item_mmap": t_mmap, "cache_load_all": t_all},
+        "speedup_vs_encode": {"cache_per_item_mmap": t_fly / t_mmap, "cache_load_all": t_fly / t_all},
+        "note": "best of repeats; 2-core CPU shared with other jobs, so absolute times are noisy, ratios less so",
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name, text in (
+        ("latent_cache.json", json.dumps(res, indent=1)),
+        ("latent_cache.md", "| latents from | seconds | speed-up vs encoding |\n|---|---|---|\n" + "\n".join(
+            f"| {k} | {v:.3f} | {t_fly / v:.1f}x |" for k, v in res["seconds"].items())
+            + f"\n\n{n} items of shape {res['latent_shape']}, {args.threads} thread(s), {res['date']}.\n"),
+    ):
+        fd, tmp_path = tempfile.mkstemp(dir=args.out)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp_path, args.out / name)
+    print(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
