@@ -1,0 +1,78 @@
+"""End-to-end toy training: the vMF-mixture NLL bound, exact resume, run-folder contents."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from manifold_fm.data.toy import build_toy_dataset
+from manifold_fm.training.toy import build_model, evaluate_toy, load_toy_config, train_toy
+
+FAST_EVAL = [
+    "eval.test_samples=500",
+    "eval.likelihood_steps=16",
+    "eval.steps=16",
+    "eval.plot_samples=500",
+]
+
+
+@pytest.mark.slow
+def test_vmf_mixture_nll_within_0p3_nats_and_untrained_fails(tmp_path: Path) -> None:
+    out = train_toy("toy-sphere", ["train.steps=700", "train.checkpoint_every=100000", *FAST_EVAL],
+                    tmp_path / "run", progress=False)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["true_nll"] == pytest.approx(1.63, abs=0.1)  # MC entropy of the target on 500 test points
+    assert metrics["nll_gap"] < 0.3, metrics
+    assert metrics["on_manifold_error"] < 1e-5
+    # the same bound fails for an untrained model (its flow is nearly the uniform prior: NLL ~ log 4 pi)
+    cfg = load_toy_config("toy-sphere", FAST_EVAL)
+    ds = build_toy_dataset("vmf")
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as train_toy does: a tiny MLP runs faster on one thread of a shared 2-core box
+    try:
+        untrained = evaluate_toy(build_model(cfg, ds), ds, cfg)
+    finally:
+        torch.set_num_threads(threads)
+    assert untrained["nll_gap"] > 0.3, untrained
+    assert untrained["test_nll"] > metrics["test_nll"] + 0.3
+    assert math.isfinite(untrained["test_nll"])
+
+
+def test_run_folder_and_exact_resume(tmp_path: Path) -> None:
+    over = ["train.steps=20", "train.checkpoint_every=10", "train.batch_size=64", "model.hidden=32",
+            "eval.test_samples=50", "eval.likelihood_steps=4", "eval.steps=4", "eval.plot_samples=100"]
+    ref = train_toy("toy-torus", over, tmp_path / "full", progress=False)
+    for name in ("config.yaml", "metrics.json", "samples.png"):
+        assert (ref / name).is_file(), name
+    metrics = json.loads((ref / "metrics.json").read_text())
+    for key in ("test_nll", "true_nll", "on_manifold_error", "train_seconds", "samples_data_nll"):
+        assert key in metrics
+    # interrupt after step 10: copy the run, drop the step-20 checkpoint, resume
+    import shutil
+
+    cut = tmp_path / "cut"
+    shutil.copytree(ref, cut)
+    shutil.rmtree(cut / "checkpoints" / "step_00000020")
+    (cut / "checkpoints" / "latest").write_text("step_00000010\n")
+    resumed = train_toy("toy-torus", over, cut, resume=True, progress=False)
+    a = load_file(str(ref / "checkpoints" / "step_00000020" / "model.safetensors"))
+    b = load_file(str(resumed / "checkpoints" / "step_00000020" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="already holds a run"):
+        train_toy("toy-torus", over, ref, progress=False)
+
+
+def test_linear_path_on_poincare_and_product_spheres_run(tmp_path: Path) -> None:
+    over = ["train.steps=5", "model.hidden=16", "train.batch_size=32", "eval.test_samples=20",
+            "eval.likelihood_steps=2", "eval.steps=2", "eval.plot_samples=50"]
+    for config in ("toy-hyperbolic", "toy-spheres"):
+        out = train_toy(config, [*over, "path=linear"], tmp_path / config, progress=False)
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["path"] == "linear" and math.isfinite(metrics["test_nll"])
+        assert metrics["on_manifold_error"] < 1e-5
