@@ -119,6 +119,12 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path, tok) -> None:
     m = json.loads(path.read_text())
     assert m["skipped"] == 1 and m["count"] == 12 and m["skipped_items"][0]["path"].endswith("zz_corrupt.jpg")
     assert "zz_corrupt.jpg" in m["skipped_items"][0]["reason"]
+    # The same with two reader processes gives the same cache and the same skip record.
+    path2 = extract_latents(tok, ds, tmp_path / "cache2", batch_size=4, shard_size=100, dtype="float16",
+                            progress=False, num_workers=2)
+    m2 = json.loads(path2.read_text())
+    assert m2["skipped_items"] == m["skipped_items"]
+    assert torch.equal(LatentCache(tmp_path / "cache2").load_all()[0], LatentCache(tmp_path / "cache").load_all()[0])
     cache = LatentCache(tmp_path / "cache")
     z, y = cache[0]
     assert z.dtype == torch.float32 and z.shape == (4, 4, 4)

@@ -82,10 +82,11 @@ def build_dataset(data_spec: str, split: str, size: int, per_class: int | None) 
               help="Normalise with per-channel mean/std computed over the dataset (saved as <out>/latent_stats.json "
                    "and reused on resume) instead of the tokenizer's own constants.")
 @click.option("--stats-items", type=int, default=10000, show_default=True, help="Images used by --dataset-stats.")
+@click.option("--workers", type=int, default=0, show_default=True, help="Image-reading worker processes.")
 def extract_latents(tokenizer_spec: str, subfolder: str | None, kind: str, dtype: str, device: str,
                     normalization: str | None, data_spec: str, split: str, size: int, per_class: int | None,
                     spherical: bool, out_dir: Path, batch_size: int, flip: bool, shard_size: int, resume: bool,
-                    store_dtype: str, dataset_stats: bool, stats_items: int) -> None:
+                    store_dtype: str, dataset_stats: bool, stats_items: int, workers: int) -> None:
     """Encode images once into sharded safetensors latents plus a manifest (resumable; bad images are counted)."""
     import torch
 
@@ -112,7 +113,7 @@ def extract_latents(tokenizer_spec: str, subfolder: str | None, kind: str, dtype
     try:
         with torch.no_grad():
             manifest = run(tok, dataset, out_dir, batch_size=batch_size, flip=flip, shard_size=shard_size,
-                           resume=resume, dtype=store_dtype)
+                           resume=resume, dtype=store_dtype, num_workers=workers)
     except (FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     import json

@@ -64,6 +64,51 @@ def _load_items(dataset: Dataset, indices: Sequence[int]) -> tuple[list[Tensor],
     return images, labels, kept, skipped
 
 
+class _Guarded(Dataset):
+    """``(image or None, label, index, error)`` per index of a sub-range; unreadable images become records."""
+
+    def __init__(self, dataset: Dataset, indices: Sequence[int]) -> None:
+        self.dataset, self.indices = dataset, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int) -> tuple[Tensor | None, int, int, str]:
+        from .images import ImageReadError
+
+        i = self.indices[k]
+        try:
+            image, label = self.dataset[i]
+        except ImageReadError as exc:
+            return None, -1, i, str(exc)
+        return image, int(label), i, ""
+
+
+def _collate_guarded(items: list) -> tuple[list[Tensor], list[int], list[int], list[tuple[int, str]]]:
+    good = [it for it in items if it[0] is not None]
+    bad = [(it[2], it[3]) for it in items if it[0] is None]
+    return [it[0] for it in good], [it[1] for it in good], [it[2] for it in good], bad
+
+
+def _batches(dataset: Dataset, lo: int, hi: int, batch_size: int, workers: int):
+    """Yield ``(images, labels, kept indices, skipped records, batch length)`` over source items ``[lo, hi)``."""
+    render = getattr(dataset, "render", None)
+    if callable(render) or workers == 0:
+        for start in range(lo, hi, batch_size):
+            indices = list(range(start, min(hi, start + batch_size)))
+            images, labels, kept, bad = _load_items(dataset, indices)
+            yield images, labels, kept, bad, len(indices)
+        return
+    from torch.utils.data import DataLoader
+
+    path = getattr(dataset, "path", None)
+    loader = DataLoader(_Guarded(dataset, range(lo, hi)), batch_size=batch_size, num_workers=workers,
+                        collate_fn=_collate_guarded)
+    for images, labels, kept, bad in loader:
+        records = [{"index": i, "path": str(path(i)) if callable(path) else None, "reason": r} for i, r in bad]
+        yield images, labels, kept, records, len(images) + len(bad)
+
+
 @torch.no_grad()
 def extract_latents(
     tokenizer: Any,
@@ -75,6 +120,7 @@ def extract_latents(
     resume: bool = True,
     dtype: str = "float32",
     progress: bool = True,
+    num_workers: int = 0,
 ) -> Path:
     """Encode ``dataset`` with ``tokenizer.encode`` (normalised latents) into a cache; returns the manifest path.
 
@@ -86,6 +132,8 @@ def extract_latents(
         shard_size: source images per shard.
         resume: continue a partial cache; ``False`` starts over (existing shards are overwritten).
         dtype: storage dtype, ``float32`` / ``float16`` / ``bfloat16``.
+        num_workers: DataLoader worker processes that read and crop images (image folders; the built-in dataset
+            renders in the main process).
     """
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
@@ -141,11 +189,9 @@ def extract_latents(
     for k in range(done, num_shards):
         lo, hi = k * shard_size, min(n, (k + 1) * shard_size)
         lat, lab, src, flp, skipped = [], [], [], [], []
-        for start in range(lo, hi, batch_size):
-            indices = list(range(start, min(hi, start + batch_size)))
-            images, labels, kept, bad = _load_items(dataset, indices)
+        for images, labels, kept, bad, count in _batches(dataset, lo, hi, batch_size, num_workers):
             skipped += bad
-            bar.update(len(indices))
+            bar.update(count)
             if not images:
                 continue
             x = torch.stack(images).to(tokenizer.device)
