@@ -1,0 +1,78 @@
+"""``manifold-fm train`` from the command line: toy runs, dispatch, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from manifold_fm.cli import main
+
+TINY = ["--set", "train.steps=6", "--set", "model.hidden=16", "--set", "train.batch_size=32",
+        "--set", "eval.test_samples=20", "--set", "eval.likelihood_steps=2", "--set", "eval.steps=2",
+        "--set", "eval.plot_samples=50"]
+
+
+def test_train_toy_sphere_geodesic_and_linear(tmp_path: Path) -> None:
+    runner = CliRunner()
+    for path in ("geodesic", "linear"):
+        out = tmp_path / path
+        res = runner.invoke(main, ["train", "--config", "toy-sphere", "--path", path, "--out", str(out), *TINY])
+        assert res.exit_code == 0, res.output
+        assert f"run folder: {out}" in res.output
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["path"] == path and metrics["train_steps"] == 6
+        assert (out / "samples.png").stat().st_size > 1000
+        assert (out / "checkpoints" / "latest").is_file()
+    # an existing run is not overwritten without --resume; with --resume and more steps it continues
+    res = runner.invoke(main, ["train", "--config", "toy-sphere", "--out", str(tmp_path / "geodesic"), *TINY])
+    assert res.exit_code == 1 and "already holds a run" in res.output and "Traceback" not in res.output
+    res = runner.invoke(main, ["train", "--config", "toy-sphere", "--out", str(tmp_path / "geodesic"), "--resume",
+                               *TINY, "--steps", "8"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "geodesic" / "metrics.json").read_text())["train_steps"] == 8
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--config", "toy-sphere", "--set", "train.stepz=3"], "unknown config key 'train.stepz'"),
+        (["--config", "toy-sphree"], "did you mean 'toy-sphere'"),
+        (["--config", "toy-sphere", "--set", "data.name=moons"], "unknown toy dataset 'moons'"),
+        (["--config", "toy-sphere", "--set", "path=curved"], "path"),
+    ],
+)
+def test_bad_configs_are_one_line_errors(args: list[str], message: str, tmp_path: Path) -> None:
+    res = CliRunner().invoke(main, ["train", *args, "--out", str(tmp_path / "x")])
+    assert res.exit_code != 0
+    assert message in res.output and "Traceback" not in res.output
+
+
+def test_unknown_kind_and_default_run_dispatch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tmp_path / "weird.yaml"
+    cfg.write_text("kind: audio\n")
+    res = CliRunner().invoke(main, ["train", "--config", str(cfg)])
+    assert res.exit_code == 1 and "expected 'toy' or 'image'" in res.output
+    calls = []
+    fake = types.ModuleType("manifold_fm.training.default_run")
+
+    def run_default(out_dir, overrides):  # noqa: ANN001, ANN202
+        calls.append((out_dir, overrides))
+        return Path("runs/default")
+
+    fake.run_default = run_default  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "manifold_fm.training.default_run", fake)
+    res = CliRunner().invoke(main, ["train", "--set", "train.steps=3", "--out", str(tmp_path / "d")])
+    assert res.exit_code == 0, res.output
+    assert calls == [(tmp_path / "d", ["train.steps=3"])]
+    image_cfg = tmp_path / "img.yaml"
+    image_cfg.write_text("kind: image\n")
+    fake_image = types.ModuleType("manifold_fm.training.image")
+    fake_image.train_image = lambda config, overrides, out_dir, resume: Path("runs/img")  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "manifold_fm.training.image", fake_image)
+    res = CliRunner().invoke(main, ["train", "--config", str(image_cfg)])
+    assert res.exit_code == 0 and "runs/img" in res.output
