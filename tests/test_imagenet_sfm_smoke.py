@@ -451,3 +451,23 @@ def test_gpu_check_bf16_sampling_keeps_samples_on_the_spheres(one_thread: None) 
     out = gc.check_sampling(spec, Decoder(), 32, 8, torch.device("cpu"))
     assert out["spherical"]["max_radius_error_bf16"] < 1e-5
     assert out["linear"]["ode_images_per_s_bf16"] > 0
+
+
+def test_gpu_check_failed_section_keeps_the_others(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                   monkeypatch: pytest.MonkeyPatch, one_thread: None) -> None:
+    """On a one-shot GPU lease an out-of-memory in one section must not lose the other figures."""
+    gc = _load(EXP / "gpu_check.py", "imagenet_sfm_gpu_check")
+
+    def boom(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(gc, "check_training", boom)
+    out = tmp_path / "r.json"
+    assert gc.main(["--cpu-smoke", "--quiet", "--out", str(out)]) == 1
+    report = json.loads(out.read_text())
+    assert report["failed"] == ["training"] and "out of memory" in report["training"]["error"]
+    assert report["extraction"]["images_per_s"] > 0 and report["sampling"]["spherical"]["ode_images_per_s_fp32"] > 0
+    capsys.readouterr()
+    assert gc.main(["--rows", str(out)]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert any("training" in r and "failed: RuntimeError" in r for r in rows) and len(rows) == 4

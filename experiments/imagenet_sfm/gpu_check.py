@@ -219,8 +219,6 @@ def check_extraction(tokenizer: Any, spec: CheckSpec, device: torch.device, dtyp
         "encodes_per_s_with_flips": round(2 * spec.vae_batch / sec, 2),
         "extract_latents_images_per_s": round(pipeline_ips, 2),
         "peak_mem_gib": peak,
-        "_latent_channels": z.shape[1],
-        "_latent_size": z.shape[-1],
     }
 
 
@@ -473,16 +471,33 @@ def run_check(spec: CheckSpec, peak_tflops: float | None = None, progress: bool 
     with saved_flux2_vae(spec) as vae_dir:
         tokenizer = DiffusersTokenizer.from_pretrained(str(vae_dir), kind="flux2", dtype=vae_dtype, device=device)
     tokenizer.eval()
-    log("latent extraction")
-    extraction = check_extraction(tokenizer, spec, device, vae_dtype)
-    channels, size = extraction.pop("_latent_channels"), extraction.pop("_latent_size")
-    report["extraction"] = extraction
-    log(f"training {spec.sit} on ({channels}, {size}, {size}) latents")
-    with tempfile.TemporaryDirectory(prefix="gpu_check_runs_") as work:
-        report["training"] = check_training(spec, channels, size, device, flops_peak, Path(work))
-    log(f"sampling ({spec.sample_steps} Euler steps, CFG {spec.cfg_scale})")
-    report["sampling"] = check_sampling(spec, tokenizer, channels, size, device)
-    report["projection_if_linear_scaling"] = projection(report["training"], spec)
+    channels, size = tokenizer.latent_channels, spec.image_size // tokenizer.downsample
+    report["failed"] = []
+
+    def section(name: str, fn: Callable[[], dict[str, Any]]) -> None:
+        # One failing section (say, out of memory) must not cost the figures of the others on a one-shot lease.
+        log(name)
+        try:
+            report[name] = fn()
+        except Exception as exc:  # noqa: BLE001 - recorded in the report and re-signalled by the exit status
+            import traceback
+
+            traceback.print_exc()
+            report[name] = {"error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"}
+            report["failed"].append(name)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def training() -> dict[str, Any]:
+        with tempfile.TemporaryDirectory(prefix="gpu_check_runs_") as work:
+            return check_training(spec, channels, size, device, flops_peak, Path(work))
+
+    section("extraction", lambda: check_extraction(tokenizer, spec, device, vae_dtype))
+    section("training", training)
+    section("sampling", lambda: check_sampling(spec, tokenizer, channels, size, device))
+    report["projection_if_linear_scaling"] = (
+        None if "training" in report["failed"] else projection(report["training"], spec)
+    )
     report["wall_s"] = round(time.perf_counter() - t0, 1)
     log("done")
     return report
@@ -500,19 +515,23 @@ def results_rows(report: dict[str, Any]) -> list[str]:
     ext, tr, sm = report["extraction"], report["training"], report["sampling"]
     spec = report["spec"]
     tag = "" if report["mode"] == "full" else " (cpu-smoke: not a measurement)"
-    rows = [
-        (f"latent extraction, FLUX.2-sized VAE, {spec['image_size']} px, with flips{tag}",
-         f"{ext['images_per_s']:.1f} img/s (encoder), {ext['extract_latents_images_per_s']:.1f} img/s "
-         f"(extract_latents); peak {gib(ext['peak_mem_gib'])}"),
-    ]
-    for mode in ("linear", "spherical"):
+    rows = []
+    for name, part in (("latent extraction", ext), ("training", tr), ("sampling", sm)):
+        if "error" in part:
+            rows.append((f"{name}{tag}", f"failed: {part['error']}"))
+    if "error" not in ext:
+        rows.append((f"latent extraction, FLUX.2-sized VAE, {spec['image_size']} px, with flips{tag}",
+                     f"{ext['images_per_s']:.1f} img/s (encoder), {ext['extract_latents_images_per_s']:.1f} img/s "
+                     f"(extract_latents); peak {gib(ext['peak_mem_gib'])}"))
+    for mode in ("linear", "spherical") if "error" not in tr else ():
         t = tr[mode]
         precision = "bf16" if spec["amp"] else "fp32"
         rows.append((f"{spec['sit']} {precision} training, batch {tr['batch']}, {mode}{tag}",
                      f"{t['images_per_s']:.1f} img/s, MFU {pct(t['mfu'])}, peak {gib(t['peak_mem_gib'])}"))
-    rows.append((f"{spec['sit']} spherical / linear training step time{tag}",
-                 f"{tr['spherical_over_linear_step_time']:.3f}"))
-    for mode in ("linear", "spherical"):
+    if "error" not in tr:
+        rows.append((f"{spec['sit']} spherical / linear training step time{tag}",
+                     f"{tr['spherical_over_linear_step_time']:.3f}"))
+    for mode in ("linear", "spherical") if "error" not in sm else ():
         m = sm[mode]
         figure = f"{m['ode_images_per_s_fp32']:.1f} img/s fp32"
         if "ode_images_per_s_bf16" in m:
@@ -558,12 +577,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     text = json.dumps(report, indent=2, default=_json_default)
     print(text)
+    status = 1 if report["failed"] else 0
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.out.with_name(args.out.name + ".tmp")
         tmp.write_text(text + "\n")
         os.replace(tmp, args.out)
-    return 0
+    if status:
+        print(f"gpu_check: section(s) failed: {', '.join(report['failed'])} (errors in the report)", file=sys.stderr)
+    return status
 
 
 def _json_default(obj: Any) -> Any:
