@@ -91,8 +91,8 @@ def base_log_prob(manifold: Manifold, x: Tensor) -> Tensor:
     if isinstance(manifold, FlatTorus):
         return torch.full((batch,), -(x.numel() // batch) * math.log(2 * math.pi), dtype=x.dtype, device=x.device)
     if isinstance(manifold, Product):
-        parts = [base_log_prob(m, xi.reshape(-1, *xi.shape[x.ndim - 1 :])) for m, xi in zip(manifold.factors,
-                                                                                            manifold.split(x))]
+        pieces = zip(manifold.factors, manifold.split(x), strict=True)
+        parts = [base_log_prob(m, xi.reshape(-1, *xi.shape[x.ndim - 1 :])) for m, xi in pieces]
         return sum(p.reshape(batch, -1).sum(dim=1) for p in parts)
     if _is_poincare(manifold):
         c = _curvature(manifold)
@@ -128,8 +128,8 @@ def log_volume_density(manifold: Manifold, x: Tensor) -> Tensor:
     if isinstance(manifold, (Sphere, TokenSpheres, Euclidean, FlatTorus)):
         return torch.zeros(batch, dtype=x.dtype, device=x.device)
     if isinstance(manifold, Product):
-        parts = [log_volume_density(m, xi.reshape(-1, *xi.shape[x.ndim - 1 :])) for m, xi in zip(manifold.factors,
-                                                                                                 manifold.split(x))]
+        pieces = zip(manifold.factors, manifold.split(x), strict=True)
+        parts = [log_volume_density(m, xi.reshape(-1, *xi.shape[x.ndim - 1 :])) for m, xi in pieces]
         return sum(p.reshape(batch, -1).sum(dim=1) for p in parts)
     if _is_poincare(manifold):
         c = _curvature(manifold)

@@ -120,7 +120,8 @@ class IntegrationStats:
 
 def _g_series(w: Tensor) -> Tensor:
     """``(sin w - w cos w) / sin^3 w``; below a threshold where the direct form cancels, its Taylor series
-    ``1/3 + 2 w^2/15 + 2 w^4/63 + 4 w^6/675`` (0.02 in float64, 0.2 in float32: truncation below ~1e-13 / 1e-8 relative)."""
+    ``1/3 + 2 w^2/15 + 2 w^4/63 + 4 w^6/675`` (threshold 0.02 in float64, 0.2 in float32: truncation error below
+    ~1e-13 / 1e-8 relative)."""
     cut = 0.02 if w.dtype == torch.float64 else 0.2
     w2 = w * w
     series = 1.0 / 3.0 + w2 * (2.0 / 15.0 + w2 * (2.0 / 63.0 + w2 * (4.0 / 675.0)))
@@ -187,16 +188,16 @@ def rk_step(
         if i == 0:
             y = x
         else:
-            z = sum((h * aij) * kj for aij, kj in zip(tableau.a[i], ks) if aij != 0.0)
+            z = sum((h * aij) * kj for aij, kj in zip(tableau.a[i], ks, strict=False) if aij != 0.0)
             y = manifold.expmap(x, z)
         v, e = fld(y, t + ci * h)
         ks.append(v if i == 0 else pull_back(manifold, x, y, v, transport))
         extras.append(e)
-    z = sum((h * bi) * ki for bi, ki in zip(tableau.b, ks) if bi != 0.0)
+    z = sum((h * bi) * ki for bi, ki in zip(tableau.b, ks, strict=False) if bi != 0.0)
     x_next = manifold.projx(manifold.expmap(x, z))
     if extras[0] is None:
         return x_next, None
-    acc = sum((h * bi) * ei for bi, ei in zip(tableau.b, extras) if bi != 0.0 and ei is not None)
+    acc = sum((h * bi) * ei for bi, ei in zip(tableau.b, extras, strict=False) if bi != 0.0 and ei is not None)
     return x_next, acc
 
 
@@ -207,7 +208,7 @@ def _make_grid(
         grid = [float(v) for v in torch.as_tensor(time_grid, dtype=torch.float64).flatten()]
         if len(grid) < 2:
             raise ValueError("time_grid needs at least 2 points")
-        diffs = [b - a for a, b in zip(grid, grid[1:])]
+        diffs = [b - a for a, b in zip(grid, grid[1:], strict=False)]
         if not (all(d > 0 for d in diffs) or all(d < 0 for d in diffs)):
             raise ValueError("time_grid must be strictly increasing or strictly decreasing")
         return grid
@@ -254,7 +255,7 @@ def solve_field(
     total = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device) if with_extra else None
     traj = [x] if return_intermediates else []
     tableau = TABLEAUS.get(method)
-    for ta, tb in zip(grid, grid[1:]):
+    for ta, tb in zip(grid, grid[1:], strict=False):
         if tableau is not None:
             x, e = rk_step(fld, manifold, x, ta, tb - ta, tableau, transport)
         else:

@@ -103,7 +103,7 @@ class ShiftedTime:
 def build_time_sampler(
     name: str, mean: float = 0.0, std: float = 1.0, shift: float = 1.0
 ) -> UniformTime | LogitNormalTime | ShiftedTime:
-    """``"uniform"`` or ``"logit_normal"`` (with ``mean``, ``std``), wrapped in :class:`ShiftedTime` if ``shift != 1``."""
+    """``"uniform"`` or ``"logit_normal"`` (``mean``, ``std``), wrapped in :class:`ShiftedTime` if ``shift != 1``."""
     if name == "uniform":
         base: UniformTime | LogitNormalTime = UniformTime()
     elif name in ("logit_normal", "logitnormal"):

@@ -29,7 +29,8 @@ def test_uniform_is_seeded_and_uniform() -> None:
 
 
 def test_logit_normal_moments() -> None:
-    t = LogitNormalTime(mean=0.5, std=0.8).sample(40000, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    g = torch.Generator().manual_seed(1)
+    t = LogitNormalTime(mean=0.5, std=0.8).sample(40000, generator=g, dtype=torch.float64)
     logit = torch.log(t / (1 - t))
     assert abs(float(logit.mean()) - 0.5) < 0.02
     assert abs(float(logit.std()) - 0.8) < 0.02

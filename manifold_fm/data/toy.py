@@ -82,7 +82,8 @@ class ToyDataset:
     def log_prob(self, x: Tensor) -> Tensor:
         """Exact log density w.r.t. the Riemannian volume, shape ``(n,)``, in ``x``'s dtype."""
         if tuple(x.shape[1:]) != self.point_shape:
-            raise ValueError(f"expected points of shape (n, {', '.join(map(str, self.point_shape))}), got {tuple(x.shape)}")
+            shape = ", ".join(map(str, self.point_shape))
+            raise ValueError(f"expected points of shape (n, {shape}), got {tuple(x.shape)}")
         return self._log_prob(x.to(_DT)).to(x.dtype)
 
     def entropy(self, n: int = 20000, generator: torch.Generator | None = None) -> float:

@@ -142,7 +142,6 @@ def train_toy(
         dataset = build_toy_dataset(cfg.data.name, **cfg.data.params)
     except ValueError as exc:
         raise ConfigError(f"data: {exc}") from None
-    manifold = dataset.manifold
     out = Path(out_dir) if out_dir is not None else Path("runs") / f"{cfg.name}-{cfg.path}"
     ckpt_root = out / "checkpoints"
     existing = latest_checkpoint(ckpt_root)
@@ -271,8 +270,8 @@ def evaluate_toy(
     }
     metrics["nll_gap"] = metrics["test_nll"] - metrics["true_nll"]
     if out is not None:
-        plot_samples(dataset.sample(cfg.eval.plot_samples, gen), samples, manifold, out / "samples.png",
-                     title=f"{cfg.name} ({cfg.path}): test NLL {metrics['test_nll']:.3f}, true {metrics['true_nll']:.3f}")
+        title = f"{cfg.name} ({cfg.path}): test NLL {metrics['test_nll']:.3f}, true {metrics['true_nll']:.3f}"
+        plot_samples(dataset.sample(cfg.eval.plot_samples, gen), samples, manifold, out / "samples.png", title=title)
     return metrics
 
 
@@ -294,7 +293,7 @@ def plot_samples(data: torch.Tensor, samples: torch.Tensor, manifold: Manifold, 
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.5), sharex=True, sharey=True)
-    for ax, pts, label in zip(axes, (data, samples), ("data", "model samples")):
+    for ax, pts, label in zip(axes, (data, samples), ("data", "model samples"), strict=False):
         a, b, xl, yl = _coords(pts, manifold)
         ax.scatter(a.numpy(), b.numpy(), s=2, alpha=0.5)
         ax.set_title(label)
