@@ -188,4 +188,4 @@ def builtin_evaluator(
         os.replace(tmp, meta_path)
     feats, _ = predict(model, test_x)
     mu, sigma = feature_stats(feats)
-    return BuiltinEvaluator(model, mu, sigma, info)
+    return BuiltinEvaluator(model, mu, sigma, {**info, "cache": str(root)})

@@ -53,7 +53,8 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
             raise ValueError(f"sqrtm has a large imaginary part ({np.abs(covmean.imag).max():.3g})")
         covmean = covmean.real
-    return float(diff.dot(diff) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+    # Rank-deficient covariances (fewer samples than feature dims) leave ~1e-6 round-off below the true value 0.
+    return max(0.0, float(diff.dot(diff) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)))
 
 
 # ----------------------------------------------------------------------------- images
