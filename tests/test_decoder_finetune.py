@@ -42,6 +42,10 @@ def test_vanilla_control_gan_warmup_and_determinism() -> None:
     assert set(r1["metrics"]) == {"original_decoder/raw_latents", "original_decoder/projected_latents",
                                   "finetuned_decoder/raw_latents"}
     assert r1["final_losses"]["ramp"] == 1.0 and r1["final_losses"]["disc"] > 0
+    assert 0 < r1["final_losses"]["gan_scale"] != 1.0  # the adaptive (gradient-ratio) GAN weight is in use
+    _, fixed = finetune_decoder(tok, ds, 3, batch_size=4, gan_start=1, adaptive_gan_weight=False, eval_items=4,
+                                progress=False)
+    assert fixed["final_losses"]["gan_scale"] == 1.0
     s2, _ = finetune_decoder(tok, ds, 4, batch_size=4, gan_start=2, gan_warmup=2, project=False, eval_items=8,
                              progress=False)
     assert all(torch.equal(s1[k], s2[k]) for k in s1)  # same seed, same result

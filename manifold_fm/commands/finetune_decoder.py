@@ -30,6 +30,8 @@ def _save_state(state: dict, path: Path) -> None:
 @click.option("--perceptual-weight", type=float, default=1.0, show_default=True)
 @click.option("--gan-weight", type=float, default=0.1, show_default=True)
 @click.option("--gan-start", type=int, default=None, help="Discriminator start step (default: steps // 2).")
+@click.option("--adaptive-gan/--fixed-gan", default=True, show_default=True,
+              help="Scale the GAN term by the LDM gradient-norm ratio at the decoder's last convolution.")
 @click.option("--lpips-vgg", type=click.Path(dir_okay=False), default=None,
               help="Local torchvision VGG16 weights (vgg16-397923af.pth) for LPIPS.")
 @click.option("--lpips-lin", type=click.Path(dir_okay=False), default=None,
@@ -41,8 +43,8 @@ def _save_state(state: dict, path: Path) -> None:
 def finetune_decoder(tokenizer_spec: str, subfolder: str | None, kind: str, dtype: str, device: str,
                      normalization: str | None, data_spec: str, split: str, size: int, per_class: int | None,
                      out_dir: Path, steps: int, batch_size: int, lr: float, perceptual_weight: float,
-                     gan_weight: float, gan_start: int | None, lpips_vgg: str | None, lpips_lin: str | None,
-                     vanilla_control: bool, eval_items: int, seed: int) -> None:
+                     gan_weight: float, gan_start: int | None, adaptive_gan: bool, lpips_vgg: str | None,
+                     lpips_lin: str | None, vanilla_control: bool, eval_items: int, seed: int) -> None:
     """Encoder frozen, KL dropped; L1 + perceptual + patch-GAN (with warm-up); reports PSNR/SSIM/perceptual."""
     from ..data.images import BuiltinImages
     from ..tokenizers.finetune import finetune_decoder as run
@@ -64,7 +66,8 @@ def finetune_decoder(tokenizer_spec: str, subfolder: str | None, kind: str, dtyp
         try:
             state, rep = run(tok, dataset, steps, batch_size=batch_size, lr=lr, project=project,
                              perceptual=perceptual, perceptual_weight=perceptual_weight, gan_weight=gan_weight,
-                             gan_start=gan_start, eval_dataset=eval_set, eval_items=eval_items, seed=seed)
+                             gan_start=gan_start, adaptive_gan_weight=adaptive_gan, eval_dataset=eval_set,
+                             eval_items=eval_items, seed=seed)
         except (ValueError, FloatingPointError) as exc:
             raise click.ClickException(str(exc)) from None
         name = "decoder.safetensors" if project else "decoder_vanilla.safetensors"

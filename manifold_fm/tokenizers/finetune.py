@@ -3,11 +3,14 @@
 Per step, with ``x`` a batch of images, ``z = E(x)`` the frozen posterior mode and ``z~ = sqrt(d) z/|z|`` per
 token (``project=True``; ``z~ = z`` gives the paper's "FT-vanilla" control, same recipe on raw latents)::
 
-    L_G = w_l1 * mean|D(z~) - x| + w_p * P(D(z~), x) + lambda(step) * w_gan * (-mean Disc(D(z~)))
+    L_rec = w_l1 * mean|D(z~) - x| + w_p * P(D(z~), x)
+    L_G = L_rec + ramp(step) * w_gan * a * (-mean Disc(D(z~)))
     L_D = mean relu(1 - Disc(x)) + mean relu(1 + Disc(D(z~)))            (hinge; only once step >= gan_start)
 
-``P`` is LPIPS when local weights are given, else the named fallback distance; ``lambda`` ramps linearly from 0 to
-1 over ``gan_warmup`` steps starting at ``gan_start`` (the discriminator warm-up). The KL term is dropped (the
+``P`` is LPIPS when local weights are given, else the named fallback distance; ``ramp`` goes linearly from 0 to 1
+over ``gan_warmup`` steps starting at ``gan_start`` (the discriminator warm-up); ``a`` is the adaptive weight of
+taming-transformers / LDM, ``|grad_W L_rec| / (|grad_W L_adv| + 1e-4)`` at the decoder's last convolution ``W``
+(clamped to ``[0, 1e4]``), or 1 with ``adaptive_gan_weight=False``. The KL term is dropped (the
 encoder is frozen). The report compares PSNR / SSIM / perceptual distance on held-out images for: the original
 decoder on raw latents, the original decoder on projected latents, and the finetuned decoder on the latents it was
 trained for.
@@ -47,10 +50,21 @@ class PatchDiscriminator(nn.Module):
 
 
 def _batch(dataset: Dataset, indices: list[int]) -> Tensor:
+    """Images of ``indices``; unreadable files (``ImageReadError``) are left out of the batch."""
+    from ..data.images import ImageReadError
+
     render = getattr(dataset, "render", None)
     if callable(render):
         return render(indices)[0]
-    return torch.stack([dataset[i][0] for i in indices])
+    images = []
+    for i in indices:
+        try:
+            images.append(dataset[i][0])
+        except ImageReadError:
+            continue
+    if not images:
+        raise ValueError(f"none of the images {indices[:4]}... could be read; check the dataset")
+    return torch.stack(images)
 
 
 @torch.no_grad()
@@ -88,6 +102,7 @@ def finetune_decoder(
     gan_start: int | None = None,
     gan_warmup: int | None = None,
     disc_lr: float | None = None,
+    adaptive_gan_weight: bool = True,
     eval_dataset: Dataset | None = None,
     eval_items: int = 64,
     seed: int = 0,
@@ -127,6 +142,10 @@ def finetune_decoder(
         return manifold.projx(z) if proj else z
 
     decoder = copy.deepcopy(tokenizer.decoder_module()).float().to(device).train().requires_grad_(True)
+    convs = [q for q in decoder.parameters() if q.ndim == 4]
+    if not convs and adaptive_gan_weight and gan_weight > 0:
+        raise ValueError("adaptive GAN weighting needs a convolutional decoder; pass adaptive_gan_weight=False")
+    last_conv = convs[-1] if convs else None
     with torch.random.fork_rng(devices=[]):  # a seeded discriminator init without touching the global RNG
         torch.manual_seed(seed)
         disc = PatchDiscriminator().to(device)
@@ -149,10 +168,15 @@ def finetune_decoder(
         loss = l1_weight * l1 + perceptual_weight * p
         ramp = 0.0 if step < gan_start else min(1.0, (step - gan_start + 1) / gan_warmup)
         adv = torch.zeros((), device=device)
+        a = 1.0
         if ramp > 0 and gan_weight > 0:
             disc.requires_grad_(False)
             adv = -disc(rec).mean()
-            loss = loss + ramp * gan_weight * adv
+            if adaptive_gan_weight:
+                g_rec = torch.autograd.grad(loss, last_conv, retain_graph=True)[0]
+                g_adv = torch.autograd.grad(adv, last_conv, retain_graph=True)[0]
+                a = float((g_rec.norm() / (g_adv.norm() + 1e-4)).clamp(0.0, 1e4))
+            loss = loss + ramp * gan_weight * a * adv
         opt_g.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(decoder.parameters(), 1.0)
@@ -164,7 +188,8 @@ def finetune_decoder(
             opt_d.zero_grad(set_to_none=True)
             d_loss.backward()
             opt_d.step()
-        last = {"l1": l1.item(), "perceptual": p.item(), "adv": adv.item(), "disc": d_loss.item(), "ramp": ramp}
+        last = {"l1": l1.item(), "perceptual": p.item(), "adv": adv.item(), "disc": d_loss.item(), "ramp": ramp,
+                "gan_scale": a}
         if not all(math.isfinite(v) for v in last.values()):
             raise FloatingPointError(f"decoder finetuning diverged at step {step} (losses {last}); lower the lr")
         if step % 10 == 0:
@@ -200,7 +225,8 @@ def finetune_decoder(
         "steps": steps,
         "batch_size": batch_size,
         "lr": lr,
-        "weights": {"l1": l1_weight, "perceptual": perceptual_weight, "gan": gan_weight},
+        "weights": {"l1": l1_weight, "perceptual": perceptual_weight, "gan": gan_weight,
+                    "adaptive_gan_weight": adaptive_gan_weight},
         "gan_start": gan_start,
         "gan_warmup": gan_warmup,
         "perceptual_metric": getattr(perceptual, "name", type(perceptual).__name__),
