@@ -1,0 +1,62 @@
+"""The built-in default run (``manifold-fm train`` with no config), shrunk with ``--set`` to a few steps."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from manifold_fm.cli import main
+from manifold_fm.config import ConfigError
+from manifold_fm.training.default_run import DefaultRunConfig, format_table, translate_default_overrides
+
+SHRINK = ["per_class=3", "test_per_class=2", "finetune_steps=2", "finetune_batch_size=4", "classifier_steps=3",
+          "steps=4", "batch_size=12", "num_samples=24", "eval_every=2", "eval_samples=12", "sample_steps=2",
+          "threads=1"]
+
+
+def test_default_run_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "default"
+    args = ["train", "--out", str(out)]
+    for item in [*SHRINK, f"cache_dir={tmp_path / 'cache'}"]:
+        args += ["--set", item]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "FD-builtin-classifier" in result.output and "spherical" in result.output and "linear" in result.output
+    results = json.loads((out / "results.json").read_text())
+    sph, lin = results["modes"]["spherical"], results["modes"]["linear"]
+    assert sph["on_sphere_error_max"] < 1e-5  # exp-map sampling keeps every token on its sphere
+    assert lin["on_sphere_error_max"] > 1e-3  # the linear baseline's tokens are not constrained
+    for r in (sph, lin):
+        assert r["fd_builtin_classifier"] >= 0 and 0 <= r["classifier_accuracy"] <= 1 and r["steps"] == 4
+    assert set(results["references"]) >= {"real held-out images", "reconstructions (base decoder)",
+                                          "reconstructions (spherical, finetuned decoder)"}
+    for f in ["spherical/grid.png", "linear/grid.png", "metrics_over_steps.png", "reconstructions.png",
+              "results.md", "spherical_decoder.safetensors", "config.yaml"]:
+        assert (out / f).is_file(), f
+    # Metrics over steps: an evaluation at step 2 was logged for each mode.
+    for mode in ("spherical", "linear"):
+        steps = [json.loads(line)["step"] for line in (out / mode / "metrics.jsonl").read_text().splitlines()
+                 if "fd_builtin_classifier" in line]
+        assert steps == [2]
+
+
+def test_default_overrides_and_errors() -> None:
+    assert translate_default_overrides(["train.steps=9", "path=geodesic", "lr=1"]) == [
+        "steps=9", "modes=[spherical]", "lr=1"]
+    with pytest.raises(ConfigError, match="modes"):
+        DefaultRunConfig(modes=["slerp"])
+    result = CliRunner().invoke(main, ["train", "--set", "stepz=3"])
+    assert result.exit_code != 0 and "unknown config key 'stepz'" in result.output
+
+
+def test_format_table_rows() -> None:
+    row = {"fd_builtin_classifier": 1.5, "classifier_accuracy": 0.5, "on_sphere_error_max": 1e-7, "train_s": 10,
+           "sample_s_per_image": 0.002}
+    table = format_table({"modes": {"spherical": row, "linear": {**row, "on_sphere_error_max": 0.4}},
+                          "references": {"real held-out images": {"fd_builtin_classifier": 0.1}}})
+    lines = table.splitlines()
+    assert lines[2].startswith("| spherical | 1.500 | 0.500 | 1.0e-07 | 10 s | 2.0 ms |")
+    assert "(0.40)" in lines[3] and lines[4].startswith("| real held-out images | 0.100 | - |")
