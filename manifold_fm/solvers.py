@@ -48,7 +48,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
-from .manifolds import Manifold, Sphere
+from .manifolds import Manifold, Product, Sphere
 from .manifolds._numerics import LOW_PRECISION, compute_dtype
 
 Velocity = Callable[[Tensor, Tensor], Tensor]
@@ -160,10 +160,16 @@ def pull_back(manifold: Manifold, x: Tensor, y: Tensor, v: Tensor, transport: Tr
     if transport == "dlog":
         if isinstance(manifold, Sphere):
             return sphere_dlog(manifold, x, y, v)
-        with fwAD.dual_level():
-            out = manifold.logmap(x, fwAD.make_dual(y, v))
+        if isinstance(manifold, Product):  # factor by factor, so sphere factors use the closed form
+            parts = zip(manifold.factors, manifold.split(x), manifold.split(y), manifold.split(v), strict=True)
+            return manifold.join([pull_back(f, xi, yi, vi, transport) for f, xi, yi, vi in parts])
+        # Forward-mode JVP of log_x at y. The primal is marked as requiring grad (under enable_grad) so that
+        # manifolds with a no-autograd fast path (in-place ``out=`` kernels, which forward AD rejects) take
+        # their differentiable path.
+        with torch.enable_grad(), fwAD.dual_level():
+            out = manifold.logmap(x, fwAD.make_dual(y.detach().requires_grad_(True), v))
             tangent = fwAD.unpack_dual(out).tangent
-        return torch.zeros_like(v) if tangent is None else tangent
+        return torch.zeros_like(v) if tangent is None else tangent.detach()
     if transport == "parallel":
         return manifold.transp(y, x, v)
     if transport == "project":
