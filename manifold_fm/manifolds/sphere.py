@@ -181,12 +181,17 @@ class Sphere(Manifold):
     @upcast
     def angle(self, x: Tensor, y: Tensor) -> Tensor:
         """Per-token angle in ``[0, pi]`` with a kept size-1 sphere axis."""
-        return self._pair(x, y).w
+        return self._pair(x, y, self._scratch(x, y)).w
 
     @upcast
     def dist(self, x: Tensor, y: Tensor) -> Tensor:
         """Geodesic distance ``R * angle(x, y)`` (for token spheres: the product metric over tokens)."""
-        return self._points_norm(self.radius * self._pair(x, y).w, x)
+        return self._points_norm(self.radius * self._pair(x, y, self._scratch(x, y)).w, x)
+
+    @staticmethod
+    def _scratch(x: Tensor, y: Tensor) -> Tensor | None:
+        """A reusable product buffer for :meth:`_pair`'s dot products, unless autograd or broadcasting forbid it."""
+        return None if _tracks_grad(x, y) or x.shape != y.shape else torch.empty_like(x)
 
     def _points_norm(self, per_token: Tensor, like: Tensor) -> Tensor:
         return self._tokens_to_points(per_token, like)
