@@ -57,6 +57,7 @@ class DefaultRunConfig:
     eval_samples: int = 240
     classifier_steps: int = 800
     modes: list[str] = field(default_factory=lambda: ["spherical", "linear"])
+    parallel: bool = True
     cache_dir: Path | None = None
 
     def __post_init__(self) -> None:
@@ -124,6 +125,51 @@ class _Evaluator:
         out.update({"on_sphere_error_max": err["max"], "on_sphere_error_mean": err["mean"],
                     "sample_s_per_image": secs / n})
         return out
+
+
+def _train_mode(job: tuple[Any, ...]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Train, sample and score one mode of the default run (top-level so a worker process can run it)."""
+    from ..eval.sampling import save_image_grid
+    from ..models.sit import build_sit
+    from .image_config import load_image_config
+    from .logging import read_jsonl
+    from .trainer import FlowTrainer, TensorLatents, flow_from_config
+
+    cfg, mode, decoder_path, latents, labels, decoder, builtin, out, progress, tokenizer_name = job
+    if cfg.parallel:
+        torch.set_num_threads(1)
+    channels, side = latents.shape[1], latents.shape[-1]
+    num_classes = builtin.model.num_classes
+    icfg = load_image_config(image_run_config(cfg, mode, decoder_path))
+    flow = flow_from_config(icfg, channels)
+    evaluator = _Evaluator(cfg, flow, decoder, (channels, side, side), num_classes, builtin)
+    torch.manual_seed(cfg.seed)
+    model = build_sit(cfg.arch, input_size=side, in_channels=channels, num_classes=num_classes)
+
+    def on_eval(step: int, ema_model: nn.Module) -> dict[str, float]:
+        if step == cfg.steps:
+            return {}  # the final evaluation below uses more samples
+        return evaluator(ema_model, cfg.eval_samples, seed=cfg.seed + 1)
+
+    run_dir = out / mode
+    t0 = time.perf_counter()
+    trainer = FlowTrainer(model, flow, TensorLatents(latents, labels), icfg, run_dir, null_class=num_classes,
+                          device="cpu", on_eval=on_eval if cfg.eval_every else None, progress=progress,
+                          meta={"latent_shape": [channels, side, side], "num_classes": num_classes,
+                                "tokenizer": tokenizer_name})
+    trainer.fit()
+    train_s = time.perf_counter() - t0
+    t_eval = time.perf_counter()
+    ema = trainer.ema.model
+    final = evaluator(ema, cfg.num_samples, seed=cfg.seed + 2)
+    _, images, _, _ = evaluator.sample(ema, num_classes * 8, seed=cfg.seed + 3)
+    order = torch.arange(num_classes * 8).view(8, num_classes).T.reshape(-1)  # one row per class
+    save_image_grid(images[order], run_dir / "grid.png", nrow=8)
+    final.update({"train_s": train_s, "eval_s": time.perf_counter() - t_eval, "final_loss": trainer.last_loss,
+                  "steps": cfg.steps, "threads": torch.get_num_threads()})
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    records.append({"step": cfg.steps, **{k: final[k] for k in ("fd_builtin_classifier", "classifier_accuracy")}})
+    return final, records
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -198,13 +244,9 @@ def run_default(out_dir: str | Path | None = None, overrides: Sequence[str] = ()
     from ..data.images import BuiltinImages
     from ..eval.classifier import builtin_evaluator
     from ..eval.sampling import save_image_grid
-    from ..models.sit import build_sit
     from ..tokenizers import SphericalTokenizer, builtin_tokenizer
     from ..tokenizers.finetune import finetune_decoder
     from .image import encode_dataset
-    from .image_config import load_image_config
-    from .logging import read_jsonl
-    from .trainer import FlowTrainer, TensorLatents, flow_from_config
 
     cfg = load_config(DefaultRunConfig, "default", translate_default_overrides(overrides))
     out = Path(out_dir) if out_dir is not None else Path("runs") / "default"
@@ -256,8 +298,6 @@ def run_default(out_dir: str | Path | None = None, overrides: Sequence[str] = ()
     # 3. latents (the tokenizer's own normalisation; spherical mode projects them in the trainer)
     t0 = time.perf_counter()
     latents = encode_dataset(tokenizer, train_x, progress=progress)
-    channels, side = latents.shape[1], latents.shape[-1]
-    data = TensorLatents(latents, train_y)
     lap("encode latents", t0)
 
     # Reference rows: a second held-out set (different seed) and its reconstructions through each decoder.
@@ -281,42 +321,26 @@ def run_default(out_dir: str | Path | None = None, overrides: Sequence[str] = ()
     save_image_grid(torch.cat(recon_rows), out / "reconstructions.png", nrow=12)
     lap("reference metrics", t0)
 
-    # 4. train both modes with the same budget and seed, evaluating over steps
+    # 4. train both modes with the same budget and seed, evaluating over steps; with `parallel` each mode trains in
+    #    its own process on one thread (the two runs are independent, so two cores finish both in the time of one).
     results: dict[str, Any] = {"modes": {}, "references": refs}
     history: dict[str, list[dict[str, Any]]] = {}
-    for mode in cfg.modes:
-        icfg = load_image_config(image_run_config(cfg, mode, decoder_path))
-        flow = flow_from_config(icfg, channels)
-        evaluator = _Evaluator(cfg, flow, decoders[mode], (channels, side, side), num_classes, builtin)
-        torch.manual_seed(cfg.seed)
-        model = build_sit(cfg.arch, input_size=side, in_channels=channels, num_classes=num_classes)
+    jobs = [(cfg, mode, decoder_path, latents, train_y, decoders[mode], builtin, out, progress and not cfg.parallel,
+             tokenizer.name) for mode in cfg.modes]
+    t0 = time.perf_counter()
+    if cfg.parallel and len(jobs) > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
 
-        def on_eval(step: int, ema_model: nn.Module, _ev: _Evaluator = evaluator) -> dict[str, float]:
-            if step == cfg.steps:
-                return {}  # the final evaluation below uses more samples
-            return _ev(ema_model, cfg.eval_samples, seed=cfg.seed + 1)
-
-        run_dir = out / mode
-        t0 = time.perf_counter()
-        trainer = FlowTrainer(model, flow, data, icfg, run_dir, null_class=num_classes, device="cpu",
-                              on_eval=on_eval if cfg.eval_every else None, progress=progress,
-                              meta={"latent_shape": [channels, side, side], "num_classes": num_classes,
-                                    "tokenizer": tokenizer.name})
-        trainer.fit()
-        train_s = time.perf_counter() - t0
-        t_eval = time.perf_counter()
-        ema = trainer.ema.model
-        final = evaluator(ema, cfg.num_samples, seed=cfg.seed + 2)
-        z, images, _, _ = evaluator.sample(ema, num_classes * 8, seed=cfg.seed + 3)
-        order = torch.arange(num_classes * 8).view(8, num_classes).T.reshape(-1)  # one row per class
-        save_image_grid(images[order], run_dir / "grid.png", nrow=8)
-        final.update({"train_s": train_s, "eval_s": time.perf_counter() - t_eval, "final_loss": trainer.last_loss,
-                      "steps": cfg.steps})
+        echo(f"training {', '.join(cfg.modes)} in parallel ({len(jobs)} processes, 1 thread each)...")
+        with ProcessPoolExecutor(max_workers=len(jobs), mp_context=mp.get_context("spawn")) as pool:
+            outcomes = list(pool.map(_train_mode, jobs))
+    else:
+        outcomes = [_train_mode(job) for job in jobs]
+    for mode, (final, records) in zip(cfg.modes, outcomes, strict=True):
         results["modes"][mode] = final
-        records = read_jsonl(run_dir / "metrics.jsonl")
-        records.append({"step": cfg.steps, **{k: final[k] for k in ("fd_builtin_classifier", "classifier_accuracy")}})
         history[mode] = records
-        lap(f"{mode}: train {cfg.steps} steps + evaluate", t0)
+    lap(f"train {cfg.steps} steps x {len(jobs)} modes + evaluate", t0)
 
     plot_over_steps(history, out / "metrics_over_steps.png")
     results["finetune"] = finetune_report
