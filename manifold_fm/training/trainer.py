@@ -319,15 +319,40 @@ class FlowTrainer:
             pred = model(sample.x_t, sample.t, y)
         return flow_matching_loss(self.flow.manifold, pred.float(), sample)
 
+    def train_step(self, forward: nn.Module, raw: nn.Module, x1: Tensor, y: Tensor) -> tuple[Tensor, Tensor | None]:
+        """One optimisation step on a batch (loss, backward, clip, AdamW, LR schedule, EMA); advances ``step``."""
+        self.model.train()
+        loss = self.loss_on(forward, x1, y, self.step)
+        if not torch.isfinite(loss):
+            raise TrainingError(
+                f"loss is {loss.item()} at step {self.step}; lower optim.lr or enable optim.grad_clip, "
+                "then --resume from the last checkpoint"
+            )
+        self.accelerator.backward(loss)
+        grad_norm = None
+        if self.cfg.optim.grad_clip is not None:
+            grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.ema.update(raw)
+        self.step += 1
+        return loss, grad_norm
+
+    def prepare(self) -> tuple[nn.Module, nn.Module]:
+        """Wrap model/optimizer with accelerate; returns ``(forward module, unwrapped model)``."""
+        self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        raw = self.accelerator.unwrap_model(self.model)
+        forward = torch.compile(self.model) if self.cfg.train.compile else self.model
+        return forward, raw
+
     def fit(self, resume: bool = False) -> Path:
         """Train to ``train.steps``; returns the final checkpoint folder."""
         cfg, acc = self.cfg, self.accelerator
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         resumed = self.restore() if resume else False
-        self.model, self.optimizer = acc.prepare(self.model, self.optimizer)
-        raw = acc.unwrap_model(self.model)
-        forward = torch.compile(self.model) if cfg.train.compile else self.model
+        forward, raw = self.prepare()
         logger = RunLogger(self.out_dir, resume_step=self.step if resumed else None, enabled=acc.is_main_process)
         total = cfg.train.steps
         bar = tqdm(total=total, initial=self.step, desc=f"train {self.flow.mode}", unit="step",
@@ -336,22 +361,7 @@ class FlowTrainer:
         last_path: Path | None = None
         try:
             for x1, y in self.data.batches(self.indexer, self.step, total, acc.process_index):
-                self.model.train()
-                loss = self.loss_on(forward, x1, y, self.step)
-                if not torch.isfinite(loss):
-                    raise TrainingError(
-                        f"loss is {loss.item()} at step {self.step}; lower optim.lr or enable optim.grad_clip, "
-                        "then --resume from the last checkpoint"
-                    )
-                acc.backward(loss)
-                grad_norm = None
-                if cfg.optim.grad_clip is not None:
-                    grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.ema.update(raw)
-                self.step += 1
+                loss, grad_norm = self.train_step(forward, raw, x1, y)
                 self.last_loss = loss.item()
                 seen += x1.shape[0] * acc.num_processes
                 bar.update(1)
