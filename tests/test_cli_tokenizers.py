@@ -96,3 +96,49 @@ def test_extract_latents_with_dataset_stats(tmp_path) -> None:
     torch.testing.assert_close(per_channel.mean(1), torch.zeros(16, dtype=torch.float64), atol=1e-4, rtol=0)
     torch.testing.assert_close(per_channel.std(1, unbiased=False), torch.ones(16, dtype=torch.float64), atol=1e-4,
                                rtol=0)
+
+
+def test_finetune_decoder_rfid_with_a_stand_in_extractor(tmp_path) -> None:
+    """rFID plumbing, with a small registered feature extractor standing in for Inception (no weights here)."""
+    import torch.nn.functional as F
+    from torch_fidelity import FeatureExtractorBase
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+
+    class StandInC(FeatureExtractorBase):
+        def __init__(self, name: str, features_list: list[str], **kwargs: object) -> None:
+            super().__init__(name, features_list)
+            self.register_buffer("proj", torch.randn(3 * 4 * 4, 5, generator=torch.Generator().manual_seed(0)))
+
+        @staticmethod
+        def get_provided_features_list() -> tuple[str, ...]:
+            return ("pool",)
+
+        @staticmethod
+        def get_default_feature_layer_for_metric(metric: str) -> str:
+            return "pool"
+
+        @staticmethod
+        def can_be_compiled() -> bool:
+            return False
+
+        @staticmethod
+        def get_dummy_input_for_compile() -> torch.Tensor:
+            return torch.zeros(1, 3, 8, 8, dtype=torch.uint8)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return (F.adaptive_avg_pool2d(x.float() / 255, 4).flatten(1) @ self.proj,)
+
+    if "standin_c" not in FEATURE_EXTRACTORS_REGISTRY:
+        register_feature_extractor("standin_c", StandInC)
+    out = tmp_path / "ft"
+    r = _run("finetune-decoder", "--per-class", "1", "--steps", "1", "--batch-size", "4", "--eval-items", "24",
+             "--fid-extractor", "standin_c", "--out", str(out))
+    assert r.exit_code == 0, r.output
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["rfid_metric"] == "fd[standin_c]"
+    vals = {k: m["rfid"] for k, m in rep["metrics"].items()}
+    assert len(vals) == 3 and all(v >= 0 for v in vals.values())
+    assert "rfd[standin_c]" in r.output
+    r = CliRunner().invoke(main, ["finetune-decoder", "--per-class", "1", "--steps", "0", "--eval-items", "4",
+                                  "--inception-weights", str(tmp_path / "nope.pth"), "--out", str(out)])
+    assert r.exit_code == 1 and "nope.pth" in r.output
