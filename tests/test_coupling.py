@@ -32,6 +32,11 @@ def test_cost_matrix_equals_a_loop_of_squared_distances(monkeypatch: pytest.Monk
             )  # sum over tokens of (R * angle)^2
             assert abs(float(c[i, j]) - ref) < 1e-10
     assert c.shape == (5, 7)
+    # the dot-product fast path agrees with the generic per-pair dist path in float32 too
+    monkeypatch.setattr(coupling_mod, "Sphere", type("NoSphere", (), {}))  # disables the fast path
+    c_generic = geodesic_cost_matrix(m, x0.float(), x1.float())
+    monkeypatch.undo()
+    torch.testing.assert_close(geodesic_cost_matrix(m, x0.float(), x1.float()), c_generic, atol=1e-4, rtol=1e-5)
 
 
 @pytest.mark.parametrize("manifold,shape", [(Sphere(), (6, 3)), (TokenSpheres(3, axis=-1), (6, 4, 3)),
