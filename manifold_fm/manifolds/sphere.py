@@ -22,10 +22,12 @@ Degenerate cases (one policy each, tested):
 
 Low precision: float16/bfloat16 inputs are computed in float32 and returned in the input dtype.
 
-Speed: ``geodesic`` is memory-bound in eager mode (one pass for ``v``, four dot products, two passes per output;
-``benchmarks/bench_geometry.py`` has the ratio to a linear interpolation). ``Sphere(..., compile=True)`` /
-``TokenSpheres(..., compile=True)`` route it through ``torch.compile`` (fused kernels; opt-in, since compiling takes
-from ~20 s to minutes on a small CPU; measured ~1.6-1.9x faster than eager on a 2-core CPU, untested on GPU).
+Speed: these ops are memory-bound, and on CPU a fresh full-size temporary costs more than the arithmetic on it
+(page faults). Without autograd, ``geodesic``, ``expmap``, ``logmap``, ``angle`` and ``dist`` therefore reuse one
+scratch tensor for all their dot products and build their outputs in place (two allocations per geodesic); with
+autograd the same formulas run out of place. ``benchmarks/README.md`` has the measurements (token geodesic ~1.8-2x a
+linear interpolation on a 2-core CPU). ``Sphere(..., compile=True)`` / ``TokenSpheres(..., compile=True)`` route
+``geodesic`` through ``torch.compile``: opt-in for GPU users; on CPU it measured slower than eager.
 """
 
 from __future__ import annotations
