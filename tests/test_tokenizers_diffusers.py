@@ -111,6 +111,29 @@ def test_dtype_slicing_tiling_and_spherical(kl_dir) -> None:
     assert set(sph.decoder_module().state_dict()) >= {"post_quant_conv.weight"}
 
 
+def test_decoder_finetune_and_cli_on_a_diffusers_vae(kl_dir, tmp_path) -> None:
+    """The same finetuning code path a GPU run uses, on the tiny VAE: two steps with the GAN already on."""
+    from click.testing import CliRunner
+
+    from manifold_fm.cli import main
+    from manifold_fm.data.images import BuiltinImages
+    from manifold_fm.tokenizers.finetune import finetune_decoder
+
+    tok = DiffusersTokenizer.from_pretrained(kl_dir, subfolder="vae")
+    ds = BuiltinImages("train", size=16, per_class=1)
+    state, rep = finetune_decoder(tok, ds, 2, batch_size=4, gan_start=0, eval_items=8, progress=False)
+    assert {k.split(".")[0] for k in state} == {"post_quant_conv", "decoder"}
+    assert rep["final_losses"]["gan_scale"] > 0
+    sph = SphericalTokenizer(tok, state)
+    with torch.no_grad():
+        assert sph.decode(sph.encode(_images())).shape == (2, 3, 16, 16)
+    r = CliRunner().invoke(main, ["extract-latents", "--tokenizer", str(kl_dir), "--subfolder", "vae", "--size", "16",
+                                  "--per-class", "1", "--vae-slicing", "--vae-tiling", "--out", str(tmp_path / "c")],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "24 latents of shape [4, 8, 8]" in r.output
+
+
 def test_load_errors(tmp_path, kl_dir) -> None:
     with pytest.raises(FileNotFoundError, match="config.json"):
         DiffusersTokenizer.from_pretrained(tmp_path)

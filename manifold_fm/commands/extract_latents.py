@@ -23,6 +23,10 @@ def tokenizer_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--device", default="cpu", show_default=True),
         click.option("--normalization", type=click.Path(dir_okay=False), default=None,
                      help="JSON latent statistics replacing the tokenizer's own constants."),
+        click.option("--vae-slicing", "vae_slicing", is_flag=True,
+                     help="diffusers VAE: encode/decode one image at a time."),
+        click.option("--vae-tiling", "vae_tiling", is_flag=True,
+                     help="diffusers VAE: tiled encode/decode of big images."),
     ]
     for opt in reversed(options):
         fn = opt(fn)
@@ -44,7 +48,8 @@ def data_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def build_tokenizer(tokenizer_spec: str, subfolder: str | None, kind: str, dtype: str, device: str,
-                    normalization: str | None, **extra: Any) -> Any:
+                    normalization: str | None, vae_slicing: bool = False, vae_tiling: bool = False,
+                    **extra: Any) -> Any:
     """Load the tokenizer, turning our errors into one-line click errors."""
     import torch
 
@@ -53,7 +58,8 @@ def build_tokenizer(tokenizer_spec: str, subfolder: str | None, kind: str, dtype
 
     try:
         return load_tokenizer(tokenizer_spec, subfolder=subfolder, kind=kind, dtype=getattr(torch, dtype),
-                              device=device, normalization=normalization, **extra)
+                              device=device, normalization=normalization, slicing=vae_slicing, tiling=vae_tiling,
+                              **extra)
     except (FileNotFoundError, ValueError, ManifoldError) as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -84,7 +90,8 @@ def build_dataset(data_spec: str, split: str, size: int, per_class: int | None) 
 @click.option("--stats-items", type=int, default=10000, show_default=True, help="Images used by --dataset-stats.")
 @click.option("--workers", type=int, default=0, show_default=True, help="Image-reading worker processes.")
 def extract_latents(tokenizer_spec: str, subfolder: str | None, kind: str, dtype: str, device: str,
-                    normalization: str | None, data_spec: str, split: str, size: int, per_class: int | None,
+                    normalization: str | None,
+                    vae_slicing: bool, vae_tiling: bool, data_spec: str, split: str, size: int, per_class: int | None,
                     spherical: bool, out_dir: Path, batch_size: int, flip: bool, shard_size: int, resume: bool,
                     store_dtype: str, dataset_stats: bool, stats_items: int, workers: int) -> None:
     """Encode images once into sharded safetensors latents plus a manifest (resumable; bad images are counted)."""
@@ -92,7 +99,8 @@ def extract_latents(tokenizer_spec: str, subfolder: str | None, kind: str, dtype
 
     from ..data.latents import extract_latents as run
 
-    tok = build_tokenizer(tokenizer_spec, subfolder, kind, dtype, device, normalization, spherical=spherical)
+    tok = build_tokenizer(tokenizer_spec, subfolder, kind, dtype, device, normalization, vae_slicing, vae_tiling,
+                          spherical=spherical)
     dataset = build_dataset(data_spec, split, size, per_class)
     if dataset_stats:
         from ..tokenizers import LatentNormalization, compute_channel_stats

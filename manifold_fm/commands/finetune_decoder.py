@@ -87,7 +87,8 @@ def _rfid(tok: Any, states: dict, eval_set: Any, eval_items: int, weights: str |
               help="torch-fidelity feature extractor for rFID (tests register a small stand-in).")
 @click.option("--seed", type=int, default=0, show_default=True)
 def finetune_decoder(tokenizer_spec: str, subfolder: str | None, kind: str, dtype: str, device: str,
-                     normalization: str | None, data_spec: str, split: str, size: int, per_class: int | None,
+                     normalization: str | None,
+                     vae_slicing: bool, vae_tiling: bool, data_spec: str, split: str, size: int, per_class: int | None,
                      out_dir: Path, steps: int, batch_size: int, lr: float, perceptual_weight: float,
                      gan_weight: float, gan_start: int | None, adaptive_gan: bool, lpips_vgg: str | None,
                      lpips_lin: str | None, vanilla_control: bool, eval_items: int, inception_weights: str | None,
@@ -99,7 +100,7 @@ def finetune_decoder(tokenizer_spec: str, subfolder: str | None, kind: str, dtyp
 
     if steps < 0 or batch_size < 1:
         raise click.BadParameter("steps must be >= 0 and batch size >= 1")
-    tok = build_tokenizer(tokenizer_spec, subfolder, kind, dtype, device, normalization)
+    tok = build_tokenizer(tokenizer_spec, subfolder, kind, dtype, device, normalization, vae_slicing, vae_tiling)
     dataset = build_dataset(data_spec, split, size, per_class)
     eval_set = BuiltinImages("test", size=size) if data_spec == "builtin" else None
     try:

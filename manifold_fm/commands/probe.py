@@ -25,7 +25,8 @@ from .extract_latents import build_dataset, build_tokenizer, data_options, token
 @click.option("--lpips-lin", type=click.Path(dir_okay=False), default=None)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the Gaussian prior samples.")
 def probe(tokenizer_spec: str, subfolder: str | None, kind: str, dtype: str, device: str, normalization: str | None,
-          data_spec: str, split: str, size: int, per_class: int | None, spherical: bool, decoder_state: str | None,
+          vae_slicing: bool, vae_tiling: bool, data_spec: str, split: str, size: int, per_class: int | None,
+          spherical: bool, decoder_state: str | None,
           out_dir: Path, num: int, t_points: int, max_pairs: int, lpips_vgg: str | None, lpips_lin: str | None,
           seed: int) -> None:
     """Token-norm statistics (raw, normalised, Gaussian), path diagnostics (linear/polar/slerp) and swap probe."""
@@ -37,7 +38,7 @@ def probe(tokenizer_spec: str, subfolder: str | None, kind: str, dtype: str, dev
 
     if num < 2 or t_points < 2:
         raise click.BadParameter("--num and --t-points must be at least 2")
-    tok = build_tokenizer(tokenizer_spec, subfolder, kind, dtype, device, normalization,
+    tok = build_tokenizer(tokenizer_spec, subfolder, kind, dtype, device, normalization, vae_slicing, vae_tiling,
                           spherical=spherical, decoder_state=decoder_state)
     dataset = build_dataset(data_spec, split, size, per_class)
     try:

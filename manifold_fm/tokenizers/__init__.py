@@ -52,11 +52,14 @@ def load_tokenizer(
     spherical: bool = False,
     decoder_state: Any = None,
     progress: bool = True,
+    slicing: bool = False,
+    tiling: bool = False,
 ) -> Tokenizer:
     """A tokenizer from a CLI-style spec: ``"builtin"`` (the tiny VAE) or a diffusers hub id / local directory.
 
     ``normalization`` (a :class:`LatentNormalization` or a JSON path) replaces the tokenizer's own constants;
-    ``spherical=True`` wraps it in :class:`SphericalTokenizer` with the optional finetuned ``decoder_state``.
+    ``spherical=True`` wraps it in :class:`SphericalTokenizer` with the optional finetuned ``decoder_state``;
+    ``slicing`` / ``tiling`` turn on diffusers' memory savers (ignored for the built-in tokenizer).
     """
     import torch
 
@@ -66,7 +69,8 @@ def load_tokenizer(
     else:
         from .diffusers_adapter import DiffusersTokenizer
 
-        tok = DiffusersTokenizer.from_pretrained(spec, subfolder=subfolder, kind=kind, dtype=dtype, device=device)
+        tok = DiffusersTokenizer.from_pretrained(spec, subfolder=subfolder, kind=kind, dtype=dtype, device=device,
+                                                 slicing=slicing, tiling=tiling)
     if normalization is not None:
         norm = normalization
         if not isinstance(norm, LatentNormalization):
