@@ -333,3 +333,26 @@ def test_check_point_and_vector_reject_bad_input(case: Case) -> None:
         if not isinstance(m, FlatTorus) and float(m.point_error(off).max()) > 1e-3:
             with pytest.raises(ManifoldError, match="projx"):
                 m.check_point(off)
+
+
+# --------------------------------------------------------------------------------------------- specific policies
+def test_flat_torus_antipodal_policy_and_wrapping() -> None:
+    m = FlatTorus()
+    x = torch.tensor([[0.0, 1.0, -3.0]], dtype=torch.float64)
+    y = torch.tensor([[math.pi, 1.0 + 2 * math.pi, 3.0]], dtype=torch.float64)
+    # pi apart -> -pi (the documented choice); 2 pi apart -> 0; -3 -> 3 the short way round (through -pi)
+    expected = torch.tensor([[-math.pi, 0.0, 6.0 - 2 * math.pi]], dtype=torch.float64)
+    assert torch.allclose(m.logmap(x, y), expected, atol=1e-12)
+    assert torch.allclose(m.dist(x, y), expected.norm(dim=-1), atol=1e-12)
+    assert bool((m.projx(torch.tensor([math.pi, -math.pi, 7.0])) < math.pi).all())
+
+
+def test_product_rejects_mismatched_factors() -> None:
+    with pytest.raises(ValueError, match="point_ndim"):
+        Product([(Euclidean(), 3)])  # Euclidean() takes every non-batch axis: ambiguous inside a product
+    with pytest.raises(ValueError, match="pair"):
+        Product([Sphere()])  # type: ignore[list-item]
+    m = Product([(Sphere(), 3), (FlatTorus(), 2)])
+    with pytest.raises(ManifoldError, match="last axis of size 5"):
+        m.projx(torch.randn(2, 4))
+    assert repr(m) == "Product([(Sphere(radius=1), 3), (FlatTorus(), 2)])"
