@@ -37,7 +37,7 @@ class DefaultRunConfig:
 
     kind: Literal["default"] = "default"
     seed: int = 0
-    threads: int | None = 2
+    threads: int | None = 1
     per_class: int = 300
     test_per_class: int = 100
     finetune_steps: int = 200

@@ -105,7 +105,8 @@ class TrainConfig:
     class_dropout: float = 0.1
     ema_decay: float = 0.999
     ema_warmup: int = 0
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    # YAML reads a bare `no` as false, so false is accepted as "no".
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] | bool = "auto"
     compile: bool = False
     checkpoint_every: int = 500
     keep_checkpoints: int | None = 2
@@ -115,6 +116,10 @@ class TrainConfig:
     threads: int | None = None
 
     def __post_init__(self) -> None:
+        if self.mixed_precision is False:
+            self.mixed_precision = "no"
+        elif self.mixed_precision is True:
+            raise ConfigError("train.mixed_precision: expected one of 'auto', 'no', 'bf16', 'fp16', got true")
         if self.steps < 1:
             raise ConfigError(f"train.steps: must be >= 1, got {self.steps}")
         if self.batch_size < 1:
