@@ -289,7 +289,8 @@ def run_default(out_dir: str | Path | None = None, overrides: Sequence[str] = ()
             tokenizer, TensorDataset(train_x, train_y), cfg.finetune_steps, batch_size=cfg.finetune_batch_size,
             project=True, eval_dataset=TensorDataset(test_x, test_y), seed=cfg.seed, progress=progress,
         )
-        decoder_path = out / "spherical_decoder.safetensors"
+        # absolute, so the runs' saved configs find it from any working directory
+        decoder_path = (out / "spherical_decoder.safetensors").resolve()
         tmp = decoder_path.with_name(f".{decoder_path.name}.tmp-{os.getpid()}")
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
         os.replace(tmp, decoder_path)
