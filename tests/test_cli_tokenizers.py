@@ -142,3 +142,23 @@ def test_finetune_decoder_rfid_with_a_stand_in_extractor(tmp_path) -> None:
     r = CliRunner().invoke(main, ["finetune-decoder", "--per-class", "1", "--steps", "0", "--eval-items", "4",
                                   "--inception-weights", str(tmp_path / "nope.pth"), "--out", str(out)])
     assert r.exit_code == 1 and "nope.pth" in r.output
+
+
+def test_probe_and_extract_on_an_image_folder_with_a_corrupt_file(tmp_path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for cls in ("n01", "n02"):
+        (tmp_path / "img" / cls).mkdir(parents=True)
+        for i in range(3):
+            arr = rng.integers(0, 255, (40 + 7 * i, 48, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(tmp_path / "img" / cls / f"{i}.JPEG")
+    (tmp_path / "img" / "n02" / "9_bad.JPEG").write_bytes(b"not an image")
+    r = CliRunner().invoke(main, ["probe", "--data", str(tmp_path / "img"), "--num", "7", "--t-points", "3",
+                                  "--out", str(tmp_path / "p")])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "p" / "report.json").read_text())
+    assert rep["skipped"] == 1 and rep["images"] == 6 and "9_bad.JPEG" in rep["skipped_items"][0]
+    r = _run("extract-latents", "--data", str(tmp_path / "img"), "--out", str(tmp_path / "c"))
+    assert r.exit_code == 0 and "12 latents" in r.output and "1 unreadable image(s) skipped" in r.output

@@ -48,15 +48,24 @@ def probe(tokenizer_spec: str, subfolder: str | None, kind: str, dtype: str, dev
     n = min(num, len(dataset))
     # Spread the picks over the dataset so every class is present (the built-in set interleaves classes).
     idx = torch.linspace(0, len(dataset) - 1, n).round().long().unique().tolist()
+    from ..data.images import ImageReadError
+
     render = getattr(dataset, "render", None)
-    try:
-        if callable(render):
-            images, labels = render(idx)
-        else:
-            items = [dataset[i] for i in idx]
-            images, labels = torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
-    except ValueError as exc:
-        raise click.ClickException(str(exc)) from None
+    skipped: list[str] = []
+    if callable(render):
+        images, labels = render(idx)
+    else:
+        items = []
+        for i in idx:
+            try:
+                items.append(dataset[i])
+            except ImageReadError as exc:
+                skipped.append(str(exc))
+        if len(items) < 2:
+            raise click.ClickException(f"fewer than two readable images among {len(idx)} picked from {data_spec}")
+        images, labels = torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
+    if skipped:
+        click.echo(f"skipped {len(skipped)} unreadable image(s), e.g. {skipped[0]}", err=True)
     with torch.no_grad():
         chunks = [images[i : i + 32].to(tok.device) for i in range(0, len(images), 32)]
         raw = torch.cat([tok.encode_raw(c.to(tok.dtype)).float().cpu() for c in chunks])
@@ -66,7 +75,9 @@ def probe(tokenizer_spec: str, subfolder: str | None, kind: str, dtype: str, dev
         report = {
             "tokenizer": tok.describe(),
             "data": str(data_spec),
-            "images": len(idx),
+            "images": int(images.shape[0]),
+            "skipped": len(skipped),
+            "skipped_items": skipped,
             "norms": {
                 "raw": token_norm_stats(raw),
                 "normalized": token_norm_stats(normed),
