@@ -135,7 +135,7 @@ def _train_mode(job: tuple[Any, ...]) -> tuple[dict[str, Any], list[dict[str, An
     from .logging import read_jsonl
     from .trainer import FlowTrainer, TensorLatents, flow_from_config
 
-    cfg, mode, decoder_path, latents, labels, decoder, builtin, out, progress, tokenizer_name = job
+    cfg, mode, decoder_path, latents, labels, decoder, builtin, out, progress, tokenizer_name, position = job
     if cfg.parallel:
         torch.set_num_threads(1)
     channels, side = latents.shape[1], latents.shape[-1]
@@ -155,6 +155,7 @@ def _train_mode(job: tuple[Any, ...]) -> tuple[dict[str, Any], list[dict[str, An
     t0 = time.perf_counter()
     trainer = FlowTrainer(model, flow, TensorLatents(latents, labels), icfg, run_dir, null_class=num_classes,
                           device="cpu", on_eval=on_eval if cfg.eval_every else None, progress=progress,
+                          progress_position=position,
                           meta={"latent_shape": [channels, side, side], "num_classes": num_classes,
                                 "tokenizer": tokenizer_name})
     trainer.fit()
@@ -326,8 +327,9 @@ def run_default(out_dir: str | Path | None = None, overrides: Sequence[str] = ()
     #    its own process on one thread (the two runs are independent, so two cores finish both in the time of one).
     results: dict[str, Any] = {"modes": {}, "references": refs}
     history: dict[str, list[dict[str, Any]]] = {}
-    jobs = [(cfg, mode, decoder_path, latents, train_y, decoders[mode], builtin, out, progress and not cfg.parallel,
-             tokenizer.name) for mode in cfg.modes]
+    # In parallel mode each process draws its own progress bar on its own line.
+    jobs = [(cfg, mode, decoder_path, latents, train_y, decoders[mode], builtin, out, progress,
+             tokenizer.name, i if cfg.parallel else 0) for i, mode in enumerate(cfg.modes)]
     t0 = time.perf_counter()
     if cfg.parallel and len(jobs) > 1:
         import multiprocessing as mp

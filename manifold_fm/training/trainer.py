@@ -229,6 +229,7 @@ class FlowTrainer:
         on_sample: Hook | None = None,
         on_eval: Hook | None = None,
         progress: bool = True,
+        progress_position: int = 0,
         meta: dict[str, Any] | None = None,
     ) -> None:
         self.cfg, self.flow, self.data = cfg, flow, data
@@ -236,7 +237,7 @@ class FlowTrainer:
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.null_class = null_class
         self.on_sample, self.on_eval = on_sample, on_eval
-        self.progress = progress
+        self.progress, self.progress_position = progress, progress_position
         self.meta = dict(meta or {})
         self.accelerator = _make_accelerator(cfg.train.mixed_precision, device)
         self.device = self.accelerator.device
@@ -356,7 +357,8 @@ class FlowTrainer:
         logger = RunLogger(self.out_dir, resume_step=self.step if resumed else None, enabled=acc.is_main_process)
         total = cfg.train.steps
         bar = tqdm(total=total, initial=self.step, desc=f"train {self.flow.mode}", unit="step",
-                   disable=not (self.progress and acc.is_main_process), dynamic_ncols=True)
+                   disable=not (self.progress and acc.is_main_process), dynamic_ncols=True,
+                   position=self.progress_position)
         seen, t_window = 0, time.perf_counter()
         last_path: Path | None = None
         try:
