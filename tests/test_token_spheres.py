@@ -147,3 +147,16 @@ def test_buffer_reusing_path_equals_autograd_path_and_leaves_inputs(shape: tuple
     for name in plain:
         for a, b in zip(plain[name], tracked[name], strict=True):
             assert torch.allclose(a, b.detach(), atol=1e-14, rtol=0), name
+
+
+def test_mixed_dtypes_and_broadcast_batches_promote_like_torch() -> None:
+    """Inputs of different dtypes or broadcastable shapes take the out-of-place path and promote as torch does."""
+    m = Sphere(1.0)
+    a = m.random_base((5, 3), dtype=torch.float32)
+    b = m.random_base((1, 3), dtype=torch.float64)
+    assert m.logmap(a, b).dtype == torch.float64 and m.logmap(a, b).shape == (5, 3)
+    assert m.dist(b, a).shape == (5,)
+    x_t, u_t = m.geodesic(b, a, 0.25)
+    assert x_t.shape == (5, 3) and x_t.dtype == torch.float64
+    ref_x, ref_u = m.geodesic(b.expand(5, 3).clone(), a.double(), 0.25)
+    assert torch.allclose(x_t, ref_x, atol=1e-12) and torch.allclose(u_t, ref_u, atol=1e-12)

@@ -43,9 +43,14 @@ from ._numerics import atan2_over_y, broadcast_time, safe_sqrt, sinc, upcast
 from .base import Manifold, ManifoldError
 
 
-def _tracks_grad(*tensors: Tensor) -> bool:
-    """Whether autograd records ops on these inputs (then no in-place buffer reuse)."""
-    return torch.is_grad_enabled() and any(a.requires_grad for a in tensors)
+def _reuse_buffers(x: Tensor, *others: Tensor) -> bool:
+    """Whether an op may build its results in scratch tensors shaped like ``x``: autograd does not record it, and
+    the other inputs neither broadcast ``x`` to a larger shape nor promote its dtype."""
+    if torch.is_grad_enabled() and (x.requires_grad or any(a.requires_grad for a in others)):
+        return False
+    if any(a.dtype != x.dtype for a in others):
+        return False
+    return x.shape == torch.broadcast_shapes(x.shape, *(a.shape for a in others))
 
 
 class _Pair(NamedTuple):
@@ -83,6 +88,8 @@ class Sphere(Manifold):
     # ------------------------------------------------------------ helpers
     def _dot(self, a: Tensor, b: Tensor) -> Tensor:
         # vecdot fuses the product into the reduction (no full-size temporary): ~25% faster than (a*b).sum on CPU.
+        if a.dtype != b.dtype:  # vecdot does not promote; mixed inputs take the promoting product
+            return (a * b).sum(dim=self.axis, keepdim=True)
         return torch.linalg.vecdot(a, b, dim=self.axis).unsqueeze(self.axis)
 
     def _check_axis(self, x: Tensor) -> None:
@@ -159,7 +166,7 @@ class Sphere(Manifold):
     @upcast
     def expmap(self, x: Tensor, u: Tensor) -> Tensor:
         """``cos(|u|/R) x + sinc(|u|/R) u`` per token, renormalised to radius ``R`` (so chains do not drift)."""
-        if _tracks_grad(x, u) or x.shape != u.shape:
+        if not _reuse_buffers(x, u):
             theta = safe_sqrt(self._dot(u, u)) / self.radius
             y = torch.mul(x, torch.cos(theta)).addcmul_(sinc(theta), u)  # two passes, one allocation
             return y * (self.radius / safe_sqrt(self._dot(y, y)).clamp_min(torch.finfo(y.dtype).tiny))
@@ -173,7 +180,7 @@ class Sphere(Manifold):
     @upcast
     def logmap(self, x: Tensor, y: Tensor) -> Tensor:
         """``R * angle * y_perp / |y_perp|`` per token (zero for identical points; antipodal policy above)."""
-        if _tracks_grad(x, y) or x.shape != y.shape:
+        if not _reuse_buffers(x, y):
             v, c, _, ratio = self._direction_terms(x, self._pair(x, y))
             return torch.addcmul(v, c, x, value=-1.0).mul_(self.radius * ratio)
         # No autograd: reuse a scratch tensor for the dot products and build the result in v (our own temporary).
@@ -193,7 +200,7 @@ class Sphere(Manifold):
     @staticmethod
     def _scratch(x: Tensor, y: Tensor) -> Tensor | None:
         """A reusable product buffer for :meth:`_pair`'s dot products, unless autograd or broadcasting forbid it."""
-        return None if _tracks_grad(x, y) or x.shape != y.shape else torch.empty_like(x)
+        return torch.empty_like(x) if _reuse_buffers(x, y) else None
 
     def _points_norm(self, per_token: Tensor, like: Tensor) -> Tensor:
         return self._tokens_to_points(per_token, like)
@@ -218,7 +225,7 @@ class Sphere(Manifold):
         return self._geodesic(x0, x1, tt)
 
     def _geodesic(self, x0: Tensor, x1: Tensor, tt: Tensor) -> tuple[Tensor, Tensor]:
-        if _tracks_grad(x0, x1, tt) or x0.shape != torch.broadcast_shapes(x0.shape, x1.shape, tt.shape):
+        if not _reuse_buffers(x0, x1, tt):
             p = self._pair(x0, x1)
             v, c, w, ratio = self._direction_terms(x0, p)
             return self._slerp_outputs(x0, v, tt, p.nx, c, w, ratio)
