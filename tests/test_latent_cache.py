@@ -43,6 +43,7 @@ def test_extract_contents_flips_and_manifest(tmp_path, tok) -> None:
     assert m["complete"] and m["count"] == 48 and m["skipped"] == 0 and len(m["shards"]) == 3
     assert m["tokenizer"] == "tiny-test" and m["latent_shape"] == [4, 8, 8] and m["num_classes"] == 12
     assert m["class_names"] == ds.class_names and m["normalization"]["kind"] == "identity"
+    assert m["class_ids"][ds.class_names[3]] == 3 and m["class_counts"] == {str(c): 4 for c in range(12)}
     cache = LatentCache(tmp_path)
     assert len(cache) == 48 and cache.latent_shape == (4, 8, 8)
     images, labels = ds.tensors()

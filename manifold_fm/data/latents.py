@@ -173,6 +173,8 @@ def extract_latents(
             "normalization": tokenizer.normalization.to_dict(),
             "num_classes": int(getattr(dataset, "num_classes", 0)) or None,
             "class_names": list(getattr(dataset, "class_names", []) or []),
+            "class_ids": {str(c): i for i, c in enumerate(getattr(dataset, "class_names", []) or [])},
+            "class_counts": {},
             "source_items": n,
             "num_shards": num_shards,
             "shards": [],
@@ -224,6 +226,9 @@ def extract_latents(
         count = int(tensors["labels"].shape[0])
         manifest["shards"].append({"file": name, "count": count, "source_range": [lo, hi]})
         manifest["count"] += count
+        for label, c in zip(*torch.unique(tensors["labels"], return_counts=True), strict=True):
+            key = str(int(label))
+            manifest["class_counts"][key] = manifest["class_counts"].get(key, 0) + int(c)
         manifest["skipped"] += len(skipped)
         manifest["skipped_items"] += skipped
         manifest["complete"] = k + 1 == num_shards
@@ -242,8 +247,8 @@ class LatentCache(Dataset):
     dataset pickles into DataLoader workers); an item read touches only its own slice of the file.
 
     Attributes:
-        manifest: the parsed ``manifest.json`` (class ids and names, shapes, dtype, tokenizer id, normalisation,
-            skipped count).
+        manifest: the parsed ``manifest.json`` (class names, ids and counts, shapes, dtype, tokenizer id,
+            normalisation, skipped count and items).
     """
 
     def __init__(self, root: str | Path, require_complete: bool = True) -> None:
