@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +90,9 @@ def _collate_guarded(items: list) -> tuple[list[Tensor], list[int], list[int], l
     return [it[0] for it in good], [it[1] for it in good], [it[2] for it in good], bad
 
 
-def _batches(dataset: Dataset, lo: int, hi: int, batch_size: int, workers: int):
+def _batches(
+    dataset: Dataset, lo: int, hi: int, batch_size: int, workers: int
+) -> Iterator[tuple[list[Tensor], list[int], list[int], list[dict], int]]:
     """Yield ``(images, labels, kept indices, skipped records, batch length)`` over source items ``[lo, hi)``."""
     render = getattr(dataset, "render", None)
     if callable(render) or workers == 0:
