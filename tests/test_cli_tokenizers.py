@@ -162,3 +162,8 @@ def test_probe_and_extract_on_an_image_folder_with_a_corrupt_file(tmp_path) -> N
     assert rep["skipped"] == 1 and rep["images"] == 6 and "9_bad.JPEG" in rep["skipped_items"][0]
     r = _run("extract-latents", "--data", str(tmp_path / "img"), "--out", str(tmp_path / "c"))
     assert r.exit_code == 0 and "12 latents" in r.output and "1 unreadable image(s) skipped" in r.output
+    r = _run("finetune-decoder", "--data", str(tmp_path / "img"), "--workers", "2", "--steps", "2", "--batch-size",
+             "4", "--eval-items", "7", "--out", str(tmp_path / "ft"))
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "ft" / "report.json").read_text())
+    assert rep["runs"]["projected"]["eval_items"] == 6 and (tmp_path / "ft" / "decoder.safetensors").is_file()

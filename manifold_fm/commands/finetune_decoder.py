@@ -81,6 +81,7 @@ def _rfid(tok: Any, states: dict, eval_set: Any, eval_items: int, weights: str |
 @click.option("--vanilla-control/--no-vanilla-control", default=False, show_default=True,
               help="Also finetune on raw latents with the same recipe (the paper's FT-vanilla control).")
 @click.option("--eval-items", type=int, default=64, show_default=True)
+@click.option("--workers", type=int, default=0, show_default=True, help="Image-reading worker processes.")
 @click.option("--inception-weights", type=click.Path(dir_okay=False), default=None,
               help="Local torch-fidelity Inception weights (pt_inception-2015-12-05-6726825d.pth): adds rFID.")
 @click.option("--fid-extractor", default="inception-v3-compat", hidden=True,
@@ -92,7 +93,7 @@ def finetune_decoder(tokenizer_spec: str, subfolder: str | None, kind: str, dtyp
                      out_dir: Path, steps: int, batch_size: int, lr: float, perceptual_weight: float,
                      gan_weight: float, gan_start: int | None, adaptive_gan: bool, lpips_vgg: str | None,
                      lpips_lin: str | None, vanilla_control: bool, eval_items: int, inception_weights: str | None,
-                     fid_extractor: str, seed: int) -> None:
+                     fid_extractor: str, workers: int, seed: int) -> None:
     """Encoder frozen, KL dropped; L1 + perceptual + patch-GAN (with warm-up); reports PSNR/SSIM/perceptual."""
     from ..data.images import BuiltinImages
     from ..tokenizers.finetune import finetune_decoder as run
@@ -117,7 +118,7 @@ def finetune_decoder(tokenizer_spec: str, subfolder: str | None, kind: str, dtyp
             state, rep = run(tok, dataset, steps, batch_size=batch_size, lr=lr, project=project,
                              perceptual=perceptual, perceptual_weight=perceptual_weight, gan_weight=gan_weight,
                              gan_start=gan_start, adaptive_gan_weight=adaptive_gan, eval_dataset=eval_set,
-                             eval_items=eval_items, seed=seed)
+                             eval_items=eval_items, seed=seed, num_workers=workers)
         except (ValueError, FloatingPointError) as exc:
             raise click.ClickException(str(exc)) from None
         name = "decoder.safetensors" if project else "decoder_vanilla.safetensors"

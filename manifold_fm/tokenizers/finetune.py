@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -67,6 +67,24 @@ def _batch(dataset: Dataset, indices: list[int]) -> Tensor:
     return torch.stack(images)
 
 
+def _worker_batches(
+    dataset: Dataset, steps: int, batch_size: int, g: torch.Generator, num_workers: int
+) -> Iterator[Tensor]:
+    """Image batches drawn with replacement, read by ``num_workers`` DataLoader processes (unreadable images are
+    dropped from their batch; a batch with none readable is skipped)."""
+    from torch.utils.data import DataLoader, RandomSampler
+
+    from ..data.latents import _collate_guarded, _Guarded
+
+    n = len(dataset)  # type: ignore[arg-type]
+    sampler = RandomSampler(range(n), replacement=True, num_samples=steps * batch_size * 2, generator=g)
+    loader = DataLoader(_Guarded(dataset, range(n)), batch_size=batch_size, sampler=sampler,
+                        num_workers=num_workers, collate_fn=_collate_guarded, persistent_workers=True)
+    for images, _, _, _ in loader:
+        if images:
+            yield torch.stack(images)
+
+
 @torch.no_grad()
 def reconstruction_metrics(
     decode: Callable[[Tensor], Tensor], latents: Tensor, images: Tensor, perceptual: nn.Module, batch_size: int = 64
@@ -103,6 +121,7 @@ def finetune_decoder(
     gan_warmup: int | None = None,
     disc_lr: float | None = None,
     adaptive_gan_weight: bool = True,
+    num_workers: int = 0,
     eval_dataset: Dataset | None = None,
     eval_items: int = 64,
     seed: int = 0,
@@ -119,6 +138,8 @@ def finetune_decoder(
         gan_start / gan_warmup: discriminator start step (default ``steps // 2``) and ramp length
             (default ``max(1, steps // 10)``).
         eval_dataset: held-out images for the report (default: the first ``eval_items`` items of ``dataset``).
+        num_workers: DataLoader processes reading training images (image folders on a GPU machine); 0 reads them
+            in this process (the built-in dataset renders whole batches at once).
 
     Returns:
         the finetuned decoder's float32 CPU state dict, and a JSON-safe report with the settings, final losses and
@@ -156,11 +177,15 @@ def finetune_decoder(
     n = len(dataset)  # type: ignore[arg-type]
     from tqdm.auto import tqdm
 
+    batches = _worker_batches(dataset, steps, batch_size, g, num_workers) if num_workers > 0 else None
     bar = tqdm(range(steps), disable=not progress, desc="finetune decoder" + (" (projected)" if project else " (raw)"))
     last: dict[str, float] = {}
     for step in bar:
-        idx = torch.randint(0, n, (batch_size,), generator=g).tolist()
-        x = _batch(dataset, idx).to(device).float()
+        if batches is not None:
+            x = next(batches).to(device).float()
+        else:
+            idx = torch.randint(0, n, (batch_size,), generator=g).tolist()
+            x = _batch(dataset, idx).to(device).float()
         z = latents_of(x, project)
         rec = decoder(z)
         l1 = (rec - x).abs().mean()
@@ -200,6 +225,7 @@ def finetune_decoder(
     ev = eval_dataset if eval_dataset is not None else dataset
     m = min(eval_items, len(ev))  # type: ignore[arg-type]
     images = _batch(ev, list(range(m))).float()
+    m = int(images.shape[0])  # unreadable images are left out
     z_raw = latents_of(images, False)
     z_proj = manifold.projx(z_raw)
     base_decode = tokenizer.decode_raw
