@@ -76,8 +76,9 @@ def broadcast_time(t: float | Tensor, x: Tensor) -> Tensor:
 
 def safe_sqrt(s: Tensor) -> Tensor:
     """``sqrt(max(s, 0))`` whose gradient is 0 (not inf/NaN) where ``s <= tiny``."""
-    tiny = torch.finfo(s.dtype).tiny
-    return torch.where(s > tiny, s, torch.ones_like(s)).sqrt() * (s > tiny)
+    positive = s > torch.finfo(s.dtype).tiny
+    # Scalar fill values in where(): no per-call ones_like allocation (these run on every per-token tensor).
+    return torch.where(positive, s, 1.0).sqrt() * positive
 
 
 def sinc(x: Tensor) -> Tensor:
@@ -88,7 +89,7 @@ def sinc(x: Tensor) -> Tensor:
     ``cos(x)/x - sin(x)/x^2`` from overflowing. ~4x cheaper than ``torch.sinc`` on CPU.
     """
     small = x.abs() < 1e-2
-    xs = torch.where(small, torch.ones_like(x), x)
+    xs = torch.where(small, 1.0, x)
     x2 = x * x
     return torch.where(small, 1.0 - x2 / 6.0 * (1.0 - x2 / 20.0), torch.sin(xs) / xs)
 
@@ -101,9 +102,9 @@ def atan2_over_y(y: Tensor, x: Tensor) -> Tensor:
     """
     tiny = torch.finfo(y.dtype).tiny
     small = y <= tiny
-    y_safe = torch.where(small, torch.ones_like(y), y)
+    y_safe = torch.where(small, 1.0, y)
     ratio = torch.atan2(y_safe, x) / y_safe
     # y -> 0, x > 0: atan2(y, x)/y -> 1/x (x > 0 on this branch, bounded away from 0 by |x| = radius).
-    x_safe = torch.where(x > 0, x, torch.ones_like(x))
-    limit = torch.where(x > 0, 1.0 / x_safe, torch.full_like(x, math.pi / tiny))
+    acute = x > 0
+    limit = torch.where(acute, 1.0 / torch.where(acute, x, 1.0), math.pi / tiny)
     return torch.where(small, limit, ratio)
