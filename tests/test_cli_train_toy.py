@@ -35,6 +35,13 @@ def test_train_toy_sphere_geodesic_and_linear(tmp_path: Path) -> None:
                                *TINY, "--steps", "8"])
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "geodesic" / "metrics.json").read_text())["train_steps"] == 8
+    # a corrupt checkpoint is a one-line error, and nothing already written is lost
+    latest = tmp_path / "geodesic" / "checkpoints" / "step_00000008" / "model.safetensors"
+    latest.write_bytes(b"not a safetensors file")
+    res = runner.invoke(main, ["train", "--config", "toy-sphere", "--out", str(tmp_path / "geodesic"), "--resume",
+                               *TINY, "--steps", "10"])
+    assert res.exit_code == 1 and "unreadable" in res.output and "Traceback" not in res.output
+    assert (tmp_path / "geodesic" / "metrics.json").is_file()
 
 
 @pytest.mark.parametrize(

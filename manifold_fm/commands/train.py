@@ -46,6 +46,7 @@ def train(
     """Train a flow. `kind: toy` configs train a small MLP on a toy manifold in about a minute on CPU and write
     config.yaml, checkpoints/, metrics.json and samples.png to the run folder."""
     from ..manifolds import ManifoldError
+    from ..training.checkpoint import CheckpointError
 
     extra = list(overrides)
     if path is not None:
@@ -69,6 +70,6 @@ def train(
                 raise click.ClickException(
                     f"config '{config}' has kind {kind!r}; expected 'toy' or 'image' as its top-level 'kind' key"
                 )
-    except (ConfigError, ManifoldError, FileNotFoundError, FileExistsError, ValueError) as exc:
+    except (ConfigError, ManifoldError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as exc:
         raise click.ClickException(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
     click.echo(f"run folder: {result}")
