@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 from ..config import ConfigError, load_config, save_config
@@ -37,7 +38,7 @@ from ..models.mlp import VelocityMLP
 from ..paths import build_path
 from ..solvers import IntegrationStats, integrate
 from ..time import build_time_sampler
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 
 
 @dataclass
@@ -167,7 +168,10 @@ def _run(
     gen = torch.Generator().manual_seed(cfg.train.seed)
     start, elapsed = 0, 0.0
     if existing is not None:
-        ck = load_checkpoint(existing)
+        try:
+            ck = load_checkpoint(existing)
+        except SafetensorError as exc:  # not among the errors load_checkpoint converts
+            raise CheckpointError(f"checkpoint {existing} is unreadable ({exc}); resume from an earlier one") from None
         model.load_state_dict(ck.model)
         opt.load_state_dict(ck.state["optimizer"])
         gen.set_state(ck.state["generator"])
