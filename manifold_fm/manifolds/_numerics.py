@@ -77,8 +77,8 @@ def broadcast_time(t: float | Tensor, x: Tensor) -> Tensor:
 def safe_sqrt(s: Tensor) -> Tensor:
     """``sqrt(max(s, 0))`` whose gradient is 0 (not inf/NaN) where ``s <= tiny``."""
     positive = s > torch.finfo(s.dtype).tiny
-    # Scalar fill values in where(): no per-call ones_like allocation (these run on every per-token tensor).
-    return torch.where(positive, s, 1.0).sqrt() * positive
+    # Scalar fill values in where(): no ones_like/zeros_like or bool->float copies (these run per token, per call).
+    return torch.where(positive, torch.where(positive, s, 1.0).sqrt(), 0.0)
 
 
 def sinc(x: Tensor) -> Tensor:
@@ -94,16 +94,16 @@ def sinc(x: Tensor) -> Tensor:
     return torch.where(small, 1.0 - x2 / 6.0 * (1.0 - x2 / 20.0), torch.sin(xs) / xs)
 
 
-def atan2_over_y(y: Tensor, x: Tensor) -> Tensor:
-    """``atan2(y, x) / y`` for ``y >= 0``, finite as ``y -> 0`` (its limit ``1/x`` for ``x > 0``).
+def angle_over_sine(w: Tensor, y: Tensor, x: Tensor) -> Tensor:
+    """``w / y`` for ``w = atan2(y, x)`` and ``y >= 0``, finite as ``y -> 0`` (its limit ``1/x`` for ``x > 0``).
 
     For ``y -> 0`` with ``x <= 0`` the true value diverges; the caller handles that case (an antipodal policy), and
-    this returns the finite stand-in ``pi / max(y, tiny)`` there so no Inf appears.
+    this returns the finite stand-in ``pi / tiny`` there so no Inf appears. Taking the already computed angle ``w``
+    saves a second ``atan2``.
     """
     tiny = torch.finfo(y.dtype).tiny
     small = y <= tiny
-    y_safe = torch.where(small, 1.0, y)
-    ratio = torch.atan2(y_safe, x) / y_safe
+    ratio = w / torch.where(small, 1.0, y)
     # y -> 0, x > 0: atan2(y, x)/y -> 1/x (x > 0 on this branch, bounded away from 0 by |x| = radius).
     acute = x > 0
     limit = torch.where(acute, 1.0 / torch.where(acute, x, 1.0), math.pi / tiny)

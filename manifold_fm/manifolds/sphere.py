@@ -39,7 +39,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ._numerics import atan2_over_y, broadcast_time, safe_sqrt, sinc, upcast
+from ._numerics import angle_over_sine, broadcast_time, safe_sqrt, sinc, upcast
 from .base import Manifold, ManifoldError
 
 
@@ -119,7 +119,8 @@ class Sphere(Manifold):
                 return torch.mul(a, b, out=scratch).sum(dim=self.axis, keepdim=True)
 
         xy = dot(x, y)
-        m = torch.where(xy >= 0, 1.0, -1.0).to(x.dtype)
+        # sign<x, y> (0 for orthogonal pairs, where v = y is as good as either choice).
+        m = torch.sign(xy)
         v = torch.addcmul(y, m, x, value=-1.0)
         xx = dot(x, x)
         vx = dot(v, x)
@@ -130,7 +131,7 @@ class Sphere(Manifold):
         s = safe_sqrt(vv - vx * c)
         par = vx / nx + m * nx
         w = torch.atan2(s, par)
-        return _Pair(v=v, nx=nx, c=c, s=s, w=w, ratio=atan2_over_y(s, par))
+        return _Pair(v=v, nx=nx, c=c, s=s, w=w, ratio=angle_over_sine(w, s, par))
 
     def _direction_terms(self, x: Tensor, p: _Pair) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(v, c, w, ratio)`` with the antipodal fallback applied: ``y_perp/s = (v - c x) * ratio / w``."""
@@ -260,10 +261,11 @@ class Sphere(Manifold):
         R = self.radius
         tw = tt * w
         cos_tw, sin_tw = torch.cos(tw), torch.sin(tw)
-        k = R * tt * ratio * sinc(tw)  # R sin(t w) / s
-        a_x = R * cos_tw / nx - k * c
-        r = R * ratio * cos_tw  # R w cos(t w) / s
-        a_u = -R * w * sin_tw / nx - r * c
+        r_nx = R / nx
+        k = (R * tt) * ratio * sinc(tw)  # R sin(t w) / s
+        a_x = cos_tw * r_nx - k * c
+        r = (R * ratio) * cos_tw  # R w cos(t w) / s
+        a_u = torch.addcmul(r * c, w * sin_tw, r_nx).neg_()  # -(R w sin(t w) / |x0| + r c)
         # In-place accumulation: one allocation and two passes per output (eager CPU is memory-bound here).
         x_t = torch.mul(x0, a_x, out=out_x).addcmul_(k, v) if out_x is not None else torch.mul(x0, a_x).addcmul_(k, v)
         # u_t last: with reuse_v it overwrites v (the caller's own temporary), which x_t no longer needs.
