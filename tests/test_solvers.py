@@ -82,6 +82,15 @@ def test_generic_pull_back_on_a_product_and_poincare_ball() -> None:
         torch.testing.assert_close(pull_back(m, x, y, v), fd, atol=1e-7, rtol=1e-6)
 
 
+def test_ambient_projected_rk4_keeps_fourth_order_on_the_sphere() -> None:
+    m = Sphere()
+    x0 = m.random_base((16, 3), torch.Generator().manual_seed(13), dtype=D64)
+    ref = rodrigues(x0, 2.0)
+    errs = [float((integrate(rotation(), x0, m, t1=2.0, steps=n, method="rk4", transport="ambient") - ref).abs().max())
+            for n in (8, 16, 32)]
+    assert all(abs(math.log2(a / b) - 4) < 0.3 for a, b in zip(errs, errs[1:], strict=False)), errs
+
+
 def test_parallel_and_projection_transport_options_keep_second_order() -> None:
     m = Sphere()
     x0 = m.random_base((16, 3), torch.Generator().manual_seed(1), dtype=D64)
