@@ -43,6 +43,7 @@ class DefaultRunConfig:
     finetune_steps: int = 200
     finetune_batch_size: int = 16
     arch: str = "SiT-Micro/2"
+    time_scale: float = 1000.0
     steps: int = 1200
     batch_size: int = 64
     lr: float = 1e-3
@@ -76,7 +77,7 @@ def image_run_config(cfg: DefaultRunConfig, mode: str, decoder_state: Path | Non
     return {
         "kind": "image",
         "name": f"default-{mode}",
-        "model": {"arch": cfg.arch},
+        "model": {"arch": cfg.arch, "time_scale": cfg.time_scale},
         "tokenizer": {"kind": "builtin", "cache_dir": None if cfg.cache_dir is None else str(cfg.cache_dir),
                       "decoder_state": str(decoder_state) if (mode == "spherical" and decoder_state) else None},
         "data": {"source": "builtin", "per_class": cfg.per_class, "seed": 0},
@@ -144,7 +145,8 @@ def _train_mode(job: tuple[Any, ...]) -> tuple[dict[str, Any], list[dict[str, An
     flow = flow_from_config(icfg, channels)
     evaluator = _Evaluator(cfg, flow, decoder, (channels, side, side), num_classes, builtin)
     torch.manual_seed(cfg.seed)
-    model = build_sit(cfg.arch, input_size=side, in_channels=channels, num_classes=num_classes)
+    model = build_sit(cfg.arch, input_size=side, in_channels=channels, num_classes=num_classes,
+                      time_scale=cfg.time_scale)
 
     def on_eval(step: int, ema_model: nn.Module) -> dict[str, float]:
         if step == cfg.steps:
