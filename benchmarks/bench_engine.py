@@ -13,7 +13,8 @@ same run.
    1e-2, 1e-3, ...) whose maximum geodesic error is below the target; reported with its network evaluations (NFE)
    and time. RK4 is also shown with the cheaper stage transports (``parallel``, ``project``).
 3. ``flow_matching`` (only if the ``flow-matching`` package is importable): facebookresearch/flow_matching's
-   ``GeodesicProbPath`` sampling and ``RiemannianODESolver`` on the same field, for comparison.
+   ``GeodesicProbPath`` sampling and ``RiemannianODESolver`` (error vs the same reference and CPU time at equal
+   step counts) next to ours with the default ``dlog`` chart stepper and with ``transport="ambient"``.
 
     python benchmarks/bench_engine.py            # writes benchmarks/results/engine.{json,md}
     python benchmarks/bench_engine.py --quick    # smaller sizes (a smoke run)
@@ -115,8 +116,8 @@ def bench_sampling(batch: int, channels: int, size: int, targets: list[float]) -
     x0 = m.random_base((batch, channels, size, size), torch.Generator().manual_seed(1), dtype=torch.float64)
     ref = integrate(sampling_field, x0, m, steps=2048, method="rk4")
     rows = []
-    fixed = [("euler", "dlog"), ("heun", "dlog"), ("midpoint", "dlog"), ("rk4", "dlog"), ("rk4", "parallel"),
-             ("rk4", "project")]
+    fixed = [("euler", "dlog"), ("heun", "dlog"), ("midpoint", "dlog"), ("midpoint", "ambient"), ("rk4", "dlog"),
+             ("rk4", "parallel"), ("rk4", "project"), ("rk4", "ambient")]
     for target in targets:
         for method, transport in fixed:
             row: dict[str, object] = {"target": target, "method": method, "transport": transport}
@@ -148,7 +149,8 @@ def bench_sampling(batch: int, channels: int, size: int, targets: list[float]) -
 
 
 def bench_flow_matching(batch: int, channels: int, size: int) -> dict[str, object] | None:
-    """facebookresearch/flow_matching's Riemannian path and solver on the same tokens, if installed."""
+    """facebookresearch/flow_matching's Riemannian path and solver on the same unit-sphere tokens, if installed:
+    path sampling time, and sampler error (vs an RK4 x 2048 reference of ours) and CPU time at equal step counts."""
     try:
         from flow_matching.path import GeodesicProbPath
         from flow_matching.path.scheduler import CondOTScheduler
@@ -160,33 +162,42 @@ def bench_flow_matching(batch: int, channels: int, size: int) -> dict[str, objec
     m = TokenSpheres(channels, axis=-1, radius=1.0)
     g = torch.Generator().manual_seed(2)
     n = batch * size * size
-    x0 = m.random_base((n, channels), g)
-    x1 = m.random_base((n, channels), g)
-    t = torch.rand(n, generator=g)
+    x0 = m.random_base((n, channels), g, dtype=torch.float64)
+    x1 = m.random_base((n, channels), g, dtype=torch.float64)
+    t = torch.rand(n, generator=g, dtype=torch.float64)
     fm_path = GeodesicProbPath(scheduler=CondOTScheduler(), manifold=FMSphere())
     ours = GeodesicPath(m)
-    res = timed({"ours_path": lambda: ours.sample(x0, x1, t), "fm_path": lambda: fm_path.sample(x_0=x0, x_1=x1, t=t)},
-                9)
+    res: dict[str, object] = {"path": timed({"ours": lambda: ours.sample(x0, x1, t),
+                                             "flow_matching": lambda: fm_path.sample(x_0=x0, x_1=x1, t=t)}, 9)}
+
+    def field(x: Tensor, tt: Tensor) -> Tensor:
+        tt = tt.reshape(-1).expand(x.shape[0]) if tt.numel() == 1 else tt
+        return torch.sin(x.roll(1, dims=-1)) * (1 + tt[:, None]) + 0.3 * torch.cos(x.roll(2, dims=-1))
 
     class Wrapped(ModelWrapper):
         def forward(self, x: Tensor, t: Tensor, **extras: object) -> Tensor:
-            tt = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
-            return torch.sin(x.roll(1, dims=-1)) * (1 + tt[:, None])
+            return field(x, t)
 
     solver = RiemannianODESolver(manifold=FMSphere(), velocity_model=Wrapped(nn.Identity()))
-    grid = torch.tensor([0.0, 1.0])
-
-    def ours_sample() -> Tensor:
-        return integrate(lambda x, tt: torch.sin(x.roll(1, dims=-1)) * (1 + tt[:, None]), x0, m, steps=32,
-                         method="midpoint")
-
-    def fm_sample() -> Tensor:
-        return solver.sample(x0, step_size=1 / 32, method="midpoint", time_grid=grid, projx=True, proj_vecfield=True)
-
-    res.update(timed({"ours_midpoint_32": ours_sample, "fm_midpoint_32": fm_sample}, 5))
-    return {"tokens": n, "dim": channels, "timings": res,
-            "path_ratio_cpu": res["fm_path"]["cpu_s"] / res["ours_path"]["cpu_s"],
-            "sampler_ratio_cpu": res["fm_midpoint_32"]["cpu_s"] / res["ours_midpoint_32"]["cpu_s"]}
+    ref = integrate(field, x0, m, steps=2048, method="rk4")
+    rows = []
+    for method in ("midpoint", "rk4"):
+        for steps in (8, 32, 128):
+            ours_run = functools.partial(integrate, field, x0, m, steps=steps, method=method)
+            amb_run = functools.partial(integrate, field, x0, m, steps=steps, method=method, transport="ambient")
+            fm_run = functools.partial(solver.sample, x0, step_size=1.0 / steps, method=method,
+                                       time_grid=torch.tensor([0.0, 1.0], dtype=torch.float64), projx=True, proju=True)
+            tm = timed({"ours": ours_run, "ambient": amb_run, "flow_matching": fm_run}, 3)
+            rows.append({"method": method, "steps": steps,
+                         "ours_error": max_geodesic_error(m, ours_run(), ref),
+                         "ambient_error": max_geodesic_error(m, amb_run(), ref),
+                         "fm_error": max_geodesic_error(m, fm_run(), ref),
+                         "ours_cpu_s": tm["ours"]["cpu_s"], "ambient_cpu_s": tm["ambient"]["cpu_s"],
+                         "fm_cpu_s": tm["flow_matching"]["cpu_s"]})
+    res["sampler"] = rows
+    path_t = res["path"]
+    res["path_ratio_cpu"] = path_t["flow_matching"]["cpu_s"] / path_t["ours"]["cpu_s"]  # type: ignore[index]
+    return {"tokens": n, "dim": channels, **res}
 
 
 def to_markdown(report: dict[str, object]) -> str:
@@ -219,8 +230,14 @@ def to_markdown(report: dict[str, object]) -> str:
     if fm is None:
         lines.append("Not measured: the `flow-matching` package is not installed in this environment.")
     else:
-        lines.append(f"GeodesicProbPath / ours path.sample CPU ratio: {fm['path_ratio_cpu']:.2f}; "
-                     f"RiemannianODESolver / ours (midpoint, 32 steps): {fm['sampler_ratio_cpu']:.2f}.")
+        lines += [f"{fm['tokens']} tokens on S^{fm['dim'] - 1}, float64. GeodesicProbPath.sample / our "
+                  f"GeodesicPath.sample CPU time: {fm['path_ratio_cpu']:.2f}x.", "",
+                  "| method | steps | error: ours dlog / ours ambient / flow_matching | CPU ms: dlog / ambient / fm |",
+                  "|---|---|---|---|"]
+        for r in fm["sampler"]:
+            lines.append(f"| {r['method']} | {r['steps']} | {r['ours_error']:.1e} / {r['ambient_error']:.1e} / "
+                         f"{r['fm_error']:.1e} | {r['ours_cpu_s'] * 1e3:.1f} / {r['ambient_cpu_s'] * 1e3:.1f} / "
+                         f"{r['fm_cpu_s'] * 1e3:.1f} |")
     return "\n".join(lines) + "\n"
 
 

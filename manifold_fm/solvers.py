@@ -380,6 +380,8 @@ def integrate(
             f"unknown method '{method}'; choose one of {', '.join(FIXED_METHODS)} or an adaptive torchdiffeq method "
             f"({', '.join(adaptive_methods())})"
         )
+    if adaptive and transport == "ambient":
+        raise ValueError("transport='ambient' applies to the fixed-step methods (euler, heun, midpoint, rk4)")
     grid = _make_grid(float(t0), float(t1), steps, time_grid, 8 if adaptive else 50)
     in_dtype = x_init.dtype
     x = x_init.to(compute_dtype(in_dtype))

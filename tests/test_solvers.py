@@ -203,6 +203,8 @@ def test_bad_inputs() -> None:
     x0 = m.random_base((2, 3))
     with pytest.raises(ValueError, match="unknown method"):
         integrate(rotation(), x0, m, method="rk45")
+    with pytest.raises(ValueError, match="fixed-step"):
+        integrate(rotation(), x0, m, method="dopri5", transport="ambient")
     with pytest.raises(ValueError, match="steps"):
         integrate(rotation(), x0, m, steps=0)
     with pytest.raises(ValueError, match="must match"):
