@@ -4,9 +4,8 @@ Everything is computed along one *sphere axis* with ``keepdim`` reductions, so a
 ``axis=1`` is ``H*W`` independent spheres ``S^{C-1}(R)`` per sample without any reshaping.
 
 Accuracy. Angles never come from ``acos`` of a dot product. For points ``x, y`` let ``m = sign<x, y>`` and
-``v = y - m x`` (``y - x`` for acute pairs, ``y + x`` for obtuse ones, ``y`` for exactly orthogonal ones: exact float
-subtractions by
-Sterbenz's lemma where they matter, near 0 and near pi). Then ``y`` has tangential part
+``v = y - m x`` (``y - x`` for acute pairs, ``y + x`` for obtuse ones, ``y`` for exactly orthogonal ones: exact
+float subtractions by Sterbenz's lemma where they matter, near 0 and near pi). Then ``y`` has tangential part
 ``y_perp = v - (<v, x>/<x, x>) x`` and parallel part ``<y, x>/|x| = <v, x>/|x| + m |x|``, and
 
     angle(x, y) = atan2(|y_perp|, <v, x>/|x| + m |x|),
