@@ -35,12 +35,18 @@ def upcast(fn: F) -> F:
     """Run ``fn`` in float32 when its first tensor argument is float16/bfloat16; cast tensor results back.
 
     The convention (DESIGN.md): low-precision inputs are computed internally in float32 and returned in the input's
-    dtype. Other floating tensor arguments are promoted to the same compute dtype.
+    dtype. Other floating tensor arguments are promoted to the same compute dtype. An enclosing ``torch.autocast``
+    region is switched off for the duration of the call.
     """
 
     @functools.wraps(fn)
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
         first = next((a for a in args if isinstance(a, Tensor) and a.is_floating_point()), None)
+        if first is not None and torch.is_autocast_enabled(first.device.type):
+            # Under autocast (bf16 mixed-precision training) matmul-like ops inside the geometry would silently run
+            # in bf16 and put points ~1e-2 off the sphere; the geometry keeps its own dtype policy instead.
+            with torch.autocast(first.device.type, enabled=False):
+                return wrapper(self, *args, **kwargs)
         if first is None or first.dtype not in LOW_PRECISION:
             return fn(self, *args, **kwargs)
         in_dtype = first.dtype
