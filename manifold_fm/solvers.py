@@ -220,19 +220,30 @@ def _ambient_rk_step(
     """Classical RK on the ambient ODE ``dx/dt = P_x v(x, t)`` with ``projx`` applied to every stage point and to
     the result (the scheme of flow_matching's ``RiemannianODESolver``). Fewer tensor passes than the chart step;
     for embedded manifolds whose ``projx`` is a retraction (spheres, torus) and full-dimensional charts."""
+    retract = _sphere_renormalize(manifold) if isinstance(manifold, Sphere) else manifold.projx
     ks: list[Tensor] = []
     extras: list[Tensor | None] = []
     for i, ci in enumerate(tableau.c):
-        y = x if i == 0 else manifold.projx(x + sum((h * aij) * kj for aij, kj in zip(tableau.a[i], ks, strict=False)
-                                                    if aij != 0.0))
+        y = x if i == 0 else retract(x + sum((h * aij) * kj for aij, kj in zip(tableau.a[i], ks, strict=False)
+                                             if aij != 0.0))
         v, e = fld(y, t + ci * h)
         ks.append(v)
         extras.append(e)
-    x_next = manifold.projx(x + sum((h * bi) * ki for bi, ki in zip(tableau.b, ks, strict=False) if bi != 0.0))
+    x_next = retract(x + sum((h * bi) * ki for bi, ki in zip(tableau.b, ks, strict=False) if bi != 0.0))
     if extras[0] is None:
         return x_next, None
     acc = sum((h * bi) * ei for bi, ei in zip(tableau.b, extras, strict=False) if bi != 0.0 and ei is not None)
     return x_next, acc
+
+
+def _sphere_renormalize(manifold: Sphere) -> Callable[[Tensor], Tensor]:
+    """``y -> R y / |y|`` per token: ``projx`` without its zero-norm policy, which cannot trigger here because
+    ``|x + h k| >= |x| = R`` for ``k`` tangent at ``x`` (one pass instead of projx's scale-safe three)."""
+
+    def retract(y: Tensor) -> Tensor:
+        return y * (manifold.radius * torch.rsqrt((y * y).sum(dim=manifold.axis, keepdim=True)))
+
+    return retract
 
 
 def _make_grid(

@@ -117,6 +117,15 @@ def test_samples_stay_on_the_manifold_float32(method: str) -> None:
     assert float((x - x0).abs().max()) > 0.1  # it moved
 
 
+@pytest.mark.parametrize("method", ["midpoint", "rk4"])
+def test_ambient_stepper_stays_on_the_manifold_float32(method: str) -> None:
+    for m, shape in ((TokenSpheres(4, axis=1), (2, 4, 4, 4)), (FlatTorus(), (8, 3))):
+        x0 = m.random_base(shape, torch.Generator().manual_seed(14))
+        x = integrate(lambda x, t: torch.sin(x.roll(1, dims=1)) * 3, x0, m, steps=10, method=method,
+                      transport="ambient")
+        assert float(m.point_error(x).max()) < 1e-5
+
+
 def test_adaptive_dopri5_is_accurate_and_counts_evaluations() -> None:
     m = Sphere()
     x0 = m.random_base((16, 3), torch.Generator().manual_seed(3), dtype=D64)
