@@ -127,9 +127,8 @@ def main() -> None:
         configs = [("SiT-Micro/2", (16, 8, 8), 8, 3, 1)]
         sampling = ("SiT-Micro/2", (16, 8, 8), 4, 2, 1)
     else:
-        configs = [("SiT-Micro/2", (16, 8, 8), 64, 40, 5), ("SiT-Micro/1", (16, 8, 8), 64, 20, 3),
-                   ("SiT-S/2", (4, 16, 16), 32, 10, 2)]
-        sampling = ("SiT-Micro/2", (16, 8, 8), 120, 20, 3)
+        configs = [("SiT-Micro/2", (16, 8, 8), 64, 30, 5), ("SiT-Tiny/2", (16, 8, 8), 64, 10, 2)]
+        sampling = ("SiT-Micro/2", (16, 8, 8), 48, 10, 3)
     res = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
