@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from manifold_fm.cli import main
 from manifold_fm.config import ConfigError
 from manifold_fm.models.sit import SiT
+from manifold_fm.training.image import train_image
 from manifold_fm.training.image_config import load_image_config
 from manifold_fm.training.logging import read_jsonl
 from manifold_fm.training.trainer import FlowTrainer, TensorLatents, make_flow
@@ -126,3 +127,17 @@ def test_train_image_end_to_end_through_the_cli(tmp_path: Path) -> None:
     assert again.exit_code == 0, again.output
     bad = CliRunner().invoke(main, ["train", "--config", "image-builtin", "--out", str(out), "--set", "optim.lr=-1"])
     assert bad.exit_code != 0 and "optim.lr: must be positive" in bad.output
+
+
+def test_train_image_on_a_latent_cache(tmp_path: Path) -> None:
+    from manifold_fm.data.images import BuiltinImages
+    from manifold_fm.data.latents import extract_latents
+    from manifold_fm.tokenizers import builtin_tokenizer
+
+    extract_latents(builtin_tokenizer(), BuiltinImages("train", per_class=1), tmp_path / "cache", batch_size=12,
+                    progress=False)
+    ckpt = train_image("image-builtin", ["data.source=latents", f"data.latents={tmp_path / 'cache'}",
+                                         "train.steps=2", "train.batch_size=8", "train.sample_every=null",
+                                         "flow.mode=linear"], tmp_path / "run", progress=False)
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert meta["latent_shape"] == [16, 8, 8] and meta["num_classes"] == 12 and meta["step"] == 2

@@ -82,10 +82,12 @@ def build_latents(cfg: ImageRunConfig, tokenizer: Any, progress: bool = True) ->
         )
     cache = LatentCache(d.latents)
     manifest = cache.manifest
-    c, h, _ = manifest["shape"] if "shape" in manifest else tuple(cache[0][0].shape)
-    num_classes = int(manifest.get("num_classes") or len(manifest.get("class_names") or manifest.get("classes") or []))
+    c, h, _ = manifest.get("latent_shape") or tuple(cache[0][0].shape)
+    num_classes = int(manifest.get("num_classes") or len(manifest.get("class_names") or []))
     if num_classes < 1:
         raise ValueError(f"latent cache {d.latents}: its manifest names no classes (num_classes/class_names)")
+    if len(cache) < cfg.train.batch_size:
+        raise ValueError(f"latent cache {d.latents} holds {len(cache)} latents, fewer than train.batch_size")
     return DatasetLatents(cache, num_workers=d.num_workers), int(c), int(h), num_classes
 
 
