@@ -103,3 +103,17 @@ def test_grid_and_uint8_conversion_round_to_adm_values(tmp_path: Path) -> None:
     assert arr[0, :, :, 0].reshape(-1).tolist() == [0, 64, 128, 255, 255, 255]  # round((x + 1) * 127.5), clamped
     path = save_image_grid(torch.zeros(5, 3, 4, 4), tmp_path / "g.png", nrow=2, padding=1)
     assert Image.open(path).size == (2 * 5 + 1, 3 * 5 + 1)
+
+
+def test_merge_shards_restores_index_order(tmp_path: Path) -> None:
+    from manifold_fm.eval.sampling import merge_shards, save_npz
+
+    images = np.arange(7)[:, None, None, None].repeat(2, 1).repeat(2, 2).repeat(3, 3).astype(np.uint8)
+    chunks = {0: [0, 1, 4, 5], 1: [2, 3, 6]}  # chunks of 2 dealt round-robin to 2 processes
+    for rank, idx in chunks.items():
+        save_npz(tmp_path / f"part_{rank:03d}.npz", images[idx], np.stack([idx, [i % 3 for i in idx]], axis=1))
+    merged, labels = merge_shards(tmp_path)
+    assert np.array_equal(merged, images) and labels.tolist() == [i % 3 for i in range(7)]
+    save_npz(tmp_path / "part_002.npz", images[:1], np.array([[0, 0]]))
+    with pytest.raises(ValueError, match="overlap"):
+        merge_shards(tmp_path)

@@ -38,7 +38,7 @@ def sample(run: Path, num_samples: int, out_dir: Path | None, method: str | None
     from accelerate import PartialState
 
     from ..config import ConfigError
-    from ..eval.sampling import SamplerSpec, load_run, sample_run, save_image_grid, save_npz, to_uint8
+    from ..eval.sampling import SamplerSpec, load_run, merge_shards, sample_run, save_image_grid, save_npz, to_uint8
     from ..manifolds import ManifoldError
     from ..training.checkpoint import CheckpointError
 
@@ -69,18 +69,12 @@ def sample(run: Path, num_samples: int, out_dir: Path | None, method: str | None
     shards = out / "shards"
     arr = to_uint8(images) if images.numel() else np.zeros((0, 1, 1, 3), np.uint8)
     if state.num_processes > 1:
-        save_npz(shards / f"part_{state.process_index:03d}.npz", arr, np.stack([idx.numpy(), lab.numpy()]).T)
+        rows = np.stack([idx.numpy(), lab.numpy()], axis=1).reshape(-1, 2)
+        save_npz(shards / f"part_{state.process_index:03d}.npz", arr, rows)
         state.wait_for_everyone()
         if not state.is_main_process:
             return
-        parts = []
-        for f in sorted(shards.glob("part_*.npz")):
-            with np.load(f) as d:
-                parts.append((d["arr_0"], d["arr_1"]))
-        arr = np.concatenate([p[0] for p in parts if p[0].shape[0] > 0])
-        meta = np.concatenate([p[1] for p in parts])
-        order = np.argsort(meta[:, 0])
-        arr, lab_np = arr[order], meta[order, 1]
+        arr, lab_np = merge_shards(shards)
     else:
         lab_np = lab.numpy()
     written = []

@@ -111,6 +111,24 @@ def save_npz(path: str | Path, images: np.ndarray, labels: np.ndarray | None = N
     return path
 
 
+def merge_shards(shards: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Merge ``part_*.npz`` shards (``arr_0`` images, ``arr_1`` rows of ``(global index, label)``) in index order."""
+    files = sorted(Path(shards).glob("part_*.npz"))
+    if not files:
+        raise FileNotFoundError(f"no part_*.npz shards in {shards}")
+    images, meta = [], []
+    for f in files:
+        with np.load(f) as d:
+            if d["arr_0"].shape[0]:
+                images.append(d["arr_0"])
+            meta.append(d["arr_1"].reshape(-1, 2))
+    index = np.concatenate(meta)
+    if len(np.unique(index[:, 0])) != len(index):
+        raise ValueError(f"shards in {shards} overlap (a sample index appears twice); delete them and resample")
+    order = np.argsort(index[:, 0], kind="stable")
+    return np.concatenate(images)[order], index[order, 1]
+
+
 # ----------------------------------------------------------------------------- runs
 @dataclass
 class LoadedRun:
