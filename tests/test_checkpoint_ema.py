@@ -79,3 +79,10 @@ def test_ema_warmup_decay():
     assert ema.current_decay() == pytest.approx(0.1)
     ema.updates = 10_000
     assert ema.current_decay() == pytest.approx(0.999)
+
+
+def test_corrupt_weights_file_is_one_clear_error(tmp_path):
+    path = save_checkpoint(tmp_path, 1, {"w": torch.ones(2)})
+    (path / "model.safetensors").write_bytes(b"\x00garbage")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        load_checkpoint(tmp_path)

@@ -160,3 +160,17 @@ def test_mixed_dtypes_and_broadcast_batches_promote_like_torch() -> None:
     assert x_t.shape == (5, 3) and x_t.dtype == torch.float64
     ref_x, ref_u = m.geodesic(b.expand(5, 3).clone(), a.double(), 0.25)
     assert torch.allclose(x_t, ref_x, atol=1e-12) and torch.allclose(u_t, ref_u, atol=1e-12)
+
+
+def test_forward_mode_ad_through_sphere_ops_matches_finite_difference():
+    """torch.func.jvp must take the differentiable path (the no-autograd fast path writes in place)."""
+    m = TokenSpheres(8, axis=1)
+    g = torch.Generator().manual_seed(3)
+    x = m.random_base((2, 8, 3), generator=g, dtype=torch.float64)
+    y = m.random_base((2, 8, 3), generator=g, dtype=torch.float64)
+    dy = m.proju(y, torch.randn(2, 8, 3, generator=g, dtype=torch.float64))
+    with torch.no_grad():
+        _, jvp = torch.func.jvp(lambda yy: m.logmap(x, yy), (y,), (dy,))
+    h = 1e-6
+    fd = (m.logmap(x, y + h * dy) - m.logmap(x, y - h * dy)) / (2 * h)
+    torch.testing.assert_close(jvp, fd, rtol=1e-6, atol=1e-7)

@@ -37,6 +37,7 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from ._numerics import angle_over_sine, broadcast_time, safe_sqrt, sinc, upcast
@@ -47,6 +48,9 @@ def _reuse_buffers(x: Tensor, *others: Tensor) -> bool:
     """Whether an op may build its results in scratch tensors shaped like ``x``: autograd does not record it, and
     the other inputs neither broadcast ``x`` to a larger shape nor promote its dtype."""
     if torch.is_grad_enabled() and (x.requires_grad or any(a.requires_grad for a in others)):
+        return False
+    # Forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) has no formulas for the in-place out= kernels.
+    if any(fwAD.unpack_dual(a).tangent is not None for a in (x, *others)):
         return False
     if any(a.dtype != x.dtype for a in others):
         return False

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -148,6 +149,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         ema_file = path / "ema.safetensors"
         ema = load_file(str(ema_file), device=str(map_location)) if ema_file.is_file() else None
         state = torch.load(path / "state.pt", map_location=map_location, weights_only=False)
-    except (OSError, ValueError, json.JSONDecodeError, RuntimeError) as exc:
+    except (OSError, ValueError, json.JSONDecodeError, RuntimeError, SafetensorError) as exc:
         raise CheckpointError(f"checkpoint {path} is unreadable ({exc}); resume from an earlier one") from None
     return Checkpoint(step=int(meta["step"]), model=model, ema=ema, state=state, meta=meta, path=path)
