@@ -50,7 +50,7 @@ def methods() -> dict[str, Callable[[Tensor, Tensor], Tensor]]:
     out: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
         "manifold-fm Sphere.dist": lambda x, y: ours.dist(x, y),
         "geoopt Sphere.dist": lambda x, y: gs.dist(x, y),
-        "naive acos(clamp(<x,y>))": lambda x, y: torch.acos((x * y).sum(-1).clamp(-1.0, 1.0)),
+        "naive acos(clamp(dot(x, y)))": lambda x, y: torch.acos((x * y).sum(-1).clamp(-1.0, 1.0)),
         "half-angle 2 atan2(norm(x-y), norm(x+y))": lambda x, y: (
             2 * torch.atan2((x - y).norm(dim=-1), (x + y).norm(dim=-1))
         ),
