@@ -22,24 +22,9 @@ import torch
 from torch import Tensor
 
 from manifold_fm.manifolds import Sphere
+from manifold_fm.manifolds.testing import angle_pairs, exact_angle
 
 ANGLES = [1e-6, 1e-5, 1e-4, 5e-4, 1e-3, 1e-2, 0.1, 1.0, 2.0, 3.0, 3.1, math.pi - 1e-3]
-
-
-def pairs(theta: float, n: int, dim: int, seed: int = 0) -> tuple[Tensor, Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, dim, generator=g, dtype=torch.float64)
-    x = x / x.norm(dim=-1, keepdim=True)
-    e = torch.randn(n, dim, generator=g, dtype=torch.float64)
-    e = e - (e * x).sum(-1, keepdim=True) * x
-    e = e / e.norm(dim=-1, keepdim=True)
-    return x.float(), (math.cos(theta) * x + math.sin(theta) * e).float()
-
-
-def exact_angle(x: Tensor, y: Tensor) -> Tensor:
-    x, y = x.double(), y.double()
-    xh, yh = x / x.norm(dim=-1, keepdim=True), y / y.norm(dim=-1, keepdim=True)
-    return 2 * torch.atan2((xh - yh).norm(dim=-1), (xh + yh).norm(dim=-1))
 
 
 def methods() -> dict[str, Callable[[Tensor, Tensor], Tensor]]:
@@ -69,7 +54,7 @@ def measure(n: int, dim: int) -> dict:
     rows = []
     fns = methods()
     for theta in ANGLES:
-        x, y = pairs(theta, n, dim)
+        x, y = angle_pairs(theta, n, dim)
         ref = exact_angle(x, y)
         row = {"angle": theta}
         for name, fn in fns.items():
@@ -78,7 +63,7 @@ def measure(n: int, dim: int) -> dict:
             rel = (val - ref).abs() / ref
             row[name] = {"median": float(rel.median()), "max": float(rel.max())}
         rows.append(row)
-    x, _ = pairs(1.0, n, dim)
+    x, _ = angle_pairs(1.0, n, dim)
     nan_self = {name: bool(torch.isnan(fn(x, x)).any()) for name, fn in fns.items()}
     floor = {name: float(fn(x, x).abs().max()) for name, fn in fns.items()}
     return {

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from manifold_fm.manifolds import Sphere, TokenSpheres
+from manifold_fm.manifolds.testing import angle_pairs, exact_angle
 
 ANGLES = [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 0.5, 1.0, 2.0, 3.0, 3.1, math.pi - 1e-3]
 RADII = [1.0, math.sqrt(32), 1e-6, 1e6]
@@ -22,22 +23,7 @@ RADII = [1.0, math.sqrt(32), 1e-6, 1e6]
 
 def pairs_at_angle(theta: float, radius: float, n: int = 1000, d: int = 32, seed: int = 0) -> tuple[Tensor, Tensor]:
     """float32 pairs ``(x, y)`` on the sphere of ``radius`` at (approximately, after rounding) angle ``theta``."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, d, generator=g, dtype=torch.float64)
-    x = x / x.norm(dim=-1, keepdim=True)
-    e = torch.randn(n, d, generator=g, dtype=torch.float64)
-    e = e - (e * x).sum(-1, keepdim=True) * x
-    e = e / e.norm(dim=-1, keepdim=True)
-    y = math.cos(theta) * x + math.sin(theta) * e
-    return (radius * x).float(), (radius * y).float()
-
-
-def exact_angle(x: Tensor, y: Tensor) -> Tensor:
-    """The angle between the given (float32) vectors, recomputed in float64 by the half-angle formula."""
-    x, y = x.double(), y.double()
-    xh = x / x.norm(dim=-1, keepdim=True)
-    yh = y / y.norm(dim=-1, keepdim=True)
-    return 2 * torch.atan2((xh - yh).norm(dim=-1), (xh + yh).norm(dim=-1))
+    return angle_pairs(theta, n, d, radius=radius, seed=seed)
 
 
 def relative_errors(theta: float, radius: float) -> Tensor:

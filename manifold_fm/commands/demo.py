@@ -14,26 +14,11 @@ import time
 
 import click
 import torch
-from torch import Tensor
 
 from ..manifolds import Sphere, TokenSpheres
+from ..manifolds.testing import angle_pairs, exact_angle
 
 ANGLES = [1e-6, 1e-4, 1e-2, 1.0, 3.0, math.pi - 1e-3]
-
-
-def _pairs(theta: float, n: int, dim: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
-    x = torch.randn(n, dim, generator=g, dtype=torch.float64)
-    x = x / x.norm(dim=-1, keepdim=True)
-    e = torch.randn(n, dim, generator=g, dtype=torch.float64)
-    e = e - (e * x).sum(-1, keepdim=True) * x
-    e = e / e.norm(dim=-1, keepdim=True)
-    return x.float(), (math.cos(theta) * x + math.sin(theta) * e).float()
-
-
-def _exact_angle(x: Tensor, y: Tensor) -> Tensor:
-    x, y = x.double(), y.double()
-    xh, yh = x / x.norm(dim=-1, keepdim=True), y / y.norm(dim=-1, keepdim=True)
-    return 2 * torch.atan2((xh - yh).norm(dim=-1), (xh + yh).norm(dim=-1))
 
 
 def accuracy_table(g: torch.Generator, n: int = 500) -> list[tuple[float, float, float]]:
@@ -41,8 +26,8 @@ def accuracy_table(g: torch.Generator, n: int = 500) -> list[tuple[float, float,
     sphere = Sphere(1.0)
     rows = []
     for theta in ANGLES:
-        x, y = _pairs(theta, n, 32, g)
-        ref = _exact_angle(x, y)
+        x, y = angle_pairs(theta, n, 32, generator=g)
+        ref = exact_angle(x, y)
         ours = (sphere.dist(x, y).double() - ref).abs() / ref
         naive = (torch.acos((x * y).sum(-1).clamp(-1, 1)).double() - ref).abs() / ref
         rows.append((theta, float(ours.median()), float(naive.median())))
