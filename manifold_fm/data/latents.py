@@ -242,19 +242,34 @@ def extract_latents(
     return manifest_path
 
 
+def manifest_is_spherical(manifest: dict[str, Any]) -> bool:
+    """Whether a cache holds projected tokens (``extract-latents --spherical``): the ``SphericalTokenizer`` records
+    ``normalization.meta.projected`` and names itself ``spherical(<base>)``."""
+    norm = manifest.get("normalization") or {}
+    return bool((norm.get("meta") or {}).get("projected")) or str(manifest.get("tokenizer", "")).startswith(
+        "spherical("
+    )
+
+
 class LatentCache(Dataset):
     """A torch Dataset of ``(latent (C, h, w) float32, label int)`` over a cache written by :func:`extract_latents`.
 
     Shards are opened with safetensors' memory-mapped reader on first access (lazily, per worker process, so the
     dataset pickles into DataLoader workers); an item read touches only its own slice of the file.
 
+    With ``raw=True`` every latent is returned denormalised with the manifest's normalisation,
+    ``y / scale + shift``: the encoder's raw posterior mode (up to the storage dtype's rounding). Spherical training
+    projects these, so its data are exactly ``SphericalTokenizer.encode`` of the images whatever normalisation the
+    cache was written with. A spherical cache has the identity normalisation, so ``raw`` changes nothing there.
+
     Attributes:
         manifest: the parsed ``manifest.json`` (class names, ids and counts, shapes, dtype, tokenizer id,
             normalisation, skipped count and items).
     """
 
-    def __init__(self, root: str | Path, require_complete: bool = True) -> None:
+    def __init__(self, root: str | Path, require_complete: bool = True, raw: bool = False) -> None:
         self.root = Path(root)
+        self.raw = raw
         path = self.root / MANIFEST
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist; create the cache with `manifold-fm extract-latents`")
@@ -273,6 +288,7 @@ class LatentCache(Dataset):
         self.offsets = torch.tensor([0, *self.counts]).cumsum(0)
         self._handles: dict[int, Any] = {}
         self._labels: Tensor | None = None
+        self._norm = self.normalization if raw else None
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -280,6 +296,24 @@ class LatentCache(Dataset):
     @property
     def latent_shape(self) -> tuple[int, ...]:
         return tuple(self.manifest["latent_shape"])
+
+    @property
+    def spherical(self) -> bool:
+        """Whether the cache holds projected tokens (written with ``extract-latents --spherical``)."""
+        return manifest_is_spherical(self.manifest)
+
+    @property
+    def normalization(self) -> Any:
+        """The :class:`~manifold_fm.tokenizers.LatentNormalization` the stored latents were written with."""
+        from ..tokenizers.base import LatentNormalization
+
+        record = self.manifest.get("normalization")
+        if record is None:
+            raise ValueError(f"latent cache {self.root}: its manifest records no normalisation; re-extract it")
+        return LatentNormalization.from_dict(record)
+
+    def _to_raw(self, latents: Tensor) -> Tensor:
+        return latents if self._norm is None else self._norm.denormalize(latents).float()
 
     @property
     def num_classes(self) -> int | None:
@@ -315,7 +349,7 @@ class LatentCache(Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         k, j = self._locate(int(index))
         h = self._handle(k)
-        latent = h.get_slice("latents")[j : j + 1][0].float()
+        latent = self._to_raw(h.get_slice("latents")[j : j + 1].float())[0]
         label = int(h.get_slice("labels")[j : j + 1][0])
         return latent, label
 
@@ -328,5 +362,5 @@ class LatentCache(Dataset):
 
     def load_all(self) -> tuple[Tensor, Tensor]:
         """Every latent (float32) and label as two tensors (for small caches that fit in memory)."""
-        parts = [self._handle(k).get_tensor("latents").float() for k in range(len(self.counts))]
+        parts = [self._to_raw(self._handle(k).get_tensor("latents").float()) for k in range(len(self.counts))]
         return torch.cat(parts), self.labels()

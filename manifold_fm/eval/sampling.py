@@ -147,7 +147,7 @@ def load_run(run: str | Path, *, use_ema: bool = True, device: str | torch.devic
              decode: bool = True, progress: bool = False) -> LoadedRun:
     """Load a run folder (or its ``checkpoints`` folder, or one ``step_*`` folder) for sampling."""
     from ..training.checkpoint import load_checkpoint
-    from ..training.image import build_model, load_tokenizer, sample_decoder
+    from ..training.image import build_model, load_tokenizer, run_decoder
     from ..training.image_config import load_image_config
     from ..training.trainer import flow_from_config
 
@@ -169,7 +169,9 @@ def load_run(run: str | Path, *, use_ema: bool = True, device: str | torch.devic
     flow = flow_from_config(cfg, c)
     decoder = None
     if decode and cfg.tokenizer.kind != "none":
-        decoder = sample_decoder(cfg, load_tokenizer(cfg, progress=progress))
+        # a run on a latent cache decodes with the cache's normalisation (e.g. extract-latents --dataset-stats),
+        # recorded in the checkpoint; older checkpoints lack it and use the tokenizer's own constants
+        decoder = run_decoder(cfg, load_tokenizer(cfg, progress=progress), meta.get("latent_normalization"))
         decoder.to(device)
     return LoadedRun(model, flow, decoder, cfg, (c, h, w), num_classes, ckpt.step)
 

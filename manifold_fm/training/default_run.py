@@ -137,6 +137,8 @@ def _train_mode(job: tuple[Any, ...]) -> tuple[dict[str, Any], list[dict[str, An
     from .trainer import FlowTrainer, TensorLatents, flow_from_config
 
     cfg, mode, decoder_path, latents, labels, decoder, builtin, out, progress, tokenizer_name, position = job
+    # what `manifold-fm sample` decodes with (see training.image.run_decoder)
+    latent_norm = decoder.normalization.to_dict()
     if cfg.parallel:
         torch.set_num_threads(1)
     channels, side = latents.shape[1], latents.shape[-1]
@@ -159,7 +161,7 @@ def _train_mode(job: tuple[Any, ...]) -> tuple[dict[str, Any], list[dict[str, An
                           device="cpu", on_eval=on_eval if cfg.eval_every else None, progress=progress,
                           progress_position=position,
                           meta={"latent_shape": [channels, side, side], "num_classes": num_classes,
-                                "tokenizer": tokenizer_name})
+                                "tokenizer": tokenizer_name, "latent_normalization": latent_norm})
     trainer.fit()
     train_s = time.perf_counter() - t0
     t_eval = time.perf_counter()
@@ -299,9 +301,11 @@ def run_default(out_dir: str | Path | None = None, overrides: Sequence[str] = ()
         os.replace(tmp, decoder_path)
         lap("decoder finetune", t0)
 
-    # 3. latents (the tokenizer's own normalisation; spherical mode projects them in the trainer)
+    # 3. latents: the linear baseline trains on the tokenizer's normalised latents; spherical mode on the raw encoder
+    #    output, which the trainer projects: exactly what the finetuned decoder saw (SphericalTokenizer.encode)
     t0 = time.perf_counter()
-    latents = encode_dataset(tokenizer, train_x, progress=progress)
+    latents = {mode: encode_dataset(tokenizer, train_x, progress=progress, raw=mode == "spherical")
+               for mode in cfg.modes}
     lap("encode latents", t0)
 
     # Reference rows: a second held-out set (different seed) and its reconstructions through each decoder.
@@ -330,7 +334,7 @@ def run_default(out_dir: str | Path | None = None, overrides: Sequence[str] = ()
     results: dict[str, Any] = {"modes": {}, "references": refs}
     history: dict[str, list[dict[str, Any]]] = {}
     # In parallel mode each process draws its own progress bar on its own line.
-    jobs = [(cfg, mode, decoder_path, latents, train_y, decoders[mode], builtin, out, progress,
+    jobs = [(cfg, mode, decoder_path, latents[mode], train_y, decoders[mode], builtin, out, progress,
              tokenizer.name, i if cfg.parallel else 0) for i, mode in enumerate(cfg.modes)]
     t0 = time.perf_counter()
     if cfg.parallel and len(jobs) > 1:

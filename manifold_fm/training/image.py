@@ -7,6 +7,7 @@ A run folder holds ``config.yaml``, ``checkpoints/``, ``metrics.jsonl`` and ``sa
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,42 +54,100 @@ def sample_decoder(cfg: ImageRunConfig, base: Any) -> Any:
 
 
 @torch.no_grad()
-def encode_dataset(tokenizer: Any, images: Tensor, batch_size: int = 256, progress: bool = False) -> Tensor:
-    """Latents of ``images`` (``(N, 3, H, W)`` in [-1, 1]) in batches, in float32 on the CPU."""
+def encode_dataset(tokenizer: Any, images: Tensor, batch_size: int = 256, progress: bool = False,
+                   raw: bool = False) -> Tensor:
+    """Latents of ``images`` (``(N, 3, H, W)`` in [-1, 1]) in batches, in float32 on the CPU.
+
+    ``raw=False``: ``tokenizer.encode`` (normalised, what the linear baseline trains on); ``raw=True``:
+    ``tokenizer.encode_raw`` (the encoder's posterior mode, which spherical training projects to radius sqrt(C)).
+    """
     from tqdm.auto import tqdm
 
+    encode = tokenizer.encode_raw if raw else tokenizer.encode
     out = []
     for i in tqdm(range(0, images.shape[0], batch_size), desc="encode", disable=not progress, leave=False):
         batch = images[i : i + batch_size].to(tokenizer.device, tokenizer.dtype)
-        out.append(tokenizer.encode(batch).float().cpu())
+        out.append(encode(batch).float().cpu())
     return torch.cat(out)
 
 
-def build_latents(cfg: ImageRunConfig, tokenizer: Any, progress: bool = True) -> tuple[Any, int, int, int]:
-    """Training latents and their ``(channels, side, num_classes)``."""
+@dataclass
+class ImageLatents:
+    """Training latents of an image run and what decodes the model's samples.
+
+    Attributes:
+        data: the latent source given to the trainer.
+        channels, side, num_classes: ``C``, ``h`` (= ``w``) and the number of classes.
+        normalization: the ``LatentNormalization`` (as a dict) of the latents the model learns to generate: the
+            cache manifest's (or tokenizer's) in linear mode; the identity in spherical mode, whose data are the
+            raw encoder output projected to the spheres, as ``SphericalTokenizer.encode`` makes them.
+    """
+
+    data: Any
+    channels: int
+    side: int
+    num_classes: int
+    normalization: dict[str, Any] | None
+
+
+_PROJECTED = {"kind": "identity", "shift": 0.0, "scale": 1.0, "meta": {"projected": True}}
+
+
+def build_latents(cfg: ImageRunConfig, tokenizer: Any, progress: bool = True) -> ImageLatents:
+    """Training latents for ``cfg.flow.mode``.
+
+    Spherical mode trains on ``projx(raw)``: the built-in images are encoded raw, and a latent cache is read
+    denormalised with its manifest's normalisation (``LatentCache(raw=True)``), so one cache serves a linear and a
+    spherical run and the spherical data are those the finetuned decoder was trained on. A cache written with
+    ``extract-latents --spherical`` is already projected and serves only spherical runs.
+    """
     d = cfg.data
+    spherical = cfg.flow.mode == "spherical"
     if d.source == "builtin":
         from ..data.images import BuiltinImages
 
         ds = BuiltinImages("train", size=d.size, per_class=d.per_class, seed=d.seed)
         images, labels = ds.tensors()
-        latents = encode_dataset(tokenizer, images, progress=progress)
-        return TensorLatents(latents, labels), latents.shape[1], latents.shape[-1], ds.num_classes
+        latents = encode_dataset(tokenizer, images, progress=progress, raw=spherical)
+        norm = _PROJECTED if spherical else tokenizer.normalization.to_dict()
+        return ImageLatents(TensorLatents(latents, labels), latents.shape[1], latents.shape[-1], ds.num_classes, norm)
     from ..data.latents import LatentCache
 
     if d.latents is None or not Path(d.latents).is_dir():
         raise FileNotFoundError(
             f"data.latents: {d.latents} is not a folder; create it with manifold-fm extract-latents"
         )
-    cache = LatentCache(d.latents)
+    cache = LatentCache(d.latents, raw=spherical)
     manifest = cache.manifest
+    if cache.spherical and not spherical:
+        raise ValueError(
+            f"latent cache {d.latents} holds projected latents (extract-latents --spherical), which a linear run "
+            "cannot use; extract a cache without --spherical (one such cache serves both modes)"
+        )
     c, h, _ = manifest.get("latent_shape") or tuple(cache[0][0].shape)
     num_classes = int(manifest.get("num_classes") or len(manifest.get("class_names") or []))
     if num_classes < 1:
         raise ValueError(f"latent cache {d.latents}: its manifest names no classes (num_classes/class_names)")
     if len(cache) < cfg.train.batch_size:
         raise ValueError(f"latent cache {d.latents} holds {len(cache)} latents, fewer than train.batch_size")
-    return DatasetLatents(cache, num_workers=d.num_workers), int(c), int(h), num_classes
+    norm = _PROJECTED if spherical else cache.normalization.to_dict()
+    return ImageLatents(DatasetLatents(cache, num_workers=d.num_workers), int(c), int(h), num_classes, norm)
+
+
+def run_decoder(cfg: ImageRunConfig, base: Any, normalization: Mapping[str, Any] | None = None) -> Any:
+    """What decodes a run's generated latents (``None`` without a tokenizer).
+
+    Linear runs: ``base`` with ``normalization`` (the training latents' normalisation, recorded in the checkpoint
+    meta as ``latent_normalization``; ``None`` keeps the tokenizer's own). Spherical runs:
+    ``SphericalTokenizer(base, tokenizer.decoder_state)``, which decodes projected raw latents.
+    """
+    if base is None:
+        return None
+    if cfg.flow.mode != "spherical" and normalization is not None:
+        from ..tokenizers import LatentNormalization
+
+        base.with_normalization(LatentNormalization.from_dict(dict(normalization)))
+    return sample_decoder(cfg, base)
 
 
 def build_model(cfg: ImageRunConfig, channels: int, side: int, num_classes: int) -> nn.Module:
@@ -139,19 +198,21 @@ def train_image(
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     tokenizer = load_tokenizer(cfg, progress=progress)
-    data, channels, side, num_classes = build_latents(cfg, tokenizer, progress=progress)
+    lat = build_latents(cfg, tokenizer, progress=progress)
+    channels, side, num_classes = lat.channels, lat.side, lat.num_classes
     flow = flow_from_config(cfg, channels)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, channels, side, num_classes)
     save_config(cfg, out / "config.yaml")
     on_sample = None
     if cfg.train.sample_every:
-        on_sample = grid_hook(cfg, flow, sample_decoder(cfg, tokenizer), out, (channels, side, side), num_classes)
+        decoder = run_decoder(cfg, tokenizer, lat.normalization)
+        on_sample = grid_hook(cfg, flow, decoder, out, (channels, side, side), num_classes)
     trainer = FlowTrainer(
-        model, flow, data, cfg, out, null_class=num_classes, device=device, on_sample=on_sample, on_eval=on_eval,
-        progress=progress,
+        model, flow, lat.data, cfg, out, null_class=num_classes, device=device, on_sample=on_sample,
+        on_eval=on_eval, progress=progress,
         meta={"latent_shape": [channels, side, side], "num_classes": num_classes,
-              "tokenizer": getattr(tokenizer, "name", None)},
+              "tokenizer": getattr(tokenizer, "name", None), "latent_normalization": lat.normalization},
     )
     try:
         return trainer.fit(resume=resume)
