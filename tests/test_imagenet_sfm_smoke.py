@@ -255,13 +255,21 @@ def test_recipe_end_to_end_on_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert len(report["metrics"]) >= 3 and all(math.isfinite(m["psnr"]) for m in report["metrics"].values())
     assert load_file("runs/decoders/flux2/decoder.safetensors")
 
-    # 3. latent caches with horizontal flips: the tokenizer's own normalisation, and projected tokens
+    # 3. one latent cache with horizontal flips (the tokenizer's own batch-norm normalisation) serves both runs
     cli("extract-latents", *vae, *data, "--out", "data/latents/flux2", "--batch-size", "4")
-    cli("extract-latents", *vae, *data, "--spherical", "--out", "data/latents/flux2-spherical", "--batch-size", "4")
-    plain, sph = LatentCache("data/latents/flux2"), LatentCache("data/latents/flux2-spherical")
-    assert len(plain) == len(sph) == 2 * 8  # 8 images, each with its flip
-    z, _ = sph[0]
+    plain = LatentCache("data/latents/flux2")
+    assert len(plain) == 2 * 8 and not plain.spherical  # 8 images, each with its flip
+    # what a spherical run trains on (the cache denormalised, then projected) is SphericalTokenizer.encode's output
+    from manifold_fm.data.images import image_dataset
+    from manifold_fm.tokenizers import SphericalTokenizer, load_tokenizer
+    from manifold_fm.training.trainer import make_flow
+
+    z = make_flow("spherical", 8).prepare_data(LatentCache("data/latents/flux2", raw=True)[0][0][None])[0]
     assert z.shape == (8, 8, 8)
+    first = image_dataset("data/imagenet256", size=32)[0][0][None]
+    with torch.no_grad():
+        expected = SphericalTokenizer(load_tokenizer("weights/flux2-vae", kind="flux2")).encode(first)[0]
+    torch.testing.assert_close(z, expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(z.norm(dim=0), torch.full((8, 8), math.sqrt(8.0)), rtol=1e-5, atol=1e-5)
 
     # 4. training: the grid's FLUX.2 B/2 pair, same CLI, shrunk with --set

@@ -76,7 +76,9 @@ def build_dataset(data_spec: str, split: str, size: int, per_class: int | None) 
 @click.command("extract-latents")
 @tokenizer_options
 @data_options
-@click.option("--spherical", is_flag=True, help="Project every token to radius sqrt(d) (SphericalTokenizer).")
+@click.option("--spherical", is_flag=True,
+              help="Store tokens projected to radius sqrt(d) (SphericalTokenizer). Not needed for training: a "
+                   "spherical run reads a normal cache denormalised and projects it; a linear run refuses this one.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Cache directory (shards + manifest.json).")
 @click.option("--batch-size", type=int, default=64, show_default=True)
@@ -86,7 +88,8 @@ def build_dataset(data_spec: str, split: str, size: int, per_class: int | None) 
 @click.option("--store-dtype", type=click.Choice(_DTYPES), default="float32", show_default=True)
 @click.option("--dataset-stats", is_flag=True,
               help="Normalise with per-channel mean/std computed over the dataset (saved as <out>/latent_stats.json "
-                   "and reused on resume) instead of the tokenizer's own constants.")
+                   "and reused on resume) instead of the tokenizer's own constants. Runs trained on the cache record "
+                   "them and decode their samples with them.")
 @click.option("--stats-items", type=int, default=10000, show_default=True, help="Images used by --dataset-stats.")
 @click.option("--workers", type=int, default=0, show_default=True, help="Image-reading worker processes.")
 def extract_latents(tokenizer_spec: str, subfolder: str | None, kind: str, dtype: str, device: str,

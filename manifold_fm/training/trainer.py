@@ -9,6 +9,9 @@ One step, for a batch of data latents ``x1`` (``(B, C, h, w)``) and labels ``y``
 
 Spherical mode uses ``TokenSpheres(C, axis=1)``, data projected to radius ``sqrt(C)`` per token, the geodesic
 (slerp) path and the tangent-projected loss; linear mode uses ``Euclidean``, a Gaussian prior and the straight path.
+Spherical data must be the tokenizer's *raw* latents (or already projected ones): ``projx`` of those is
+``SphericalTokenizer.encode``, what a finetuned decoder expects; :func:`manifold_fm.training.image.build_latents`
+reads caches denormalised for that reason.
 
 Exact resume: every random draw of step ``k`` on process ``r`` comes from a generator seeded by ``(seed, k, r)``
 and the data order of epoch ``e`` is a permutation seeded by ``(seed, e)``, so the stream of batches and noise is a

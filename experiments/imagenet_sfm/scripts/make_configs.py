@@ -2,8 +2,8 @@
 """Write the ImageNet-256 config grid to ``experiments/imagenet_sfm/configs/`` from one table (the single source).
 
 Every run is a linear/spherical *pair* generated from the same settings, so a pair can only differ in the keys that
-define the method (``flow.mode``; the projection: the latent cache of projected tokens and the decoder finetuned
-for them; and the run name);
+define the method (``flow.mode``; the decoder finetuned for projected tokens; and the run name). Both runs of a pair
+read the same latent cache: spherical runs project its denormalised (raw) latents;
 ``tests/test_imagenet_configs.py`` checks the committed files against this generator and diffs each pair.
 
 Grid (the paper's, see the README): tokenizers FLUX.2 (d=32, f=8, SiT patch 2), VA-VAE f16d32 (patch 1),
@@ -91,10 +91,10 @@ def make_config(tok: str, scale: str, mode: str, epochs: int) -> dict[str, Any]:
         },
         "data": {
             "source": "latents",
-            # Spherical runs read a cache written by `extract-latents --spherical`: every token of the *raw* encoder
-            # output projected to radius sqrt(d), exactly what SphericalTokenizer (and so the finetuned decoder)
-            # uses. The linear cache holds the tokenizer's own normalised latents. See the README, step 3.
-            "latents": f"data/latents/{tok}-spherical" if spherical else f"data/latents/{tok}",
+            # One cache (the tokenizer's own normalisation) serves both runs of a pair: spherical runs read it
+            # denormalised with its manifest's normalisation and project every token of that *raw* encoder output to
+            # radius sqrt(d), exactly what SphericalTokenizer (and so the finetuned decoder) uses. README, step 3.
+            "latents": f"data/latents/{tok}",
             "size": 256,
             "seed": 0,
             "num_workers": 8,
