@@ -275,9 +275,9 @@ def check_manifold(
     Raises ``AssertionError`` with a one-line message naming the first property that fails, in this order:
     projx idempotent; proju tangent and idempotent; exp(log) = id; log(exp) = id; dist == norm(log), symmetric,
     triangle inequality; geodesic endpoints; at each time in ``t``: ``x_t`` on the manifold, ``u_t`` tangent with
-    constant speed ``dist(x0, x1)``, ``u_t == log(x_t, x1)/(1-t)`` and ``u_t`` vs a float64 central finite
-    difference of ``x_t``; transp isometry (skipped with ``transp=False``: the base class's default ``transp`` is
-    a projection, not an isometry).
+    constant speed ``dist(x0, x1)`` and ``u_t == log(x_t, x1)/(1-t)``; then at each time ``u_t`` vs a float64
+    central finite difference of ``x_t``; transp isometry (skipped with ``transp=False``: the base class's default
+    ``transp`` is a projection, not an isometry).
 
     Args:
         manifold: the manifold under test.
@@ -324,6 +324,7 @@ def check_manifold(
     x0d, x1d = m.projx(x0.double()), m.projx(x1.double())  # on-manifold float64 copies for the reference
     for ti in times:
         check_geodesic_velocity(m, x0, x1, float(ti), 8 * tol)
+    for ti in times:
         check_geodesic_finite_difference(m, x0d, x1d, min(max(float(ti), 0.01), 0.99), 1e-5 * scale, diff=diff)
     if transp:
         ones = torch.ones(batch, dtype=torch.float64)
