@@ -9,6 +9,11 @@ points.
 
 Tolerances are absolute and compared with the maximum error over the whole batch (``max |actual - expected|``).
 
+"On the manifold" and "tangent" are judged by the manifold's own ``check_point``/``check_vector``, i.e. by its
+``point_error``/``vector_error``. Their defaults measure the distance to ``projx``/``proju``, so a wrong projection
+would pass its own test: a manifold with a defining equation (``|x| = R``, ``<x, u> = 0``) should override them with
+it, as the built-in spheres do.
+
 For float32 accuracy studies of angles, :func:`angle_pairs` draws pairs at an exact angle and :func:`exact_angle`
 is the float64 reference (the half-angle formula on normalised vectors, a different algorithm from the library's
 ``atan2`` of tangential and parallel parts).
