@@ -2,6 +2,11 @@
 
 ``train_image(config, overrides, out_dir, resume)`` is what ``manifold-fm train --config <kind: image YAML>`` runs.
 A run folder holds ``config.yaml``, ``checkpoints/``, ``metrics.jsonl`` and ``samples/step_XXXXXXXX.png`` grids.
+
+Which latents each mode trains on: linear runs the normalised latents (``tokenizer.encode``, or a cache as stored);
+spherical runs the raw encoder output projected per token (``SphericalTokenizer.encode``; a cache is read
+denormalised with its manifest's normalisation), so one cache serves both modes. The checkpoint meta records the
+generated latents' normalisation (``latent_normalization``), which grids and ``manifold-fm sample`` decode with.
 """
 
 from __future__ import annotations
