@@ -105,3 +105,94 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# SHA-256 of the float32 bytes of renders made by the original single-pass renderer (before block rendering, commit
+# f468209), recorded at 1 and 2 threads (identical). The shipped tiny VAE was trained on these pixels: they must not
+# change. Multi-block cases (48, 108 images; block size 32), a larger and an odd size, and scattered indices.
+_REFERENCE_SHA256 = [
+    (("train", 32, 4, 0, None), "9bbdd48e75c44c84db005922147271b9ccbc397536b2c828399cdef06d79a910"),
+    (("test", 32, 9, 1, None), "4870c760c49f617ec7220d5ddba94512995e18e8745efe9b5bebb3f03f0ca5c4"),
+    (("train", 64, 1, 3, None), "2c46dbe022bcf8f99356813b6d2bd96288d561d840149075fc08aa9dbd318c88"),
+    (("train", 33, 3, 5, None), "bafec3f09e14bbdff06e2f62c8952fcde29fc100f4d12b441f94d00312766e63"),
+    (("train", 32, 500, 0, (0, 1, 5, 777, 5999, 35, 36)),
+     "69a84b291c8f83ebe5b272a93aa448c09959c9360e16cd31bf6b4964c62694de"),
+]
+
+
+@pytest.mark.parametrize(("case", "digest"), _REFERENCE_SHA256, ids=lambda c: str(c)[:40])
+def test_builtin_pixels_bitwise_unchanged(case: tuple, digest: str) -> None:
+    import hashlib
+
+    split, size, per_class, seed, idx = case
+    ds = BuiltinImages(split, size=size, per_class=per_class, seed=seed)
+    x = ds.tensors()[0] if idx is None else ds.render(list(idx))[0]
+    assert x.dtype == torch.float32 and x.is_contiguous()
+    assert hashlib.sha256(x.numpy().tobytes()).hexdigest() == digest
+
+
+def _render_single_pass(labels: list[int], params: list[dict[str, float]], size: int) -> torch.Tensor:
+    """The original unblocked renderer, verbatim (an independent reference for the block renderer)."""
+    import math
+
+    from manifold_fm.data.images import TEXTURES, _hsv_to_rgb
+
+    n = len(labels)
+    p = {k: torch.tensor([q[k] for q in params], dtype=torch.float64) for k in params[0] if k != "noise_seed"}
+    lin = (torch.arange(size, dtype=torch.float64) + 0.5) / size * 2 - 1
+    yy, xx = torch.meshgrid(lin, lin, indexing="ij")
+    x = xx[None] - p["cx"][:, None, None]
+    y = yy[None] - p["cy"][:, None, None]
+    ca, sa = torch.cos(p["angle"])[:, None, None], torch.sin(p["angle"])[:, None, None]
+    s = p["scale"][:, None, None]
+    u = (ca * x + sa * y) / s
+    v = (-sa * x + ca * y) / s
+    shape_id = torch.tensor([int(c) // len(TEXTURES) for c in labels])[:, None, None]
+    tex_id = torch.tensor([int(c) % len(TEXTURES) for c in labels])[:, None, None]
+    r = torch.sqrt(u**2 + v**2)
+    sdf_disk = r - 0.9
+    sdf_square = torch.maximum(u.abs(), v.abs()) - 0.75
+    h1 = v - 0.5
+    h2 = -0.866 * u - 0.5 * v - 0.5
+    h3 = 0.866 * u - 0.5 * v - 0.5
+    sdf_tri = torch.maximum(torch.maximum(h1, h2), h3)
+    bar = 0.3
+    sdf_cross = torch.minimum(
+        torch.maximum(u.abs() - bar, v.abs() - 0.95), torch.maximum(u.abs() - 0.95, v.abs() - bar)
+    )
+    sdf = torch.stack([sdf_disk, sdf_square, sdf_tri, sdf_cross])
+    sdf = torch.gather(sdf, 0, shape_id.expand(1, n, size, size).clone()).squeeze(0)
+    pixel = 2.0 / size / s
+    mask = torch.sigmoid(-sdf / (0.5 * pixel))
+    f = p["freq"][:, None, None] * math.pi / 2
+    stripes = (torch.sin(f * u) > 0).double()
+    checker = ((torch.sin(f * u) * torch.sin(f * v)) > 0).double()
+    pattern = torch.where(tex_id == 0, torch.ones_like(u), torch.where(tex_id == 1, stripes, checker))
+    fg = _hsv_to_rgb(p["fg_h"], p["fg_s"], p["fg_v"])[:, :, None, None]
+    fg_dark = fg * 0.35
+    bg = _hsv_to_rgb(p["bg_h"], p["bg_s"], p["bg_v"])[:, :, None, None]
+    gdir = torch.cos(p["grad_angle"])[:, None, None] * xx + torch.sin(p["grad_angle"])[:, None, None] * yy
+    background = bg * (1 + p["grad_amp"][:, None, None, None] * gdir[:, None])
+    foreground = fg * pattern[:, None] + fg_dark * (1 - pattern[:, None])
+    img = mask[:, None] * foreground + (1 - mask[:, None]) * background
+    noise = torch.stack(
+        [
+            torch.randn(3, size, size, generator=torch.Generator().manual_seed(int(q["noise_seed"])),
+                        dtype=torch.float64)
+            for q in params
+        ]
+    )
+    img = (img + 0.015 * noise).clamp(0, 1)
+    return (img * 2 - 1).float()
+
+
+@pytest.mark.parametrize(("size", "count"), [(32, 70), (20, 33), (9, 17)])
+def test_block_renderer_equals_single_pass(size: int, count: int) -> None:
+    """Same bits as the single-pass renderer on this machine (block boundaries inside the batch, odd sizes)."""
+    from manifold_fm.data.images import _item_params, render_builtin
+
+    idx = list(range(3, 3 + count))
+    labels = [i % 12 for i in idx]
+    params = [_item_params(2, "train", i, 12) for i in idx]
+    assert torch.equal(render_builtin(labels, params, size), _render_single_pass(labels, params, size))
+    assert render_builtin([], [], size).shape == (0, 3, size, size)
