@@ -322,3 +322,66 @@ def test_product_rejects_mismatched_factors() -> None:
     with pytest.raises(ManifoldError, match="last axis of size 5"):
         m.projx(torch.randn(2, 4))
     assert repr(m) == "Product([(Sphere(radius=1), 3), (FlatTorus(), 2)])"
+
+
+# ------------------------------------------------------------------------------------ geoopt adapter: closed forms
+GEOOPT_CLOSED_FORM = [
+    ("poincare_c1", lambda: geoopt.PoincareBall(), 3),
+    ("poincare_c0.5", lambda: geoopt.PoincareBall(c=0.5), 2),
+    ("stereographic_k-2", lambda: geoopt.Stereographic(k=-2.0), 3),
+    ("lorentz_k1", lambda: geoopt.Lorentz(), 4),
+    ("lorentz_k2", lambda: geoopt.Lorentz(k=2.0), 3),
+]
+
+
+@pytest.mark.parametrize(("make", "dim"), [c[1:] for c in GEOOPT_CLOSED_FORM], ids=[c[0] for c in GEOOPT_CLOSED_FORM])
+@settings(max_examples=8, deadline=None)
+@given(seed=seeds)
+def test_geoopt_closed_form_geodesic_matches_generic(make: Callable[[], object], dim: int, seed: int) -> None:
+    """The adapter's closed-form velocity (parallel transport / hyperboloid derivative) equals the generic exp/log
+    construction of Manifold.geodesic and a float64 central difference of x_t, for other curvatures too."""
+    m = GeooptManifold(make(), 0.4)
+    g = torch.Generator().manual_seed(seed)
+    x0, x1 = (m.random_base((B, dim), generator=g, dtype=torch.float64) for _ in range(2))
+    t = torch.rand(B, generator=g, dtype=torch.float64) * 0.98 + 0.01
+    x_t, u_t = m.geodesic(x0, x1, t)
+    x_ref, u_ref = Manifold.geodesic(m, x0, x1, t)
+    assert_close(x_t, x_ref, 1e-12, "x_t vs generic")
+    assert_close(u_t, u_ref, 1e-6, "u_t vs generic")
+    h = 1e-5
+    fd = (m.geodesic(x0, x1, t + h)[0] - m.geodesic(x0, x1, t - h)[0]) / (2 * h)
+    assert_close(u_t, fd, 1e-6, "u_t vs central difference")
+    # t = 0 exactly: the velocity is log_{x0}(x1) (no division anywhere).
+    assert_close(m.geodesic(x0, x1, 0.0)[1], m.logmap(x0, x1), 1e-7, "u_0 vs logmap")
+
+
+_FORWARD_AD_SCRIPT = """
+import warnings
+warnings.filterwarnings("ignore")
+import geoopt, torch
+from manifold_fm.manifolds import GeooptManifold
+from manifold_fm.solvers import pull_back
+for geo, dim in ((geoopt.PoincareBall(), 2), (geoopt.Lorentz(), 3)):  # distinct TorchScript kernels
+    m = GeooptManifold(geo, 0.4)
+    g = torch.Generator().manual_seed(0)
+    x, y = (m.random_base((5, dim), generator=g, dtype=torch.float64) for _ in range(2))
+    v = m.proju(y, torch.randn(5, dim, generator=g, dtype=torch.float64))
+    jvps = [pull_back(m, x, y, v) for _ in range(4)]  # the first ever logmap call is a dual one
+    h = 1e-6
+    fd = (m.logmap(x, m.projx(y + h * v)) - m.logmap(x, m.projx(y - h * v))) / (2 * h)
+    print(type(geo).__name__, max(float((j - fd).abs().max()) for j in jvps))
+"""
+
+
+def test_geoopt_logmap_forward_ad_survives_torchscript_optimisation() -> None:
+    """The solvers' dlog transport (forward-mode JVP of logmap) is right on every call. geoopt's kernels are
+    TorchScript: when the first call in a process is a dual one, the kernel optimised from it drops forward tangents
+    from the 2nd call on (pull_back then silently returned a zero velocity: errors ~1 here). Process-global JIT
+    state, so the check runs in a fresh interpreter; compared with a float64 central difference."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _FORWARD_AD_SCRIPT], capture_output=True, text=True, check=True)
+    errors = {line.split()[0]: float(line.split()[1]) for line in out.stdout.strip().splitlines()}
+    assert set(errors) == {"PoincareBall", "Lorentz"}
+    assert max(errors.values()) < 1e-6, errors

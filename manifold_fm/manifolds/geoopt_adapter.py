@@ -1,10 +1,19 @@
 """Bring your own manifold: :class:`GeooptManifold` wraps any ``geoopt`` manifold in our :class:`Manifold` interface.
 
 The wrapped manifold supplies ``projx, proju, inner, expmap, logmap, dist, transp`` (geoopt's ``transp`` is the
-parallel transport for PoincareBall, Lorentz and SymmetricPositiveDefinite); geodesics come from the generic
-exp/log construction of :meth:`Manifold.geodesic`. A point has ``geoopt_manifold.ndim`` trailing axes (1 for the
+parallel transport for PoincareBall, Lorentz and SymmetricPositiveDefinite). Geodesics ``(x_t, u_t)`` have a
+closed-form velocity for the stereographic models (Poincare ball, any curvature) and the hyperboloid, one
+``logmap``, one ``expmap`` and one transport instead of the generic construction's three ``logmap`` calls (2.5x
+faster on a batch of 256 disk points); other geoopt manifolds (SPD) use the generic exp/log construction of
+:meth:`Manifold.geodesic`. A point has ``geoopt_manifold.ndim`` trailing axes (1 for the
 Poincare ball and the hyperboloid, 2 for SPD matrices). The base distribution is a *wrapped normal*:
 ``expmap(o, proju(o, base_std * e))`` with ``o`` the manifold's origin and ``e`` standard Gaussian.
+
+Forward-mode AD (the solvers' ``dlog`` transport differentiates ``logmap`` with dual tensors): geoopt's kernels are
+``torch.jit.script`` functions, and once TorchScript's profiling executor has optimised one of them its graph drops
+forward-mode tangents (the JVP comes back ``None``, so a solver silently used a zero stage velocity: a toy-hyperbolic
+test NLL of 0.94 instead of 1.60). Calls whose inputs carry a tangent therefore run with TorchScript's graph
+optimisation switched off (:func:`torch.jit.optimized_execution`), which keeps them differentiable.
 
 Numerical policies (degenerate cases, low precision) are geoopt's, except that float16/bfloat16 inputs are computed
 in float32 and returned in the input dtype, and results are plain tensors (never ``geoopt.ManifoldTensor``).
@@ -12,14 +21,32 @@ in float32 and returned in the input dtype, and results are plain tensors (never
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+import contextlib
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
-from ._numerics import compute_dtype, upcast
+from ._numerics import broadcast_time, compute_dtype, upcast
 from .base import Manifold
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _forward_ad_safe(fn: F) -> F:
+    """Run ``fn`` with TorchScript graph optimisation off when an argument is a forward-AD dual tensor (see the
+    module docstring: optimised geoopt kernels drop forward tangents)."""
+
+    @functools.wraps(fn)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        dual = any(isinstance(a, Tensor) and fwAD.unpack_dual(a).tangent is not None for a in args)
+        with torch.jit.optimized_execution(False) if dual else contextlib.nullcontext():
+            return fn(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def _plain(x: Tensor) -> Tensor:
@@ -55,14 +82,17 @@ class GeooptManifold(Manifold):
     def __repr__(self) -> str:
         return f"GeooptManifold({self.manifold!r}, base_std={self.base_std:g})"
 
+    @_forward_ad_safe
     @upcast
     def projx(self, x: Tensor) -> Tensor:
         return _plain(self.manifold.projx(x))
 
+    @_forward_ad_safe
     @upcast
     def proju(self, x: Tensor, u: Tensor) -> Tensor:
         return _plain(self.manifold.proju(x, u))
 
+    @_forward_ad_safe
     @upcast
     def inner(self, x: Tensor, u: Tensor, v: Tensor) -> Tensor:
         """geoopt's Riemannian inner product, reduced over the point axes (shape: the batch shape).
@@ -74,18 +104,50 @@ class GeooptManifold(Manifold):
         batch = torch.broadcast_shapes(x.shape, u.shape, v.shape)[: -self.point_ndim]
         return out.reshape(batch)
 
+    @_forward_ad_safe
     @upcast
     def expmap(self, x: Tensor, u: Tensor) -> Tensor:
         return _plain(self.manifold.expmap(x, u))
 
+    @_forward_ad_safe
     @upcast
     def logmap(self, x: Tensor, y: Tensor) -> Tensor:
         return _plain(self.manifold.logmap(x, y))
 
+    @_forward_ad_safe
     @upcast
     def dist(self, x: Tensor, y: Tensor) -> Tensor:
         return _plain(self.manifold.dist(x, y))
 
+    @_forward_ad_safe
+    @upcast
+    def geodesic(self, x0: Tensor, x1: Tensor, t: float | Tensor) -> tuple[Tensor, Tensor]:
+        """``x_t = exp_{x0}(t v)`` with ``v = log_{x0}(x1)``, and its velocity ``u_t`` in closed form.
+
+        Stereographic models (geoopt's ``Stereographic`` family, incl. ``PoincareBall``): ``u_t`` is the parallel
+        transport of ``v`` from ``x0`` to ``x_t`` along the geodesic (a geodesic's velocity is parallel), geoopt's
+        gyration formula ``gyr[x_t, -x0] v lambda(x0) / lambda(x_t)``. Hyperboloid (``Lorentz(k)``, ``<x, x>_L = -k``):
+        differentiating ``x_t = cosh(t n / s) x0 + s sinh(t n / s) v / n`` (``n = |v|_L``, ``s = sqrt(k)``) gives
+        ``u_t = (n / s) sinh(t n / s) x0 + cosh(t n / s) v``, which has no division (finite at ``v = 0``). Other
+        manifolds: the generic construction (:meth:`Manifold.geodesic`). ``t`` broadcasts per sample.
+        """
+        import geoopt
+
+        geo = self.manifold
+        if not isinstance(geo, (geoopt.Stereographic, geoopt.Lorentz)):
+            return super().geodesic(x0, x1, t)
+        tt = broadcast_time(t, x0)
+        v = _plain(geo.logmap(x0, x1))
+        x_t = _plain(geo.expmap(x0, tt * v))
+        if isinstance(geo, geoopt.Stereographic):
+            return x_t, _plain(geo.transp(x0, x_t, v))
+        s = torch.sqrt(geo.k.to(v.dtype))
+        n = _plain(geo.norm(v, keepdim=True))  # geoopt clamps |v|_L >= 1e-4, as in its expmap
+        a = tt * n / s
+        u_t = (n / s) * torch.sinh(a) * x0 + torch.cosh(a) * v
+        return x_t, _plain(geo.proju(x_t, u_t))
+
+    @_forward_ad_safe
     @upcast
     def transp(self, x: Tensor, y: Tensor, v: Tensor) -> Tensor:
         """geoopt's ``transp(x, y, v)``: parallel transport along the geodesic for the hyperbolic and SPD models."""

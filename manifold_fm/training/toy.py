@@ -79,6 +79,10 @@ class ToyEvalConfig:
     steps: int = 40
     likelihood_steps: int = 40
     divergence: Literal["exact", "hutchinson"] = "exact"
+    # How RK stages are moved between tangent spaces (manifold_fm.solvers): "dlog" (exact chart map, any manifold)
+    # or "ambient" (classical RK in the ambient coordinates + projx: for spheres/torus and full-dimensional charts
+    # such as the Poincare ball, where it skips the forward-mode JVP through logmap at every stage).
+    transport: Literal["dlog", "parallel", "project", "ambient"] = "dlog"
     seed: int = 1234
 
 
@@ -254,11 +258,13 @@ def evaluate_toy(
     stats = IntegrationStats()
     logp = log_likelihood(
         velocity, test, manifold, steps=cfg.eval.likelihood_steps, method=cfg.eval.method,
-        divergence_method=cfg.eval.divergence, generator=gen, stats=stats,
+        divergence_method=cfg.eval.divergence, generator=gen, stats=stats, transport=cfg.eval.transport,
     )
     x0 = manifold.random_base((cfg.eval.plot_samples, *dataset.point_shape), generator=gen)
     with torch.no_grad():
-        samples = integrate(velocity, x0, manifold, steps=cfg.eval.steps, method=cfg.eval.method)
+        samples = integrate(
+            velocity, x0, manifold, steps=cfg.eval.steps, method=cfg.eval.method, transport=cfg.eval.transport
+        )
     on_manifold = float(manifold.point_error(samples).max())
     metrics = {
         "dataset": cfg.data.name,
@@ -270,7 +276,7 @@ def evaluate_toy(
         "samples_data_nll": float(-dataset.log_prob(samples).mean()),
         "on_manifold_error": on_manifold,
         "likelihood_nfe": stats.nfe,
-        "sampler": f"{cfg.eval.method} x {cfg.eval.steps}",
+        "sampler": f"{cfg.eval.method} x {cfg.eval.steps} ({cfg.eval.transport})",
     }
     metrics["nll_gap"] = metrics["test_nll"] - metrics["true_nll"]
     if out is not None:
