@@ -353,6 +353,13 @@ def test_geoopt_closed_form_geodesic_matches_generic(make: Callable[[], object],
     assert_close(u_t, fd, 1e-6, "u_t vs central difference")
     # t = 0 exactly: the velocity is log_{x0}(x1) (no division anywhere).
     assert_close(m.geodesic(x0, x1, 0.0)[1], m.logmap(x0, x1), 1e-7, "u_0 vs logmap")
+    # random_base's closed-form exp at the origin (stereographic) equals exp_o(proju(o, std e)) from the origin.
+    e = torch.randn((B, dim), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    geo = m.manifold
+    o = geo.origin(B, dim, dtype=torch.float64)
+    wrapped = geo.projx(geo.expmap(o, geo.proju(o, m.base_std * e)))
+    drawn = m.random_base((B, dim), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    assert_close(drawn, wrapped.as_subclass(torch.Tensor), 1e-12, "random_base vs exp at the origin")
 
 
 _FORWARD_AD_SCRIPT = """

@@ -7,7 +7,8 @@ closed-form velocity for the stereographic models (Poincare ball, any curvature)
 faster on a batch of 256 disk points); other geoopt manifolds (SPD) use the generic exp/log construction of
 :meth:`Manifold.geodesic`. A point has ``geoopt_manifold.ndim`` trailing axes (1 for the
 Poincare ball and the hyperboloid, 2 for SPD matrices). The base distribution is a *wrapped normal*:
-``expmap(o, proju(o, base_std * e))`` with ``o`` the manifold's origin and ``e`` standard Gaussian.
+``expmap(o, proju(o, base_std * e))`` with ``o`` the manifold's origin and ``e`` standard Gaussian (geoopt's
+``expmap0`` for the stereographic models: the same values, a third of the cost).
 
 Forward-mode AD (the solvers' ``dlog`` transport differentiates ``logmap`` with dual tensors): geoopt's kernels are
 ``torch.jit.script`` functions, and once TorchScript's profiling executor has optimised one of them its graph drops
@@ -165,6 +166,10 @@ class GeooptManifold(Manifold):
         cd = compute_dtype(dtype)
         e = torch.randn(tuple(shape), generator=generator, dtype=cd, device=device)
         geo = self.manifold
+        import geoopt
+
+        if isinstance(geo, geoopt.Stereographic):  # exp at the origin in closed form (~3x fewer ops, same values)
+            return _plain(geo.expmap0(self.base_std * e)).to(dtype)
         origin = _plain(geo.origin(*e.shape, dtype=cd, device=e.device))
         x = geo.expmap(origin, geo.proju(origin, self.base_std * e))
         return _plain(geo.projx(x)).to(dtype)
