@@ -4,8 +4,8 @@ The wrapped manifold supplies ``projx, proju, inner, expmap, logmap, dist, trans
 parallel transport for PoincareBall, Lorentz and SymmetricPositiveDefinite). Geodesics ``(x_t, u_t)`` have a
 closed-form velocity for the stereographic models (Poincare ball, any curvature) and the hyperboloid, one
 ``logmap``, one ``expmap`` and one transport instead of the generic construction's three ``logmap`` calls (1.4x
-faster on a batch of 256 disk points, 1.6x on the hyperboloid); other geoopt manifolds (SPD) use the generic exp/log construction of
-:meth:`Manifold.geodesic`. A point has ``geoopt_manifold.ndim`` trailing axes (1 for the
+faster on a batch of 256 disk points, 1.6x on the hyperboloid); other geoopt manifolds (SPD) use the generic
+exp/log construction of :meth:`Manifold.geodesic`. A point has ``geoopt_manifold.ndim`` trailing axes (1 for the
 Poincare ball and the hyperboloid, 2 for SPD matrices). The base distribution is a *wrapped normal*:
 ``expmap(o, proju(o, base_std * e))`` with ``o`` the manifold's origin and ``e`` standard Gaussian (geoopt's
 ``expmap0`` for the stereographic models: the same values, a third of the cost).
