@@ -174,7 +174,13 @@ def pull_back(manifold: Manifold, x: Tensor, y: Tensor, v: Tensor, transport: Tr
         with torch.enable_grad(), fwAD.dual_level():
             out = manifold.logmap(x, fwAD.make_dual(y.detach().requires_grad_(True), v))
             tangent = fwAD.unpack_dual(out).tangent
-        return torch.zeros_like(v) if tangent is None else tangent.detach()
+        if tangent is None:
+            # A zero stand-in here once hid a real bug (TorchScript kernels dropping forward-AD tangents): fail loudly.
+            raise RuntimeError(
+                f"{type(manifold).__name__}.logmap lost the forward-mode AD tangent, so the chart velocity is unknown; "
+                "make logmap differentiable with torch.func.jvp, or integrate with transport='parallel'/'ambient'"
+            )
+        return tangent.detach()
     if transport == "parallel":
         return manifold.transp(y, x, v)
     if transport == "project":

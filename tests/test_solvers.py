@@ -224,3 +224,17 @@ def test_bad_inputs() -> None:
         integrate(rotation(), x0 * float("nan"), m, steps=2)
     with pytest.raises(ValueError, match="NaN/Inf"):
         integrate(lambda x, t: x * float("inf"), x0, m, steps=2)
+
+
+def test_dlog_pull_back_refuses_a_logmap_that_drops_the_forward_ad_tangent():
+    """A manifold whose logmap cuts the tangent (e.g. a non-differentiable kernel) must not yield silent zeros."""
+    from manifold_fm.solvers import pull_back
+
+    class Opaque(Euclidean):
+        def logmap(self, x, y):
+            return (y - x).detach()  # drops the forward-AD tangent
+
+    x, y, v = torch.zeros(2, 3), torch.ones(2, 3), torch.ones(2, 3)
+    with pytest.raises(RuntimeError, match="lost the forward-mode AD tangent"):
+        pull_back(Opaque(), x, y, v)
+    torch.testing.assert_close(pull_back(Euclidean(), x, y, v), v)
