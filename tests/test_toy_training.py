@@ -76,3 +76,15 @@ def test_linear_path_on_poincare_and_product_spheres_run(tmp_path: Path) -> None
         metrics = json.loads((out / "metrics.json").read_text())
         assert metrics["path"] == "linear" and math.isfinite(metrics["test_nll"])
         assert metrics["on_manifold_error"] < 1e-5
+
+
+def test_fixed_seed_is_reproducible_whatever_the_global_rng(tmp_path: Path) -> None:
+    """The model is initialised from the run's seed, so a new process (another global RNG state) gets the same run."""
+    over = ["train.steps=5", "train.checkpoint_every=5", "train.batch_size=32", "model.hidden=16",
+            "eval.test_samples=20", "eval.likelihood_steps=2", "eval.steps=2", "eval.plot_samples=20"]
+    runs = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        runs.append(train_toy("toy-sphere", over, tmp_path / f"g{global_seed}", progress=False))
+    a, b = (load_file(str(r / "checkpoints" / "step_00000005" / "model.safetensors")) for r in runs)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -167,7 +167,10 @@ def _run(
 ) -> Path:
     manifold = dataset.manifold
 
-    model = build_model(cfg, dataset)
+    # Initialise from the run's seed, not the global RNG, so a fixed seed reproduces across processes.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)
+        model = build_model(cfg, dataset)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     gen = torch.Generator().manual_seed(cfg.train.seed)
     start, elapsed = 0, 0.0
