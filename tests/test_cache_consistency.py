@@ -23,14 +23,6 @@ RUN = ["tokenizer.kind=builtin", "data.source=latents", "model.arch=SiT-Micro/2"
        "train.sample_every=null", "train.log_every=1", "sample.steps=2"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _threads():  # type: ignore[no-untyped-def]
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def images() -> tuple[torch.Tensor, torch.Tensor]:
     return BuiltinImages("test", per_class=1).tensors()  # 12 images, one per class

@@ -12,15 +12,6 @@ from manifold_fm.cli import main
 from manifold_fm.data.latents import LatentCache
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors gain nothing from a second thread and lose a lot when the 2 cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _run(*args: str):
     return CliRunner().invoke(main, list(args), catch_exceptions=False)
 

@@ -60,10 +60,3 @@ def test_patch_discriminator_shape() -> None:
     assert d(torch.zeros(2, 3, 32, 32)).shape == (2, 1, 8, 8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convolutions gain nothing from a second thread and lose a lot when the cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)

@@ -170,10 +170,3 @@ def test_swap_probe_needs_a_neighbour() -> None:
         component_swap_probe(_PixelTokenizer(), torch.zeros(2, 3, 8, 8), torch.tensor([0, 1]))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors gain nothing from a second thread and lose a lot when the 2 cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)

@@ -98,13 +98,6 @@ def test_image_folder_errors(tmp_path) -> None:
         ImageFolderDataset(tmp_path)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors gain nothing from a second thread and lose a lot when the 2 cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # SHA-256 of the float32 bytes of renders made by the original single-pass renderer (before block rendering, commit

@@ -142,10 +142,3 @@ def test_cache_errors(tmp_path, tok) -> None:
         extract_latents(tok, BuiltinImages(per_class=1), tmp_path / "x", dtype="int8")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors gain nothing from a second thread and lose a lot when the 2 cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)

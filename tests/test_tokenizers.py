@@ -277,10 +277,3 @@ def test_lpips_from_local_weights_matches_reference(tmp_path) -> None:
         perceptual_distance(tmp_path / "missing.pth", tmp_path / "vgg.pth")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors gain nothing from a second thread and lose a lot when the 2 cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)

@@ -144,10 +144,3 @@ def test_load_errors(tmp_path, kl_dir) -> None:
     assert load_tokenizer(str(kl_dir), subfolder="vae").latent_channels == 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors gain nothing from a second thread and lose a lot when the 2 cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
