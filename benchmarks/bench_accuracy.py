@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from manifold_fm.atomic import write_text_atomic
 from manifold_fm.manifolds import Sphere
 from manifold_fm.manifolds.testing import angle_pairs, exact_angle
 
@@ -101,14 +100,6 @@ def to_markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=2000)
@@ -117,8 +108,8 @@ def main() -> None:
     args = parser.parse_args()
     res = measure(args.pairs, args.dim)
     md = to_markdown(res)
-    atomic_write(args.out / "accuracy.json", json.dumps(res, indent=2) + "\n")
-    atomic_write(args.out / "accuracy.md", md)
+    write_text_atomic(args.out / "accuracy.json", json.dumps(res, indent=2) + "\n")
+    write_text_atomic(args.out / "accuracy.md", md)
     print(md)
 
 

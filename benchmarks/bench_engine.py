@@ -28,7 +28,6 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -37,6 +36,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from manifold_fm.atomic import write_text_atomic
 from manifold_fm.loss import flow_matching_loss
 from manifold_fm.manifolds import TokenSpheres
 from manifold_fm.paths import GeodesicPath, LinearPath
@@ -241,14 +241,6 @@ def to_markdown(report: dict[str, object]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, few repetitions")
@@ -266,9 +258,9 @@ def main() -> None:
     report["train_step"] = bench_train_step(32 if q else 128, 4, 8 if q else 16, 256 if q else 1024, 5 if q else 15)
     report["sampling"] = bench_sampling(4 if q else 16, 4, 4 if q else 8, [1e-3] if q else [1e-2, 1e-4, 1e-6])
     report["flow_matching"] = bench_flow_matching(4, 4, 8)
-    write_atomic(args.out / "engine.json", json.dumps(report, indent=2))
+    write_text_atomic(args.out / "engine.json", json.dumps(report, indent=2))
     md = to_markdown(report)
-    write_atomic(args.out / "engine.md", md)
+    write_text_atomic(args.out / "engine.md", md)
     print(md)
 
 

@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -31,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from manifold_fm.atomic import write_text_atomic
 from manifold_fm.manifolds import Sphere, TokenSpheres
 
 
@@ -153,14 +153,6 @@ def to_markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=256)
@@ -173,8 +165,8 @@ def main() -> None:
     args = parser.parse_args()
     res = run(args.batch, args.channels, args.size, args.reps, args.threads, args.compile)
     md = to_markdown(res)
-    atomic_write(args.out / "geometry.json", json.dumps(res, indent=2) + "\n")
-    atomic_write(args.out / "geometry.md", md)
+    write_text_atomic(args.out / "geometry.json", json.dumps(res, indent=2) + "\n")
+    write_text_atomic(args.out / "geometry.md", md)
     print(md)
 
 

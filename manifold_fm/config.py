@@ -20,6 +20,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from .atomic import write_text_atomic
+
 T = TypeVar("T")
 
 BUILTIN_DIR = Path(__file__).parent / "configs"
@@ -235,7 +237,4 @@ def load_config(cls: type[T], source: str | Path | Mapping[str, Any] | None = No
 
 def save_config(cfg: Any, path: str | Path) -> None:
     """Write a dataclass config as YAML (atomically: temp file then rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    tmp.replace(path)
+    write_text_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -3,11 +3,11 @@ dataset, the Fréchet distance in a small built-in classifier's features plus th
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import click
+
+from ..atomic import write_json_atomic
 
 
 @click.command("evaluate")
@@ -61,8 +61,4 @@ def evaluate(samples: Path, reference: Path | None, inception_weights: Path | No
     for k, v in metrics.items():
         click.echo(f"{k:<{width}}  {v:.4f}")
     if out_path is not None:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps({"samples": str(samples), "num_samples": int(images.shape[0]), **metrics},
-                                  indent=2))
-        os.replace(tmp, out_path)
+        write_json_atomic(out_path, {"samples": str(samples), "num_samples": int(images.shape[0]), **metrics})

@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any
 
 import click
 
+from ..atomic import atomic_path, write_json_atomic
 from .extract_latents import build_dataset, build_tokenizer, data_options, tokenizer_options
 
 
 def _save_state(state: dict, path: Path) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp))
 
 
 def _to_uint8(images: Any) -> Any:
@@ -138,9 +136,7 @@ def finetune_decoder(tokenizer_spec: str, subfolder: str | None, kind: str, dtyp
         for key, value in rfid.items():
             report["metrics"][key]["rfid"] = value
     path = out_dir / "report.json"
-    tmp = path.with_name("report.json.tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    os.replace(tmp, path)
+    write_json_atomic(path, report, indent=1)
     for key, m in report["metrics"].items():
         extra = f"  r{report['rfid_metric']} {m['rfid']:.3f}" if "rfid" in m else ""
         click.echo(f"{key:40s} PSNR {m['psnr']:6.2f} dB  SSIM {m['ssim']:.4f}  {report['perceptual_metric']} "

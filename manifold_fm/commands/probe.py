@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import click
 
+from ..atomic import write_json_atomic
 from .extract_latents import build_dataset, build_tokenizer, data_options, tokenizer_options
 
 
@@ -95,9 +94,7 @@ def probe(tokenizer_spec: str, subfolder: str | None, kind: str, dtype: str, dev
     )
     report["figures"] = [p.name for p in figures]
     path = out_dir / "report.json"
-    tmp = path.with_name("report.json.tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    os.replace(tmp, path)
+    write_json_atomic(path, report, indent=1)
     nr = report["norms"]
     click.echo(f"token norm / sqrt(d): raw {nr['raw']['mean_radius_over_sqrt_d']:.3f} (CV {nr['raw']['cv']:.3f}), "
                f"normalised {nr['normalized']['mean_radius_over_sqrt_d']:.3f} (CV {nr['normalized']['cv']:.3f})")

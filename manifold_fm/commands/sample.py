@@ -6,10 +6,11 @@ process writes its chunks to ``shards/``, then the main process merges them in i
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
+
+from ..atomic import write_json_atomic
 
 
 @click.command("sample")
@@ -91,8 +92,6 @@ def sample(run: Path, num_samples: int, out_dir: Path | None, method: str | None
     info = {"run": str(run), "step": loaded.step, "num_samples": int(arr.shape[0]), "method": spec.method,
             "steps": spec.steps, "cfg_scale": spec.cfg_scale, "cfg_interval": spec.cfg_interval, "seed": seed,
             "ema": ema, "flow": loaded.flow.mode}
-    tmp = out / ".sample_info.json.tmp"
-    tmp.write_text(json.dumps(info, indent=2))
-    tmp.replace(out / "sample_info.json")
+    write_json_atomic(out / "sample_info.json", info)
     for path in written:
         click.echo(str(path))

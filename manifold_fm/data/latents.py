@@ -17,7 +17,6 @@ written but not recorded (an interruption) is redone. Unreadable images are skip
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,15 +25,15 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from ..atomic import atomic_path, write_json_atomic
+
 MANIFEST = "manifest.json"
 FORMAT = "manifold-fm-latent-cache-v1"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    write_json_atomic(path, data, indent=1)
 
 
 def _dataset_identity(dataset: Dataset) -> str:
@@ -222,9 +221,8 @@ def extract_latents(
             tensors = {"latents": torch.zeros(0, *shape, dtype=tdtype), "labels": torch.zeros(0, dtype=torch.long),
                        "source_index": torch.zeros(0, dtype=torch.long), "flipped": torch.zeros(0, dtype=torch.uint8)}
         name = f"shard-{k:05d}.safetensors"
-        tmp = out / (name + ".tmp")
-        save_file(tensors, str(tmp))
-        os.replace(tmp, out / name)
+        with atomic_path(out / name) as tmp:
+            save_file(tensors, str(tmp))
         count = int(tensors["labels"].shape[0])
         manifest["shards"].append({"file": name, "count": count, "source_range": [lo, hi]})
         manifest["count"] += count

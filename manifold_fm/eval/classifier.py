@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..atomic import atomic_path, write_json_atomic
 from .fid import feature_stats, frechet_distance
 
 CACHE_NAME = "builtin_classifier-v3"
@@ -195,12 +196,9 @@ def builtin_evaluator(
         info = {"test_accuracy": float((preds == test_y).float().mean()), "train": train.identity,
                 "test": test.identity, "steps": steps, "size": size, "feature_dim": SmallClassifier.feature_dim}
         root.mkdir(parents=True, exist_ok=True)
-        tmp = weights.with_name(f".{weights.name}.tmp-{os.getpid()}")
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-        os.replace(tmp, weights)
-        tmp = meta_path.with_name(f".{meta_path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(info, indent=2))
-        os.replace(tmp, meta_path)
+        with atomic_path(weights) as tmp:
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+        write_json_atomic(meta_path, info)
     feats, _ = predict(model, test_x)
     mu, sigma = feature_stats(feats)
     return BuiltinEvaluator(model, mu, sigma, {**info, "cache": str(root)})

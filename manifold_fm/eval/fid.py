@@ -19,6 +19,8 @@ from scipy import linalg
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from ..atomic import atomic_path
+
 INCEPTION = "inception-v3-compat"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -119,14 +121,11 @@ def load_reference_stats(path: str | Path) -> tuple[np.ndarray, np.ndarray] | No
 
 def save_stats(path: str | Path, mu: np.ndarray, sigma: np.ndarray) -> Path:
     """Write ``mu``/``sigma`` to an ``.npz`` (atomically)."""
-    import os
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("wb") as fh:
+    with atomic_path(path) as tmp, tmp.open("wb") as fh:
         np.savez(fh, mu=mu, sigma=sigma)
-    os.replace(tmp, path)
     return path
 
 

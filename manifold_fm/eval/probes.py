@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..atomic import atomic_path
 from ..tokenizers.base import Tokenizer
 from ..tokenizers.perceptual import GradientPyramidDistance, psnr
 
@@ -128,11 +129,10 @@ def plot_probe_report(report: dict[str, Any], norms: dict[str, Tensor], out_dir:
 
     def save(fig: Any, name: str) -> None:
         path = out / name
-        tmp = out / f".{name}.tmp.png"
         fig.tight_layout()
-        fig.savefig(tmp, dpi=110)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110)
         plt.close(fig)
-        tmp.replace(path)
         written.append(path)
 
     d = report["paths"]["d"]

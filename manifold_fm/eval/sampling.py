@@ -11,7 +11,6 @@ processes round-robin, so the images do not depend on how many processes share t
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+
+from ..atomic import atomic_path
 
 
 @dataclass
@@ -91,9 +92,8 @@ def save_image_grid(images: Tensor, path: str | Path, nrow: int = 8, padding: in
     path.parent.mkdir(parents=True, exist_ok=True)
     grid = make_grid(images.float().clamp(-1, 1).cpu(), nrow=nrow, padding=padding, pad_value=1.0)
     arr = to_uint8(grid[None])[0]
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    Image.fromarray(arr).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(arr).save(tmp, format="PNG")
     return path
 
 
@@ -103,11 +103,9 @@ def save_npz(path: str | Path, images: np.ndarray, labels: np.ndarray | None = N
         raise ValueError(f"ADM .npz needs uint8 (N, H, W, 3) images, got {images.dtype} {images.shape}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     arrays = [images] if labels is None else [images, labels.astype(np.int64)]
-    with tmp.open("wb") as fh:
+    with atomic_path(path) as tmp, tmp.open("wb") as fh:
         np.savez(fh, *arrays)
-    os.replace(tmp, path)
     return path
 
 

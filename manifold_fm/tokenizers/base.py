@@ -9,7 +9,6 @@ The raw (un-normalised) maps are ``encode_raw`` / ``decode_raw``; decoder finetu
 from __future__ import annotations
 
 import json
-import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -18,6 +17,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from ..atomic import write_json_atomic
 
 
 def _as_tensor(v: float | Tensor) -> Tensor:
@@ -103,10 +104,7 @@ class LatentNormalization:
 
     def save(self, path: str | Path) -> None:
         """Write as JSON (atomically), e.g. next to a tokenizer as ``latent_stats.json``."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        os.replace(tmp, path)
+        write_json_atomic(path, self.to_dict(), indent=1)
 
     @classmethod
     def load(cls, path: str | Path) -> LatentNormalization:

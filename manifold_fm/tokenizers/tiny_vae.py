@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..atomic import atomic_path
 from .base import LatentNormalization, Tokenizer, compute_channel_stats
 
 ASSET_PATH = Path(__file__).resolve().parent.parent / "assets" / "tiny_vae.safetensors"
@@ -157,9 +158,8 @@ def save_tiny_vae(vae: TinyVAE, normalization: LatentNormalization, path: str | 
     tensors["norm.shift"] = normalization.shift.float().contiguous()
     tensors["norm.scale"] = normalization.scale.float().contiguous()
     meta = {"config": json.dumps(vae.config), "info": json.dumps(info), "format": "manifold-fm-tiny-vae-v1"}
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
 
 
 def load_tiny_vae(path: str | Path) -> TinyVAETokenizer:

@@ -18,7 +18,6 @@ Reference rows put the numbers in context: held-out real images (the floor) and 
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from ..atomic import atomic_path, write_text_atomic
 from ..config import load_config, save_config, to_dict
 
 
@@ -177,10 +177,6 @@ def _train_mode(job: tuple[Any, ...]) -> tuple[dict[str, Any], list[dict[str, An
     return final, records
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -221,10 +217,9 @@ def plot_over_steps(history: dict[str, list[dict[str, Any]]], path: Path) -> Pat
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
@@ -296,9 +291,8 @@ def run_default(out_dir: str | Path | None = None, overrides: Sequence[str] = ()
         )
         # absolute, so the runs' saved configs find it from any working directory
         decoder_path = (out / "spherical_decoder.safetensors").resolve()
-        tmp = decoder_path.with_name(f".{decoder_path.name}.tmp-{os.getpid()}")
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-        os.replace(tmp, decoder_path)
+        with atomic_path(decoder_path) as tmp:
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
         lap("decoder finetune", t0)
 
     # 3. latents: the linear baseline trains on the tokenizer's normalised latents; spherical mode on the raw encoder
@@ -359,8 +353,8 @@ def run_default(out_dir: str | Path | None = None, overrides: Sequence[str] = ()
     results["config"] = to_dict(cfg)
     results["threads"] = torch.get_num_threads()
     table = format_table(results)
-    _write_text(out / "results.json", json.dumps(results, indent=2, default=str))
-    _write_text(out / "results.md", table + f"\n\nTotal wall time: {results['total_s']:.0f} s "
+    write_text_atomic(out / "results.json", json.dumps(results, indent=2, default=str))
+    write_text_atomic(out / "results.md", table + f"\n\nTotal wall time: {results['total_s']:.0f} s "
                 f"({torch.get_num_threads()} threads).\n")
     echo("")
     echo(table)

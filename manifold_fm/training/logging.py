@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from ..atomic import write_text_atomic
 
 
 def _clean(value: Any) -> Any:
@@ -68,9 +69,7 @@ class RunLogger:
     def truncate(self, step: int) -> None:
         """Keep only records with ``step <= step`` (atomically rewritten)."""
         kept = [r for r in read_jsonl(self.path) if int(r.get("step", 0)) <= step]
-        tmp = self.path.with_name(self.path.name + f".tmp-{os.getpid()}")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def log(self, step: int, values: Mapping[str, Any]) -> None:
         if not self.enabled:

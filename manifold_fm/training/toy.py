@@ -16,7 +16,6 @@ are evaluated the same way.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -28,6 +27,7 @@ import torch
 from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
+from ..atomic import atomic_path, write_json_atomic
 from ..config import ConfigError, load_config, save_config
 from ..coupling import build_coupling
 from ..data.toy import ToyDataset, build_toy_dataset
@@ -124,10 +124,6 @@ def _lr_at(cfg: ToyTrainConfig, step: int) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
 
 
 def train_toy(
@@ -226,7 +222,7 @@ def _run(
             "final_loss": sum(losses[-50:]) / len(losses[-50:]) if losses else None,
         }
     )
-    _write_json(out / "metrics.json", metrics)
+    write_json_atomic(out / "metrics.json", metrics)
     return out
 
 
@@ -317,10 +313,9 @@ def plot_samples(data: torch.Tensor, samples: torch.Tensor, manifold: Manifold, 
             ax.set_aspect("equal")
     fig.suptitle(title)
     fig.tight_layout()
-    tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 __all__ = ["ToyConfig", "build_model", "evaluate_toy", "load_toy_config", "plot_samples", "train_toy"]
