@@ -15,15 +15,21 @@ assignment would bias each class's noise toward that class's data).
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from .manifolds import Manifold, Sphere
+from .manifolds import Manifold
 
-# Elements materialised at once while building a cost matrix (pairs x entries per sample).
-_CHUNK_ELEMENTS = 1 << 23
+
+class Coupling(Protocol):
+    """Pairs a batch of noise ``x0`` with data ``x1`` (and labels ``y``): returns ``(x0', x1, y)`` with ``x0'`` a
+    permutation of the rows of ``x0`` (so it is still a sample of the prior) and ``x1``, ``y`` unchanged."""
+
+    def pair(self, x0: Tensor, x1: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]: ...
 
 
 class IndependentCoupling:
@@ -36,50 +42,14 @@ class IndependentCoupling:
         return "IndependentCoupling()"
 
 
-def _sphere_cost_matrix(manifold: Sphere, x0: Tensor, x1: Tensor) -> Tensor:
-    """Squared geodesic cost on (token) spheres from batched dot products: per token
-    ``angle = atan2(sqrt(|a|^2 |b|^2 - <a, b>^2), <a, b>)`` (one ``bmm`` over tokens instead of elementwise pairs),
-    ``C = R^2 sum_tokens angle^2``. The Lagrange-identity form loses relative accuracy for angles below ~1e-3 rad in
-    float32 (absolute error stays ~1e-4 rad): irrelevant for ranking transport costs, so used only here."""
-    ax = manifold.axis % x0.ndim
-    a = x0.movedim(ax, -1).reshape(x0.shape[0], -1, x0.shape[ax]).transpose(0, 1)  # (T, B0, C)
-    b = x1.movedim(ax, -1).reshape(x1.shape[0], -1, x1.shape[ax]).transpose(0, 1)  # (T, B1, C)
-    na, nb = (a * a).sum(-1), (b * b).sum(-1)
-    n0, n1, tokens = a.shape[1], b.shape[1], a.shape[0]
-    out = torch.empty(n0, n1, dtype=x0.dtype, device=x0.device)
-    rows = max(1, _CHUNK_ELEMENTS // max(1, tokens * n1))
-    for i in range(0, n0, rows):
-        d = torch.bmm(a[:, i : i + rows], b.transpose(1, 2))  # (T, r, B1)
-        cross = (na[:, i : i + rows, None] * nb[:, None, :] - d * d).clamp_min(0.0).sqrt()
-        out[i : i + rows] = torch.atan2(cross, d).square().sum(0)
-    return out * manifold.radius**2
-
-
 def geodesic_cost_matrix(manifold: Manifold, x0: Tensor, x1: Tensor) -> Tensor:
-    """``C[i, j] = dist(x0_i, x1_j)^2`` summed over every non-batch axis the manifold leaves, shape ``(B0, B1)``.
-
-    Computed in float32 or better, in row chunks so the pairwise tensors stay below ~8M entries. Spheres and token
-    spheres use batched dot products (:func:`_sphere_cost_matrix`); other manifolds evaluate ``manifold.dist`` on
-    every pair.
-    """
+    """``C[i, j] = dist(x0_i, x1_j)^2`` summed over every non-batch axis the manifold leaves, shape ``(B0, B1)``:
+    :meth:`Manifold.pairwise_sq_dist <manifold_fm.manifolds.Manifold.pairwise_sq_dist>` in float32 or better
+    (batched dot products on spheres and token spheres; ``dist`` on every pair by default)."""
     if x0.shape[1:] != x1.shape[1:]:
         raise ValueError(f"x0 samples have shape {tuple(x0.shape[1:])} but x1 samples {tuple(x1.shape[1:])}")
     dtype = torch.promote_types(x0.dtype, torch.float32)
-    x0, x1 = x0.to(dtype), x1.to(dtype)
-    if isinstance(manifold, Sphere) and x0.ndim >= 2:
-        return _sphere_cost_matrix(manifold, x0, x1)
-    n0, n1 = x0.shape[0], x1.shape[0]
-    per = max(1, x0[0].numel())
-    rows = max(1, _CHUNK_ELEMENTS // (per * max(1, n1)))
-    out = torch.empty(n0, n1, dtype=dtype, device=x0.device)
-    for i in range(0, n0, rows):
-        a = x0[i : i + rows]
-        r = a.shape[0]
-        aa = a.unsqueeze(1).expand(r, n1, *a.shape[1:]).reshape(r * n1, *a.shape[1:])
-        bb = x1.unsqueeze(0).expand(r, *x1.shape).reshape(r * n1, *x1.shape[1:])
-        d = manifold.dist(aa, bb)
-        out[i : i + r] = d.square().reshape(r, n1, -1).sum(dim=2)
-    return out
+    return manifold.pairwise_sq_dist(x0.to(dtype), x1.to(dtype))
 
 
 def _assign(cost: Tensor, max_exact: int) -> np.ndarray:
@@ -145,4 +115,4 @@ def build_coupling(name: str, manifold: Manifold) -> IndependentCoupling | OTCou
     raise ValueError(f"unknown coupling '{name}'; choose independent or ot")
 
 
-__all__ = ["IndependentCoupling", "OTCoupling", "build_coupling", "geodesic_cost_matrix"]
+__all__ = ["Coupling", "IndependentCoupling", "OTCoupling", "build_coupling", "geodesic_cost_matrix"]

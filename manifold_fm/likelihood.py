@@ -8,9 +8,11 @@ integrated backward from the data point ``x_1`` at ``t = 1`` to ``x_0`` (with an
 :mod:`manifold_fm.solvers`; the divergence rides along with the same Runge-Kutta weights).
 
 **The divergence on a manifold.** Write ``V(x) = P_x f(x)`` for the projected network output, defined on the ambient
-space around ``M``, ``J`` its ambient Jacobian and ``P_x`` the orthogonal tangent projection. For ``M`` embedded with
-the induced metric (spheres, token spheres, the flat torus, Euclidean space, products of these) the Riemannian
-divergence is the trace of the covariant derivative over an orthonormal tangent basis ``{e_i}``:
+space around ``M``, ``J`` its ambient Jacobian and ``P_x`` the ambient-orthogonal tangent projection
+(:meth:`Manifold.orthogonal_proju <manifold_fm.manifolds.Manifold.orthogonal_proju>`). With respect to the volume the
+ambient space induces on ``M`` (for spheres, token spheres, the flat torus, Euclidean space and products of these, the
+Riemannian volume) the divergence is the trace of the covariant derivative over an orthonormal tangent basis
+``{e_i}``:
 
     div_M V = sum_i <e_i, J e_i> = tr(P J P) = tr(J P).
 
@@ -21,13 +23,15 @@ structure.) Exact: ``sum_k (P e_k)^T J (P e_k)`` over the ambient basis (one bac
 for small dimension). Hutchinson: ``E[(P eps)^T J (P eps)] = tr(P J P)`` for ``eps ~ N(0, I)`` (or Rademacher), one
 backward pass per probe; the probes are drawn once per call and held fixed along the trajectory.
 
-**Charts with a non-Euclidean metric** (the Poincare ball): there the state lives in a full-dimensional chart with
-metric ``g = lambda(x)^2 I``, the chart Jacobian trace ``tr J`` gives the Lebesgue density of the chart, and the
-Riemannian density is ``p_M = p_chart / sqrt(det g)``. So
+**Metrics other than the ambient one** (the Poincare ball's ``lambda(x)^2 I``, the hyperboloid's Minkowski metric,
+SPD's affine-invariant one): the Riemannian density is ``p_M = p_ambient / sqrt(det g)`` with ``g`` the metric's
+Gram matrix on an ambient-orthonormal tangent basis. So
 
     log p_M(x_1) = log p_M(x_0) + log sqrt(g)(x_0) - log sqrt(g)(x_1) - int tr(P J P) dt,
 
-with ``log sqrt(g) = d log lambda`` on the ball (:func:`log_volume_density`, 0 for embedded manifolds).
+with ``log sqrt(g)`` from :meth:`Manifold.log_volume_density <manifold_fm.manifolds.Manifold.log_volume_density>`
+(0 for the induced metric; ``d log lambda`` on the ball). The prior's density is
+:meth:`Manifold.base_log_prob <manifold_fm.manifolds.Manifold.base_log_prob>`.
 
 Densities are with respect to the Riemannian volume of ``M`` (for ``S^2``: area, so the uniform prior has
 ``log p = -log(4 pi)``).
@@ -35,111 +39,32 @@ Densities are with respect to the Riemannian volume of ``M`` (for ``S^2``: area,
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-from .manifolds import Euclidean, FlatTorus, GeooptManifold, Manifold, Product, Sphere, TokenSpheres
-from .manifolds._numerics import compute_dtype
-from .solvers import TABLEAUS, Field, IntegrationStats, Transport, _make_grid, adaptive_methods, solve_field
+from .manifolds import Manifold
+from .manifolds.numerics import compute_dtype
+from .solvers import TABLEAUS, Field, IntegrationStats, Transport, adaptive_methods, make_time_grid, solve_field
 
 Velocity = Callable[[Tensor, Tensor], Tensor]
 
 
 def _per_sample(values: Tensor, batch: int) -> Tensor:
+    """Sum a quantity with the manifold's batch shape (e.g. ``(B, N)`` for ``N`` points per sample) to ``(B,)``."""
     return values.reshape(batch, -1).sum(dim=1)
 
 
-def _is_poincare(manifold: Manifold) -> bool:
-    if not isinstance(manifold, GeooptManifold):
-        return False
-    import geoopt
-
-    return isinstance(manifold.manifold, geoopt.PoincareBall)
-
-
-def _curvature(manifold: GeooptManifold) -> float:
-    return float(manifold.manifold.c)
-
-
 def base_log_prob(manifold: Manifold, x: Tensor) -> Tensor:
-    """``log p_0(x)`` of ``manifold.random_base``'s distribution w.r.t. the Riemannian volume, shape ``(B,)``.
-
-    Sphere ``S^{n-1}(R)`` (and every token of :class:`TokenSpheres`): uniform, ``-log(2 pi^{n/2} R^{n-1} / Gamma(n/2))``
-    per token. Euclidean: standard normal. Flat torus: uniform, ``-n log(2 pi)``. Product: the sum over factors.
-    Poincare ball (geoopt adapter, wrapped normal of std ``base_std`` at the origin): with Riemannian normal
-    coordinates ``v = lambda_0 log_0(x)`` (``lambda_0 = 2``), ``r = |v|``, ``sigma = lambda_0 base_std``:
-    ``log N(v; 0, sigma^2 I) + (d - 1) log(sqrt(c) r / sinh(sqrt(c) r))``. A manifold may define its own
-    ``base_log_prob(x)`` method, which takes precedence.
-    """
-    own = getattr(manifold, "base_log_prob", None)
-    if callable(own):
-        return own(x)
-    batch = x.shape[0]
-    if isinstance(manifold, Sphere):  # includes TokenSpheres
-        n = x.shape[manifold.axis]
-        tokens = x.numel() // (batch * n)
-        log_area = math.log(2.0) + 0.5 * n * math.log(math.pi) - math.lgamma(0.5 * n) + (n - 1) * math.log(
-            manifold.radius
-        )
-        return torch.full((batch,), -tokens * log_area, dtype=x.dtype, device=x.device)
-    if isinstance(manifold, Euclidean):
-        return _per_sample(-0.5 * x.square() - 0.5 * math.log(2 * math.pi), batch)
-    if isinstance(manifold, FlatTorus):
-        return torch.full((batch,), -(x.numel() // batch) * math.log(2 * math.pi), dtype=x.dtype, device=x.device)
-    if isinstance(manifold, Product):
-        pieces = zip(manifold.factors, manifold.split(x), strict=True)
-        parts = [base_log_prob(m, xi.reshape(-1, *xi.shape[x.ndim - 1 :])) for m, xi in pieces]
-        return sum(p.reshape(batch, -1).sum(dim=1) for p in parts)
-    if _is_poincare(manifold):
-        c = _curvature(manifold)
-        d = x.shape[-1]
-        origin = torch.zeros_like(x)
-        v = 2.0 * manifold.logmap(origin, x)
-        r = torch.linalg.vector_norm(v, dim=-1)
-        sigma = 2.0 * manifold.base_std
-        gauss = -0.5 * (r / sigma).square() - d * math.log(sigma) - 0.5 * d * math.log(2 * math.pi)
-        sr = math.sqrt(c) * r
-        # log(sr / sinh(sr)), finite at 0: log sinh(a) = a + log(1 - exp(-2a)) - log 2
-        safe = torch.where(sr > 1e-4, sr, torch.ones_like(sr))
-        log_ratio = torch.where(
-            sr > 1e-4, torch.log(safe) - (safe + torch.log1p(-torch.exp(-2 * safe)) - math.log(2.0)), -sr.square() / 6
-        )
-        return _per_sample(gauss + (d - 1) * log_ratio, batch)
-    raise NotImplementedError(
-        f"no closed-form base density for {manifold!r}; pass base_log_prob=... to log_likelihood "
-        "or give the manifold a base_log_prob(x) method"
-    )
+    """``log p_0(x)`` per sample, shape ``(B,)``: :meth:`Manifold.base_log_prob` summed over the points of a sample."""
+    return _per_sample(manifold.base_log_prob(x), x.shape[0])
 
 
 def log_volume_density(manifold: Manifold, x: Tensor) -> Tensor:
-    """``log sqrt(det g)(x)`` of the coordinates the state lives in, relative to Lebesgue/Hausdorff measure, ``(B,)``.
-
-    Zero for manifolds embedded with the induced metric (spheres, torus, Euclidean); ``d log(2 / (1 - c |x|^2))`` on
-    the Poincare ball; summed over the factors of a product. A manifold may define ``log_volume_density(x)``.
-    """
-    own = getattr(manifold, "log_volume_density", None)
-    if callable(own):
-        return own(x)
-    batch = x.shape[0]
-    if isinstance(manifold, (Sphere, TokenSpheres, Euclidean, FlatTorus)):
-        return torch.zeros(batch, dtype=x.dtype, device=x.device)
-    if isinstance(manifold, Product):
-        pieces = zip(manifold.factors, manifold.split(x), strict=True)
-        parts = [log_volume_density(m, xi.reshape(-1, *xi.shape[x.ndim - 1 :])) for m, xi in pieces]
-        return sum(p.reshape(batch, -1).sum(dim=1) for p in parts)
-    if _is_poincare(manifold):
-        c = _curvature(manifold)
-        d = x.shape[-1]
-        lam = 2.0 / (1.0 - c * x.square().sum(dim=-1)).clamp_min(torch.finfo(x.dtype).tiny)
-        return _per_sample(d * torch.log(lam), batch)
-    raise NotImplementedError(
-        f"the volume density of {manifold!r} is unknown: likelihoods are supported for spheres, token spheres, "
-        "the flat torus, Euclidean space, products of these and the Poincare ball (or define log_volume_density(x))"
-    )
+    """``log sqrt(det g)`` per sample, shape ``(B,)``: :meth:`Manifold.log_volume_density` summed per sample."""
+    return _per_sample(manifold.log_volume_density(x), x.shape[0])
 
 
 def divergence(
@@ -149,7 +74,8 @@ def divergence(
     method: Literal["exact", "hutchinson"] = "exact",
     probes: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """``(V, div_M V)`` at ``x`` for the projected field ``V = P_x field(x)``: ``tr(P J P)``, shape ``(B,)``.
+    """``(V, div_M V)`` at ``x`` for the projected field ``V = P_x field(x)``: ``tr(P J P)``, shape ``(B,)``, with
+    ``P`` the ambient-orthogonal tangent projection (:meth:`~manifold_fm.manifolds.Manifold.orthogonal_proju`).
 
     ``method="exact"`` sums over the ambient basis; ``"hutchinson"`` averages ``(P eps)^T J (P eps)`` over
     ``probes`` (shape ``(K, *x.shape)``).
@@ -172,7 +98,7 @@ def divergence(
         if not V.requires_grad:  # a field that ignores x (e.g. constant zero) has zero divergence
             return V.detach(), total
         for i, e in enumerate(directions):
-            w = manifold.proju(xx, e).detach()
+            w = manifold.orthogonal_proju(x, e).detach()
             (g,) = torch.autograd.grad(V, xx, grad_outputs=w, retain_graph=i < len(directions) - 1)
             total = total + (g * w).reshape(batch, -1).sum(dim=1)
         if method == "hutchinson":
@@ -208,7 +134,8 @@ def log_likelihood(
             ``rk4`` with 50 steps.
         divergence_method: ``"exact"`` (small dimension) or ``"hutchinson"`` (large), with ``probes`` probes of
             ``noise`` type drawn from ``generator``.
-        base_log_prob_fn: the prior's log density; default :func:`base_log_prob` of ``manifold``.
+        base_log_prob_fn: the prior's log density per sample; default ``manifold.base_log_prob`` summed per
+            sample (:func:`base_log_prob`).
         return_base: also return the base points ``x0`` reached at ``t0``.
         stats: filled with the number of velocity evaluations (exact divergence: one forward and ``n`` backward
             passes per evaluation).
@@ -218,7 +145,7 @@ def log_likelihood(
     adaptive = method not in TABLEAUS
     if adaptive and method not in adaptive_methods():
         raise ValueError(f"unknown method '{method}'")
-    grid = _make_grid(float(t1), float(t0), steps, None, 8 if adaptive else 50)
+    grid = make_time_grid(float(t1), float(t0), steps, None, 8 if adaptive else 50)
     if stats is not None:
         stats.nfe, stats.steps, stats.method, stats.times = 0, len(grid) - 1, method, grid
     eps: Tensor | None = None

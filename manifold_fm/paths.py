@@ -13,13 +13,14 @@ velocity ``u_t = d x_t / dt``. Time runs from ``t = 0`` (noise) to ``t = 1`` (da
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from .manifolds import Euclidean, Manifold, TokenSpheres
-from .manifolds._numerics import broadcast_time
+from .manifolds.numerics import broadcast_time
 
 
 @dataclass
@@ -41,6 +42,23 @@ class PathSample:
     u_t: Tensor
 
 
+class ProbabilityPath(ABC):
+    """A probability path: ``sample(x0, x1, t)`` returns the interpolant and its target velocity as a
+    :class:`PathSample`.
+
+    Attributes:
+        manifold: the manifold whose tangent projection the loss applies to predictions and targets on this path
+            (the manifold itself for :class:`GeodesicPath`; ``Euclidean()`` for paths that leave it, whose loss is
+            ambient).
+    """
+
+    manifold: Manifold
+
+    @abstractmethod
+    def sample(self, x0: Tensor, x1: Tensor, t: Tensor) -> PathSample:
+        """The path at per-sample times ``t`` (shape ``(B,)``) between noise ``x0`` and data ``x1``."""
+
+
 def _check_pair(x0: Tensor, x1: Tensor, t: Tensor) -> Tensor:
     if x0.shape != x1.shape:
         raise ValueError(f"x0 has shape {tuple(x0.shape)} but x1 has shape {tuple(x1.shape)}; they must match")
@@ -54,7 +72,7 @@ def _check_pair(x0: Tensor, x1: Tensor, t: Tensor) -> Tensor:
     return t
 
 
-class GeodesicPath:
+class GeodesicPath(ProbabilityPath):
     """The geodesic path of ``manifold``: ``x_t = exp_{x0}(t log_{x0} x1)``, ``u_t = d x_t / dt``.
 
     On :class:`~manifold_fm.manifolds.Sphere` / :class:`~manifold_fm.manifolds.TokenSpheres` this is the closed-form
@@ -76,7 +94,7 @@ class GeodesicPath:
         return f"GeodesicPath({self.manifold!r})"
 
 
-class LinearPath:
+class LinearPath(ProbabilityPath):
     """The Euclidean (rectified-flow / SiT) path ``x_t = (1-t) x0 + t x1``, ``u_t = x1 - x0``.
 
     Its :attr:`manifold` is :class:`~manifold_fm.manifolds.Euclidean` (every axis but the batch axis is one point).
@@ -96,7 +114,7 @@ class LinearPath:
         return "LinearPath()"
 
 
-class PolarPath:
+class PolarPath(ProbabilityPath):
     """Radius interpolated linearly, direction by slerp (the SFM paper's "shell" ablation), per token along ``axis``.
 
     With ``r_i = |x_i|`` and unit directions ``d_i = x_i / r_i`` (per token):
@@ -127,7 +145,7 @@ class PolarPath:
         return f"PolarPath(axis={self.axis})"
 
 
-def build_path(name: str, manifold: Manifold, axis: int = 1) -> GeodesicPath | LinearPath | PolarPath:
+def build_path(name: str, manifold: Manifold, axis: int = 1) -> ProbabilityPath:
     """``"geodesic"`` -> :class:`GeodesicPath` on ``manifold``; ``"linear"`` -> :class:`LinearPath`;
     ``"polar"`` -> :class:`PolarPath` (``axis``)."""
     if name == "geodesic":
@@ -139,5 +157,4 @@ def build_path(name: str, manifold: Manifold, axis: int = 1) -> GeodesicPath | L
     raise ValueError(f"unknown path '{name}'; choose geodesic, linear or polar")
 
 
-__all__ = ["GeodesicPath", "LinearPath", "PathSample", "PolarPath", "build_path"]
-
+__all__ = ["GeodesicPath", "LinearPath", "PathSample", "PolarPath", "ProbabilityPath", "build_path"]

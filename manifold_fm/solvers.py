@@ -12,8 +12,9 @@ an ordinary ODE on the vector space ``T_{x_k}``. A classical explicit RK method 
 keeps its classical order (1 Euler, 2 Heun and midpoint, 4 RK4) on any manifold with a smooth exp/log near ``x_k``
 (this is the Runge-Kutta-Munthe-Kaas idea with ``dexp^{-1}`` computed exactly). Stage ``i`` evaluates the network
 at ``y_i = exp_{x_k}(h sum_j a_ij k_j)`` and moves its velocity back to ``T_{x_k}`` by the differential of the
-log map (closed form on spheres and token spheres, :func:`sphere_dlog`; a forward-mode JVP through
-``logmap`` elsewhere; no network cost); the step ends at
+log map (:meth:`Manifold.dlogmap <manifold_fm.manifolds.Manifold.dlogmap>`: closed form on spheres, token
+spheres, flat spaces and products of these; a forward-mode JVP through ``logmap`` by default; no network cost); the
+step ends at
 ``x_{k+1} = exp_{x_k}(h sum_i b_i k_i)`` followed by ``projx`` (which only removes rounding). The first stage needs no
 pull-back (``d log_x`` at ``x`` is the identity on ``T_x``), so Euler is exactly ``x_{k+1} = exp_{x_k}(h P v)``.
 
@@ -25,7 +26,8 @@ at order 4.0 with ``dlog``, 3.0 with ``parallel``, 2.0 with ``project``). ``"amb
 classical RK on the ambient ODE ``dx/dt = P_x v`` with ``projx`` after every stage (what flow_matching's
 ``RiemannianODESolver`` does). Its state leaves the manifold between projections, but the ambient flow preserves
 the sphere, so it keeps the classical order there (measured: RK4 order 4) with fewer tensor passes per step; use it
-for manifolds whose ``projx`` is a retraction (spheres, torus) or that are a full-dimensional chart.
+for manifolds whose ``projx`` is a retraction (spheres, torus) or that are a full-dimensional chart. Its stage
+points return to the manifold through :meth:`Manifold.ambient_retract <manifold_fm.manifolds.Manifold.ambient_retract>`.
 
 **Adaptive methods** (``dopri5``, ``bosh3``, ``fehlberg2``, ``adaptive_heun``, ``dopri8``: anything torchdiffeq
 offers) integrate the same chart ODE with torchdiffeq, restarting the chart at every point of the time grid (``steps``
@@ -43,35 +45,20 @@ Low-precision inputs: the state is kept in float32; ``velocity`` receives ``x`` 
 
 from __future__ import annotations
 
-import functools
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
-from .manifolds import Manifold, Product, Sphere
-from .manifolds._numerics import LOW_PRECISION, compute_dtype
+from .manifolds import Manifold
+from .manifolds.numerics import compute_dtype
 
 Velocity = Callable[[Tensor, Tensor], Tensor]
 # A field returns the tangent velocity at y and an optional per-sample quantity integrated alongside (or None).
 Field = Callable[[Tensor, float], tuple[Tensor, Tensor | None]]
 Transport = Literal["dlog", "parallel", "project", "ambient"]
-
-
-def upcast_vectors(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
-    """Run a ``(manifold, x, y, v)`` function in float32 for low-precision inputs; return ``v``'s dtype."""
-
-    @functools.wraps(fn)
-    def wrapper(manifold: Manifold, x: Tensor, y: Tensor, v: Tensor) -> Tensor:
-        if v.dtype in LOW_PRECISION or x.dtype in LOW_PRECISION:
-            return fn(manifold, x.float(), y.float(), v.float()).to(v.dtype)
-        return fn(manifold, x, y, v)
-
-    return wrapper
 
 
 @dataclass(frozen=True)
@@ -123,64 +110,14 @@ class IntegrationStats:
     times: list[float] = field(default_factory=list)
 
 
-def _g_series(w: Tensor) -> Tensor:
-    """``(sin w - w cos w) / sin^3 w``; below a threshold where the direct form cancels, its Taylor series
-    ``1/3 + 2 w^2/15 + 2 w^4/63 + 4 w^6/675`` (threshold 0.02 in float64, 0.2 in float32: truncation error below
-    ~1e-13 / 1e-8 relative)."""
-    cut = 0.02 if w.dtype == torch.float64 else 0.2
-    w2 = w * w
-    series = 1.0 / 3.0 + w2 * (2.0 / 15.0 + w2 * (2.0 / 63.0 + w2 * (4.0 / 675.0)))
-    small = w < cut
-    ws = torch.where(small, torch.ones_like(w), w)
-    direct = (torch.sin(ws) - ws * torch.cos(ws)) / torch.sin(ws) ** 3
-    return torch.where(small, series, direct)
-
-
-@upcast_vectors
-def sphere_dlog(manifold: Sphere, x: Tensor, y: Tensor, v: Tensor) -> Tensor:
-    """Closed-form ``d(log_x)_y [v]`` on a sphere of radius ``R`` (per token along ``manifold.axis``).
-
-    With ``w`` the angle between ``x`` and ``y``, ``y_perp = P_x y`` and ``log_x y = (w / sin w) y_perp``:
-
-        d(log_x)_y [v] = (w / sin w) P_x v - g(w) <x, v> y_perp / R^2,   g(w) = (sin w - w cos w) / sin^3 w,
-
-    (``g(0) = 1/3``; singular only at the cut locus ``w = pi``). Equal to the forward-mode JVP of ``logmap``
-    (tested) at a fraction of its cost.
-    """
-    ax = manifold.axis
-    w = manifold.angle(x, y)
-    xx = (x * x).sum(dim=ax, keepdim=True)
-    xv = (x * v).sum(dim=ax, keepdim=True)
-    y_perp = manifold.proju(x, y)
-    f = 1.0 / torch.sinc(w / math.pi)
-    return f * (v - xv / xx * x) - (_g_series(w) * xv / xx) * y_perp
-
-
 def pull_back(manifold: Manifold, x: Tensor, y: Tensor, v: Tensor, transport: Transport = "dlog") -> Tensor:
     """Move the tangent vector ``v`` at ``y`` to ``T_x``.
 
-    ``"dlog"``: ``d(log_x)_y [v]`` (the velocity of the chart coordinate ``log_x(y)``), by forward-mode AD;
+    ``"dlog"``: ``manifold.dlogmap(x, y, v)`` (the velocity of the chart coordinate ``log_x(y)``);
     ``"parallel"``: ``manifold.transp(y, x, v)``; ``"project"``: ``manifold.proju(x, v)``.
     """
     if transport == "dlog":
-        if isinstance(manifold, Sphere):
-            return sphere_dlog(manifold, x, y, v)
-        if isinstance(manifold, Product):  # factor by factor, so sphere factors use the closed form
-            parts = zip(manifold.factors, manifold.split(x), manifold.split(y), manifold.split(v), strict=True)
-            return manifold.join([pull_back(f, xi, yi, vi, transport) for f, xi, yi, vi in parts])
-        # Forward-mode JVP of log_x at y. The primal is marked as requiring grad (under enable_grad) so that
-        # manifolds with a no-autograd fast path (in-place ``out=`` kernels, which forward AD rejects) take
-        # their differentiable path.
-        with torch.enable_grad(), fwAD.dual_level():
-            out = manifold.logmap(x, fwAD.make_dual(y.detach().requires_grad_(True), v))
-            tangent = fwAD.unpack_dual(out).tangent
-        if tangent is None:
-            # A zero stand-in here once hid a real bug (TorchScript kernels dropping forward-AD tangents): fail loudly.
-            raise RuntimeError(
-                f"{type(manifold).__name__}.logmap lost the forward-mode AD tangent, so the chart velocity is unknown; "
-                "make logmap differentiable with torch.func.jvp, or integrate with transport='parallel'/'ambient'"
-            )
-        return tangent.detach()
+        return manifold.dlogmap(x, y, v)
     if transport == "parallel":
         return manifold.transp(y, x, v)
     if transport == "project":
@@ -226,12 +163,15 @@ def _ambient_rk_step(
     """Classical RK on the ambient ODE ``dx/dt = P_x v(x, t)`` with ``projx`` applied to every stage point and to
     the result (the scheme of flow_matching's ``RiemannianODESolver``). Fewer tensor passes than the chart step;
     for embedded manifolds whose ``projx`` is a retraction (spheres, torus) and full-dimensional charts."""
-    retract = _sphere_renormalize(manifold) if isinstance(manifold, Sphere) else manifold.projx
+    retract = manifold.ambient_retract
     ks: list[Tensor] = []
     extras: list[Tensor | None] = []
     for i, ci in enumerate(tableau.c):
-        y = x if i == 0 else retract(x + sum((h * aij) * kj for aij, kj in zip(tableau.a[i], ks, strict=False)
-                                             if aij != 0.0))
+        y = (
+            x
+            if i == 0
+            else retract(x + sum((h * aij) * kj for aij, kj in zip(tableau.a[i], ks, strict=False) if aij != 0.0))
+        )
         v, e = fld(y, t + ci * h)
         ks.append(v)
         extras.append(e)
@@ -242,21 +182,13 @@ def _ambient_rk_step(
     return x_next, acc
 
 
-def _sphere_renormalize(manifold: Sphere) -> Callable[[Tensor], Tensor]:
-    """``y -> R y / |y|`` per token: ``projx`` without its zero-norm policy, which cannot trigger here because
-    ``|x + h k| >= |x| = R`` for ``k`` tangent at ``x`` (one pass instead of projx's scale-safe three)."""
-
-    def retract(y: Tensor) -> Tensor:
-        return y * (manifold.radius * torch.rsqrt((y * y).sum(dim=manifold.axis, keepdim=True)))
-
-    return retract
-
-
-def _make_grid(
-    t0: float, t1: float, steps: int | None, time_grid: Tensor | Sequence[float] | None, default_steps: int
+def make_time_grid(
+    t0: float, t1: float, steps: int | None, grid: Tensor | Sequence[float] | None, default_steps: int
 ) -> list[float]:
-    if time_grid is not None:
-        grid = [float(v) for v in torch.as_tensor(time_grid, dtype=torch.float64).flatten()]
+    """The times a solver visits: ``grid`` (checked monotone) if given, else ``steps`` (or ``default_steps``) uniform
+    steps from ``t0`` to ``t1``."""
+    if grid is not None:
+        grid = [float(v) for v in torch.as_tensor(grid, dtype=torch.float64).flatten()]
         if len(grid) < 2:
             raise ValueError("time_grid needs at least 2 points")
         diffs = [b - a for a, b in zip(grid, grid[1:], strict=False)]
@@ -271,9 +203,7 @@ def _make_grid(
     return [t0 + (t1 - t0) * i / n for i in range(n + 1)]
 
 
-def make_field(
-    velocity: Velocity, manifold: Manifold, in_dtype: torch.dtype, stats: IntegrationStats | None
-) -> Field:
+def make_field(velocity: Velocity, manifold: Manifold, in_dtype: torch.dtype, stats: IntegrationStats | None) -> Field:
     """Wrap ``velocity(x, t)`` as a :data:`Field`: ``t`` as a ``(B,)`` tensor, output checked and projected."""
 
     def fld(y: Tensor, t: float) -> tuple[Tensor, Tensor | None]:
@@ -399,7 +329,7 @@ def integrate(
         )
     if adaptive and transport == "ambient":
         raise ValueError("transport='ambient' applies to the fixed-step methods (euler, heun, midpoint, rk4)")
-    grid = _make_grid(float(t0), float(t1), steps, time_grid, 8 if adaptive else 50)
+    grid = make_time_grid(float(t0), float(t1), steps, time_grid, 8 if adaptive else 50)
     in_dtype = x_init.dtype
     x = x_init.to(compute_dtype(in_dtype))
     if stats is not None:
@@ -424,6 +354,8 @@ __all__ = [
     "Tableau",
     "adaptive_methods",
     "integrate",
+    "make_time_grid",
     "pull_back",
     "rk_step",
+    "solve_field",
 ]

@@ -7,9 +7,10 @@ import itertools
 import pytest
 import torch
 
-import manifold_fm.coupling as coupling_mod
+import manifold_fm.manifolds.base as base_mod
+import manifold_fm.manifolds.sphere as sphere_mod
 from manifold_fm.coupling import IndependentCoupling, OTCoupling, build_coupling, geodesic_cost_matrix
-from manifold_fm.manifolds import Euclidean, Sphere, TokenSpheres
+from manifold_fm.manifolds import Euclidean, Manifold, Sphere, TokenSpheres
 
 D64 = torch.float64
 
@@ -22,7 +23,8 @@ def test_cost_matrix_equals_a_loop_of_squared_distances(monkeypatch: pytest.Monk
     m = TokenSpheres(4, axis=1)
     g = torch.Generator().manual_seed(0)
     x0, x1 = m.random_base((5, 4, 2, 3), g, dtype=D64), m.random_base((7, 4, 2, 3), g, dtype=D64)
-    monkeypatch.setattr(coupling_mod, "_CHUNK_ELEMENTS", 50)  # force several row chunks
+    monkeypatch.setattr(sphere_mod, "_COST_CHUNK", 50)  # force several row chunks
+    monkeypatch.setattr(base_mod, "_PAIRWISE_CHUNK", 50)
     c = geodesic_cost_matrix(m, x0, x1)
     sph = Sphere(2.0)
     for i in range(5):
@@ -32,15 +34,17 @@ def test_cost_matrix_equals_a_loop_of_squared_distances(monkeypatch: pytest.Monk
             )  # sum over tokens of (R * angle)^2
             assert abs(float(c[i, j]) - ref) < 1e-10
     assert c.shape == (5, 7)
-    # the dot-product fast path agrees with the generic per-pair dist path in float32 too
-    monkeypatch.setattr(coupling_mod, "Sphere", type("NoSphere", (), {}))  # disables the fast path
-    c_generic = geodesic_cost_matrix(m, x0.float(), x1.float())
-    monkeypatch.undo()
+    # the dot-product override agrees with the base class's generic per-pair dist, in float64 and float32
+    torch.testing.assert_close(Manifold.pairwise_sq_dist(m, x0, x1), c, atol=1e-10, rtol=0)
+    c_generic = Manifold.pairwise_sq_dist(m, x0.float(), x1.float())
     torch.testing.assert_close(geodesic_cost_matrix(m, x0.float(), x1.float()), c_generic, atol=1e-4, rtol=1e-5)
+    lin = Euclidean()
+    torch.testing.assert_close(lin.pairwise_sq_dist(x0, x1), Manifold.pairwise_sq_dist(lin, x0, x1), atol=1e-10, rtol=0)
 
 
-@pytest.mark.parametrize("manifold,shape", [(Sphere(), (6, 3)), (TokenSpheres(3, axis=-1), (6, 4, 3)),
-                                             (Euclidean(), (6, 2))])
+@pytest.mark.parametrize(
+    "manifold,shape", [(Sphere(), (6, 3)), (TokenSpheres(3, axis=-1), (6, 4, 3)), (Euclidean(), (6, 2))]
+)
 def test_ot_equals_brute_force_optimum(manifold, shape) -> None:
     g = torch.Generator().manual_seed(1)
     x0, x1 = manifold.random_base(shape, g, dtype=D64), manifold.random_base(shape, g, dtype=D64)

@@ -41,8 +41,9 @@ def test_scale_one_and_outside_interval_skip_the_unconditional_branch() -> None:
     x, y = torch.randn(2, 5), torch.tensor([1, 2])
     t = torch.tensor([0.2, 0.3])
     torch.testing.assert_close(guided_velocity(model, y, 1.0, NULL)(x, t), RecordingModel()(x, t, y))
-    torch.testing.assert_close(guided_velocity(model, y, 4.0, NULL, interval=(0.5, 0.9))(x, t),
-                               RecordingModel()(x, t, y))
+    torch.testing.assert_close(
+        guided_velocity(model, y, 4.0, NULL, interval=(0.5, 0.9))(x, t), RecordingModel()(x, t, y)
+    )
     assert model.batches == [2, 2]
 
 

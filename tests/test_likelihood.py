@@ -12,6 +12,8 @@ from manifold_fm.likelihood import base_log_prob, divergence, log_likelihood
 from manifold_fm.manifolds import FlatTorus, GeooptManifold, Product, Sphere, TokenSpheres
 from manifold_fm.solvers import IntegrationStats
 
+from helpers import sphere_grid
+
 D64 = torch.float64
 A = torch.tensor([0.0, 0.0, 1.0], dtype=D64)
 
@@ -105,14 +107,6 @@ def test_hutchinson_agrees_with_exact_in_expectation() -> None:
     assert bool(((est - exact).abs() < 4 * se + 1e-9).all()), (est, exact, se)
 
 
-def sphere_grid(n_theta: int = 60) -> tuple[torch.Tensor, torch.Tensor]:
-    th = (torch.arange(n_theta, dtype=D64) + 0.5) * math.pi / n_theta
-    ph = (torch.arange(2 * n_theta, dtype=D64) + 0.5) * math.pi / n_theta
-    T, P = torch.meshgrid(th, ph, indexing="ij")
-    x = torch.stack([torch.sin(T) * torch.cos(P), torch.sin(T) * torch.sin(P), torch.cos(T)], -1).reshape(-1, 3)
-    return x, (torch.sin(T) * (math.pi / n_theta) ** 2).reshape(-1)
-
-
 def test_learned_style_flow_density_integrates_to_one_on_s2() -> None:
     def v(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return 0.5 * torch.sin(2 * x.roll(1, dims=-1)) * (1 + t[:, None]) + 0.7 * A
@@ -169,7 +163,7 @@ def test_stats_base_points_and_unsupported_manifold() -> None:
     lp, x0 = log_likelihood(rotation, x, m, steps=5, method="midpoint", return_base=True, stats=stats)
     assert stats.nfe == 10 and x0.shape == x.shape and lp.shape == (4,)
     lorentz = GeooptManifold(geoopt.Lorentz())
-    with pytest.raises(NotImplementedError, match="base density"):
+    with pytest.raises(NotImplementedError, match="has no base_log_prob"):
         log_likelihood(zero, lorentz.random_base((2, 3), dtype=D64), lorentz, steps=1)
 
 

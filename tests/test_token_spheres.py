@@ -25,9 +25,7 @@ LAYOUTS = [
 @pytest.mark.parametrize("shape,axis", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("radius", [None, 0.7], ids=["R=sqrt(dim)", "R=0.7"])
-def test_matches_loop_over_tokens(
-    shape: tuple[int, ...], axis: int, dtype: torch.dtype, radius: float | None
-) -> None:
+def test_matches_loop_over_tokens(shape: tuple[int, ...], axis: int, dtype: torch.dtype, radius: float | None) -> None:
     dim = shape[axis]
     m = TokenSpheres(dim, axis=axis, radius=radius)
     R = math.sqrt(dim) if radius is None else radius

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -31,8 +32,8 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
-from ._numerics import broadcast_time, compute_dtype, upcast
-from .base import Manifold
+from .base import Chart2D, Manifold
+from .numerics import broadcast_time, compute_dtype, upcast
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -174,9 +175,62 @@ class GeooptManifold(Manifold):
         x = geo.expmap(origin, geo.proju(origin, self.base_std * e))
         return _plain(geo.projx(x)).to(dtype)
 
+    # ------------------------------------------------------------ engine extension points
+    def _is_poincare(self) -> bool:
+        import geoopt
+
+        return isinstance(self.manifold, geoopt.PoincareBall)
+
+    def orthogonal_proju(self, x: Tensor, u: Tensor) -> Tensor:
+        """:meth:`proju` for the geoopt models whose projection is ambient-orthogonal (stereographic charts, SPD,
+        spheres, Euclidean); the generic basis construction otherwise (the hyperboloid's Minkowski projection)."""
+        import geoopt
+
+        orthogonal = (geoopt.Stereographic, geoopt.SymmetricPositiveDefinite, geoopt.Sphere, geoopt.Euclidean)
+        if isinstance(self.manifold, orthogonal):
+            return self.proju(x, u)
+        return super().orthogonal_proju(x, u)
+
+    def log_volume_density(self, x: Tensor) -> Tensor:
+        """Poincare ball: ``d log(2 / (1 - c |x|^2))`` (its metric is ``lambda(x)^2`` times the Euclidean one);
+        others: the generic Gram-determinant construction."""
+        if not self._is_poincare():
+            return super().log_volume_density(x)
+        c = float(self.manifold.c)
+        lam = 2.0 / (1.0 - c * x.square().sum(dim=-1)).clamp_min(torch.finfo(x.dtype).tiny)
+        return x.shape[-1] * torch.log(lam)
+
+    def base_log_prob(self, x: Tensor) -> Tensor:
+        """Poincare ball (the wrapped normal of std ``base_std`` at the origin): with Riemannian normal coordinates
+        ``v = lambda_0 log_0(x)`` (``lambda_0 = 2``), ``r = |v|``, ``sigma = lambda_0 base_std``:
+        ``log N(v; 0, sigma^2 I) + (d - 1) log(sqrt(c) r / sinh(sqrt(c) r))``. Other models: not implemented."""
+        if not self._is_poincare():
+            return super().base_log_prob(x)
+        c = float(self.manifold.c)
+        d = x.shape[-1]
+        v = 2.0 * self.logmap(torch.zeros_like(x), x)
+        r = torch.linalg.vector_norm(v, dim=-1)
+        sigma = 2.0 * self.base_std
+        gauss = -0.5 * (r / sigma).square() - d * math.log(sigma) - 0.5 * d * math.log(2 * math.pi)
+        sr = math.sqrt(c) * r
+        # log(sr / sinh(sr)), finite at 0: log sinh(a) = a + log(1 - exp(-2a)) - log 2
+        safe = torch.where(sr > 1e-4, sr, torch.ones_like(sr))
+        log_ratio = torch.where(
+            sr > 1e-4, torch.log(safe) - (safe + torch.log1p(-torch.exp(-2 * safe)) - math.log(2.0)), -sr.square() / 6
+        )
+        return gauss + (d - 1) * log_ratio
+
+    def chart2d(self, x: Tensor) -> Chart2D:
+        """The first two coordinates, inside the disk of radius ``1 / sqrt(c)`` for the Poincare ball."""
+        chart = super().chart2d(x)
+        if not self._is_poincare():
+            return chart
+        return Chart2D(
+            chart.u, chart.v, chart.xlabel, chart.ylabel, disk_radius=1.0 / math.sqrt(float(self.manifold.c))
+        )
+
     def point_error(self, x: Tensor) -> Tensor:
         """``max |projx(x) - x| / (1 + max |x|)`` per point (relative for large hyperboloid coordinates)."""
         xc = x.to(compute_dtype(x.dtype))
         dims = self.point_dims(x)
         return (self.projx(xc) - xc).abs().amax(dim=dims) / (1.0 + xc.abs().amax(dim=dims))
-

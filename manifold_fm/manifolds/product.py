@@ -19,8 +19,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from ._numerics import broadcast_time, safe_sqrt, upcast
-from .base import Manifold, ManifoldError
+from .base import Chart2D, Manifold, ManifoldError
+from .numerics import broadcast_time, safe_sqrt, upcast
 
 
 class Product(Manifold):
@@ -79,15 +79,11 @@ class Product(Manifold):
     def split(self, x: Tensor) -> list[Tensor]:
         """The factor views of ``x``: slice ``i`` of the last axis reshaped to ``(..., *shape_i)``."""
         self._check(x)
-        return [
-            x[..., sl].reshape(*x.shape[:-1], *shp) for sl, shp in zip(self.slices, self.shapes, strict=True)
-        ]
+        return [x[..., sl].reshape(*x.shape[:-1], *shp) for sl, shp in zip(self.slices, self.shapes, strict=True)]
 
     def join(self, parts: Sequence[Tensor]) -> Tensor:
         """Inverse of :meth:`split`: flatten each factor's trailing axes and concatenate on the last axis."""
-        flat = [
-            p.reshape(*p.shape[: p.ndim - len(shp)], -1) for p, shp in zip(parts, self.shapes, strict=True)
-        ]
+        flat = [p.reshape(*p.shape[: p.ndim - len(shp)], -1) for p, shp in zip(parts, self.shapes, strict=True)]
         batch = torch.broadcast_shapes(*(f.shape[:-1] for f in flat))
         return torch.cat([f.expand(*batch, f.shape[-1]) for f in flat], dim=-1)
 
@@ -164,13 +160,35 @@ class Product(Manifold):
         ]
         return self.join(parts)
 
+    # ------------------------------------------------------------ engine extension points (factor-wise)
+    def dlogmap(self, x: Tensor, y: Tensor, v: Tensor) -> Tensor:
+        """Factor by factor, so every factor uses its own (closed-form where it has one) differential."""
+        return self._map(lambda m, a, b, c: m.dlogmap(a, b, c), x, y, v)
+
+    def ambient_retract(self, y: Tensor) -> Tensor:
+        return self._map(lambda m, a: m.ambient_retract(a), y)
+
+    def orthogonal_proju(self, x: Tensor, u: Tensor) -> Tensor:
+        return self._map(lambda m, a, b: m.orthogonal_proju(a, b), x, u)
+
+    def log_volume_density(self, x: Tensor) -> Tensor:
+        """``sum_i`` of the factors' (the product metric's volume is the product of the factors' volumes)."""
+        return self._sum(lambda m, a: m.log_volume_density(a), x)
+
+    def base_log_prob(self, x: Tensor) -> Tensor:
+        """``sum_i`` of the factors' (:meth:`random_base` draws the factors independently)."""
+        return self._sum(lambda m, a: m.base_log_prob(a), x)
+
+    def chart2d(self, x: Tensor) -> Chart2D:
+        """The first factor's chart."""
+        return self.factors[0].chart2d(self.split(x)[0])
+
     def point_error(self, x: Tensor) -> Tensor:
         errs = [m.point_error(a).float() for m, a in zip(self.factors, self.split(x), strict=True)]
         return torch.stack(errs).amax(dim=0)
 
     def vector_error(self, x: Tensor, u: Tensor) -> Tensor:
         errs = [
-            m.vector_error(a, b).float()
-            for m, a, b in zip(self.factors, self.split(x), self.split(u), strict=True)
+            m.vector_error(a, b).float() for m, a, b in zip(self.factors, self.split(x), self.split(u), strict=True)
         ]
         return torch.stack(errs).amax(dim=0)

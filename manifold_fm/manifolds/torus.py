@@ -20,8 +20,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._numerics import broadcast_time, upcast
 from .base import Manifold
+from .numerics import broadcast_time, upcast
 
 
 def wrap_angle(a: Tensor) -> Tensor:
@@ -39,6 +39,7 @@ class FlatTorus(Manifold):
 
     name = "flat_torus"
     point_ndim: int | None = 1
+    periodic = True
 
     def __repr__(self) -> str:
         return "FlatTorus()"
@@ -83,6 +84,17 @@ class FlatTorus(Manifold):
         dtype = dtype or torch.get_default_dtype()
         u = torch.rand(tuple(shape), generator=generator, dtype=dtype, device=device)
         return wrap_angle(2 * math.pi * u - math.pi)
+
+    def dlogmap(self, x: Tensor, y: Tensor, v: Tensor) -> Tensor:
+        """``v``: ``log_x(y) = wrap(y - x)`` has unit derivative in ``y`` away from the cut."""
+        return v
+
+    def orthogonal_proju(self, x: Tensor, u: Tensor) -> Tensor:
+        return u
+
+    def base_log_prob(self, x: Tensor) -> Tensor:
+        """Uniform on ``[-pi, pi)^n``: ``-n log(2 pi)`` per point."""
+        return torch.full(x.shape[:-1], -x.shape[-1] * math.log(2 * math.pi), dtype=x.dtype, device=x.device)
 
     def point_error(self, x: Tensor) -> Tensor:
         """How far the coordinates lie outside ``[-pi, pi]`` (0 for a wrapped point)."""
