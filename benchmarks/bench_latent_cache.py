@@ -2,7 +2,8 @@
 
 Builds a cache of the built-in test images with the built-in tokenizer, then times, in the same run, producing
 batches of latents by (a) rendering + encoding the images every time, (b) per-item memory-mapped reads through
-``LatentCache`` with a DataLoader, (c) ``LatentCache.load_all``. Reports seconds and ratios against (a).
+``LatentCache`` with a DataLoader, (c) ``LatentCache.load_all``, interleaved over the repeats
+(``benchmarks/timing.py``). Reports the best wall seconds of each and ratios against (a).
 
     python benchmarks/bench_latent_cache.py        # writes benchmarks/results/latent_cache.{json,md}
 """
@@ -11,27 +12,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
-from manifold_fm.data.images import BuiltinImages
+from manifold_fm.atomic import write_text_atomic
+from manifold_fm.data.builtin_images import BuiltinImages
 from manifold_fm.data.latents import LatentCache, extract_latents
 from manifold_fm.tokenizers import builtin_tokenizer
 
-
-def best_of(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+from timing import timed
 
 
 def main() -> None:
@@ -63,9 +56,9 @@ def main() -> None:
         def load_all() -> None:
             LatentCache(tmp).load_all()
 
-        t_fly = best_of(on_the_fly, args.repeats)
-        t_mmap = best_of(mmap_items, args.repeats)
-        t_all = best_of(load_all, args.repeats)
+        fns = {"render_and_encode": on_the_fly, "cache_per_item_mmap": mmap_items, "cache_load_all": load_all}
+        best = {k: tm.best_wall_s for k, tm in timed(fns, args.repeats, warmup=0).items()}
+        t_fly, t_mmap, t_all = best["render_and_encode"], best["cache_per_item_mmap"], best["cache_load_all"]
     res = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "items": n,
@@ -75,17 +68,16 @@ def main() -> None:
         "speedup_vs_encode": {"cache_per_item_mmap": t_fly / t_mmap, "cache_load_all": t_fly / t_all},
         "note": "best of repeats; 2-core CPU shared with other jobs, so absolute times are noisy, ratios less so",
     }
-    args.out.mkdir(parents=True, exist_ok=True)
     for name, text in (
         ("latent_cache.json", json.dumps(res, indent=1)),
-        ("latent_cache.md", "| latents from | seconds | speed-up vs encoding |\n|---|---|---|\n" + "\n".join(
-            f"| {k} | {v:.3f} | {t_fly / v:.1f}x |" for k, v in res["seconds"].items())
-            + f"\n\n{n} items of shape {res['latent_shape']}, {args.threads} thread(s), {res['date']}.\n"),
+        (
+            "latent_cache.md",
+            "| latents from | seconds | speed-up vs encoding |\n|---|---|---|\n"
+            + "\n".join(f"| {k} | {v:.3f} | {t_fly / v:.1f}x |" for k, v in res["seconds"].items())
+            + f"\n\n{n} items of shape {res['latent_shape']}, {args.threads} thread(s), {res['date']}.\n",
+        ),
     ):
-        fd, tmp_path = tempfile.mkstemp(dir=args.out)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp_path, args.out / name)
+        write_text_atomic(args.out / name, text)
     print(json.dumps(res, indent=1))
 
 

@@ -27,8 +27,14 @@ def test_roundtrip_weights_state_and_rng(tmp_path):
     model(torch.randn(5, 4)).sum().backward()
     opt.step()
     rng = rng_state()
-    path = save_checkpoint(tmp_path, 7, model.state_dict(), ema=model.state_dict(),
-                           state={"optimizer": opt.state_dict(), "rng": rng, "data_pos": 13}, meta={"note": "x"})
+    path = save_checkpoint(
+        tmp_path,
+        7,
+        model.state_dict(),
+        ema=model.state_dict(),
+        state={"optimizer": opt.state_dict(), "rng": rng, "data_pos": 13},
+        meta={"note": "x"},
+    )
     expected = (torch.rand(3), random.random(), np.random.rand())  # noqa: NPY002 - the global RNG is under test
     ckpt = load_checkpoint(tmp_path)
     assert ckpt.path == path and ckpt.step == 7 and ckpt.meta["note"] == "x" and ckpt.state["data_pos"] == 13

@@ -168,5 +168,3 @@ def test_swap_probe_identical_neighbour_has_zero_distance() -> None:
 def test_swap_probe_needs_a_neighbour() -> None:
     with pytest.raises(ValueError, match="same-class neighbour"):
         component_swap_probe(_PixelTokenizer(), torch.zeros(2, 3, 8, 8), torch.tensor([0, 1]))
-
-

@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from manifold_fm.data.images import BuiltinImages, ImageFolderDataset, ImageReadError, adm_center_crop, image_dataset
+from manifold_fm.data.builtin_images import BuiltinImages
+from manifold_fm.data.image_folder import ImageFolderDataset, ImageReadError, adm_center_crop, image_dataset
 
 
 def test_builtin_shapes_range_labels() -> None:
@@ -98,8 +99,6 @@ def test_image_folder_errors(tmp_path) -> None:
         ImageFolderDataset(tmp_path)
 
 
-
-
 # SHA-256 of the float32 bytes of renders made by the original single-pass renderer (before block rendering, commit
 # f468209), recorded at 1 and 2 threads (identical). The shipped tiny VAE was trained on these pixels: they must not
 # change. Multi-block cases (48, 108 images; block size 32), a larger and an odd size, and scattered indices.
@@ -108,8 +107,10 @@ _REFERENCE_SHA256 = [
     (("test", 32, 9, 1, None), "4870c760c49f617ec7220d5ddba94512995e18e8745efe9b5bebb3f03f0ca5c4"),
     (("train", 64, 1, 3, None), "2c46dbe022bcf8f99356813b6d2bd96288d561d840149075fc08aa9dbd318c88"),
     (("train", 33, 3, 5, None), "bafec3f09e14bbdff06e2f62c8952fcde29fc100f4d12b441f94d00312766e63"),
-    (("train", 32, 500, 0, (0, 1, 5, 777, 5999, 35, 36)),
-     "69a84b291c8f83ebe5b272a93aa448c09959c9360e16cd31bf6b4964c62694de"),
+    (
+        ("train", 32, 500, 0, (0, 1, 5, 777, 5999, 35, 36)),
+        "69a84b291c8f83ebe5b272a93aa448c09959c9360e16cd31bf6b4964c62694de",
+    ),
 ]
 
 
@@ -128,7 +129,7 @@ def _render_single_pass(labels: list[int], params: list[dict[str, float]], size:
     """The original unblocked renderer, verbatim (an independent reference for the block renderer)."""
     import math
 
-    from manifold_fm.data.images import TEXTURES, _hsv_to_rgb
+    from manifold_fm.data.builtin_images import TEXTURES, _hsv_to_rgb
 
     n = len(labels)
     p = {k: torch.tensor([q[k] for q in params], dtype=torch.float64) for k in params[0] if k != "noise_seed"}
@@ -170,8 +171,9 @@ def _render_single_pass(labels: list[int], params: list[dict[str, float]], size:
     img = mask[:, None] * foreground + (1 - mask[:, None]) * background
     noise = torch.stack(
         [
-            torch.randn(3, size, size, generator=torch.Generator().manual_seed(int(q["noise_seed"])),
-                        dtype=torch.float64)
+            torch.randn(
+                3, size, size, generator=torch.Generator().manual_seed(int(q["noise_seed"])), dtype=torch.float64
+            )
             for q in params
         ]
     )
@@ -182,7 +184,7 @@ def _render_single_pass(labels: list[int], params: list[dict[str, float]], size:
 @pytest.mark.parametrize(("size", "count"), [(32, 70), (20, 33), (9, 17)])
 def test_block_renderer_equals_single_pass(size: int, count: int) -> None:
     """Same bits as the single-pass renderer on this machine (block boundaries inside the batch, odd sizes)."""
-    from manifold_fm.data.images import _item_params, render_builtin
+    from manifold_fm.data.builtin_images import _item_params, render_builtin
 
     idx = list(range(3, 3 + count))
     labels = [i % 12 for i in idx]

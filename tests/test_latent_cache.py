@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from manifold_fm.data.images import BuiltinImages, ImageFolderDataset
+from manifold_fm.data.builtin_images import BuiltinImages
+from manifold_fm.data.image_folder import ImageFolderDataset
 from manifold_fm.data.latents import LatentCache, extract_latents
 from manifold_fm.tokenizers import TinyVAE, TinyVAETokenizer
 
@@ -87,8 +88,9 @@ def test_resume_after_interruption_matches_fresh_run(tmp_path, tok) -> None:
     flaky.stop = 10**9
     extract_latents(tok, flaky, tmp_path / "a", batch_size=5, shard_size=10, progress=False)
     assert (tmp_path / "a" / "shard-00000.safetensors").stat().st_mtime_ns == first  # not redone
-    extract_latents(tok, BuiltinImages("test", per_class=2), tmp_path / "b", batch_size=5, shard_size=10,
-                    progress=False)
+    extract_latents(
+        tok, BuiltinImages("test", per_class=2), tmp_path / "b", batch_size=5, shard_size=10, progress=False
+    )
     za, ya = LatentCache(tmp_path / "a").load_all()
     zb, yb = LatentCache(tmp_path / "b").load_all()
     assert torch.equal(za, zb) and torch.equal(ya, yb)
@@ -115,14 +117,14 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path, tok) -> None:
             Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(tmp_path / "img" / cls / f"{i}.png")
     (tmp_path / "img" / "b" / "zz_corrupt.jpg").write_bytes(b"\xff\xd8\xff garbage")
     ds = ImageFolderDataset(tmp_path / "img", size=16)
-    path = extract_latents(tok, ds, tmp_path / "cache", batch_size=4, shard_size=100, dtype="float16",
-                           progress=False)
+    path = extract_latents(tok, ds, tmp_path / "cache", batch_size=4, shard_size=100, dtype="float16", progress=False)
     m = json.loads(path.read_text())
     assert m["skipped"] == 1 and m["count"] == 12 and m["skipped_items"][0]["path"].endswith("zz_corrupt.jpg")
     assert "zz_corrupt.jpg" in m["skipped_items"][0]["reason"]
     # The same with two reader processes gives the same cache and the same skip record.
-    path2 = extract_latents(tok, ds, tmp_path / "cache2", batch_size=4, shard_size=100, dtype="float16",
-                            progress=False, num_workers=2)
+    path2 = extract_latents(
+        tok, ds, tmp_path / "cache2", batch_size=4, shard_size=100, dtype="float16", progress=False, num_workers=2
+    )
     m2 = json.loads(path2.read_text())
     assert m2["skipped_items"] == m["skipped_items"]
     assert torch.equal(LatentCache(tmp_path / "cache2").load_all()[0], LatentCache(tmp_path / "cache").load_all()[0])
@@ -140,5 +142,3 @@ def test_cache_errors(tmp_path, tok) -> None:
         LatentCache(tmp_path)
     with pytest.raises(ValueError, match="dtype"):
         extract_latents(tok, BuiltinImages(per_class=1), tmp_path / "x", dtype="int8")
-
-

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import manifold_fm.tokenizers.tiny_vae as tv
-from manifold_fm.data.images import BuiltinImages
+from manifold_fm.data.builtin_images import BuiltinImages
 from manifold_fm.tokenizers import (
     LatentNormalization,
     SphericalTokenizer,
@@ -111,8 +111,9 @@ def test_builtin_tokenizer_contract_and_quality(builtin, test_images) -> None:
     assert float(psnr(rec, test_images).mean()) > 25.0  # the shipped weights reach ~28 dB
     again = builtin_tokenizer()
     assert again.name == tok.name
-    assert all(torch.equal(a, b) for a, b in zip(again.vae.state_dict().values(), tok.vae.state_dict().values(),
-                                                  strict=True))
+    assert all(
+        torch.equal(a, b) for a, b in zip(again.vae.state_dict().values(), tok.vae.state_dict().values(), strict=True)
+    )
 
 
 def test_encode_rejects_bad_images(builtin) -> None:
@@ -134,8 +135,11 @@ def test_builtin_tokenizer_trains_and_caches_when_no_asset(tmp_path, monkeypatch
     with pytest.raises(FileNotFoundError, match="train_if_missing"):
         tv.builtin_tokenizer(train_if_missing=False)
     real = tv.train_tiny_vae
-    monkeypatch.setattr(tv, "train_tiny_vae", lambda **kw: real(steps=2, per_class=1, eval_per_class=1, progress=False,
-                                                                 latent_channels=4, channels=(8, 8)))
+    monkeypatch.setattr(
+        tv,
+        "train_tiny_vae",
+        lambda **kw: real(steps=2, per_class=1, eval_per_class=1, progress=False, latent_channels=4, channels=(8, 8)),
+    )
     tok = tv.builtin_tokenizer(progress=False)
     assert (tmp_path / "cache" / tv.CACHE_NAME).is_file() and tok.latent_channels == 4
 
@@ -275,5 +279,3 @@ def test_lpips_from_local_weights_matches_reference(tmp_path) -> None:
         perceptual_distance(tmp_path / "vgg16.pth", tmp_path / "short.pth")
     with pytest.raises(FileNotFoundError):
         perceptual_distance(tmp_path / "missing.pth", tmp_path / "vgg.pth")
-
-

@@ -72,8 +72,11 @@ def test_latents_mean_std_config_is_per_channel(tmp_path) -> None:
     vae.save_pretrained(tmp_path)
     tok = DiffusersTokenizer.from_pretrained(tmp_path)
     z = torch.randn(1, 4, 3, 3, dtype=torch.float64)
-    ref = (z - torch.tensor(mean, dtype=torch.float64).view(1, 4, 1, 1)) * 0.7 / torch.tensor(
-        std, dtype=torch.float64).view(1, 4, 1, 1)
+    ref = (
+        (z - torch.tensor(mean, dtype=torch.float64).view(1, 4, 1, 1))
+        * 0.7
+        / torch.tensor(std, dtype=torch.float64).view(1, 4, 1, 1)
+    )
     torch.testing.assert_close(tok.normalization.normalize(z), ref)
 
 
@@ -116,7 +119,7 @@ def test_decoder_finetune_and_cli_on_a_diffusers_vae(kl_dir, tmp_path) -> None:
     from click.testing import CliRunner
 
     from manifold_fm.cli import main
-    from manifold_fm.data.images import BuiltinImages
+    from manifold_fm.data.builtin_images import BuiltinImages
     from manifold_fm.tokenizers.finetune import finetune_decoder
 
     tok = DiffusersTokenizer.from_pretrained(kl_dir, subfolder="vae")
@@ -127,9 +130,25 @@ def test_decoder_finetune_and_cli_on_a_diffusers_vae(kl_dir, tmp_path) -> None:
     sph = SphericalTokenizer(tok, state)
     with torch.no_grad():
         assert sph.decode(sph.encode(_images())).shape == (2, 3, 16, 16)
-    r = CliRunner().invoke(main, ["extract-latents", "--tokenizer", str(kl_dir), "--subfolder", "vae", "--size", "16",
-                                  "--per-class", "1", "--vae-slicing", "--vae-tiling", "--out", str(tmp_path / "c")],
-                           catch_exceptions=False)
+    r = CliRunner().invoke(
+        main,
+        [
+            "extract-latents",
+            "--tokenizer",
+            str(kl_dir),
+            "--subfolder",
+            "vae",
+            "--size",
+            "16",
+            "--per-class",
+            "1",
+            "--vae-slicing",
+            "--vae-tiling",
+            "--out",
+            str(tmp_path / "c"),
+        ],
+        catch_exceptions=False,
+    )
     assert r.exit_code == 0, r.output
     assert "24 latents of shape [4, 8, 8]" in r.output
 
@@ -142,5 +161,3 @@ def test_load_errors(tmp_path, kl_dir) -> None:
     with pytest.raises(FileNotFoundError, match="cannot load"):  # a hub id that is not cached (offline here)
         DiffusersTokenizer.from_pretrained("no-such-org/no-such-vae", local_files_only=True)
     assert load_tokenizer(str(kl_dir), subfolder="vae").latent_channels == 4
-
-

@@ -12,20 +12,46 @@ from ..atomic import write_json_atomic
 
 @click.command("evaluate")
 @click.argument("samples", type=click.Path(path_type=Path))
-@click.option("--reference", type=click.Path(path_type=Path), default=None,
-              help="Reference statistics .npz (mu, sigma), an .npz of images (arr_0) or an image folder.")
-@click.option("--inception-weights", type=click.Path(path_type=Path), default=None,
-              help="Local pt_inception-2015-12-05-6726825d.pth (nothing is downloaded).")
-@click.option("--feature-extractor", default="inception-v3-compat", show_default=True,
-              help="A torch-fidelity feature extractor name (anything but Inception is reported as fd[name]).")
-@click.option("--builtin", "builtin", is_flag=True, default=False,
-              help="Evaluate against the built-in dataset with its classifier (default when no --reference).")
+@click.option(
+    "--reference",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Reference statistics .npz (mu, sigma), an .npz of images (arr_0) or an image folder.",
+)
+@click.option(
+    "--inception-weights",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Local pt_inception-2015-12-05-6726825d.pth (nothing is downloaded).",
+)
+@click.option(
+    "--feature-extractor",
+    default="inception-v3-compat",
+    show_default=True,
+    help="A torch-fidelity feature extractor name (anything but Inception is reported as fd[name]).",
+)
+@click.option(
+    "--builtin",
+    "builtin",
+    is_flag=True,
+    default=False,
+    help="Evaluate against the built-in dataset with its classifier (default when no --reference).",
+)
 @click.option("--no-isc", is_flag=True, default=False, help="Skip the Inception Score.")
 @click.option("--no-prc", is_flag=True, default=False, help="Skip precision/recall.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--out", "out_path", type=click.Path(path_type=Path), default=None, help="Write the metrics as JSON.")
-def evaluate(samples: Path, reference: Path | None, inception_weights: Path | None, feature_extractor: str,
-             builtin: bool, no_isc: bool, no_prc: bool, batch_size: int, out_path: Path | None) -> None:
+def evaluate(
+    samples: Path,
+    reference: Path | None,
+    inception_weights: Path | None,
+    feature_extractor: str,
+    builtin: bool,
+    no_isc: bool,
+    no_prc: bool,
+    batch_size: int,
+    out_path: Path | None,
+) -> None:
     """Score SAMPLES (an .npz in the ADM layout, uint8 NHWC in arr_0 and labels in arr_1, or an image folder)."""
     import numpy as np
     import torch
@@ -43,9 +69,17 @@ def evaluate(samples: Path, reference: Path | None, inception_weights: Path | No
             raise ValueError(f"{samples} holds {images.shape[0]} image(s); Fréchet distances need at least 2")
         metrics: dict[str, float] = {}
         if reference is not None:
-            metrics.update(fidelity_metrics(images, reference, inception_weights=inception_weights,
-                                            feature_extractor=feature_extractor, isc=not no_isc, prc=not no_prc,
-                                            batch_size=batch_size))
+            metrics.update(
+                fidelity_metrics(
+                    images,
+                    reference,
+                    inception_weights=inception_weights,
+                    feature_extractor=feature_extractor,
+                    isc=not no_isc,
+                    prc=not no_prc,
+                    batch_size=batch_size,
+                )
+            )
         if builtin or reference is None:
             from ..eval.classifier import FD_NAME, builtin_evaluator
 

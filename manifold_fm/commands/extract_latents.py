@@ -14,19 +14,35 @@ _DTYPES = ("float32", "bfloat16", "float16")
 def tokenizer_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """The tokenizer-selection options shared by extract-latents, finetune-decoder and probe."""
     options = [
-        click.option("--tokenizer", "tokenizer_spec", default="builtin", show_default=True,
-                     help="'builtin' (the tiny VAE) or a diffusers hub id / local VAE directory."),
+        click.option(
+            "--tokenizer",
+            "tokenizer_spec",
+            default="builtin",
+            show_default=True,
+            help="'builtin' (the tiny VAE) or a diffusers hub id / local VAE directory.",
+        ),
         click.option("--subfolder", default=None, help="Subfolder of a diffusers repo holding the VAE (e.g. 'vae')."),
-        click.option("--kind", type=click.Choice(["kl", "flux2"]), default="kl", show_default=True,
-                     help="diffusers class: AutoencoderKL or AutoencoderKLFlux2."),
+        click.option(
+            "--kind",
+            type=click.Choice(["kl", "flux2"]),
+            default="kl",
+            show_default=True,
+            help="diffusers class: AutoencoderKL or AutoencoderKLFlux2.",
+        ),
         click.option("--dtype", type=click.Choice(_DTYPES), default="float32", show_default=True),
         click.option("--device", default="cpu", show_default=True),
-        click.option("--normalization", type=click.Path(dir_okay=False), default=None,
-                     help="JSON latent statistics replacing the tokenizer's own constants."),
-        click.option("--vae-slicing", "vae_slicing", is_flag=True,
-                     help="diffusers VAE: encode/decode one image at a time."),
-        click.option("--vae-tiling", "vae_tiling", is_flag=True,
-                     help="diffusers VAE: tiled encode/decode of big images."),
+        click.option(
+            "--normalization",
+            type=click.Path(dir_okay=False),
+            default=None,
+            help="JSON latent statistics replacing the tokenizer's own constants.",
+        ),
+        click.option(
+            "--vae-slicing", "vae_slicing", is_flag=True, help="diffusers VAE: encode/decode one image at a time."
+        ),
+        click.option(
+            "--vae-tiling", "vae_tiling", is_flag=True, help="diffusers VAE: tiled encode/decode of big images."
+        ),
     ]
     for opt in reversed(options):
         fn = opt(fn)
@@ -35,10 +51,20 @@ def tokenizer_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def data_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     options = [
-        click.option("--data", "data_spec", default="builtin", show_default=True,
-                     help="'builtin' or an image folder with one sub-folder per class (ImageNet layout)."),
-        click.option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True,
-                     help="Split of the built-in dataset."),
+        click.option(
+            "--data",
+            "data_spec",
+            default="builtin",
+            show_default=True,
+            help="'builtin' or an image folder with one sub-folder per class (ImageNet layout).",
+        ),
+        click.option(
+            "--split",
+            type=click.Choice(["train", "test"]),
+            default="train",
+            show_default=True,
+            help="Split of the built-in dataset.",
+        ),
         click.option("--size", type=int, default=32, show_default=True, help="Image side (centre crop for folders)."),
         click.option("--per-class", type=int, default=None, help="Images per class of the built-in dataset."),
     ]
@@ -47,9 +73,17 @@ def data_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-def build_tokenizer(tokenizer_spec: str, subfolder: str | None, kind: str, dtype: str, device: str,
-                    normalization: str | None, vae_slicing: bool = False, vae_tiling: bool = False,
-                    **extra: Any) -> Any:
+def build_tokenizer(
+    tokenizer_spec: str,
+    subfolder: str | None,
+    kind: str,
+    dtype: str,
+    device: str,
+    normalization: str | None,
+    vae_slicing: bool = False,
+    vae_tiling: bool = False,
+    **extra: Any,
+) -> Any:
     """Load the tokenizer, turning our errors into one-line click errors."""
     import torch
 
@@ -57,15 +91,23 @@ def build_tokenizer(tokenizer_spec: str, subfolder: str | None, kind: str, dtype
     from ..tokenizers import load_tokenizer
 
     try:
-        return load_tokenizer(tokenizer_spec, subfolder=subfolder, kind=kind, dtype=getattr(torch, dtype),
-                              device=device, normalization=normalization, slicing=vae_slicing, tiling=vae_tiling,
-                              **extra)
+        return load_tokenizer(
+            tokenizer_spec,
+            subfolder=subfolder,
+            kind=kind,
+            dtype=getattr(torch, dtype),
+            device=device,
+            normalization=normalization,
+            slicing=vae_slicing,
+            tiling=vae_tiling,
+            **extra,
+        )
     except (FileNotFoundError, ValueError, ManifoldError) as exc:
         raise click.ClickException(str(exc)) from None
 
 
 def build_dataset(data_spec: str, split: str, size: int, per_class: int | None) -> Any:
-    from ..data.images import image_dataset
+    from ..data.image_folder import image_dataset
 
     try:
         return image_dataset(data_spec, split=split, size=size, per_class=per_class)  # type: ignore[arg-type]
@@ -76,34 +118,65 @@ def build_dataset(data_spec: str, split: str, size: int, per_class: int | None) 
 @click.command("extract-latents")
 @tokenizer_options
 @data_options
-@click.option("--spherical", is_flag=True,
-              help="Store tokens projected to radius sqrt(d) (SphericalTokenizer). Not needed for training: a "
-                   "spherical run reads a normal cache denormalised and projects it; a linear run refuses this one.")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Cache directory (shards + manifest.json).")
+@click.option(
+    "--spherical",
+    is_flag=True,
+    help="Store tokens projected to radius sqrt(d) (SphericalTokenizer). Not needed for training: a "
+    "spherical run reads a normal cache denormalised and projects it; a linear run refuses this one.",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Cache directory (shards + manifest.json).",
+)
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--flip/--no-flip", default=True, show_default=True, help="Also store horizontally flipped copies.")
 @click.option("--shard-size", type=int, default=4096, show_default=True, help="Source images per shard.")
 @click.option("--resume/--no-resume", default=True, show_default=True, help="Continue a partial cache.")
 @click.option("--store-dtype", type=click.Choice(_DTYPES), default="float32", show_default=True)
-@click.option("--dataset-stats", is_flag=True,
-              help="Normalise with per-channel mean/std computed over the dataset (saved as <out>/latent_stats.json "
-                   "and reused on resume) instead of the tokenizer's own constants. Runs trained on the cache record "
-                   "them and decode their samples with them.")
+@click.option(
+    "--dataset-stats",
+    is_flag=True,
+    help="Normalise with per-channel mean/std computed over the dataset (saved as <out>/latent_stats.json "
+    "and reused on resume) instead of the tokenizer's own constants. Runs trained on the cache record "
+    "them and decode their samples with them.",
+)
 @click.option("--stats-items", type=int, default=10000, show_default=True, help="Images used by --dataset-stats.")
 @click.option("--workers", type=int, default=0, show_default=True, help="Image-reading worker processes.")
-def extract_latents(tokenizer_spec: str, subfolder: str | None, kind: str, dtype: str, device: str,
-                    normalization: str | None,
-                    vae_slicing: bool, vae_tiling: bool, data_spec: str, split: str, size: int, per_class: int | None,
-                    spherical: bool, out_dir: Path, batch_size: int, flip: bool, shard_size: int, resume: bool,
-                    store_dtype: str, dataset_stats: bool, stats_items: int, workers: int) -> None:
+def extract_latents(
+    tokenizer_spec: str,
+    subfolder: str | None,
+    kind: str,
+    dtype: str,
+    device: str,
+    normalization: str | None,
+    vae_slicing: bool,
+    vae_tiling: bool,
+    data_spec: str,
+    split: str,
+    size: int,
+    per_class: int | None,
+    spherical: bool,
+    out_dir: Path,
+    batch_size: int,
+    flip: bool,
+    shard_size: int,
+    resume: bool,
+    store_dtype: str,
+    dataset_stats: bool,
+    stats_items: int,
+    workers: int,
+) -> None:
     """Encode images once into sharded safetensors latents plus a manifest (resumable; bad images are counted)."""
     import torch
 
     from ..data.latents import extract_latents as run
 
-    tok = build_tokenizer(tokenizer_spec, subfolder, kind, dtype, device, normalization, vae_slicing, vae_tiling,
-                          spherical=spherical)
+    tok = build_tokenizer(
+        tokenizer_spec, subfolder, kind, dtype, device, normalization, vae_slicing, vae_tiling, spherical=spherical
+    )
     dataset = build_dataset(data_spec, split, size, per_class)
     if dataset_stats:
         from ..tokenizers import LatentNormalization, compute_channel_stats
@@ -123,12 +196,23 @@ def extract_latents(tokenizer_spec: str, subfolder: str | None, kind: str, dtype
         tok.with_normalization(norm)
     try:
         with torch.no_grad():
-            manifest = run(tok, dataset, out_dir, batch_size=batch_size, flip=flip, shard_size=shard_size,
-                           resume=resume, dtype=store_dtype, num_workers=workers)
+            manifest = run(
+                tok,
+                dataset,
+                out_dir,
+                batch_size=batch_size,
+                flip=flip,
+                shard_size=shard_size,
+                resume=resume,
+                dtype=store_dtype,
+                num_workers=workers,
+            )
     except (FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     import json
 
     info = json.loads(manifest.read_text())
-    click.echo(f"{info['count']} latents of shape {info['latent_shape']} in {len(info['shards'])} shard(s); "
-               f"{info['skipped']} unreadable image(s) skipped; manifest: {manifest}")
+    click.echo(
+        f"{info['count']} latents of shape {info['latent_shape']} in {len(info['shards'])} shard(s); "
+        f"{info['skipped']} unreadable image(s) skipped; manifest: {manifest}"
+    )

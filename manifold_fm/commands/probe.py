@@ -14,8 +14,12 @@ from .extract_latents import build_dataset, build_tokenizer, data_options, token
 @tokenizer_options
 @data_options
 @click.option("--spherical", is_flag=True, help="Probe the spherical version of the tokenizer.")
-@click.option("--decoder-state", type=click.Path(dir_okay=False), default=None,
-              help="Finetuned decoder (from finetune-decoder) for the spherical tokenizer.")
+@click.option(
+    "--decoder-state",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Finetuned decoder (from finetune-decoder) for the spherical tokenizer.",
+)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.option("--num", type=int, default=256, show_default=True, help="Images to encode.")
 @click.option("--t-points", type=int, default=21, show_default=True, help="Time points along each path.")
@@ -23,11 +27,29 @@ from .extract_latents import build_dataset, build_tokenizer, data_options, token
 @click.option("--lpips-vgg", type=click.Path(dir_okay=False), default=None)
 @click.option("--lpips-lin", type=click.Path(dir_okay=False), default=None)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the Gaussian prior samples.")
-def probe(tokenizer_spec: str, subfolder: str | None, kind: str, dtype: str, device: str, normalization: str | None,
-          vae_slicing: bool, vae_tiling: bool, data_spec: str, split: str, size: int, per_class: int | None,
-          spherical: bool, decoder_state: str | None,
-          out_dir: Path, num: int, t_points: int, max_pairs: int, lpips_vgg: str | None, lpips_lin: str | None,
-          seed: int) -> None:
+def probe(
+    tokenizer_spec: str,
+    subfolder: str | None,
+    kind: str,
+    dtype: str,
+    device: str,
+    normalization: str | None,
+    vae_slicing: bool,
+    vae_tiling: bool,
+    data_spec: str,
+    split: str,
+    size: int,
+    per_class: int | None,
+    spherical: bool,
+    decoder_state: str | None,
+    out_dir: Path,
+    num: int,
+    t_points: int,
+    max_pairs: int,
+    lpips_vgg: str | None,
+    lpips_lin: str | None,
+    seed: int,
+) -> None:
     """Token-norm statistics (raw, normalised, Gaussian), path diagnostics (linear/polar/slerp) and swap probe."""
     import torch
 
@@ -37,8 +59,18 @@ def probe(tokenizer_spec: str, subfolder: str | None, kind: str, dtype: str, dev
 
     if num < 2 or t_points < 2:
         raise click.BadParameter("--num and --t-points must be at least 2")
-    tok = build_tokenizer(tokenizer_spec, subfolder, kind, dtype, device, normalization, vae_slicing, vae_tiling,
-                          spherical=spherical, decoder_state=decoder_state)
+    tok = build_tokenizer(
+        tokenizer_spec,
+        subfolder,
+        kind,
+        dtype,
+        device,
+        normalization,
+        vae_slicing,
+        vae_tiling,
+        spherical=spherical,
+        decoder_state=decoder_state,
+    )
     dataset = build_dataset(data_spec, split, size, per_class)
     try:
         perceptual = perceptual_distance(lpips_vgg, lpips_lin)
@@ -47,7 +79,7 @@ def probe(tokenizer_spec: str, subfolder: str | None, kind: str, dtype: str, dev
     n = min(num, len(dataset))
     # Spread the picks over the dataset so every class is present (the built-in set interleaves classes).
     idx = torch.linspace(0, len(dataset) - 1, n).round().long().unique().tolist()
-    from ..data.images import ImageReadError
+    from ..data.image_folder import ImageReadError
 
     render = getattr(dataset, "render", None)
     skipped: list[str] = []
@@ -96,14 +128,24 @@ def probe(tokenizer_spec: str, subfolder: str | None, kind: str, dtype: str, dev
     path = out_dir / "report.json"
     write_json_atomic(path, report, indent=1)
     nr = report["norms"]
-    click.echo(f"token norm / sqrt(d): raw {nr['raw']['mean_radius_over_sqrt_d']:.3f} (CV {nr['raw']['cv']:.3f}), "
-               f"normalised {nr['normalized']['mean_radius_over_sqrt_d']:.3f} (CV {nr['normalized']['cv']:.3f})")
+    click.echo(
+        f"token norm / sqrt(d): raw {nr['raw']['mean_radius_over_sqrt_d']:.3f} (CV {nr['raw']['cv']:.3f}), "
+        f"normalised {nr['normalized']['mean_radius_over_sqrt_d']:.3f} (CV {nr['normalized']['cv']:.3f})"
+    )
     lin, ts = report["paths"]["linear"], report["paths"]["t"]
     mid = len(ts) // 2
-    click.echo(f"linear path at t={ts[mid]:.2f}: norm/sqrt(d) {lin['norm_mean_over_sqrt_d'][mid]:.3f}, "
-               f"shell deviation {lin['shell_deviation'][mid]:.2f} std, radial share {lin['radial_share'][mid]:.3f}")
+    click.echo(
+        f"linear path at t={ts[mid]:.2f}: norm/sqrt(d) {lin['norm_mean_over_sqrt_d'][mid]:.3f}, "
+        f"shell deviation {lin['shell_deviation'][mid]:.2f} std, radial share {lin['radial_share'][mid]:.3f}"
+    )
     sw = report["swap"]
-    click.echo("swap probe (" + sw["metric"] + "): " + ", ".join(
-        f"{h} {sw[h]['perceptual_mean']:.4f} / {sw[h]['psnr_mean']:.1f} dB"
-        for h in ("neighbour", "radius_swapped", "direction_swapped", "radius_flattened")))
+    click.echo(
+        "swap probe ("
+        + sw["metric"]
+        + "): "
+        + ", ".join(
+            f"{h} {sw[h]['perceptual_mean']:.4f} / {sw[h]['psnr_mean']:.1f} dB"
+            for h in ("neighbour", "radius_swapped", "direction_swapped", "radius_flattened")
+        )
+    )
     click.echo(f"wrote {path} and {len(figures)} figures")

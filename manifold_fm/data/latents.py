@@ -26,6 +26,9 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..atomic import atomic_path, write_json_atomic
+from .guarded import GuardedItems, collate_guarded
+from .image_folder import ImageReadError
+from .normalization import LatentNormalization
 
 MANIFEST = "manifest.json"
 FORMAT = "manifold-fm-latent-cache-v1"
@@ -43,8 +46,6 @@ def _dataset_identity(dataset: Dataset) -> str:
 
 def _load_items(dataset: Dataset, indices: Sequence[int]) -> tuple[list[Tensor], list[int], list[int], list[dict]]:
     """Images, labels and source indices of the readable items; a record per unreadable one."""
-    from .images import ImageReadError
-
     images, labels, kept, skipped = [], [], [], []
     render = getattr(dataset, "render", None)
     if callable(render):
@@ -63,32 +64,6 @@ def _load_items(dataset: Dataset, indices: Sequence[int]) -> tuple[list[Tensor],
     return images, labels, kept, skipped
 
 
-class _Guarded(Dataset):
-    """``(image or None, label, index, error)`` per index of a sub-range; unreadable images become records."""
-
-    def __init__(self, dataset: Dataset, indices: Sequence[int]) -> None:
-        self.dataset, self.indices = dataset, list(indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, k: int) -> tuple[Tensor | None, int, int, str]:
-        from .images import ImageReadError
-
-        i = self.indices[k]
-        try:
-            image, label = self.dataset[i]
-        except ImageReadError as exc:
-            return None, -1, i, str(exc)
-        return image, int(label), i, ""
-
-
-def _collate_guarded(items: list) -> tuple[list[Tensor], list[int], list[int], list[tuple[int, str]]]:
-    good = [it for it in items if it[0] is not None]
-    bad = [(it[2], it[3]) for it in items if it[0] is None]
-    return [it[0] for it in good], [it[1] for it in good], [it[2] for it in good], bad
-
-
 def _batches(
     dataset: Dataset, lo: int, hi: int, batch_size: int, workers: int
 ) -> Iterator[tuple[list[Tensor], list[int], list[int], list[dict], int]]:
@@ -103,8 +78,9 @@ def _batches(
     from torch.utils.data import DataLoader
 
     path = getattr(dataset, "path", None)
-    loader = DataLoader(_Guarded(dataset, range(lo, hi)), batch_size=batch_size, num_workers=workers,
-                        collate_fn=_collate_guarded)
+    loader = DataLoader(
+        GuardedItems(dataset, range(lo, hi)), batch_size=batch_size, num_workers=workers, collate_fn=collate_guarded
+    )
     for images, labels, kept, bad in loader:
         records = [{"index": i, "path": str(path(i)) if callable(path) else None, "reason": r} for i, r in bad]
         yield images, labels, kept, records, len(images) + len(bad)
@@ -214,12 +190,20 @@ def extract_latents(
             latents = torch.cat(lat).to(tdtype).contiguous()
             if manifest["latent_shape"] is None:
                 manifest["latent_shape"] = list(latents.shape[1:])
-            tensors = {"latents": latents, "labels": torch.cat(lab), "source_index": torch.cat(src),
-                       "flipped": torch.cat(flp)}
+            tensors = {
+                "latents": latents,
+                "labels": torch.cat(lab),
+                "source_index": torch.cat(src),
+                "flipped": torch.cat(flp),
+            }
         else:
             shape = manifest["latent_shape"] or [0]
-            tensors = {"latents": torch.zeros(0, *shape, dtype=tdtype), "labels": torch.zeros(0, dtype=torch.long),
-                       "source_index": torch.zeros(0, dtype=torch.long), "flipped": torch.zeros(0, dtype=torch.uint8)}
+            tensors = {
+                "latents": torch.zeros(0, *shape, dtype=tdtype),
+                "labels": torch.zeros(0, dtype=torch.long),
+                "source_index": torch.zeros(0, dtype=torch.long),
+                "flipped": torch.zeros(0, dtype=torch.uint8),
+            }
         name = f"shard-{k:05d}.safetensors"
         with atomic_path(out / name) as tmp:
             save_file(tensors, str(tmp))
@@ -301,10 +285,8 @@ class LatentCache(Dataset):
         return manifest_is_spherical(self.manifest)
 
     @property
-    def normalization(self) -> Any:
-        """The :class:`~manifold_fm.tokenizers.LatentNormalization` the stored latents were written with."""
-        from ..tokenizers.base import LatentNormalization
-
+    def normalization(self) -> LatentNormalization:
+        """The :class:`~manifold_fm.data.normalization.LatentNormalization` the stored latents were written with."""
         record = self.manifest.get("normalization")
         if record is None:
             raise ValueError(f"latent cache {self.root}: its manifest records no normalisation; re-extract it")

@@ -148,7 +148,11 @@ class ProductVMFMixture(ToyDataset):
     """
 
     def __init__(
-        self, spheres: int = 2, components: int = 4, kappa: float = 12.0, seed: int = 0,
+        self,
+        spheres: int = 2,
+        components: int = 4,
+        kappa: float = 12.0,
+        seed: int = 0,
         weights: Sequence[float] | None = None,
     ) -> None:
         if spheres < 1 or components < 1 or kappa <= 0:

@@ -43,8 +43,9 @@ class SmallClassifier(nn.Module):
         def block(cin: int, cout: int, stride: int) -> nn.Sequential:
             return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), nn.GroupNorm(8, cout), nn.SiLU())
 
-        self.body = nn.Sequential(block(3, w // 2, 1), block(w // 2, w, 2), block(w, 2 * w, 2),
-                                  block(2 * w, self.feature_dim, 2))
+        self.body = nn.Sequential(
+            block(3, w // 2, 1), block(w // 2, w, 2), block(w, 2 * w, 2), block(2 * w, self.feature_dim, 2)
+        )
         self.head = nn.Linear(self.feature_dim, num_classes)
         self.num_classes = num_classes
 
@@ -145,8 +146,9 @@ class BuiltinEvaluator:
             raise ValueError(f"expected images (N, 3, H, W) in [-1, 1], got shape {tuple(images.shape)}")
         size = self.info["size"]
         if images.shape[-1] != size or images.shape[-2] != size:
-            images = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True,
-                                   align_corners=False)
+            images = F.interpolate(
+                images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False
+            )
         feats, preds = predict(self.model, images.float().cpu())
         mu, sigma = feature_stats(feats)
         out = {"fd_builtin_classifier": frechet_distance(mu, sigma, self.mu, self.sigma)}
@@ -174,7 +176,7 @@ def builtin_evaluator(
     """
     from safetensors.torch import load_file, save_file
 
-    from ..data.images import BuiltinImages
+    from ..data.builtin_images import BuiltinImages
 
     train = BuiltinImages("train", size=size, per_class=per_class, seed=0)
     test = BuiltinImages("test", size=size, per_class=test_per_class, seed=0)
@@ -193,8 +195,14 @@ def builtin_evaluator(
         x, y = train_data if train_data is not None else train.tensors()
         model = train_classifier(x, y, train.num_classes, steps=steps, progress=progress)
         _, preds = predict(model, test_x)
-        info = {"test_accuracy": float((preds == test_y).float().mean()), "train": train.identity,
-                "test": test.identity, "steps": steps, "size": size, "feature_dim": SmallClassifier.feature_dim}
+        info = {
+            "test_accuracy": float((preds == test_y).float().mean()),
+            "train": train.identity,
+            "test": test.identity,
+            "steps": steps,
+            "size": size,
+            "feature_dim": SmallClassifier.feature_dim,
+        }
         root.mkdir(parents=True, exist_ok=True)
         with atomic_path(weights) as tmp:
             save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))

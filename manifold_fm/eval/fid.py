@@ -33,8 +33,9 @@ def feature_stats(features: np.ndarray | Tensor) -> tuple[np.ndarray, np.ndarray
     return f.mean(axis=0), np.cov(f, rowvar=False)
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
-                     eps: float = 1e-6) -> float:
+def frechet_distance(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
+) -> float:
     """``|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^{1/2})``.
 
     As in pytorch-fid/ADM: if the product is singular, ``eps * I`` is added to both covariances; a tiny imaginary
@@ -177,8 +178,10 @@ def fidelity_metrics(
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
     if feature_extractor not in FEATURE_EXTRACTORS_REGISTRY:
-        raise ValueError(f"unknown torch-fidelity feature extractor '{feature_extractor}'; "
-                         f"registered: {', '.join(FEATURE_EXTRACTORS_REGISTRY)}")
+        raise ValueError(
+            f"unknown torch-fidelity feature extractor '{feature_extractor}'; "
+            f"registered: {', '.join(FEATURE_EXTRACTORS_REGISTRY)}"
+        )
     cuda = torch.cuda.is_available() if cuda is None else cuda
     cls = FEATURE_EXTRACTORS_REGISTRY[feature_extractor]
     fid_layer = cls.get_default_feature_layer_for_metric("fid")
@@ -201,8 +204,13 @@ def fidelity_metrics(
             m = prc_featuresdict_to_metric(feats, ref_feats, fid_layer, **kw)
             out.update({"precision": float(m["precision"]), "recall": float(m["recall"])})
     if isc:
-        m = isc_featuresdict_to_metric(feats, isc_layer, isc_splits=min(10, samples.shape[0]), rng_seed=2020,
-                                       verbose=False)
-        out.update({"inception_score_mean": float(m["inception_score_mean"]),
-                    "inception_score_std": float(m["inception_score_std"])})
+        m = isc_featuresdict_to_metric(
+            feats, isc_layer, isc_splits=min(10, samples.shape[0]), rng_seed=2020, verbose=False
+        )
+        out.update(
+            {
+                "inception_score_mean": float(m["inception_score_mean"]),
+                "inception_score_std": float(m["inception_score_std"]),
+            }
+        )
     return out

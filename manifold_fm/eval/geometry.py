@@ -111,8 +111,14 @@ def path_diagnostics(
         shells = [_shell(token_norms(a, axis)), _shell(token_norms(b, axis))]
         rec: dict[str, list[float]] = {
             k: []
-            for k in ("norm_mean", "norm_std", "norm_mean_over_sqrt_d", "shell_deviation", "radial_share",
-                      "radial_energy_share")
+            for k in (
+                "norm_mean",
+                "norm_std",
+                "norm_mean_over_sqrt_d",
+                "shell_deviation",
+                "radial_share",
+                "radial_energy_share",
+            )
         }
         for t in t_list:
             s = path.sample(a, b, torch.full((a.shape[0],), t, dtype=a.dtype))

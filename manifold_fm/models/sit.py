@@ -309,8 +309,9 @@ def build_sit(
     spec = SiTSpec.parse(name)
     if device is not None:
         with torch.device(device):
-            return build_sit(name, input_size=input_size, in_channels=in_channels, num_classes=num_classes,
-                             time_scale=time_scale)
+            return build_sit(
+                name, input_size=input_size, in_channels=in_channels, num_classes=num_classes, time_scale=time_scale
+            )
     return SiT(
         input_size=input_size,
         patch_size=spec.patch_size,

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import LatentNormalization, Tokenizer, compute_channel_stats
+from ..data.normalization import LatentNormalization
+from .base import Tokenizer, compute_channel_stats
 from .spherical import SphericalTokenizer, load_decoder_state
 from .tiny_vae import TinyVAE, TinyVAETokenizer, builtin_tokenizer, load_tiny_vae, save_tiny_vae, train_tiny_vae
 
@@ -69,8 +70,9 @@ def load_tokenizer(
     else:
         from .diffusers_adapter import DiffusersTokenizer
 
-        tok = DiffusersTokenizer.from_pretrained(spec, subfolder=subfolder, kind=kind, dtype=dtype, device=device,
-                                                 slicing=slicing, tiling=tiling)
+        tok = DiffusersTokenizer.from_pretrained(
+            spec, subfolder=subfolder, kind=kind, dtype=dtype, device=device, slicing=slicing, tiling=tiling
+        )
     if normalization is not None:
         norm = normalization
         if not isinstance(norm, LatentNormalization):

@@ -1,4 +1,4 @@
-"""The tokenizer interface and latent normalisation.
+"""The tokenizer interface and latent statistics.
 
 A tokenizer maps images ``(B, 3, H, W)`` in ``[-1, 1]`` to latents ``(B, C, H/f, W/f)``: ``C = d`` channels per
 token (the channel axis is 1), ``f`` the downsampling factor. ``encode`` returns the deterministic posterior mode
@@ -8,116 +8,14 @@ The raw (un-normalised) maps are ``encode_raw`` / ``decode_raw``; decoder finetu
 
 from __future__ import annotations
 
-import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..atomic import write_json_atomic
-
-
-def _as_tensor(v: float | Tensor) -> Tensor:
-    return v.detach().clone().double() if torch.is_tensor(v) else torch.tensor(float(v), dtype=torch.float64)
-
-
-@dataclass
-class LatentNormalization:
-    """``normalize(z) = (z - shift) * scale`` and its inverse ``denormalize(y) = y / scale + shift``.
-
-    The diffusers convention (``scaling_factor``, ``shift_factor``). ``shift`` and ``scale`` are each a scalar, a
-    per-channel vector ``(C,)``, or a periodic per-channel pattern ``(C, p, p)`` tiled over the latent grid (FLUX.2's
-    batch-norm statistics are per channel of the 2x2-patchified latent, i.e. per channel and sub-pixel position).
-
-    Attributes:
-        kind: where the constants come from: ``"identity"``, ``"constants"`` (the tokenizer's own), ``"dataset"``
-            (per-channel mean/std over a dataset, see :func:`compute_channel_stats`) or ``"batchnorm"`` (FLUX.2).
-    """
-
-    shift: float | Tensor = 0.0
-    scale: float | Tensor = 1.0
-    kind: str = "identity"
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.shift = _as_tensor(self.shift)
-        self.scale = _as_tensor(self.scale)
-        for name, t in (("shift", self.shift), ("scale", self.scale)):
-            if t.ndim not in (0, 1, 3):
-                raise ValueError(
-                    f"LatentNormalization {name} must be a scalar, (C,) or (C, p, p); got {tuple(t.shape)}"
-                )
-            if not bool(torch.isfinite(t).all()):
-                raise ValueError(f"LatentNormalization {name} has non-finite entries")
-        if bool((self.scale == 0).any()):
-            raise ValueError("LatentNormalization scale has zero entries; a channel with zero std cannot be scaled")
-
-    @staticmethod
-    def _shaped(t: Tensor, z: Tensor) -> Tensor:
-        t = t.to(device=z.device, dtype=z.dtype)
-        if t.ndim == 0:
-            return t
-        if t.shape[0] != z.shape[1]:
-            raise ValueError(
-                f"latent normalisation has {t.shape[0]} channels but the latents have {z.shape[1]} (shape "
-                f"{tuple(z.shape)}); use the statistics computed for this tokenizer"
-            )
-        if t.ndim == 1:
-            return t.view(1, -1, *([1] * (z.ndim - 2)))
-        ph, pw = t.shape[1:]
-        h, w = z.shape[-2:]
-        if h % ph or w % pw:
-            raise ValueError(f"latent grid {h}x{w} is not a multiple of the normalisation pattern {ph}x{pw}")
-        return t.repeat(1, h // ph, w // pw).unsqueeze(0)
-
-    def normalize(self, z: Tensor) -> Tensor:
-        """``(z - shift) * scale`` with the constants broadcast over ``(B, C, h, w)``."""
-        return (z - self._shaped(self.shift, z)) * self._shaped(self.scale, z)
-
-    def denormalize(self, y: Tensor) -> Tensor:
-        """``y / scale + shift``: the inverse of :meth:`normalize`."""
-        return y / self._shaped(self.scale, y) + self._shaped(self.shift, y)
-
-    @property
-    def is_identity(self) -> bool:
-        return bool((self.shift == 0).all()) and bool((self.scale == 1).all())
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-safe mapping (nested lists for tensors)."""
-        return {"kind": self.kind, "shift": self.shift.tolist(), "scale": self.scale.tolist(), "meta": self.meta}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LatentNormalization:
-        try:
-            return cls(
-                shift=torch.tensor(data["shift"], dtype=torch.float64),
-                scale=torch.tensor(data["scale"], dtype=torch.float64),
-                kind=str(data.get("kind", "constants")),
-                meta=dict(data.get("meta", {})),
-            )
-        except KeyError as exc:
-            raise ValueError(f"latent normalisation record lacks key {exc}; expected shift, scale, kind") from None
-
-    def save(self, path: str | Path) -> None:
-        """Write as JSON (atomically), e.g. next to a tokenizer as ``latent_stats.json``."""
-        write_json_atomic(path, self.to_dict(), indent=1)
-
-    @classmethod
-    def load(cls, path: str | Path) -> LatentNormalization:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"latent statistics file {path} does not exist; compute it with compute_channel_stats"
-            )
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"latent statistics file {path} is not valid JSON: {exc}") from None
-        return cls.from_dict(data)
+from ..data.normalization import LatentNormalization
 
 
 def check_images(images: Tensor, downsample: int) -> None:
@@ -250,11 +148,11 @@ def compute_channel_stats(
 
     Statistics pool every spatial position and image; accumulated in float64 (sum and sum of squares). With
     ``max_items`` below the dataset size, items are spread evenly over the dataset (class folders are contiguous).
-    Unreadable images (:class:`~manifold_fm.data.images.ImageReadError`) are skipped and counted in ``meta``.
+    Unreadable images (:class:`~manifold_fm.data.image_folder.ImageReadError`) are skipped and counted in ``meta``.
     """
     from tqdm.auto import tqdm
 
-    from ..data.images import ImageReadError
+    from ..data.image_folder import ImageReadError
 
     size = len(dataset)  # type: ignore[arg-type]
     n = size if max_items is None else min(max_items, size)
@@ -290,6 +188,8 @@ def compute_channel_stats(
     var = (s2 / total - mean**2).clamp_min(0)
     std = var.sqrt().clamp_min(1e-8)
     return LatentNormalization(
-        shift=mean, scale=1.0 / std, kind="dataset",
+        shift=mean,
+        scale=1.0 / std,
+        kind="dataset",
         meta={"items": n - skipped, "skipped": skipped, "tokenizer": tokenizer.name},
     )

@@ -21,7 +21,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from .base import LatentNormalization, Tokenizer
+from ..data.normalization import LatentNormalization
+from .base import Tokenizer
 
 
 class DiffusersDecoder(nn.Module):
@@ -70,8 +71,13 @@ def own_normalization(vae: nn.Module, kind: str) -> LatentNormalization:
 class DiffusersTokenizer(Tokenizer):
     """A diffusers VAE behind the :class:`Tokenizer` interface (deterministic posterior mode)."""
 
-    def __init__(self, vae: nn.Module, kind: Literal["kl", "flux2"] = "kl", name: str = "diffusers",
-                 normalization: LatentNormalization | None = None) -> None:
+    def __init__(
+        self,
+        vae: nn.Module,
+        kind: Literal["kl", "flux2"] = "kl",
+        name: str = "diffusers",
+        normalization: LatentNormalization | None = None,
+    ) -> None:
         self.vae = vae
         self.kind = kind
         cfg = vae.config

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from ..data.guarded import GuardedItems, collate_guarded, load_image_batch
 from ..manifolds import TokenSpheres
 from .base import Tokenizer
 from .perceptual import GradientPyramidDistance, psnr, ssim
@@ -49,24 +50,6 @@ class PatchDiscriminator(nn.Module):
         return self.net(x)
 
 
-def _batch(dataset: Dataset, indices: list[int]) -> Tensor:
-    """Images of ``indices``; unreadable files (``ImageReadError``) are left out of the batch."""
-    from ..data.images import ImageReadError
-
-    render = getattr(dataset, "render", None)
-    if callable(render):
-        return render(indices)[0]
-    images = []
-    for i in indices:
-        try:
-            images.append(dataset[i][0])
-        except ImageReadError:
-            continue
-    if not images:
-        raise ValueError(f"none of the images {indices[:4]}... could be read; check the dataset")
-    return torch.stack(images)
-
-
 def _worker_batches(
     dataset: Dataset, steps: int, batch_size: int, g: torch.Generator, num_workers: int
 ) -> Iterator[Tensor]:
@@ -74,12 +57,16 @@ def _worker_batches(
     dropped from their batch; a batch with none readable is skipped)."""
     from torch.utils.data import DataLoader, RandomSampler
 
-    from ..data.latents import _collate_guarded, _Guarded
-
     n = len(dataset)  # type: ignore[arg-type]
     sampler = RandomSampler(range(n), replacement=True, num_samples=steps * batch_size * 2, generator=g)
-    loader = DataLoader(_Guarded(dataset, range(n)), batch_size=batch_size, sampler=sampler,
-                        num_workers=num_workers, collate_fn=_collate_guarded, persistent_workers=True)
+    loader = DataLoader(
+        GuardedItems(dataset, range(n)),
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate_guarded,
+        persistent_workers=True,
+    )
     for images, _, _, _ in loader:
         if images:
             yield torch.stack(images)
@@ -185,7 +172,7 @@ def finetune_decoder(
             x = next(batches).to(device).float()
         else:
             idx = torch.randint(0, n, (batch_size,), generator=g).tolist()
-            x = _batch(dataset, idx).to(device).float()
+            x = load_image_batch(dataset, idx).to(device).float()
         z = latents_of(x, project)
         rec = decoder(z)
         l1 = (rec - x).abs().mean()
@@ -213,8 +200,14 @@ def finetune_decoder(
             opt_d.zero_grad(set_to_none=True)
             d_loss.backward()
             opt_d.step()
-        last = {"l1": l1.item(), "perceptual": p.item(), "adv": adv.item(), "disc": d_loss.item(), "ramp": ramp,
-                "gan_scale": a}
+        last = {
+            "l1": l1.item(),
+            "perceptual": p.item(),
+            "adv": adv.item(),
+            "disc": d_loss.item(),
+            "ramp": ramp,
+            "gan_scale": a,
+        }
         if not all(math.isfinite(v) for v in last.values()):
             raise FloatingPointError(f"decoder finetuning diverged at step {step} (losses {last}); lower the lr")
         if step % 10 == 0:
@@ -224,7 +217,7 @@ def finetune_decoder(
     # Held-out reconstruction report.
     ev = eval_dataset if eval_dataset is not None else dataset
     m = min(eval_items, len(ev))  # type: ignore[arg-type]
-    images = _batch(ev, list(range(m))).float()
+    images = load_image_batch(ev, list(range(m))).float()
     m = int(images.shape[0])  # unreadable images are left out
     z_raw = latents_of(images, False)
     z_proj = manifold.projx(z_raw)
@@ -251,8 +244,12 @@ def finetune_decoder(
         "steps": steps,
         "batch_size": batch_size,
         "lr": lr,
-        "weights": {"l1": l1_weight, "perceptual": perceptual_weight, "gan": gan_weight,
-                    "adaptive_gan_weight": adaptive_gan_weight},
+        "weights": {
+            "l1": l1_weight,
+            "perceptual": perceptual_weight,
+            "gan": gan_weight,
+            "adaptive_gan_weight": adaptive_gan_weight,
+        },
         "gan_start": gan_start,
         "gan_warmup": gan_warmup,
         "perceptual_metric": getattr(perceptual, "name", type(perceptual).__name__),

@@ -38,8 +38,9 @@ def _vgg16_features() -> nn.Sequential:
 
 def _check_pair(a: Tensor, b: Tensor) -> None:
     if a.shape != b.shape or a.ndim != 4:
-        raise ValueError(f"image distance needs two (B, C, H, W) batches of equal shape, got {tuple(a.shape)} and "
-                         f"{tuple(b.shape)}")
+        raise ValueError(
+            f"image distance needs two (B, C, H, W) batches of equal shape, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
 
 
 class LPIPS(nn.Module):
@@ -56,7 +57,7 @@ class LPIPS(nn.Module):
         with torch.device("meta"):  # the weights come from the file: skip the (slow) random initialisation
             features = _vgg16_features()
         state = self._load(vgg_weights, "VGG16")
-        feat_state = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
+        feat_state = {k[len("features.") :]: v for k, v in state.items() if k.startswith("features.")}
         if not feat_state:
             raise ValueError(f"{vgg_weights} holds no 'features.*' tensors; expected torchvision's vgg16 state dict")
         features.load_state_dict(feat_state, assign=True)

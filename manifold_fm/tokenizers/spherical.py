@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..data.normalization import LatentNormalization
 from ..manifolds import TokenSpheres
-from .base import LatentNormalization, Tokenizer
+from .base import Tokenizer
 
 
 def load_decoder_state(path: str | Path) -> dict[str, Tensor]:

@@ -1,7 +1,7 @@
 """The built-in tokenizer: a small convolutional VAE (f = 4, d = 16, ~0.4M parameters) for the built-in images.
 
 ``TinyVAE`` maps ``(B, 3, 32, 32)`` images to ``(B, 16, 8, 8)`` latents (64 tokens of dimension 16). It trains on
-:class:`~manifold_fm.data.images.BuiltinImages` on a CPU in a few minutes (:func:`train_tiny_vae`) with
+:class:`~manifold_fm.data.builtin_images.BuiltinImages` on a CPU in a few minutes (:func:`train_tiny_vae`) with
 ``L1 + MSE + beta * KL`` (a diagonal-Gaussian posterior, so it is a VAE like the SD/FLUX tokenizers whose geometry we
 study). Its latent normalisation is the per-channel mean/std of the posterior mode over the training set.
 
@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..atomic import atomic_path
-from .base import LatentNormalization, Tokenizer, compute_channel_stats
+from ..data.normalization import LatentNormalization
+from .base import Tokenizer, compute_channel_stats
 
 ASSET_PATH = Path(__file__).resolve().parent.parent / "assets" / "tiny_vae.safetensors"
 CACHE_NAME = "tiny_vae-v1.safetensors"
@@ -81,9 +82,7 @@ class TinyDecoder(nn.Module):
     def __init__(self, latent_channels: int, channels: tuple[int, ...]) -> None:
         super().__init__()
         rev = tuple(reversed(channels))
-        layers: list[nn.Module] = [
-            nn.Conv2d(latent_channels, rev[0], 3, padding=1), ResBlock(rev[0]), ResBlock(rev[0])
-        ]
+        layers: list[nn.Module] = [nn.Conv2d(latent_channels, rev[0], 3, padding=1), ResBlock(rev[0]), ResBlock(rev[0])]
         for c_in, c_out in zip(rev[:-1], rev[1:], strict=False):
             up = nn.Upsample(scale_factor=2, mode="nearest")
             layers += [up, nn.Conv2d(c_in, c_out, 3, padding=1), ResBlock(c_out)]
@@ -209,7 +208,7 @@ def train_tiny_vae(
     """
     from tqdm.auto import tqdm
 
-    from ..data.images import BuiltinImages
+    from ..data.builtin_images import BuiltinImages
 
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -253,8 +252,16 @@ def train_tiny_vae(
         rec = tok.decode_raw(tok.encode_raw(test_x))
         mse = ((rec - test_x) / 2).pow(2).flatten(1).mean(1)
         psnr = float((10 * torch.log10(1.0 / mse.clamp_min(1e-12))).mean())
-    report = {"steps": steps, "batch_size": batch_size, "lr": lr, "kl_weight": kl_weight, "seed": seed,
-              "final": last, "test_psnr": psnr, "params": sum(p.numel() for p in vae.parameters())}
+    report = {
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "kl_weight": kl_weight,
+        "seed": seed,
+        "final": last,
+        "test_psnr": psnr,
+        "params": sum(p.numel() for p in vae.parameters()),
+    }
     return vae, norm, report
 
 

@@ -78,15 +78,16 @@ def compute(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from torch.utils.data import Subset
 
-    from manifold_fm.data.images import image_dataset
+    from manifold_fm.data.image_folder import image_dataset
     from manifold_fm.tokenizers import compute_channel_stats, load_tokenizer
 
     vae_dir = Path(args.vae) / (args.subfolder or "")
     if not (vae_dir / "config.json").is_file():
         raise FileNotFoundError(f"{vae_dir} has no config.json; pass a diffusers-format AutoencoderKL folder")
     _check_kl_config(vae_dir)
-    tok = load_tokenizer(str(args.vae), subfolder=args.subfolder, kind="kl", dtype=getattr(torch, args.dtype),
-                         device=args.device)
+    tok = load_tokenizer(
+        str(args.vae), subfolder=args.subfolder, kind="kl", dtype=getattr(torch, args.dtype), device=args.device
+    )
     dataset = image_dataset(args.data, size=args.size)
     subset = Subset(dataset, even_indices(len(dataset), args.max_items))
     with torch.no_grad():
@@ -125,8 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"per-channel statistics of {result['items']} images written into {result['out']} (config.json, "
-          "latent_stats.json)")
+    print(
+        f"per-channel statistics of {result['items']} images written into {result['out']} (config.json, "
+        "latent_stats.json)"
+    )
     return 0
 
 

@@ -6,10 +6,11 @@ Output: ``DST/<class_id>/<image stem>.png``, every image RGB ``size x size``, pl
 (counts, skipped files with the reason). Re-running skips images already written, so an interrupted run resumes.
 
 The crop is ADM's ``center_crop_arr`` (guided-diffusion, ``image_datasets.py``), the same function
-(:func:`manifold_fm.data.images.adm_center_crop`) that ``manifold-fm extract-latents`` applies on the fly: while the
-short side is at least twice the target, halve the image with a BOX filter (anti-aliasing); then resize with BICUBIC
-so the short side is ``size``, and cut the central ``size x size`` window. Pre-cropping once makes latent extraction
-read small PNGs instead of decoding full-size JPEGs (and gives the image folder the FID reference can be built from).
+(:func:`manifold_fm.data.image_folder.adm_center_crop`) that ``manifold-fm extract-latents`` applies on the fly:
+while the short side is at least twice the target, halve the image with a BOX filter (anti-aliasing); then resize
+with BICUBIC so the short side is ``size``, and cut the central ``size x size`` window. Pre-cropping once makes
+latent extraction read small PNGs instead of decoding full-size JPEGs (and gives the image folder the FID reference
+can be built from).
 
 Corrupt or unreadable files are never silently dropped: each is listed in the report and counted; the script exits
 with status 1 when ``--max-skipped`` is exceeded.
@@ -33,7 +34,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from manifold_fm.data.images import adm_center_crop
+from manifold_fm.data.image_folder import adm_center_crop
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
