@@ -44,25 +44,68 @@ def test_bad_inputs_give_one_line_errors(tmp_path) -> None:
 
 def test_finetune_decoder_cli_with_vanilla_control(tmp_path) -> None:
     out = tmp_path / "ft"
-    r = _run("finetune-decoder", "--per-class", "1", "--steps", "2", "--batch-size", "4", "--eval-items", "8",
-             "--vanilla-control", "--out", str(out))
+    r = _run(
+        "finetune-decoder",
+        "--per-class",
+        "1",
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--eval-items",
+        "8",
+        "--vanilla-control",
+        "--out",
+        str(out),
+    )
     assert r.exit_code == 0, r.output
     rep = json.loads((out / "report.json").read_text())
-    assert set(rep["metrics"]) == {"original_decoder/raw_latents", "original_decoder/projected_latents",
-                                   "finetuned_decoder/projected_latents", "finetuned_decoder/raw_latents"}
+    assert set(rep["metrics"]) == {
+        "original_decoder/raw_latents",
+        "original_decoder/projected_latents",
+        "finetuned_decoder/projected_latents",
+        "finetuned_decoder/raw_latents",
+    }
     assert rep["perceptual_metric"] == "fallback:grad-pyramid-l1"
     assert (out / "decoder.safetensors").is_file() and (out / "decoder_vanilla.safetensors").is_file()
     # The finetuned decoder plugs into the spherical tokenizer used by extract-latents / probe.
-    r = _run("probe", "--per-class", "2", "--num", "24", "--t-points", "3", "--max-pairs", "4", "--spherical",
-             "--decoder-state", str(out / "decoder.safetensors"), "--out", str(tmp_path / "probe_sph"))
+    r = _run(
+        "probe",
+        "--per-class",
+        "2",
+        "--num",
+        "24",
+        "--t-points",
+        "3",
+        "--max-pairs",
+        "4",
+        "--spherical",
+        "--decoder-state",
+        str(out / "decoder.safetensors"),
+        "--out",
+        str(tmp_path / "probe_sph"),
+    )
     assert r.exit_code == 0, r.output
     rep = json.loads((tmp_path / "probe_sph" / "report.json").read_text())
     assert rep["norms"]["raw"]["cv"] < 1e-5 and rep["tokenizer"]["finetuned_decoder"]
 
 
 def test_probe_cli_writes_report_and_figures(tmp_path) -> None:
-    r = _run("probe", "--split", "test", "--per-class", "2", "--num", "24", "--t-points", "5", "--max-pairs", "12",
-             "--out", str(tmp_path))
+    r = _run(
+        "probe",
+        "--split",
+        "test",
+        "--per-class",
+        "2",
+        "--num",
+        "24",
+        "--t-points",
+        "5",
+        "--max-pairs",
+        "12",
+        "--out",
+        str(tmp_path),
+    )
     assert r.exit_code == 0, r.output
     rep = json.loads((tmp_path / "report.json").read_text())
     assert set(rep["norms"]) == {"raw", "normalized", "gaussian_prior"}
@@ -85,53 +128,52 @@ def test_extract_latents_with_dataset_stats(tmp_path) -> None:
     # Per-channel statistics of the cached latents are (0, 1) by construction.
     per_channel = z.double().transpose(0, 1).reshape(z.shape[1], -1)
     torch.testing.assert_close(per_channel.mean(1), torch.zeros(16, dtype=torch.float64), atol=1e-4, rtol=0)
-    torch.testing.assert_close(per_channel.std(1, unbiased=False), torch.ones(16, dtype=torch.float64), atol=1e-4,
-                               rtol=0)
+    torch.testing.assert_close(
+        per_channel.std(1, unbiased=False), torch.ones(16, dtype=torch.float64), atol=1e-4, rtol=0
+    )
 
 
-def test_finetune_decoder_rfid_with_a_stand_in_extractor(tmp_path) -> None:
+def test_finetune_decoder_rfid_with_a_stand_in_extractor(tmp_path, register_standin) -> None:
     """rFID plumbing, with a small registered feature extractor standing in for Inception (no weights here)."""
-    import torch.nn.functional as F
-    from torch_fidelity import FeatureExtractorBase
-    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
-
-    class StandInC(FeatureExtractorBase):
-        def __init__(self, name: str, features_list: list[str], **kwargs: object) -> None:
-            super().__init__(name, features_list)
-            self.register_buffer("proj", torch.randn(3 * 4 * 4, 5, generator=torch.Generator().manual_seed(0)))
-
-        @staticmethod
-        def get_provided_features_list() -> tuple[str, ...]:
-            return ("pool",)
-
-        @staticmethod
-        def get_default_feature_layer_for_metric(metric: str) -> str:
-            return "pool"
-
-        @staticmethod
-        def can_be_compiled() -> bool:
-            return False
-
-        @staticmethod
-        def get_dummy_input_for_compile() -> torch.Tensor:
-            return torch.zeros(1, 3, 8, 8, dtype=torch.uint8)
-
-        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            return (F.adaptive_avg_pool2d(x.float() / 255, 4).flatten(1) @ self.proj,)
-
-    if "standin_c" not in FEATURE_EXTRACTORS_REGISTRY:
-        register_feature_extractor("standin_c", StandInC)
+    register_standin("standin_c", pool=4, features=5)  # 4x4-pooled pixels, a fixed random projection to 5
     out = tmp_path / "ft"
-    r = _run("finetune-decoder", "--per-class", "1", "--steps", "1", "--batch-size", "4", "--eval-items", "24",
-             "--fid-extractor", "standin_c", "--out", str(out))
+    r = _run(
+        "finetune-decoder",
+        "--per-class",
+        "1",
+        "--steps",
+        "1",
+        "--batch-size",
+        "4",
+        "--eval-items",
+        "24",
+        "--fid-extractor",
+        "standin_c",
+        "--out",
+        str(out),
+    )
     assert r.exit_code == 0, r.output
     rep = json.loads((out / "report.json").read_text())
     assert rep["rfid_metric"] == "fd[standin_c]"
     vals = {k: m["rfid"] for k, m in rep["metrics"].items()}
     assert len(vals) == 3 and all(v >= 0 for v in vals.values())
     assert "rfd[standin_c]" in r.output
-    r = CliRunner().invoke(main, ["finetune-decoder", "--per-class", "1", "--steps", "0", "--eval-items", "4",
-                                  "--inception-weights", str(tmp_path / "nope.pth"), "--out", str(out)])
+    r = CliRunner().invoke(
+        main,
+        [
+            "finetune-decoder",
+            "--per-class",
+            "1",
+            "--steps",
+            "0",
+            "--eval-items",
+            "4",
+            "--inception-weights",
+            str(tmp_path / "nope.pth"),
+            "--out",
+            str(out),
+        ],
+    )
     assert r.exit_code == 1 and "nope.pth" in r.output
 
 
@@ -146,15 +188,29 @@ def test_probe_and_extract_on_an_image_folder_with_a_corrupt_file(tmp_path) -> N
             arr = rng.integers(0, 255, (40 + 7 * i, 48, 3), dtype=np.uint8)
             Image.fromarray(arr).save(tmp_path / "img" / cls / f"{i}.JPEG")
     (tmp_path / "img" / "n02" / "9_bad.JPEG").write_bytes(b"not an image")
-    r = CliRunner().invoke(main, ["probe", "--data", str(tmp_path / "img"), "--num", "7", "--t-points", "3",
-                                  "--out", str(tmp_path / "p")])
+    r = CliRunner().invoke(
+        main, ["probe", "--data", str(tmp_path / "img"), "--num", "7", "--t-points", "3", "--out", str(tmp_path / "p")]
+    )
     assert r.exit_code == 0, r.output
     rep = json.loads((tmp_path / "p" / "report.json").read_text())
     assert rep["skipped"] == 1 and rep["images"] == 6 and "9_bad.JPEG" in rep["skipped_items"][0]
     r = _run("extract-latents", "--data", str(tmp_path / "img"), "--out", str(tmp_path / "c"))
     assert r.exit_code == 0 and "12 latents" in r.output and "1 unreadable image(s) skipped" in r.output
-    r = _run("finetune-decoder", "--data", str(tmp_path / "img"), "--workers", "2", "--steps", "2", "--batch-size",
-             "4", "--eval-items", "7", "--out", str(tmp_path / "ft"))
+    r = _run(
+        "finetune-decoder",
+        "--data",
+        str(tmp_path / "img"),
+        "--workers",
+        "2",
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--eval-items",
+        "7",
+        "--out",
+        str(tmp_path / "ft"),
+    )
     assert r.exit_code == 0, r.output
     rep = json.loads((tmp_path / "ft" / "report.json").read_text())
     assert rep["runs"]["projected"]["eval_items"] == 6 and (tmp_path / "ft" / "decoder.safetensors").is_file()

@@ -4,55 +4,24 @@ and the ``manifold-fm evaluate`` command."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from click.testing import CliRunner
 from PIL import Image
-from torch_fidelity.feature_extractor_base import FeatureExtractorBase
-from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
 from manifold_fm.cli import main
 from manifold_fm.eval import classifier as clf
 from manifold_fm.eval.fid import feature_stats, fidelity_metrics, frechet_distance, save_stats
 
 
-class StandIn(FeatureExtractorBase):
-    """A fixed random projection of 8x8-pooled pixels: stands in for Inception, whose weights are not available."""
-
-    def __init__(self, name: str, features_list: list[str], **kwargs: object) -> None:
-        super().__init__(name, features_list)
-        g = torch.Generator().manual_seed(0)
-        self.register_buffer("proj", torch.randn(3 * 8 * 8, 6, generator=g))
-        self.register_buffer("head", torch.randn(6, 5, generator=g))
-
-    @staticmethod
-    def get_provided_features_list() -> tuple[str, ...]:
-        return ("pool", "logits")
-
-    @staticmethod
-    def get_default_feature_layer_for_metric(metric: str) -> str:
-        return "logits" if metric == "isc" else "pool"
-
-    @staticmethod
-    def can_be_compiled() -> bool:
-        return False
-
-    @staticmethod
-    def get_dummy_input_for_compile() -> torch.Tensor:
-        return torch.zeros(1, 3, 8, 8, dtype=torch.uint8)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        f = F.adaptive_avg_pool2d(x.float() / 255, 8).flatten(1) @ self.proj
-        out = {"pool": f, "logits": f @ self.head}
-        return tuple(out[k] for k in self.features_list)
-
-
-if "standin" not in FEATURE_EXTRACTORS_REGISTRY:
-    register_feature_extractor("standin", StandIn)
+@pytest.fixture
+def standin(register_standin: Callable[..., type]) -> type:
+    """Registered as "standin": a fixed random projection of 8x8-pooled pixels to 6 features, and 5 logits."""
+    return register_standin("standin", pool=8, features=6, logits=5)
 
 
 def _independent_fd(a: np.ndarray, b: np.ndarray) -> float:
@@ -83,11 +52,11 @@ def _images(n: int, seed: int, shift: int = 0) -> np.ndarray:
     return np.clip(rng.integers(0, 200, size=(n, 16, 16, 3)) + shift, 0, 255).astype(np.uint8)
 
 
-def test_fidelity_metrics_with_a_stand_in_extractor(tmp_path: Path) -> None:
+def test_fidelity_metrics_with_a_stand_in_extractor(tmp_path: Path, standin: type) -> None:
     samples, ref = _images(40, 0), _images(50, 1, shift=40)
     m = fidelity_metrics(samples, ref, feature_extractor="standin", batch_size=16, cuda=False)
     assert "fid" not in m  # only Inception features give FID
-    ext = StandIn("standin", ["pool"])
+    ext = standin("standin", ["pool"])
     fa = ext(torch.from_numpy(samples).permute(0, 3, 1, 2))[0].double().numpy()
     fb = ext(torch.from_numpy(ref).permute(0, 3, 1, 2))[0].double().numpy()
     assert m["fd[standin]"] == pytest.approx(_independent_fd(fa, fb), rel=1e-4)
@@ -107,7 +76,7 @@ def test_fid_without_local_inception_weights_is_a_clear_error(tmp_path: Path) ->
         fidelity_metrics(_images(4, 0), _images(4, 1), inception_weights=tmp_path / "x.pth", cuda=False)
 
 
-def test_evaluate_cli_against_an_image_folder(tmp_path: Path) -> None:
+def test_evaluate_cli_against_an_image_folder(tmp_path: Path, standin: type) -> None:
     folder = tmp_path / "ref"
     (folder / "class_a").mkdir(parents=True)
     for i, im in enumerate(_images(12, 2)):
@@ -115,14 +84,25 @@ def test_evaluate_cli_against_an_image_folder(tmp_path: Path) -> None:
     npz = tmp_path / "samples.npz"
     np.savez(npz, _images(10, 3))
     out = tmp_path / "m.json"
-    result = CliRunner().invoke(main, ["evaluate", str(npz), "--reference", str(folder), "--feature-extractor",
-                                       "standin", "--no-isc", "--out", str(out)])
+    result = CliRunner().invoke(
+        main,
+        [
+            "evaluate",
+            str(npz),
+            "--reference",
+            str(folder),
+            "--feature-extractor",
+            "standin",
+            "--no-isc",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     assert report["num_samples"] == 10 and report["fd[standin]"] > 0 and "precision" in report
     (folder / "class_a" / "broken.png").write_bytes(b"not a png")
-    bad = CliRunner().invoke(main, ["evaluate", str(npz), "--reference", str(folder), "--feature-extractor",
-                                    "standin"])
+    bad = CliRunner().invoke(main, ["evaluate", str(npz), "--reference", str(folder), "--feature-extractor", "standin"])
     assert bad.exit_code != 0 and "broken.png" in bad.output and "Traceback" not in bad.output
     missing = CliRunner().invoke(main, ["evaluate", str(tmp_path / "none.npz")])
     assert missing.exit_code != 0 and "does not exist" in missing.output
@@ -135,7 +115,7 @@ def small_evaluator(tmp_path_factory: pytest.TempPathFactory) -> clf.BuiltinEval
 
 
 def test_builtin_classifier_metrics_and_cache(small_evaluator: clf.BuiltinEvaluator, tmp_path: Path) -> None:
-    from manifold_fm.data.images import BuiltinImages
+    from manifold_fm.data.builtin_images import BuiltinImages
 
     x, y = BuiltinImages("test", per_class=4, seed=0).tensors()
     res = small_evaluator.evaluate(x, y)
@@ -153,8 +133,9 @@ def test_builtin_classifier_metrics_and_cache(small_evaluator: clf.BuiltinEvalua
         assert torch.equal(v, again.model.state_dict()[k])
 
 
-def test_evaluate_cli_builtin(small_evaluator: clf.BuiltinEvaluator, tmp_path: Path,
-                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_evaluate_cli_builtin(
+    small_evaluator: clf.BuiltinEvaluator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(clf, "builtin_evaluator", lambda *a, **k: small_evaluator)
     npz = tmp_path / "s.npz"
     np.savez(npz, _images(24, 5)[:, :, :, :].repeat(2, 1).repeat(2, 2), np.arange(24) % 12)

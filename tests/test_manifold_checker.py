@@ -23,12 +23,7 @@ from manifold_fm.manifolds.testing import (
 )
 from manifold_fm.manifolds.torus import wrap_angle
 
-
-def _product_diff(a: Tensor, b: Tensor) -> Tensor:
-    # Layout below: sphere (3) | flat torus (2) | euclidean (2); only the torus coordinates wrap.
-    d = a - b
-    return torch.cat([d[..., :3], wrap_angle(d[..., 3:5]), d[..., 5:]], dim=-1)
-
+from helpers import product_diff
 
 # name -> (constructor kwargs, batch shape, extra check_manifold kwargs per dtype)
 BUILT_IN: dict[str, tuple[dict[str, Any], tuple[int, ...], Callable[[torch.dtype], dict[str, Any]]]] = {
@@ -45,7 +40,7 @@ BUILT_IN: dict[str, tuple[dict[str, Any], tuple[int, ...], Callable[[torch.dtype
             ]
         },
         (6, 7),
-        lambda dt: {"diff": _product_diff},
+        lambda dt: {"diff": product_diff},  # its layout: sphere (3) | flat torus (2) | euclidean (2)
     ),
     "poincare_ball": ({}, (6, 3), lambda dt: {}),
     # geoopt's Lorentz distance is an arcosh (ill-conditioned near 0): the contract suite's looser tolerances.

@@ -42,6 +42,8 @@ from manifold_fm.manifolds.testing import (
 )
 from manifold_fm.manifolds.torus import wrap_angle
 
+from helpers import max_examples, product_diff
+
 B = 6
 
 
@@ -51,12 +53,6 @@ def _plain_diff(a: Tensor, b: Tensor) -> Tensor:
 
 def _torus_diff(a: Tensor, b: Tensor) -> Tensor:
     return wrap_angle(a - b)
-
-
-def _product_diff(a: Tensor, b: Tensor) -> Tensor:
-    # Layout of the product case below: sphere (3) | torus (2) | euclidean (2).
-    d = a - b
-    return torch.cat([d[..., :3], wrap_angle(d[..., 3:5]), d[..., 5:]], dim=-1)
 
 
 @dataclass
@@ -88,7 +84,7 @@ CASES = [
         (B, 7),
         max_tangent=0.85 * math.pi,
         scale=math.pi,
-        diff=_product_diff,
+        diff=product_diff,  # its layout: sphere (3) | torus (2) | euclidean (2)
     ),
     # Hyperbolic float32 precision degrades towards the ball's boundary: keep samples within distance ~3 of 0.
     Case("poincare_ball", lambda: GeooptManifold(geoopt.PoincareBall(), 0.3), (B, 3), max_tangent=1.0, tol32=5e-4),
@@ -98,7 +94,7 @@ CASES = [
 
 DTYPES = [torch.float64, torch.float32]
 
-contract = settings(max_examples=12)
+contract = settings(max_examples=max_examples(12))  # 12 under the ci profile, more under dev
 case_param = pytest.mark.parametrize("case", CASES, ids=str)
 dtype_param = pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 
@@ -335,7 +331,7 @@ GEOOPT_CLOSED_FORM = [
 
 
 @pytest.mark.parametrize(("make", "dim"), [c[1:] for c in GEOOPT_CLOSED_FORM], ids=[c[0] for c in GEOOPT_CLOSED_FORM])
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=max_examples(8), deadline=None)
 @given(seed=seeds)
 def test_geoopt_closed_form_geodesic_matches_generic(make: Callable[[], object], dim: int, seed: int) -> None:
     """The adapter's closed-form velocity (parallel transport / hyperboloid derivative) equals the generic exp/log

@@ -18,15 +18,9 @@ from manifold_fm.data.toy import (
     vmf_sample,
 )
 
+from helpers import sphere_grid
+
 D64 = torch.float64
-
-
-def sphere_grid(n: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
-    th = (torch.arange(n, dtype=D64) + 0.5) * math.pi / n
-    ph = (torch.arange(2 * n, dtype=D64) + 0.5) * math.pi / n
-    T, P = torch.meshgrid(th, ph, indexing="ij")
-    x = torch.stack([torch.sin(T) * torch.cos(P), torch.sin(T) * torch.sin(P), torch.cos(T)], -1).reshape(-1, 3)
-    return x, (torch.sin(T) * (math.pi / n) ** 2).reshape(-1)
 
 
 def torus_grid(n: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,7 +38,7 @@ def disk_grid(nr: int = 300, nphi: int = 96, rmax: float = 8.0) -> tuple[torch.T
     return x, (torch.sinh(R) * (rmax / nr) * (2 * math.pi / nphi)).reshape(-1)
 
 
-GRIDS = {"vmf": sphere_grid, "torus_wrapped_normal": torus_grid, "poincare_wrapped_normal": disk_grid}
+GRIDS = {"vmf": lambda: sphere_grid(200), "torus_wrapped_normal": torus_grid, "poincare_wrapped_normal": disk_grid}
 
 
 @pytest.mark.parametrize("name", list(GRIDS))

@@ -3,8 +3,8 @@ order in one fresh namespace.
 
 A tutorial is documentation *and* a test: if an API it uses changes, or one of its ``assert``s stops holding, this
 fails. Blocks fenced as ```text, ```bash etc. are not executed. Each page runs in its own temporary directory
-(anything it writes stays there) with one torch thread, which is the fastest setting for these tiny models on a
-shared 2-core machine.
+(anything it writes stays there) with one torch thread (conftest's autouse fixture), which is the fastest setting
+for these tiny models on a shared 2-core machine.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 TUTORIALS = DOCS / "tutorials"
@@ -46,15 +45,10 @@ def test_tutorial_runs(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert any("assert " in b for b in blocks), f"{page.name} checks nothing: add an assert on a real result"
     monkeypatch.chdir(tmp_path)
     namespace: dict[str, object] = {"__name__": f"tutorial_{page.stem.replace('-', '_')}"}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     start = time.perf_counter()
-    try:
-        for i, code in enumerate(blocks):
-            try:
-                exec(compile(code, f"{page.name}[block {i + 1}]", "exec"), namespace)
-            except Exception as exc:
-                raise AssertionError(f"{page.name}, python block {i + 1} failed: {exc!r}\n---\n{code}") from exc
-    finally:
-        torch.set_num_threads(threads)
+    for i, code in enumerate(blocks):
+        try:
+            exec(compile(code, f"{page.name}[block {i + 1}]", "exec"), namespace)
+        except Exception as exc:
+            raise AssertionError(f"{page.name}, python block {i + 1} failed: {exc!r}\n---\n{code}") from exc
     print(f"{page.name}: {len(blocks)} blocks in {time.perf_counter() - start:.1f} s")
