@@ -11,16 +11,24 @@ import torch
 from click.testing import CliRunner
 
 from manifold_fm.cli import main
-from manifold_fm.data.images import BuiltinImages
+from manifold_fm.data.builtin_images import BuiltinImages
 from manifold_fm.data.latents import LatentCache, extract_latents
-from manifold_fm.eval.sampling import SamplerSpec, load_run, sample_run
+from manifold_fm.sampler import SamplerSpec
 from manifold_fm.tokenizers import LatentNormalization, SphericalTokenizer, builtin_tokenizer
+from manifold_fm.training.builders import preset_flow
 from manifold_fm.training.image import build_latents, train_image
-from manifold_fm.training.image_config import load_image_config
-from manifold_fm.training.trainer import make_flow
+from manifold_fm.training.runs import load_run, sample_run
+from manifold_fm.training.schema import FLOW_PRESETS, load_image_config
 
-RUN = ["tokenizer.kind=builtin", "data.source=latents", "model.arch=SiT-Micro/2", "train.batch_size=8",
-       "train.sample_every=null", "train.log_every=1", "sample.steps=2"]
+RUN = [
+    "tokenizer.kind=builtin",
+    "data.source=latents",
+    "model.arch=SiT-Micro/2",
+    "train.batch_size=8",
+    "train.sample_every=null",
+    "train.log_every=1",
+    "sample.steps=2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +40,11 @@ def images() -> tuple[torch.Tensor, torch.Tensor]:
 def stats() -> LatentNormalization:
     """Dataset-style statistics far from the tokenizer's own: a per-channel shift and scale."""
     g = torch.Generator().manual_seed(3)
-    return LatentNormalization(shift=torch.randn(16, generator=g, dtype=torch.float64),
-                               scale=0.5 + torch.rand(16, generator=g, dtype=torch.float64), kind="dataset")
+    return LatentNormalization(
+        shift=torch.randn(16, generator=g, dtype=torch.float64),
+        scale=0.5 + torch.rand(16, generator=g, dtype=torch.float64),
+        kind="dataset",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -49,11 +60,11 @@ def caches(tmp_path_factory: pytest.TempPathFactory, stats: LatentNormalization)
 
 
 def _training_data(cache: Path, mode: str) -> torch.Tensor:
-    """The data latents the trainer's loss sees (after ``FlowSetup.prepare_data``), in cache order."""
-    cfg = load_image_config("image-builtin", [*RUN, f"data.latents={cache}", f"flow.mode={mode}"])
+    """The data latents the trainer's loss sees (after ``Flow.prepare_data``), in cache order."""
+    cfg = load_image_config("image-builtin", [*RUN, f"data.latents={cache}", f"flow.path={FLOW_PRESETS[mode]['path']}"])
     lat = build_latents(cfg, builtin_tokenizer(progress=False), progress=False)
     x = torch.stack([lat.data.dataset[i][0] for i in range(len(lat.data))])
-    return make_flow(mode, lat.channels).prepare_data(x)
+    return preset_flow(mode, lat.channels).prepare_data(x)
 
 
 def test_spherical_training_data_are_the_spherical_tokenizers_latents(caches, images) -> None:
@@ -68,7 +79,7 @@ def test_spherical_training_data_are_the_spherical_tokenizers_latents(caches, im
     torch.testing.assert_close(from_spherical_cache, reference, atol=2e-5, rtol=1e-5)
     # the old behaviour, projecting the normalised latents, is a different set of directions
     normalised = LatentCache(caches["stats"]).load_all()[0]
-    assert (make_flow("spherical", 16).prepare_data(normalised) - reference).abs().max() > 0.1
+    assert (preset_flow("spherical", 16).prepare_data(normalised) - reference).abs().max() > 0.1
 
 
 def test_linear_training_data_are_the_cache_as_stored(caches) -> None:
@@ -89,19 +100,24 @@ def test_raw_cache_reads_invert_the_manifest_normalisation(caches, images, stats
 
 
 def test_linear_run_refuses_a_spherical_cache_in_one_line(caches, tmp_path) -> None:
-    cfg = load_image_config("image-builtin", [*RUN, f"data.latents={caches['spherical']}", "flow.mode=linear"])
+    cfg = load_image_config("image-builtin", [*RUN, f"data.latents={caches['spherical']}", "flow.path=linear"])
     with pytest.raises(ValueError, match="--spherical"):
         build_latents(cfg, builtin_tokenizer(progress=False), progress=False)
     sets = [a for kv in [*RUN, f"data.latents={caches['spherical']}", "train.steps=1"] for a in ("--set", kv)]
-    result = CliRunner().invoke(main, ["train", "--config", "image-builtin", *sets, "--path", "linear",
-                                       "--out", str(tmp_path / "r")])
+    result = CliRunner().invoke(
+        main, ["train", "--config", "image-builtin", *sets, "--path", "linear", "--out", str(tmp_path / "r")]
+    )
     assert "extract-latents --spherical" in _one_line_error(result)
 
 
 def test_linear_run_on_a_dataset_stats_cache_decodes_with_those_stats(caches, stats, tmp_path) -> None:
     out = tmp_path / "lin"
-    train_image("image-builtin", [*RUN, f"data.latents={caches['stats']}", "flow.mode=linear", "train.steps=2"],
-                out, progress=False)
+    train_image(
+        "image-builtin",
+        [*RUN, f"data.latents={caches['stats']}", "flow.path=linear", "train.steps=2"],
+        out,
+        progress=False,
+    )
     run = load_run(out)
     spec = SamplerSpec(method="euler", steps=2)
     _, _, z = sample_run(run, 6, spec, seed=1, progress=False, decode=False)
@@ -136,20 +152,49 @@ def test_resume_from_a_corrupt_checkpoint_is_one_line_for_toy_and_image_runs(tmp
     ok = runner.invoke(main, ["train", "--config", "toy-sphere", "--steps", "2", "--out", str(toy)])
     assert ok.exit_code == 0, ok.output
     _corrupt_latest(toy)
-    line = _one_line_error(runner.invoke(main, ["train", "--config", "toy-sphere", "--steps", "4", "--out", str(toy),
-                                                "--resume"]))
+    line = _one_line_error(
+        runner.invoke(main, ["train", "--config", "toy-sphere", "--steps", "4", "--out", str(toy), "--resume"])
+    )
     assert "unreadable" in line
 
     img = tmp_path / "img"
-    sets = ["--set", "data.source=builtin", "--set", "data.per_class=1", "--set", "train.batch_size=8",
-            "--set", "train.sample_every=null", "--set", "model.arch=SiT-Micro/2"]
+    sets = [
+        "--set",
+        "data.source=builtin",
+        "--set",
+        "data.per_class=1",
+        "--set",
+        "train.batch_size=8",
+        "--set",
+        "train.sample_every=null",
+        "--set",
+        "model.arch=SiT-Micro/2",
+    ]
     ok = runner.invoke(main, ["train", "--config", "image-builtin", *sets, "--steps", "1", "--out", str(img)])
     assert ok.exit_code == 0, ok.output
     # a TrainingError (config section differs from the checkpoint's) is one line too
-    line = _one_line_error(runner.invoke(main, ["train", "--config", str(img / "config.yaml"), "--set",
-                                                "optim.lr=0.5", "--steps", "2", "--out", str(img), "--resume"]))
+    line = _one_line_error(
+        runner.invoke(
+            main,
+            [
+                "train",
+                "--config",
+                str(img / "config.yaml"),
+                "--set",
+                "optim.lr=0.5",
+                "--steps",
+                "2",
+                "--out",
+                str(img),
+                "--resume",
+            ],
+        )
+    )
     assert "cannot resume" in line and "optim" in line
     _corrupt_latest(img)
-    line = _one_line_error(runner.invoke(main, ["train", "--config", str(img / "config.yaml"), "--steps", "2",
-                                                "--out", str(img), "--resume"]))
+    line = _one_line_error(
+        runner.invoke(
+            main, ["train", "--config", str(img / "config.yaml"), "--steps", "2", "--out", str(img), "--resume"]
+        )
+    )
     assert "unreadable" in line

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -12,9 +10,22 @@ from click.testing import CliRunner
 
 from manifold_fm.cli import main
 
-TINY = ["--set", "train.steps=6", "--set", "model.hidden=16", "--set", "train.batch_size=32",
-        "--set", "eval.test_samples=20", "--set", "eval.likelihood_steps=2", "--set", "eval.steps=2",
-        "--set", "eval.plot_samples=50"]
+TINY = [
+    "--set",
+    "train.steps=6",
+    "--set",
+    "model.hidden=16",
+    "--set",
+    "train.batch_size=32",
+    "--set",
+    "eval.test_samples=20",
+    "--set",
+    "eval.likelihood_steps=2",
+    "--set",
+    "sample.steps=2",
+    "--set",
+    "eval.plot_samples=50",
+]
 
 
 def test_train_toy_sphere_geodesic_and_linear(tmp_path: Path) -> None:
@@ -31,15 +42,19 @@ def test_train_toy_sphere_geodesic_and_linear(tmp_path: Path) -> None:
     # an existing run is not overwritten without --resume; with --resume and more steps it continues
     res = runner.invoke(main, ["train", "--config", "toy-sphere", "--out", str(tmp_path / "geodesic"), *TINY])
     assert res.exit_code == 1 and "already holds a run" in res.output and "Traceback" not in res.output
-    res = runner.invoke(main, ["train", "--config", "toy-sphere", "--out", str(tmp_path / "geodesic"), "--resume",
-                               *TINY, "--steps", "8"])
+    res = runner.invoke(
+        main,
+        ["train", "--config", "toy-sphere", "--out", str(tmp_path / "geodesic"), "--resume", *TINY, "--steps", "8"],
+    )
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "geodesic" / "metrics.json").read_text())["train_steps"] == 8
     # a corrupt checkpoint is a one-line error, and nothing already written is lost
     latest = tmp_path / "geodesic" / "checkpoints" / "step_00000008" / "model.safetensors"
     latest.write_bytes(b"not a safetensors file")
-    res = runner.invoke(main, ["train", "--config", "toy-sphere", "--out", str(tmp_path / "geodesic"), "--resume",
-                               *TINY, "--steps", "10"])
+    res = runner.invoke(
+        main,
+        ["train", "--config", "toy-sphere", "--out", str(tmp_path / "geodesic"), "--resume", *TINY, "--steps", "10"],
+    )
     assert res.exit_code == 1 and "unreadable" in res.output and "Traceback" not in res.output
     assert (tmp_path / "geodesic" / "metrics.json").is_file()
 
@@ -50,7 +65,8 @@ def test_train_toy_sphere_geodesic_and_linear(tmp_path: Path) -> None:
         (["--config", "toy-sphere", "--set", "train.stepz=3"], "unknown config key 'train.stepz'"),
         (["--config", "toy-sphree"], "did you mean 'toy-sphere'"),
         (["--config", "toy-sphere", "--set", "data.name=moons"], "unknown toy dataset 'moons'"),
-        (["--config", "toy-sphere", "--set", "path=curved"], "path"),
+        (["--config", "toy-sphere", "--set", "flow.path=curved"], "flow.path: 'curved' is not one of"),
+        (["--config", "toy-sphere", "--set", "path=linear"], "unknown config key 'path'"),
     ],
 )
 def test_bad_configs_are_one_line_errors(args: list[str], message: str, tmp_path: Path) -> None:
@@ -59,27 +75,29 @@ def test_bad_configs_are_one_line_errors(args: list[str], message: str, tmp_path
     assert message in res.output and "Traceback" not in res.output
 
 
-def test_unknown_kind_and_default_run_dispatch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unknown_kind_and_dispatch_by_kind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = tmp_path / "weird.yaml"
     cfg.write_text("kind: audio\n")
     res = CliRunner().invoke(main, ["train", "--config", str(cfg)])
-    assert res.exit_code == 1 and "expected 'toy' or 'image'" in res.output
+    assert res.exit_code == 1 and "kind: 'audio' is not one of 'toy', 'image', 'default'" in res.output
     calls = []
-    fake = types.ModuleType("manifold_fm.training.default_run")
 
-    def run_default(out_dir, overrides):  # noqa: ANN001, ANN202
-        calls.append((out_dir, overrides))
-        return Path("runs/default")
+    def fake(name):  # noqa: ANN001, ANN202
+        def run(cfg, out_dir=None, resume=False):  # noqa: ANN001, ANN202
+            calls.append((name, type(cfg).__name__, cfg.train.steps, out_dir))
+            return Path(f"runs/{name}")
 
-    fake.run_default = run_default  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "manifold_fm.training.default_run", fake)
-    res = CliRunner().invoke(main, ["train", "--set", "train.steps=3", "--out", str(tmp_path / "d")])
-    assert res.exit_code == 0, res.output
-    assert calls == [(tmp_path / "d", ["train.steps=3"])]
+        return run
+
+    import manifold_fm.training.default_run as default_run
+    import manifold_fm.training.image as image
+
+    monkeypatch.setattr(default_run, "run_default", fake("default"))
+    monkeypatch.setattr(image, "train_image", fake("image"))
+    res = CliRunner().invoke(main, ["train", "--steps", "3", "--out", str(tmp_path / "d")])
+    assert res.exit_code == 0 and "runs/default" in res.output, res.output
     image_cfg = tmp_path / "img.yaml"
     image_cfg.write_text("kind: image\n")
-    fake_image = types.ModuleType("manifold_fm.training.image")
-    fake_image.train_image = lambda config, overrides, out_dir, resume: Path("runs/img")  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "manifold_fm.training.image", fake_image)
-    res = CliRunner().invoke(main, ["train", "--config", str(image_cfg)])
-    assert res.exit_code == 0 and "runs/img" in res.output
+    res = CliRunner().invoke(main, ["train", "--config", str(image_cfg), "--path", "linear"])
+    assert res.exit_code == 0 and "runs/image" in res.output, res.output
+    assert calls == [("default", "DefaultRunConfig", 3, tmp_path / "d"), ("image", "ImageRunConfig", 1000, None)]

@@ -1,30 +1,53 @@
-"""The strict config loader: typed values, dotted overrides, one-line errors naming the key."""
+"""The strict config loader: typed values, dotted overrides, one-line errors naming the key; the run schema."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import pytest
+from pydantic import Field, field_validator
 
-from manifold_fm.config import ConfigError, apply_overrides, from_dict, load_config, save_config, to_dict
+from manifold_fm.config import (
+    ConfigError,
+    Section,
+    StrictBool,
+    apply_overrides,
+    builtin_configs,
+    load_config,
+    save_config,
+    to_dict,
+    validate,
+)
+from manifold_fm.training.schema import (
+    KINDS,
+    DefaultRunConfig,
+    ImageRunConfig,
+    ToyRunConfig,
+    image_run_config,
+    load_run_config,
+)
 
 
-@dataclass
-class Opt:
+class Opt(Section):
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
 
+    @field_validator("lr")
+    @classmethod
+    def _positive(cls, lr: float) -> float:
+        if lr <= 0:
+            raise ValueError("must be positive")
+        return lr
 
-@dataclass
-class Cfg:
+
+class Cfg(Section):
     name: str
     steps: int = 10
     path: Literal["geodesic", "linear"] = "geodesic"
-    opt: Opt = field(default_factory=Opt)
+    opt: Opt = Field(default_factory=Opt)
     out: Path | None = None
-    flag: bool = False
+    flag: StrictBool = False
 
 
 def test_nested_typed_load_and_overrides(tmp_path):
@@ -47,11 +70,14 @@ def test_nested_typed_load_and_overrides(tmp_path):
         ({"name": "a", "flag": "yes"}, "flag: expected true or false"),
         ({"steps": 3}, "missing required config key 'name'"),
         ({"name": "a", "opt": 3}, "opt: expected a section"),
+        ({"name": "a", "opt": {"lr": -1}}, "opt.lr: must be positive"),
+        ({"name": "a", "opt": {"betas": [0.9]}}, "opt.betas: too few values"),
+        ({"name": "a", "steps": 2.5}, "steps: expected an integer, got 2.5"),
     ],
 )
 def test_errors_name_the_key(data, message):
     with pytest.raises(ConfigError) as info:
-        from_dict(Cfg, data)
+        validate(Cfg, data)
     assert message in str(info.value)
     assert "\n" not in str(info.value)
 
@@ -71,3 +97,48 @@ def test_override_and_file_errors(tmp_path):
     lst.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):
         load_config(Cfg, lst)
+
+
+def test_every_builtin_config_loads_as_its_kind_and_round_trips(tmp_path):
+    for name in builtin_configs():
+        cfg = load_run_config(name)
+        assert type(cfg) is KINDS[cfg.kind]
+        save_config(cfg, tmp_path / f"{name}.yaml")
+        assert load_run_config(tmp_path / f"{name}.yaml") == cfg
+
+
+def test_the_kinds_share_their_sections():
+    """model, flow, optim, train and sample are one class each, whatever the kind: a key means the same everywhere."""
+    for section in ("model", "flow", "optim", "train", "sample"):
+        classes = {kind.model_fields[section].annotation for kind in (ToyRunConfig, ImageRunConfig, DefaultRunConfig)}
+        assert len(classes) == 1, (section, classes)
+
+
+@pytest.mark.parametrize(
+    ("source", "overrides", "message"),
+    [
+        ("toy-sphere", ["flow.latent=spherical"], "flow.latent: applies to latent-image runs"),
+        ("toy-sphere", ["model.arch=SiT-B/2"], "model.arch: toy runs train arch 'mlp'"),
+        ("image-builtin", ["model.hidden=32"], "model.hidden: applies to arch 'mlp' only"),
+        ("image-builtin", ["sample.method=eular"], "sample.method: unknown solver 'eular'"),
+        ("image-builtin", ["sample.method=dopri5", "sample.transport=ambient"], "sample.transport: 'ambient' applies"),
+        ("default", ["modes=[spherical, shell]"], "modes: must be a non-empty list of spherical, linear"),
+        ("default", ["flow.path=linear"], "flow: the default run's flows are its modes"),
+        ("default", ["train.mixed_precision=true"], "train.mixed_precision: expected one of"),
+        ({"kind": "audio"}, [], "kind: 'audio' is not one of 'toy', 'image', 'default'"),
+    ],
+)
+def test_run_schema_refuses_bad_combinations_in_one_line(source, overrides, message):
+    with pytest.raises(ConfigError) as info:
+        load_run_config(source, overrides)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_default_run_modes_are_image_runs_with_the_shared_sections():
+    cfg = load_run_config("default", ["train.steps=7", "optim.lr=0.01", "sample.steps=3"])
+    for mode, path, latent in (("spherical", "geodesic", "spherical"), ("linear", "linear", "vanilla")):
+        run = image_run_config(cfg, mode, Path("/d.safetensors"))
+        assert (run.flow.path, run.flow.resolved_latent, run.flow.preset) == (path, latent, mode)
+        assert run.train.steps == 7 and run.optim.lr == 0.01 and run.sample.steps == 3 and run.model == cfg.model
+        assert (run.tokenizer.decoder_state is not None) == (mode == "spherical")
+        assert load_config(ImageRunConfig, to_dict(run)) == run  # what load_run reads back from a checkpoint

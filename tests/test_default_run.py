@@ -10,17 +10,29 @@ from click.testing import CliRunner
 
 from manifold_fm.cli import main
 from manifold_fm.config import ConfigError
-from manifold_fm.training.default_run import DefaultRunConfig, format_table, translate_default_overrides
+from manifold_fm.training.default_report import format_table
+from manifold_fm.training.schema import load_run_config
 
-SHRINK = ["per_class=3", "test_per_class=2", "finetune_steps=2", "finetune_batch_size=4", "classifier_steps=3",
-          "steps=4", "batch_size=12", "num_samples=24", "eval_every=2", "eval_samples=12", "sample_steps=2",
-          "threads=1"]
+SHRINK = [
+    "data.per_class=3",
+    "data.test_per_class=2",
+    "finetune.steps=2",
+    "finetune.batch_size=4",
+    "eval.classifier_steps=3",
+    "train.steps=4",
+    "train.batch_size=12",
+    "eval.num_samples=24",
+    "train.eval_every=2",
+    "eval.samples=12",
+    "sample.steps=2",
+    "train.threads=1",
+]
 
 
 def test_default_run_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "default"
     args = ["train", "--out", str(out)]
-    for item in [*SHRINK, f"cache_dir={tmp_path / 'cache'}"]:
+    for item in [*SHRINK, f"tokenizer.cache_dir={tmp_path / 'cache'}"]:
         args += ["--set", item]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
@@ -31,32 +43,63 @@ def test_default_run_end_to_end(tmp_path: Path) -> None:
     assert lin["on_sphere_error_max"] > 1e-3  # the linear baseline's tokens are not constrained
     for r in (sph, lin):
         assert r["fd_builtin_classifier"] >= 0 and 0 <= r["classifier_accuracy"] <= 1 and r["steps"] == 4
-    assert set(results["references"]) >= {"real held-out images", "reconstructions (base decoder)",
-                                          "reconstructions (spherical, finetuned decoder)"}
-    for f in ["spherical/grid.png", "linear/grid.png", "metrics_over_steps.png", "reconstructions.png",
-              "results.md", "spherical_decoder.safetensors", "config.yaml"]:
+    assert set(results["references"]) >= {
+        "real held-out images",
+        "reconstructions (base decoder)",
+        "reconstructions (spherical, finetuned decoder)",
+    }
+    for f in [
+        "spherical/grid.png",
+        "linear/grid.png",
+        "metrics_over_steps.png",
+        "reconstructions.png",
+        "results.md",
+        "spherical_decoder.safetensors",
+        "config.yaml",
+    ]:
         assert (out / f).is_file(), f
     # Metrics over steps: an evaluation at step 2 was logged for each mode.
     for mode in ("spherical", "linear"):
-        steps = [json.loads(line)["step"] for line in (out / mode / "metrics.jsonl").read_text().splitlines()
-                 if "fd_builtin_classifier" in line]
+        steps = [
+            json.loads(line)["step"]
+            for line in (out / mode / "metrics.jsonl").read_text().splitlines()
+            if "fd_builtin_classifier" in line
+        ]
         assert steps == [2]
+    # the modes are image runs: `sample` loads them; a second run into the same folder is refused, nothing touched
+    before = (out / "results.json").read_bytes()
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 1 and "already holds a default run" in again.output
+    assert (out / "results.json").read_bytes() == before
 
 
 def test_default_overrides_and_errors() -> None:
-    assert translate_default_overrides(["train.steps=9", "path=geodesic", "lr=1"]) == [
-        "steps=9", "modes=[spherical]", "lr=1"]
+    cfg = load_run_config("default", ["train.steps=9", "modes=[linear]", "optim.lr=1"])
+    assert cfg.train.steps == 9 and cfg.modes == ["linear"] and cfg.optim.lr == 1
     with pytest.raises(ConfigError, match="modes"):
-        DefaultRunConfig(modes=["slerp"])
+        load_run_config("default", ["modes=[slerp]"])
     result = CliRunner().invoke(main, ["train", "--set", "stepz=3"])
     assert result.exit_code != 0 and "unknown config key 'stepz'" in result.output
+    result = CliRunner().invoke(main, ["train", "--set", "train.stepz=3"])
+    assert result.exit_code != 0 and "unknown config key 'train.stepz' (did you mean 'train.steps'?)" in result.output
+    result = CliRunner().invoke(main, ["train", "--resume"])
+    assert result.exit_code != 0 and "cannot be resumed yet" in result.output
 
 
 def test_format_table_rows() -> None:
-    row = {"fd_builtin_classifier": 1.5, "classifier_accuracy": 0.5, "on_sphere_error_max": 1e-7, "train_s": 10,
-           "sample_s_per_image": 0.002}
-    table = format_table({"modes": {"spherical": row, "linear": {**row, "on_sphere_error_max": 0.4}},
-                          "references": {"real held-out images": {"fd_builtin_classifier": 0.1}}})
+    row = {
+        "fd_builtin_classifier": 1.5,
+        "classifier_accuracy": 0.5,
+        "on_sphere_error_max": 1e-7,
+        "train_s": 10,
+        "sample_s_per_image": 0.002,
+    }
+    table = format_table(
+        {
+            "modes": {"spherical": row, "linear": {**row, "on_sphere_error_max": 0.4}},
+            "references": {"real held-out images": {"fd_builtin_classifier": 0.1}},
+        }
+    )
     lines = table.splitlines()
     assert lines[2].startswith("| spherical | 1.500 | 0.500 | 1.0e-07 | 10 s | 2.0 ms |")
     assert "(0.40)" in lines[3] and lines[4].startswith("| real held-out images | 0.100 | - |")

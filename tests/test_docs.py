@@ -109,6 +109,18 @@ PUBLIC_MODULES = [
     "manifold_fm.models",
     "manifold_fm.tokenizers",
     "manifold_fm.data.toy",
+    "manifold_fm.data.sources",
+    "manifold_fm.flow",
+    "manifold_fm.sampler",
+    "manifold_fm.config",
+    "manifold_fm.seeding",
+    "manifold_fm.eval.image_io",
+    "manifold_fm.eval.plots",
+    "manifold_fm.eval.sample_quality",
+    "manifold_fm.training.schema",
+    "manifold_fm.training.trainer",
+    "manifold_fm.training.builders",
+    "manifold_fm.training.runs",
     "manifold_fm.training.toy",
 ]
 

@@ -12,11 +12,15 @@ from torch import Tensor, nn
 
 from manifold_fm.cli import main
 from manifold_fm.config import ConfigError
+from manifold_fm.data.sources import TensorSource
 from manifold_fm.models.sit import SiT
+from manifold_fm.training.builders import preset_flow
 from manifold_fm.training.image import train_image
-from manifold_fm.training.image_config import load_image_config
-from manifold_fm.training.logging import read_jsonl
-from manifold_fm.training.trainer import FlowTrainer, TensorLatents, make_flow
+from manifold_fm.training.metrics_log import read_jsonl
+from manifold_fm.training.schema import load_image_config
+from manifold_fm.training.trainer import Trainer
+
+PATH = {"spherical": "geodesic", "linear": "linear"}
 
 LATENT_CFG = ["tokenizer.kind=none", "data.source=latents", "data.latents=unused", "train.log_every=1"]
 
@@ -24,16 +28,20 @@ LATENT_CFG = ["tokenizer.kind=none", "data.source=latents", "data.latents=unused
 def test_config_rejects_unknown_keys_and_bad_values_naming_the_key() -> None:
     with pytest.raises(ConfigError, match=r"unknown config key 'train.stepz' \(did you mean 'train.steps'\?\)"):
         load_image_config("image-builtin", ["train.stepz=3"])
-    with pytest.raises(ConfigError, match=r"flow.mode: 'slerp' is not one of"):
-        load_image_config("image-builtin", ["flow.mode=slerp"])
+    with pytest.raises(ConfigError, match=r"flow.path: 'slerp' is not one of 'geodesic', 'linear'"):
+        load_image_config("image-builtin", ["flow.path=slerp"])
+    with pytest.raises(ConfigError, match=r"flow: latent 'spherical' with path 'linear' is an ablation arm"):
+        load_image_config("image-builtin", ["flow.path=linear", "flow.latent=spherical"])
+    with pytest.raises(ConfigError, match=r"model.arch: image runs train a SiT"):
+        load_image_config("image-builtin", ["model.arch=mlp"])
     with pytest.raises(ConfigError, match=r"model.arch: unknown SiT config 'SiT-Q/2'"):
         load_image_config("image-builtin", ["model.arch=SiT-Q/2"])
-    with pytest.raises(ConfigError, match=r"train.class_dropout: must be in \[0, 1\)"):
+    with pytest.raises(ConfigError, match=r"train.class_dropout: input should be less than 1, got 1.5"):
         load_image_config("image-builtin", ["train.class_dropout=1.5"])
     with pytest.raises(ConfigError, match="data.latents: required"):
         load_image_config(None, ["data.source=latents"])
-    cfg = load_image_config("image-builtin", ["path=linear", "optim.betas=[0.9, 0.95]"])
-    assert cfg.flow.mode == "linear" and cfg.optim.betas == (0.9, 0.95)
+    cfg = load_image_config("image-builtin", ["flow.path=linear", "optim.betas=[0.9, 0.95]"])
+    assert cfg.flow.preset == "linear" and cfg.flow.resolved_latent == "vanilla" and cfg.optim.betas == (0.9, 0.95)
 
 
 class RadialModel(nn.Module):
@@ -49,17 +57,27 @@ class RadialModel(nn.Module):
         return self.alpha * x
 
 
-def _trainer(tmp_path: Path, model: nn.Module, mode: str, data: TensorLatents, *extra: str) -> FlowTrainer:
-    cfg = load_image_config(None, [*LATENT_CFG, f"flow.mode={mode}", "train.batch_size=16", *extra])
-    return FlowTrainer(model, make_flow(mode, data.latents.shape[1]), data, cfg, tmp_path, null_class=3,
-                       device="cpu", progress=False)
+def _trainer(tmp_path: Path, model: nn.Module, mode: str, data: TensorSource, *extra: str) -> Trainer:
+    cfg = load_image_config(None, [*LATENT_CFG, f"flow.path={PATH[mode]}", "train.batch_size=16", *extra])
+    return Trainer(
+        model,
+        preset_flow(mode, data.data.shape[1]),
+        data,
+        cfg.train,
+        cfg.optim,
+        tmp_path,
+        null_class=3,
+        device="cpu",
+        progress=False,
+    )
 
 
 def test_spherical_loss_ignores_the_normal_component_and_linear_does_not(tmp_path: Path) -> None:
-    data = TensorLatents(torch.randn(32, 5, 3, 3, dtype=torch.float32), torch.arange(32) % 3)
-    x1, y = data.latents[:16], data.labels[:16]
-    sph = [_trainer(tmp_path, RadialModel(a), "spherical", data).loss_on(RadialModel(a), x1, y, step=7)
-           for a in (0.0, 2.5)]
+    data = TensorSource(torch.randn(32, 5, 3, 3, dtype=torch.float32), torch.arange(32) % 3)
+    x1, y = data.data[:16], data.labels[:16]
+    sph = [
+        _trainer(tmp_path, RadialModel(a), "spherical", data).loss_on(RadialModel(a), x1, y, step=7) for a in (0.0, 2.5)
+    ]
     # Independent reference: with a zero prediction the loss is the mean squared target |u_t|^2 = (R w)^2 per token.
     trainer = _trainer(tmp_path, RadialModel(0.0), "spherical", data)
     g = trainer._step_generator(7)
@@ -73,16 +91,17 @@ def test_spherical_loss_ignores_the_normal_component_and_linear_does_not(tmp_pat
     expected = ((5**0.5 * w) ** 2).sum(dim=(1, 2)) / (5 * 9)
     assert torch.allclose(sph[0].double(), expected.mean(), rtol=1e-4)
     assert torch.allclose(sph[0], sph[1], rtol=1e-5)
-    lin = [_trainer(tmp_path, RadialModel(a), "linear", data).loss_on(RadialModel(a), x1, y, step=7)
-           for a in (0.0, 2.5)]
+    lin = [
+        _trainer(tmp_path, RadialModel(a), "linear", data).loss_on(RadialModel(a), x1, y, step=7) for a in (0.0, 2.5)
+    ]
     assert abs(lin[0].item() - lin[1].item()) > 0.1
 
 
 def test_class_dropout_rate_and_null_label(tmp_path: Path) -> None:
-    data = TensorLatents(torch.randn(4000, 2, 1, 1), torch.arange(4000) % 3)
+    data = TensorSource(torch.randn(4000, 2, 1, 1), torch.arange(4000) % 3)
     model = RadialModel(1.0)
     trainer = _trainer(tmp_path, model, "linear", data, "train.class_dropout=0.25")
-    trainer.loss_on(model, data.latents, data.labels, step=0)
+    trainer.loss_on(model, data.data, data.labels, step=0)
     y = model.seen_labels[-1]
     dropped = y == 3
     assert abs(dropped.float().mean().item() - 0.25) < 0.03
@@ -95,11 +114,22 @@ def test_training_lowers_the_loss(tmp_path: Path, mode: str) -> None:
     # Two classes of fixed latents: an easy target the flow should fit quickly.
     protos = torch.randn(2, 4, 2, 2, generator=g)
     labels = torch.arange(64) % 2
-    data = TensorLatents(protos[labels] + 0.05 * torch.randn(64, 4, 2, 2, generator=g), labels)
+    data = TensorSource(protos[labels] + 0.05 * torch.randn(64, 4, 2, 2, generator=g), labels)
     model = SiT(input_size=2, patch_size=1, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=2)
-    cfg = load_image_config(None, [*LATENT_CFG, f"flow.mode={mode}", "train.batch_size=32", "train.steps=80",
-                                   "optim.lr=3e-3", "train.checkpoint_every=1000"])
-    FlowTrainer(model, make_flow(mode, 4), data, cfg, tmp_path, null_class=2, device="cpu", progress=False).fit()
+    cfg = load_image_config(
+        None,
+        [
+            *LATENT_CFG,
+            f"flow.path={PATH[mode]}",
+            "train.batch_size=32",
+            "train.steps=80",
+            "optim.lr=3e-3",
+            "train.checkpoint_every=1000",
+        ],
+    )
+    Trainer(
+        model, preset_flow(mode, 4), data, cfg.train, cfg.optim, tmp_path, null_class=2, device="cpu", progress=False
+    ).fit()
     losses = [r["loss"] for r in read_jsonl(tmp_path / "metrics.jsonl")]
     assert len(losses) == 80
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
@@ -108,17 +138,36 @@ def test_training_lowers_the_loss(tmp_path: Path, mode: str) -> None:
 
 def test_train_image_end_to_end_through_the_cli(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    args = ["train", "--config", "image-builtin", "--out", str(out), "--steps", "4",
-            "--set", "data.per_class=2", "--set", "train.batch_size=8", "--set", "train.sample_every=2",
-            "--set", "train.checkpoint_every=2", "--set", "sample.steps=2", "--set", "sample.grid_per_class=1",
-            "--set", "train.log_every=1"]
+    args = [
+        "train",
+        "--config",
+        "image-builtin",
+        "--out",
+        str(out),
+        "--steps",
+        "4",
+        "--set",
+        "data.per_class=2",
+        "--set",
+        "train.batch_size=8",
+        "--set",
+        "train.sample_every=2",
+        "--set",
+        "train.checkpoint_every=2",
+        "--set",
+        "sample.steps=2",
+        "--set",
+        "sample.grid_per_class=1",
+        "--set",
+        "train.log_every=1",
+    ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert (out / "config.yaml").is_file()
     assert (out / "samples" / "step_00000002.png").is_file() and (out / "samples" / "step_00000004.png").is_file()
     records = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3, 4]
-    assert all(r["images_per_s"] > 0 and r["loss"] > 0 for r in records)
+    assert all(r["samples_per_s"] > 0 and r["loss"] > 0 for r in records)
     meta = json.loads((out / "checkpoints" / "step_00000004" / "meta.json").read_text())
     assert meta["latent_shape"] == [16, 8, 8] and meta["num_classes"] == 12 and meta["flow"] == "spherical"
     assert (out / "checkpoints" / "step_00000004" / "ema.safetensors").is_file()
@@ -126,18 +175,32 @@ def test_train_image_end_to_end_through_the_cli(tmp_path: Path) -> None:
     again = CliRunner().invoke(main, [*args, "--resume"])
     assert again.exit_code == 0, again.output
     bad = CliRunner().invoke(main, ["train", "--config", "image-builtin", "--out", str(out), "--set", "optim.lr=-1"])
-    assert bad.exit_code != 0 and "optim.lr: must be positive" in bad.output
+    assert bad.exit_code != 0 and "optim.lr: input should be greater than 0, got -1" in bad.output
+    # without --resume an existing run is not overwritten
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 1 and "already holds a run" in again.output and "Traceback" not in again.output
 
 
 def test_train_image_on_a_latent_cache(tmp_path: Path) -> None:
-    from manifold_fm.data.images import BuiltinImages
+    from manifold_fm.data.builtin_images import BuiltinImages
     from manifold_fm.data.latents import extract_latents
     from manifold_fm.tokenizers import builtin_tokenizer
 
-    extract_latents(builtin_tokenizer(), BuiltinImages("train", per_class=1), tmp_path / "cache", batch_size=12,
-                    progress=False)
-    ckpt = train_image("image-builtin", ["data.source=latents", f"data.latents={tmp_path / 'cache'}",
-                                         "train.steps=2", "train.batch_size=8", "train.sample_every=null",
-                                         "flow.mode=linear"], tmp_path / "run", progress=False)
+    extract_latents(
+        builtin_tokenizer(), BuiltinImages("train", per_class=1), tmp_path / "cache", batch_size=12, progress=False
+    )
+    ckpt = train_image(
+        "image-builtin",
+        [
+            "data.source=latents",
+            f"data.latents={tmp_path / 'cache'}",
+            "train.steps=2",
+            "train.batch_size=8",
+            "train.sample_every=null",
+            "flow.path=linear",
+        ],
+        tmp_path / "run",
+        progress=False,
+    )
     meta = json.loads((ckpt / "meta.json").read_text())
     assert meta["latent_shape"] == [16, 8, 8] and meta["num_classes"] == 12 and meta["step"] == 2

@@ -14,16 +14,17 @@ import pytest
 import yaml
 
 from manifold_fm.config import ConfigError, load_config, to_dict
-from manifold_fm.training.image_config import ImageRunConfig, load_image_config
+from manifold_fm.training.schema import ImageRunConfig, load_image_config
 
 ROOT = Path(__file__).resolve().parent.parent
 EXP = ROOT / "experiments" / "imagenet_sfm"
 CONFIGS = sorted((EXP / "configs").glob("*.yaml"))
 IMAGENET_TRAIN_IMAGES = 1_281_167
 # The only keys by which a linear run and its spherical partner may differ: the method itself (path + prior +
-# loss projection + sampler all follow flow.mode), the decoder finetuned to decode projected tokens, and the run name.
+# latent space + loss projection + sampler all follow flow.path), the decoder finetuned to decode projected tokens,
+# and the run name.
 # Both read the same latent cache (spherical runs project its denormalised latents).
-METHOD_KEYS = {"name", "flow.mode", "tokenizer.decoder_state"}
+METHOD_KEYS = {"name", "flow.path", "tokenizer.decoder_state"}
 
 
 def _load_script(name: str) -> Any:
@@ -104,7 +105,8 @@ def test_pair_differs_only_in_method_keys(lin: Path, sph: Path) -> None:
     assert set(a) == set(b)
     differing = {k for k in a if a[k] != b[k]}
     assert differing <= METHOD_KEYS, f"{lin.name} vs {sph.name} also differ in {sorted(differing - METHOD_KEYS)}"
-    assert (a["flow.mode"], b["flow.mode"]) == ("linear", "spherical")
+    assert (a["flow.path"], b["flow.path"]) == ("linear", "geodesic")
+    assert (load_image_config(lin).flow.preset, load_image_config(sph).flow.preset) == ("linear", "spherical")
     # The linear baseline decodes with the tokenizer's own decoder; spherical with the finetuned one, trained on the
     # projected tokens of the same tokenizer; one cache serves both.
     assert a["tokenizer.decoder_state"] is None and b["tokenizer.decoder_state"] is not None
@@ -179,5 +181,12 @@ def test_readme_commands_match_the_cli_and_scripts() -> None:
             seen.add(Path(words[1]).name)
         elif words[0] != "mv":
             raise AssertionError(f"unexpected README command {words}")
-    assert {"finetune-decoder", "extract-latents", "prepare_imagenet", "latent_stats", "train.sh",
-            "sample_eval.sh", "gpu_check.sh"} <= seen
+    assert {
+        "finetune-decoder",
+        "extract-latents",
+        "prepare_imagenet",
+        "latent_stats",
+        "train.sh",
+        "sample_eval.sh",
+        "gpu_check.sh",
+    } <= seen

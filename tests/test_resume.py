@@ -7,11 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from manifold_fm.config import to_dict
+from manifold_fm.data.sources import StepIndexer, TensorSource
 from manifold_fm.models.sit import SiT
+from manifold_fm.training.builders import preset_flow
 from manifold_fm.training.checkpoint import load_checkpoint
-from manifold_fm.training.image_config import load_image_config
-from manifold_fm.training.logging import read_jsonl
-from manifold_fm.training.trainer import FlowTrainer, StepIndexer, TensorLatents, TrainingError, make_flow
+from manifold_fm.training.metrics_log import read_jsonl
+from manifold_fm.training.schema import load_image_config
+from manifold_fm.training.trainer import Hook, Trainer, TrainingError
 
 
 class Interrupt(Exception):
@@ -20,35 +23,58 @@ class Interrupt(Exception):
 
 def _cfg(steps: int, **extra: object) -> object:
     overrides = [
-        f"train.steps={steps}", "train.batch_size=8", "train.checkpoint_every=2", "train.log_every=1",
-        "train.class_dropout=0.3", "train.ema_decay=0.9", "optim.lr=3e-3", "optim.warmup_steps=3",
-        "optim.grad_clip=0.5", "tokenizer.kind=none", "data.source=latents", "data.latents=unused",
+        f"train.steps={steps}",
+        "train.batch_size=8",
+        "train.checkpoint_every=2",
+        "train.log_every=1",
+        "train.class_dropout=0.3",
+        "train.ema_decay=0.9",
+        "optim.lr=3e-3",
+        "optim.warmup_steps=3",
+        "optim.grad_clip=0.5",
+        "tokenizer.kind=none",
+        "data.source=latents",
+        "data.latents=unused",
         "train.keep_checkpoints=null",
     ] + [f"{k}={v}" for k, v in extra.items()]
     return load_image_config(None, overrides)
 
 
-def _data() -> TensorLatents:
+def _data() -> TensorSource:
     g = torch.Generator().manual_seed(1)
     # 20 items with batch 8: 2 batches per epoch, so 8 steps cross 3 epoch boundaries (reshuffles).
-    return TensorLatents(torch.randn(20, 4, 4, 4, generator=g), torch.arange(20) % 3)
+    return TensorSource(torch.randn(20, 4, 4, 4, generator=g), torch.arange(20) % 3)
 
 
 def _model() -> SiT:
     return SiT(input_size=4, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=3)
 
 
-def _run(out: Path, steps: int, mode: str, resume: bool = False, stop_at: int | None = None) -> FlowTrainer:
-    cfg = _cfg(steps, **{"flow.mode": mode})
+def _trainer(out: Path, steps: int, mode: str, hooks: list[Hook] | None = None) -> Trainer:
+    cfg = _cfg(steps, **{"flow.path": {"spherical": "geodesic", "linear": "linear"}[mode]})
+    plain = to_dict(cfg)
+    torch.manual_seed(0)  # the same initial weights in every run (as train_image seeds before building)
+    return Trainer(
+        _model(),
+        preset_flow(mode, 4),
+        _data(),
+        cfg.train,
+        cfg.optim,
+        out,
+        null_class=3,
+        device="cpu",
+        hooks=hooks or [],
+        fingerprint={k: plain[k] for k in ("model", "flow", "data", "optim")},
+        progress=False,
+    )
 
+
+def _run(out: Path, steps: int, mode: str, resume: bool = False, stop_at: int | None = None) -> Trainer:
     def hook(step: int, model: torch.nn.Module) -> None:
         if stop_at is not None and step == stop_at:
             raise Interrupt
 
-    torch.manual_seed(0)  # the same initial weights in every run (as train_image seeds before building)
-    trainer = FlowTrainer(_model(), make_flow(mode, 4), _data(), cfg, out, null_class=3, device="cpu",
-                          on_sample=hook, progress=False)
-    trainer.cfg.train.sample_every = 1
+    trainer = _trainer(out, steps, mode, [Hook(1, hook)])
     try:
         trainer.fit(resume=resume)
     except Interrupt:
@@ -86,11 +112,10 @@ def test_interrupted_and_resumed_run_is_bitwise_identical(tmp_path: Path, mode: 
 
 def test_resume_refuses_a_changed_model_or_flow(tmp_path: Path) -> None:
     _run(tmp_path, 2, "spherical")
-    cfg = _cfg(4, **{"flow.mode": "linear"})
-    trainer = FlowTrainer(_model(), make_flow("linear", 4), _data(), cfg, tmp_path, null_class=3, device="cpu",
-                          progress=False)
     with pytest.raises(TrainingError, match="flow differ"):
-        trainer.fit(resume=True)
+        _trainer(tmp_path, 4, "linear").fit(resume=True)
+    with pytest.raises(TrainingError, match="already holds a run"):  # nothing is overwritten without --resume
+        _trainer(tmp_path, 4, "spherical").fit()
 
 
 def test_resume_without_checkpoint_starts_fresh(tmp_path: Path) -> None:

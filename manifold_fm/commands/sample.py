@@ -15,10 +15,21 @@ from ..atomic import write_json_atomic
 
 @click.command("sample")
 @click.argument("run", type=click.Path(path_type=Path))
-@click.option("--num", "num_samples", type=click.IntRange(min=1), default=64, show_default=True,
-              help="Number of samples (classes cycle 0, 1, ..., so every class appears equally often).")
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
-              help="Output folder (default: RUN/samples-<step>).")
+@click.option(
+    "--num",
+    "num_samples",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help="Number of samples (classes cycle 0, 1, ..., so every class appears equally often).",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Output folder (default: RUN/samples-<step>).",
+)
 @click.option("--method", default=None, help="Solver: euler, heun, midpoint, rk4, dopri5, ... (default: run config).")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Solver steps (default: run config).")
 @click.option("--cfg-scale", type=float, default=None, help="Classifier-free guidance scale (1 = off).")
@@ -30,18 +41,33 @@ from ..atomic import write_json_atomic
 @click.option("--npz/--no-npz", default=True, show_default=True, help="Write samples.npz (uint8 NHWC, ADM layout).")
 @click.option("--ema/--no-ema", default=True, show_default=True, help="Use the EMA weights.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: this process's accelerate device).")
-def sample(run: Path, num_samples: int, out_dir: Path | None, method: str | None, steps: int | None,
-           cfg_scale: float | None, cfg_interval: tuple[float, float] | None, class_id: int | None, seed: int,
-           batch_size: int, grid: bool, npz: bool, ema: bool, device: str | None) -> None:
+def sample(
+    run: Path,
+    num_samples: int,
+    out_dir: Path | None,
+    method: str | None,
+    steps: int | None,
+    cfg_scale: float | None,
+    cfg_interval: tuple[float, float] | None,
+    class_id: int | None,
+    seed: int,
+    batch_size: int,
+    grid: bool,
+    npz: bool,
+    ema: bool,
+    device: str | None,
+) -> None:
     """Sample RUN (a `manifold-fm train` output folder or one of its checkpoints)."""
     import numpy as np
     import torch
     from accelerate import PartialState
 
-    from ..config import ConfigError
-    from ..eval.sampling import SamplerSpec, load_run, merge_shards, sample_run, save_image_grid, save_npz, to_uint8
+    from ..config import ConfigError, validate
+    from ..eval.image_io import merge_shards, save_image_grid, save_npz, to_uint8
     from ..manifolds import ManifoldError
+    from ..sampler import SamplerSpec
     from ..training.checkpoint import CheckpointError
+    from ..training.runs import load_run, sample_run
 
     if not (grid or npz):
         raise click.UsageError("nothing to write: pass --grid and/or --npz")
@@ -49,10 +75,14 @@ def sample(run: Path, num_samples: int, out_dir: Path | None, method: str | None
     dev = device or str(state.device)
     try:
         loaded = load_run(run, use_ema=ema, device=dev, progress=state.is_main_process)
-        sc = loaded.cfg.sample
-        spec = SamplerSpec(method=method or sc.method, steps=steps or sc.steps,
-                           cfg_scale=sc.cfg_scale if cfg_scale is None else cfg_scale,
-                           cfg_interval=cfg_interval if cfg_interval is not None else sc.cfg_interval)
+        chosen = {"method": method, "steps": steps, "cfg_scale": cfg_scale, "cfg_interval": cfg_interval}
+        spec = validate(
+            SamplerSpec,
+            {
+                **loaded.cfg.sample.model_dump(include=set(SamplerSpec.model_fields)),
+                **{k: v for k, v in chosen.items() if v is not None},
+            },
+        )
         labels = None
         if class_id is not None:
             if not 0 <= class_id < loaded.num_classes:
@@ -60,9 +90,17 @@ def sample(run: Path, num_samples: int, out_dir: Path | None, method: str | None
             labels = torch.full((num_samples,), class_id, dtype=torch.long)
         if loaded.decoder is None:
             raise ValueError("this run has no tokenizer (tokenizer.kind: none), so its latents cannot be decoded")
-        idx, lab, images = sample_run(loaded, num_samples, spec, seed=seed, batch_size=batch_size, labels=labels,
-                                      rank=state.process_index, world_size=state.num_processes,
-                                      progress=state.is_main_process)
+        idx, lab, images = sample_run(
+            loaded,
+            num_samples,
+            spec,
+            seed=seed,
+            batch_size=batch_size,
+            labels=labels,
+            rank=state.process_index,
+            world_size=state.num_processes,
+            progress=state.is_main_process,
+        )
     except (ConfigError, ManifoldError, CheckpointError, FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     out = out_dir or (Path(run) / f"samples-{loaded.step:08d}")
@@ -89,9 +127,18 @@ def sample(run: Path, num_samples: int, out_dir: Path | None, method: str | None
         for f in shards.glob("part_*.npz"):
             f.unlink()
         shards.rmdir()
-    info = {"run": str(run), "step": loaded.step, "num_samples": int(arr.shape[0]), "method": spec.method,
-            "steps": spec.steps, "cfg_scale": spec.cfg_scale, "cfg_interval": spec.cfg_interval, "seed": seed,
-            "ema": ema, "flow": loaded.flow.mode}
+    info = {
+        "run": str(run),
+        "step": loaded.step,
+        "num_samples": int(arr.shape[0]),
+        "method": spec.method,
+        "steps": spec.steps,
+        "cfg_scale": spec.cfg_scale,
+        "cfg_interval": spec.cfg_interval,
+        "seed": seed,
+        "ema": ema,
+        "flow": loaded.flow.name,
+    }
     write_json_atomic(out / "sample_info.json", info)
     for path in written:
         click.echo(str(path))

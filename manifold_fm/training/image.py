@@ -1,11 +1,13 @@
-"""Image flow training: tokenizer + latents + SiT + :class:`~manifold_fm.training.trainer.FlowTrainer`.
+"""Latent-image runs (``kind: image``): tokenizer + latents + SiT, trained by the one
+:class:`~manifold_fm.training.trainer.Trainer`.
 
 ``train_image(config, overrides, out_dir, resume)`` is what ``manifold-fm train --config <kind: image YAML>`` runs.
 A run folder holds ``config.yaml``, ``checkpoints/``, ``metrics.jsonl`` and ``samples/step_XXXXXXXX.png`` grids.
 
-Which latents each mode trains on: linear runs the normalised latents (``tokenizer.encode``, or a cache as stored);
-spherical runs the raw encoder output projected per token (``SphericalTokenizer.encode``; a cache is read
-denormalised with its manifest's normalisation), so one cache serves both modes. The checkpoint meta records the
+Which latents each flow trains on: vanilla-latent runs (the linear baseline) the normalised latents
+(``tokenizer.encode``, or a cache as stored); spherical-latent runs the raw encoder output projected per token
+(``SphericalTokenizer.encode``; a cache is read denormalised with its manifest's normalisation), so one cache serves
+both. The checkpoint meta records the
 generated latents' normalisation (``latent_normalization``), which grids and ``manifold-fm sample`` decode with.
 """
 
@@ -19,10 +21,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..config import save_config
+from ..config import to_dict
+from ..data.sources import DatasetSource, DataSource, TensorSource
+from ..flow import Flow
+from .builders import build_model, latent_flow
 from .checkpoint import CheckpointError
-from .image_config import ImageRunConfig, load_image_config
-from .trainer import DatasetLatents, FlowSetup, FlowTrainer, TensorLatents, flow_from_config
+from .schema import ImageRunConfig, load_image_config
+from .trainer import Hook, Trainer
+
+# The config sections a resumed run must share with its checkpoint (train.steps may grow, logging may change).
+RESUME_KEYS = ("model", "flow", "data", "optim")
+
+
+def _spherical(cfg: ImageRunConfig) -> bool:
+    return cfg.flow.resolved_latent == "spherical"
 
 
 def load_tokenizer(cfg: ImageRunConfig, progress: bool = True) -> Any:
@@ -42,8 +54,8 @@ def load_tokenizer(cfg: ImageRunConfig, progress: bool = True) -> Any:
 
 
 def sample_decoder(cfg: ImageRunConfig, base: Any) -> Any:
-    """What decodes generated latents: spherical runs use ``SphericalTokenizer(base, decoder_state)``."""
-    if base is None or cfg.flow.mode != "spherical":
+    """What decodes generated latents: spherical-latent runs use ``SphericalTokenizer(base, decoder_state)``."""
+    if base is None or not _spherical(cfg):
         return base
     from ..tokenizers import SphericalTokenizer
 
@@ -59,8 +71,9 @@ def sample_decoder(cfg: ImageRunConfig, base: Any) -> Any:
 
 
 @torch.no_grad()
-def encode_dataset(tokenizer: Any, images: Tensor, batch_size: int = 256, progress: bool = False,
-                   raw: bool = False) -> Tensor:
+def encode_dataset(
+    tokenizer: Any, images: Tensor, batch_size: int = 256, progress: bool = False, raw: bool = False
+) -> Tensor:
     """Latents of ``images`` (``(N, 3, H, W)`` in [-1, 1]) in batches, in float32 on the CPU.
 
     ``raw=False``: ``tokenizer.encode`` (normalised, what the linear baseline trains on); ``raw=True``:
@@ -88,7 +101,7 @@ class ImageLatents:
             raw encoder output projected to the spheres, as ``SphericalTokenizer.encode`` makes them.
     """
 
-    data: Any
+    data: DataSource
     channels: int
     side: int
     num_classes: int
@@ -99,7 +112,7 @@ _PROJECTED = {"kind": "identity", "shift": 0.0, "scale": 1.0, "meta": {"projecte
 
 
 def build_latents(cfg: ImageRunConfig, tokenizer: Any, progress: bool = True) -> ImageLatents:
-    """Training latents for ``cfg.flow.mode``.
+    """Training latents for ``cfg.flow``'s latent space.
 
     Spherical mode trains on ``projx(raw)``: the built-in images are encoded raw, and a latent cache is read
     denormalised with its manifest's normalisation (``LatentCache(raw=True)``), so one cache serves a linear and a
@@ -107,15 +120,15 @@ def build_latents(cfg: ImageRunConfig, tokenizer: Any, progress: bool = True) ->
     ``extract-latents --spherical`` is already projected and serves only spherical runs.
     """
     d = cfg.data
-    spherical = cfg.flow.mode == "spherical"
+    spherical = _spherical(cfg)
     if d.source == "builtin":
-        from ..data.images import BuiltinImages
+        from ..data.builtin_images import BuiltinImages
 
         ds = BuiltinImages("train", size=d.size, per_class=d.per_class, seed=d.seed)
         images, labels = ds.tensors()
         latents = encode_dataset(tokenizer, images, progress=progress, raw=spherical)
         norm = _PROJECTED if spherical else tokenizer.normalization.to_dict()
-        return ImageLatents(TensorLatents(latents, labels), latents.shape[1], latents.shape[-1], ds.num_classes, norm)
+        return ImageLatents(TensorSource(latents, labels), latents.shape[1], latents.shape[-1], ds.num_classes, norm)
     from ..data.latents import LatentCache
 
     if d.latents is None or not Path(d.latents).is_dir():
@@ -126,8 +139,8 @@ def build_latents(cfg: ImageRunConfig, tokenizer: Any, progress: bool = True) ->
     manifest = cache.manifest
     if cache.spherical and not spherical:
         raise ValueError(
-            f"latent cache {d.latents} holds projected latents (extract-latents --spherical), which a linear run "
-            "cannot use; extract a cache without --spherical (one such cache serves both modes)"
+            f"latent cache {d.latents} holds projected latents (extract-latents --spherical), which a vanilla-latent "
+            "run cannot use; extract a cache without --spherical (one such cache serves both flows)"
         )
     c, h, _ = manifest.get("latent_shape") or tuple(cache[0][0].shape)
     num_classes = int(manifest.get("num_classes") or len(manifest.get("class_names") or []))
@@ -136,7 +149,7 @@ def build_latents(cfg: ImageRunConfig, tokenizer: Any, progress: bool = True) ->
     if len(cache) < cfg.train.batch_size:
         raise ValueError(f"latent cache {d.latents} holds {len(cache)} latents, fewer than train.batch_size")
     norm = _PROJECTED if spherical else cache.normalization.to_dict()
-    return ImageLatents(DatasetLatents(cache, num_workers=d.num_workers), int(c), int(h), num_classes, norm)
+    return ImageLatents(DatasetSource(cache, num_workers=d.num_workers), int(c), int(h), num_classes, norm)
 
 
 def run_decoder(cfg: ImageRunConfig, base: Any, normalization: Mapping[str, Any] | None = None) -> Any:
@@ -148,39 +161,42 @@ def run_decoder(cfg: ImageRunConfig, base: Any, normalization: Mapping[str, Any]
     """
     if base is None:
         return None
-    if cfg.flow.mode != "spherical" and normalization is not None:
+    if not _spherical(cfg) and normalization is not None:
         from ..tokenizers import LatentNormalization
 
         base.with_normalization(LatentNormalization.from_dict(dict(normalization)))
     return sample_decoder(cfg, base)
 
 
-def build_model(cfg: ImageRunConfig, channels: int, side: int, num_classes: int) -> nn.Module:
-    from ..models.sit import build_sit
+def image_model(cfg: ImageRunConfig, channels: int, side: int, num_classes: int) -> nn.Module:
+    """The SiT of ``cfg.model`` for ``(channels, side, side)`` latents, initialised from ``train.seed``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)
+        return build_model(cfg.model, (channels, side, side), num_classes)
 
-    return build_sit(cfg.model.arch, input_size=side, in_channels=channels, num_classes=num_classes,
-                     time_scale=cfg.model.time_scale)
 
+def grid_hook(
+    cfg: ImageRunConfig, flow: Flow, decoder: Any, out_dir: Path, shape: tuple[int, int, int], num_classes: int
+) -> Hook:
+    """A PNG grid every ``train.sample_every`` steps: one row per class, fixed noise, the EMA model."""
+    from ..eval.image_io import save_image_grid
+    from ..sampler import generate
 
-def grid_hook(cfg: ImageRunConfig, flow: FlowSetup, decoder: Any, out_dir: Path, shape: tuple[int, int, int],
-              num_classes: int) -> Any:
-    """``on_sample``: a PNG grid (one row per class, fixed noise) from the EMA model."""
-    from ..eval.sampling import SamplerSpec, generate_latents, save_image_grid
-
-    def hook(step: int, model: nn.Module) -> None:
+    def grid(step: int, model: nn.Module) -> None:
         per = cfg.sample.grid_per_class
-        labels = torch.arange(num_classes).repeat_interleave(per)
-        spec = SamplerSpec(method=cfg.sample.method, steps=cfg.sample.steps, cfg_scale=cfg.sample.cfg_scale,
-                           cfg_interval=cfg.sample.cfg_interval)
         device = next(model.parameters()).device
-        z = generate_latents(model, flow, labels.to(device), shape, spec, seed=cfg.sample.seed, null_class=num_classes)
+        labels = torch.arange(num_classes).repeat_interleave(per).to(device)
+        g = torch.Generator(device=device).manual_seed(cfg.sample.seed)
+        z = generate(
+            model, flow, (labels.shape[0], *shape), cfg.sample, generator=g, labels=labels, null_class=num_classes
+        )
         if decoder is None:
             return
         with torch.no_grad():
             images = decoder.decode(z.to(decoder.device, decoder.dtype)).float().cpu()
         save_image_grid(images, out_dir / "samples" / f"step_{step:08d}.png", nrow=per)
 
-    return hook
+    return Hook(cfg.train.sample_every, grid)
 
 
 def train_image(
@@ -190,34 +206,47 @@ def train_image(
     resume: bool = False,
     *,
     progress: bool = True,
-    on_eval: Any = None,
+    hooks: Sequence[Hook] = (),
     device: str | None = None,
 ) -> Path:
     """Train a SiT flow on image latents as configured; returns the final checkpoint folder.
 
-    ``on_eval(step, ema_model) -> metrics`` (optional) is called every ``train.eval_every`` steps.
+    ``hooks`` (e.g. evaluations, :class:`~manifold_fm.training.trainer.Hook`) run after the sample-grid hook.
     """
-    cfg = load_image_config(config, overrides)
+    cfg = config if isinstance(config, ImageRunConfig) and not overrides else load_image_config(config, overrides)
     out = Path(out_dir) if out_dir is not None else Path("runs") / cfg.name
-    out.mkdir(parents=True, exist_ok=True)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     tokenizer = load_tokenizer(cfg, progress=progress)
     lat = build_latents(cfg, tokenizer, progress=progress)
     channels, side, num_classes = lat.channels, lat.side, lat.num_classes
-    flow = flow_from_config(cfg, channels)
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg, channels, side, num_classes)
-    save_config(cfg, out / "config.yaml")
-    on_sample = None
+    flow = latent_flow(cfg.flow, channels)
+    model = image_model(cfg, channels, side, num_classes)
+    all_hooks = []
     if cfg.train.sample_every:
         decoder = run_decoder(cfg, tokenizer, lat.normalization)
-        on_sample = grid_hook(cfg, flow, decoder, out, (channels, side, side), num_classes)
-    trainer = FlowTrainer(
-        model, flow, lat.data, cfg, out, null_class=num_classes, device=device, on_sample=on_sample,
-        on_eval=on_eval, progress=progress,
-        meta={"latent_shape": [channels, side, side], "num_classes": num_classes,
-              "tokenizer": getattr(tokenizer, "name", None), "latent_normalization": lat.normalization},
+        all_hooks.append(grid_hook(cfg, flow, decoder, out, (channels, side, side), num_classes))
+    plain = to_dict(cfg)
+    trainer = Trainer(
+        model,
+        flow,
+        lat.data,
+        cfg.train,
+        cfg.optim,
+        out,
+        null_class=num_classes,
+        hooks=[*all_hooks, *hooks],
+        fingerprint={k: plain[k] for k in RESUME_KEYS},
+        config=plain,
+        device=device,
+        progress=progress,
+        meta={
+            "config": plain,
+            "latent_shape": [channels, side, side],
+            "num_classes": num_classes,
+            "tokenizer": getattr(tokenizer, "name", None),
+            "latent_normalization": lat.normalization,
+        },
     )
     try:
         return trainer.fit(resume=resume)

@@ -1,4 +1,4 @@
-"""Run logging: one JSON object per line in ``metrics.jsonl`` and, when installed, TensorBoard scalars.
+"""Run metrics: one JSON object per line in ``metrics.jsonl`` and, when installed, TensorBoard scalars.
 
 Each record is ``{"step": int, "time": seconds since the run started, <name>: float, ...}``. On resume the log is
 truncated to the resumed step first, so a resumed run's log reads exactly like an uninterrupted one.
@@ -44,8 +44,9 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 class RunLogger:
     """Append-only JSONL metrics (plus TensorBoard if ``tensorboard`` is importable and ``tensorboard=True``)."""
 
-    def __init__(self, out_dir: str | Path, *, resume_step: int | None = None, tensorboard: bool = True,
-                 enabled: bool = True) -> None:
+    def __init__(
+        self, out_dir: str | Path, *, resume_step: int | None = None, tensorboard: bool = True, enabled: bool = True
+    ) -> None:
         self.out_dir = Path(out_dir)
         self.path = self.out_dir / "metrics.jsonl"
         self.enabled = enabled

@@ -1,0 +1,160 @@
+"""Training data as the trainer sees it: a :class:`DataSource` yields the batch of each step.
+
+A source's batches are a pure function of the step (and of the :class:`BatchPlan`: global batch, seed, process rank
+and count), never of what was read before. That is what makes resuming exact: a run restarted at step ``k`` gets the
+batches an uninterrupted run would have seen from step ``k`` on.
+
+- :class:`TensorSource`: tensors held in memory (``(N, *shape)`` plus optional integer labels), in a per-epoch
+  shuffled order (:class:`StepIndexer`).
+- :class:`DatasetSource`: a map-style dataset (e.g. a latent cache) read by a ``DataLoader`` in that same order, so
+  worker processes do not change which items a step sees.
+- :class:`SamplerSource`: a distribution to draw from (a toy dataset's ``sample(n, generator)``), with a generator
+  seeded by ``(seed, step, rank)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from ..seeding import derive_seed, seeded_generator
+
+Batch = tuple[Tensor, Tensor | None]
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How steps map to data: ``batch_size`` is the global batch, split evenly over ``world_size`` processes."""
+
+    batch_size: int
+    seed: int
+    rank: int = 0
+    world_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.batch_size % self.world_size:
+            raise ValueError(f"batch size {self.batch_size} is not divisible by the {self.world_size} processes")
+
+    @property
+    def local_batch(self) -> int:
+        return self.batch_size // self.world_size
+
+
+class DataSource(Protocol):
+    """What the trainer reads: ``batches(plan, start, end)`` yields ``(x1, labels or None)`` for steps
+    ``start .. end - 1``, this process's share of each global batch."""
+
+    def batches(self, plan: BatchPlan, start: int, end: int) -> Iterator[Batch]: ...
+
+
+class StepIndexer:
+    """Which dataset indices step ``k`` uses on process ``rank``.
+
+    Epoch ``e`` visits ``randperm(n)`` seeded by ``(seed, e)``; it holds ``n // global_batch`` full batches (the
+    remainder is dropped), and process ``r`` takes the ``r``-th slice of each global batch.
+    """
+
+    def __init__(self, n: int, global_batch: int, seed: int, world_size: int = 1) -> None:
+        if global_batch % world_size:
+            raise ValueError(f"batch size {global_batch} is not divisible by the {world_size} processes")
+        if n < global_batch:
+            raise ValueError(f"the dataset has {n} items, fewer than one batch of {global_batch}; lower the batch size")
+        self.n, self.global_batch, self.seed, self.world_size = n, global_batch, seed, world_size
+        self.local_batch = global_batch // world_size
+        self.batches_per_epoch = n // global_batch
+        self._epoch: int | None = None
+        self._perm: Tensor | None = None
+
+    def position(self, step: int) -> tuple[int, int]:
+        """``(epoch, batch index within the epoch)`` of step ``step`` (0-based)."""
+        return divmod(step, self.batches_per_epoch)
+
+    def permutation(self, epoch: int) -> Tensor:
+        if self._epoch != epoch:
+            g = torch.Generator().manual_seed(derive_seed(self.seed, epoch, 0xDA7A))
+            self._perm, self._epoch = torch.randperm(self.n, generator=g), epoch
+        assert self._perm is not None
+        return self._perm
+
+    def indices(self, step: int, rank: int = 0) -> Tensor:
+        epoch, b = self.position(step)
+        start = b * self.global_batch + rank * self.local_batch
+        return self.permutation(epoch)[start : start + self.local_batch]
+
+
+class TensorSource:
+    """Samples held in memory: ``data`` of shape ``(N, *point_shape)`` and optional integer ``labels (N,)``."""
+
+    def __init__(self, data: Tensor, labels: Tensor | None = None) -> None:
+        if data.ndim < 1 or (labels is not None and labels.shape != data.shape[:1]):
+            got = None if labels is None else tuple(labels.shape)
+            raise ValueError(f"expected data (N, ...) and labels (N,), got {tuple(data.shape)} and {got}")
+        if not bool(torch.isfinite(data).all()):
+            raise ValueError("the training data contain NaN/Inf; re-extract or clean them")
+        self.data = data
+        self.labels = None if labels is None else labels.long()
+
+    def __len__(self) -> int:
+        return self.data.shape[0]
+
+    def batches(self, plan: BatchPlan, start: int, end: int) -> Iterator[Batch]:
+        indexer = StepIndexer(len(self), plan.batch_size, plan.seed, plan.world_size)
+        for step in range(start, end):
+            idx = indexer.indices(step, plan.rank)
+            yield self.data[idx], (None if self.labels is None else self.labels[idx])
+
+
+class _StepBatchSampler:
+    def __init__(self, indexer: StepIndexer, start: int, end: int, rank: int) -> None:
+        self.indexer, self.start, self.end, self.rank = indexer, start, end, rank
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.start, self.end):
+            yield self.indexer.indices(step, self.rank).tolist()
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+
+class DatasetSource:
+    """A map-style dataset of ``(sample, label)`` read with a ``DataLoader`` whose batch order is the
+    :class:`StepIndexer`'s (``num_workers`` worker processes)."""
+
+    def __init__(self, dataset: Dataset, num_workers: int = 0) -> None:
+        self.dataset, self.num_workers = dataset, num_workers
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def batches(self, plan: BatchPlan, start: int, end: int) -> Iterator[Batch]:
+        indexer = StepIndexer(len(self), plan.batch_size, plan.seed, plan.world_size)
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=_StepBatchSampler(indexer, start, end, plan.rank),
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+        )
+        for x, y in loader:
+            yield x, torch.as_tensor(y).long()
+
+
+class SamplerSource:
+    """Draws from a distribution: ``sample(n, generator) -> (n, *point_shape)``; step ``k`` of process ``r`` uses a
+    generator seeded by ``(seed, k, r, "data")``. Unlabelled."""
+
+    def __init__(self, sample: Callable[[int, torch.Generator], Tensor]) -> None:
+        self.sample = sample
+
+    def batches(self, plan: BatchPlan, start: int, end: int) -> Iterator[Batch]:
+        for step in range(start, end):
+            yield self.sample(plan.local_batch, seeded_generator(plan.seed, step, plan.rank, "data")), None
+
+
+__all__ = ["Batch", "BatchPlan", "DataSource", "DatasetSource", "SamplerSource", "StepIndexer", "TensorSource"]

@@ -1,0 +1,79 @@
+"""Figures of runs: data against model samples on a manifold, and metrics against training steps (PNG, atomic)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from ..atomic import atomic_path
+from ..manifolds import Manifold
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_samples(data: Tensor, samples: Tensor, manifold: Manifold, path: str | Path, title: str = "") -> Path:
+    """Scatter data and model samples side by side in the manifold's plot chart (:meth:`Manifold.chart2d
+    <manifold_fm.manifolds.Manifold.chart2d>`: longitude/latitude on ``S^2``, angles on the torus, the Poincare
+    disk with its boundary)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5), sharex=True, sharey=True)
+    for ax, pts, label in zip(axes, (data, samples), ("data", "model samples"), strict=True):
+        chart = manifold.chart2d(pts)
+        ax.scatter(chart.u.numpy(), chart.v.numpy(), s=2, alpha=0.5)
+        ax.set_title(label)
+        ax.set_xlabel(chart.xlabel)
+        ax.set_ylabel(chart.ylabel)
+        if chart.disk_radius is not None:
+            ax.add_patch(plt.Circle((0, 0), chart.disk_radius, fill=False, color="k", lw=0.8))
+            ax.set_aspect("equal")
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_over_steps(
+    history: Mapping[str, Sequence[Mapping[str, Any]]],
+    path: str | Path,
+    panels: Sequence[tuple[str, str]] = (
+        ("fd_builtin_classifier", "FD-builtin-classifier (lower is better)"),
+        ("classifier_accuracy", "classifier accuracy"),
+        ("loss", "flow-matching loss (not comparable across modes)"),
+    ),
+) -> Path:
+    """One panel per ``(metric, title)``, one line per run of ``history`` (its ``metrics.jsonl`` records), against
+    the training step."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(13, 3.6))
+    for name, records in history.items():
+        for ax, (key, _) in zip(axes, panels, strict=True):
+            rows = [r for r in records if key in r]
+            style = "-" if key == "loss" else "o-"
+            ax.plot([r["step"] for r in rows], [r[key] for r in rows], style, label=name)
+    for ax, (_, title) in zip(axes, panels, strict=True):
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    return path
+
+
+__all__ = ["plot_over_steps", "plot_samples"]

@@ -1,0 +1,88 @@
+"""A flow-matching setup as one value: where samples live, the probability path, time sampling and the coupling.
+
+:class:`Flow` is what the trainer, the sampler and the likelihood take: nothing downstream asks which manifold or
+path it holds.
+
+- ``manifold``: where data and samples live. The prior is its base distribution (:meth:`Manifold.random_base
+  <manifold_fm.manifolds.Manifold.random_base>`), samplers integrate on it and likelihoods are densities on it.
+- ``path``: joins noise ``x0`` and data ``x1``; its ``path.manifold`` is whose tangent projection the loss applies
+  (the manifold itself for a geodesic path, ``Euclidean()`` for paths that leave it).
+- ``time_sampler``: the training times ``t`` (``t = 0`` noise, ``t = 1`` data).
+- ``coupling``: pairs noise with data inside a batch (independent by default; minibatch OT).
+- ``project_data``: data are mapped onto ``manifold`` with ``projx`` first (latent tokens onto their spheres).
+
+One training example: ``t ~ time_sampler``, ``x0 ~ prior``, ``(x0, x1) = coupling(x0, x1)``,
+``(x_t, u_t) = path(x0, x1, t)``, loss ``|P_{x_t} (v(x_t, t) - u_t)|^2`` (:func:`~manifold_fm.loss.flow_matching_loss`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from .coupling import Coupling, IndependentCoupling
+from .loss import Reduction, flow_matching_loss
+from .manifolds import Manifold
+from .paths import PathSample, ProbabilityPath
+from .time import UniformTime
+
+
+class TimeSampler(Protocol):
+    """Draws ``n`` training times in ``[0, 1]``."""
+
+    def sample(
+        self,
+        n: int,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> Tensor: ...
+
+
+@dataclass
+class Flow:
+    """Manifold, path, time sampler and coupling of one flow-matching setup (see the module docstring)."""
+
+    manifold: Manifold
+    path: ProbabilityPath
+    time_sampler: TimeSampler = field(default_factory=UniformTime)
+    coupling: Coupling = field(default_factory=IndependentCoupling)
+    project_data: bool = False
+    name: str = "flow"
+
+    def prepare_data(self, x1: Tensor) -> Tensor:
+        """Data as the flow sees them: ``projx(x1)`` with ``project_data``, else unchanged."""
+        return self.manifold.projx(x1) if self.project_data else x1
+
+    def prior(
+        self,
+        shape: Sequence[int],
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> Tensor:
+        """``shape`` samples of the prior, the manifold's base distribution."""
+        return self.manifold.random_base(tuple(shape), generator=generator, dtype=dtype, device=device)
+
+    def sample_path(
+        self, x1: Tensor, generator: torch.Generator | None = None, labels: Tensor | None = None
+    ) -> tuple[PathSample, Tensor | None]:
+        """One batch of training examples for prepared data ``x1``: draws ``t`` then ``x0`` from ``generator`` (in
+        that order), couples them and samples the path. Returns the path sample and the labels in the coupled order
+        (couplings permute ``x0`` only, so they come back unchanged)."""
+        b = x1.shape[0]
+        t = self.time_sampler.sample(b, generator=generator, device=x1.device, dtype=x1.dtype)
+        x0 = self.prior(tuple(x1.shape), generator, x1.device, dtype=x1.dtype)
+        x0, x1, labels = self.coupling.pair(x0, x1, labels)
+        return self.path.sample(x0, x1, t), labels
+
+    def loss(self, pred: Tensor, sample: PathSample, reduction: Reduction = "mean") -> Tensor:
+        """The flow-matching loss of a prediction at ``sample.x_t``, projected on ``path.manifold``."""
+        return flow_matching_loss(self.path.manifold, pred, sample, reduction=reduction)
+
+
+__all__ = ["Flow", "TimeSampler"]

@@ -1,0 +1,109 @@
+"""Sampling a trained velocity network with a :class:`~manifold_fm.flow.Flow`: one sampler spec for every run.
+
+:class:`SamplerSpec` holds the solver (any :func:`~manifold_fm.solvers.integrate` method, its steps, transport and
+tolerances) and classifier-free guidance (scale and optional ``t`` interval). It is the ``sample`` section of every
+run config. :func:`generate` draws the prior and integrates ``dx/dt = P_x v(x, t[, y])`` on the flow's manifold from
+``t = 0`` to ``t = 1``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import Tensor, nn
+
+from .config import Section
+from .flow import Flow
+from .guidance import guided_velocity
+from .solvers import TABLEAUS, adaptive_methods, integrate
+
+Velocity = Callable[[Tensor, Tensor], Tensor]
+
+
+class SamplerSpec(Section):
+    """Solver and guidance settings.
+
+    Attributes:
+        method: ``euler``, ``heun``, ``midpoint``, ``rk4`` (exp-map steppers) or a torchdiffeq adaptive method.
+        steps: fixed methods: uniform steps; adaptive methods: chart segments.
+        transport: how Runge-Kutta stages reach the step's tangent space (:mod:`manifold_fm.solvers`).
+        cfg_scale: classifier-free guidance scale (1 = conditional only).
+        cfg_interval: apply guidance only for ``t`` in ``[lo, hi]``.
+        atol, rtol: tolerances of adaptive methods.
+    """
+
+    method: str = "euler"
+    steps: int = Field(50, ge=1)
+    transport: Literal["dlog", "parallel", "project", "ambient"] = "dlog"
+    cfg_scale: float = 1.0
+    cfg_interval: tuple[float, float] | None = None
+    atol: float = Field(1e-5, gt=0)
+    rtol: float = Field(1e-5, gt=0)
+
+    @model_validator(mode="after")
+    def _known_method(self) -> SamplerSpec:
+        if self.method not in TABLEAUS and self.method not in adaptive_methods():
+            raise ValueError(
+                f"method: unknown solver {self.method!r}; choose one of {', '.join(TABLEAUS)} or an adaptive "
+                f"torchdiffeq method ({', '.join(adaptive_methods())})"
+            )
+        if self.method not in TABLEAUS and self.transport == "ambient":
+            raise ValueError("transport: 'ambient' applies to the fixed-step methods (euler, heun, midpoint, rk4)")
+        if self.cfg_interval is not None and not self.cfg_interval[0] <= self.cfg_interval[1]:
+            raise ValueError(f"cfg_interval: needs lo <= hi, got {list(self.cfg_interval)}")
+        return self
+
+
+def model_velocity(
+    model: nn.Module, spec: SamplerSpec, labels: Tensor | None = None, null_class: int | None = None
+) -> Velocity:
+    """``velocity(x, t)`` for the solvers: ``model(x, t)``, ``model(x, t, labels)``, or classifier-free guidance
+    (:func:`~manifold_fm.guidance.guided_velocity`) when ``spec.cfg_scale != 1``."""
+    if labels is None:
+        return lambda x, t: model(x, t)
+    if spec.cfg_scale == 1.0:
+        return lambda x, t: model(x, t, labels)
+    if null_class is None:
+        raise ValueError("classifier-free guidance needs the model's null class")
+    return guided_velocity(model, labels, spec.cfg_scale, null_class, interval=spec.cfg_interval)
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    flow: Flow,
+    shape: Sequence[int],
+    spec: SamplerSpec,
+    *,
+    generator: torch.Generator | None = None,
+    labels: Tensor | None = None,
+    null_class: int | None = None,
+) -> Tensor:
+    """Samples of shape ``shape`` (batch first): prior noise from ``generator`` (drawn in float32, then cast to the
+    model's dtype), integrated with ``spec`` on ``flow.manifold``; labels (if any) condition the model. The model
+    runs in eval mode and gets its previous mode back."""
+    param = next(model.parameters())
+    device = labels.device if labels is not None else param.device
+    was_training = model.training
+    model.eval()
+    try:
+        x0 = flow.prior(tuple(shape), generator, device, dtype=torch.float32).to(param.dtype)
+        velocity = model_velocity(model, spec, labels, null_class)
+        return integrate(
+            velocity,
+            x0,
+            flow.manifold,
+            steps=spec.steps,
+            method=spec.method,
+            transport=spec.transport,
+            atol=spec.atol,
+            rtol=spec.rtol,
+        )
+    finally:
+        model.train(was_training)
+
+
+__all__ = ["SamplerSpec", "Velocity", "generate", "model_velocity"]

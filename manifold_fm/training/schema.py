@@ -1,0 +1,440 @@
+"""The run configuration: one schema for toy, image and default runs, with the sections they share.
+
+Every run is a YAML file with a top-level ``kind`` (``toy``, ``image`` or ``default``) and sections::
+
+    model    the velocity network (an MLP for toy manifolds, a SiT for latents)      ModelConfig
+    flow     path, latent space, training-time distribution, coupling                FlowConfig
+    optim    AdamW, learning-rate schedule, gradient clipping                       OptimConfig
+    train    steps, batch, seed, EMA, precision, checkpoints, logging, hooks        TrainConfig
+    sample   the sampler spec (solver, steps, guidance) plus grid settings          SampleConfig
+    data     toy: a toy dataset; image: built-in images or a latent cache; default: the built-in split sizes
+    eval     toy: the likelihood evaluation; default: the sample-quality evaluation
+    tokenizer, finetune, modes, parallel: latent-image runs and the default run
+
+``model``, ``flow``, ``optim``, ``train`` and ``sample`` are the same classes in every kind, so a key means the same
+everywhere (``train.steps``, ``sample.method``...). Load any run with :func:`load_run_config`; an unknown key, a
+bad value or a combination that is not supported is one :class:`~manifold_fm.config.ConfigError` line naming the key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+from ..config import ConfigError, Section, StrictBool, load_config, read_source, validate
+from ..sampler import SamplerSpec
+
+# ----------------------------------------------------------------------------------------------- shared sections
+
+
+class ModelConfig(Section):
+    """The velocity network: ``arch: mlp`` (toy manifolds: ``hidden``, ``depth``, ``time_dim``) or a SiT name such
+    as ``SiT-B/2`` (latents: ``time_scale`` multiplies ``t`` before its sinusoidal embedding)."""
+
+    arch: str = "mlp"
+    hidden: int = Field(256, ge=1)
+    depth: int = Field(3, ge=0)
+    time_dim: int = Field(64, ge=2)
+    time_scale: float = 1.0
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, arch: str) -> str:
+        if arch == "mlp":
+            return arch
+        from ..models.sit import SiTSpec
+
+        SiTSpec.parse(arch)  # ValueError names the valid ones
+        return arch
+
+    @property
+    def is_sit(self) -> bool:
+        return self.arch != "mlp"
+
+    @model_validator(mode="after")
+    def _options_fit_the_arch(self) -> ModelConfig:
+        fields = type(self).model_fields
+        mlp_only = [k for k in ("hidden", "depth", "time_dim") if getattr(self, k) != fields[k].default]
+        if self.is_sit and mlp_only:
+            raise ValueError(f"{mlp_only[0]}: applies to arch 'mlp' only, not {self.arch}")
+        return self
+
+
+#: The paper's flow variants by name: what ``flow.latent`` and ``flow.path`` they set. (The ablation arms
+#: ``shell`` and ``spherical-linear`` are not available yet.)
+FLOW_PRESETS: dict[str, dict[str, str]] = {
+    "spherical": {"latent": "spherical", "path": "geodesic"},
+    "linear": {"latent": "vanilla", "path": "linear"},
+}
+
+
+class FlowConfig(Section):
+    """The flow: ``path`` (``geodesic`` of the run's manifold, or the ambient straight ``linear`` line), for
+    latent-image runs the ``latent`` space (``spherical``: tokens projected to radius ``sqrt(d)``, uniform prior;
+    ``vanilla``: the tokenizer's normalised latents, Gaussian prior; default: ``spherical`` for a geodesic path,
+    ``vanilla`` for a linear one), the distribution of training times (``uniform`` or ``logit_normal`` with
+    ``time_mean``/``time_std``, then the SD3 ``time_shift``) and the minibatch ``coupling``."""
+
+    path: Literal["geodesic", "linear"] = "geodesic"
+    latent: Literal["spherical", "vanilla"] | None = None
+    time: Literal["uniform", "logit_normal"] = "uniform"
+    time_mean: float = 0.0
+    time_std: float = Field(1.0, gt=0)
+    time_shift: float = Field(1.0, gt=0)
+    coupling: Literal["independent", "ot"] = "independent"
+
+    @property
+    def resolved_latent(self) -> str:
+        """``latent``, or its default for the path."""
+        return self.latent or ("spherical" if self.path == "geodesic" else "vanilla")
+
+    @property
+    def preset(self) -> str:
+        """The :data:`FLOW_PRESETS` name of a latent-image flow (``spherical`` or ``linear``)."""
+        want = {"latent": self.resolved_latent, "path": self.path}
+        for name, fields in FLOW_PRESETS.items():
+            if fields == want:
+                return name
+        raise ConfigError(
+            f"flow: latent {want['latent']!r} with path {want['path']!r} is an ablation arm that is not available "
+            f"yet; use one of the presets {', '.join(f'{k} ({v})' for k, v in FLOW_PRESETS.items())}"
+        )
+
+
+class OptimConfig(Section):
+    """AdamW; a linear warm-up over ``warmup_steps``, then a ``constant`` rate (as SiT) or a ``cosine`` decay to
+    ``lr * min_lr_ratio`` at ``train.steps``; gradients clipped to ``grad_clip`` (``null``: off)."""
+
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    grad_clip: float | None = Field(1.0, gt=0)
+
+
+class TrainConfig(Section):
+    """The training loop. ``batch_size`` is the global batch (split across processes); ``ema_decay: 0`` keeps
+    the EMA equal to the raw weights; ``threads`` sets torch's intra-op threads (``null``: leave as is); hooks run
+    every ``sample_every`` / ``eval_every`` steps (``null``: never)."""
+
+    steps: int = Field(1000, ge=0)
+    batch_size: int = Field(64, ge=1)
+    seed: int = 0
+    class_dropout: float = Field(0.1, ge=0, lt=1)
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    ema_warmup: int = Field(0, ge=0)
+    # YAML reads a bare `no` as false, so false is accepted as "no".
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    compile: StrictBool = False
+    checkpoint_every: int = Field(500, ge=1)
+    keep_checkpoints: int | None = Field(2, ge=1)
+    log_every: int = Field(10, ge=1)
+    sample_every: int | None = Field(None, ge=1)
+    eval_every: int | None = Field(None, ge=1)
+    threads: int | None = Field(None, ge=1)
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _false_is_no(cls, value: Any) -> Any:
+        if value is False:
+            return "no"
+        if value is True:
+            raise ValueError("expected one of 'auto', 'no', 'bf16', 'fp16', got true")
+        return value
+
+
+class SampleConfig(SamplerSpec):
+    """The sampler spec (:class:`~manifold_fm.sampler.SamplerSpec`: solver, steps, guidance) plus the noise
+    ``seed`` of grids, ``grid_per_class`` samples per class in training grids, and whether to sample the EMA
+    weights."""
+
+    seed: int = 0
+    grid_per_class: int = Field(4, ge=1)
+    ema: StrictBool = True
+
+
+def _section(cls: type[Section]) -> Any:
+    return Field(default_factory=cls)
+
+
+class RunBase(Section):
+    """What every run has: ``kind``, ``name`` and the five shared sections."""
+
+    name: str = "run"
+    model: ModelConfig = _section(ModelConfig)
+    flow: FlowConfig = _section(FlowConfig)
+    optim: OptimConfig = _section(OptimConfig)
+    train: TrainConfig = _section(TrainConfig)
+    sample: SampleConfig = _section(SampleConfig)
+
+
+# ------------------------------------------------------------------------------------------------------- toy
+
+
+class ToyDataConfig(Section):
+    """A toy dataset of :mod:`manifold_fm.data.toy` by ``name``, with its constructor ``params``."""
+
+    name: str = "vmf"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class ToyEvalConfig(Section):
+    """After training: test NLL on ``test_samples`` points (``likelihood_steps`` steps of ``sample.method``,
+    ``exact`` or ``hutchinson`` divergence), ``plot_samples`` samples for the plot, all from ``seed``."""
+
+    test_samples: int = Field(1000, ge=1)
+    plot_samples: int = Field(2000, ge=1)
+    likelihood_steps: int = Field(40, ge=1)
+    divergence: Literal["exact", "hutchinson"] = "exact"
+    seed: int = 1234
+
+
+class ToyRunConfig(RunBase):
+    """``kind: toy``: a small MLP flow on a toy manifold dataset, evaluated against its known density."""
+
+    kind: Literal["toy"] = "toy"
+    name: str = "toy"
+    data: ToyDataConfig = _section(ToyDataConfig)
+    eval: ToyEvalConfig = _section(ToyEvalConfig)
+
+    @model_validator(mode="after")
+    def _toy_fits(self) -> ToyRunConfig:
+        if self.flow.latent is not None:
+            raise ValueError("flow.latent: applies to latent-image runs; a toy run's space is its dataset's manifold")
+        if self.model.is_sit:
+            raise ValueError(f"model.arch: toy runs train arch 'mlp', got {self.model.arch}")
+        return self
+
+
+# ----------------------------------------------------------------------------------------------------- image
+
+
+class TokenizerConfig(Section):
+    """The autoencoder that turns images into latents (and back for sample grids).
+
+    ``builtin``: the tiny VAE shipped/cached by :func:`manifold_fm.tokenizers.builtin_tokenizer` (cached in
+    ``cache_dir``); ``diffusers``: a diffusers ``AutoencoderKL``-family model from ``name_or_path`` (hub id or local
+    folder); ``none``: latents only (no decoding). ``decoder_state``: a decoder finetuned for projected latents
+    (``manifold-fm finetune-decoder``), used by spherical-latent runs; a relative path is resolved against the run
+    folder's parent when the run is loaded elsewhere.
+    """
+
+    kind: Literal["builtin", "diffusers", "none"] = "builtin"
+    name_or_path: str | None = None
+    subfolder: str | None = None
+    vae_kind: Literal["kl", "flux2"] = "kl"
+    cache_dir: Path | None = None
+    decoder_state: Path | None = None
+
+
+class ImageDataConfig(Section):
+    """Training data: the built-in images (``per_class`` per class at ``size`` px, encoded once in memory), or a
+    latent cache from ``extract-latents`` (``latents``, read by ``num_workers`` workers)."""
+
+    source: Literal["builtin", "latents"] = "builtin"
+    latents: Path | None = None
+    per_class: int = Field(300, ge=1)
+    size: int = Field(32, ge=8)
+    seed: int = 0
+    num_workers: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _latents_named(self) -> ImageDataConfig:
+        if self.source == "latents" and self.latents is None:
+            raise ValueError("latents: required when data.source is 'latents' (a folder from extract-latents)")
+        return self
+
+
+def _default_sit(data: Any, arch: str) -> Any:
+    """Before validation: a latent run's ``model`` section without ``arch`` gets ``arch`` (not the MLP)."""
+    if isinstance(data, Mapping):
+        data = dict(data)
+        model = data.get("model")
+        if model is None:
+            data["model"] = {"arch": arch}
+        elif isinstance(model, Mapping) and "arch" not in model:
+            data["model"] = {"arch": arch, **model}
+    return data
+
+
+class ImageRunConfig(RunBase):
+    """``kind: image``: a class-conditional SiT flow on latent images."""
+
+    kind: Literal["image"] = "image"
+    name: str = "image"
+    tokenizer: TokenizerConfig = _section(TokenizerConfig)
+    data: ImageDataConfig = _section(ImageDataConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sit_by_default(cls, data: Any) -> Any:
+        return _default_sit(data, "SiT-Micro/1")
+
+    @model_validator(mode="after")
+    def _image_fits(self) -> ImageRunConfig:
+        if not self.model.is_sit:
+            raise ValueError("model.arch: image runs train a SiT (e.g. SiT-B/2), not 'mlp'")
+        self.flow.preset  # noqa: B018 - raises for flows that are not available
+        if self.data.source == "builtin" and self.tokenizer.kind == "none":
+            raise ValueError("tokenizer.kind: 'none' needs data.source 'latents' (built-in images must be encoded)")
+        return self
+
+
+# --------------------------------------------------------------------------------------------------- default
+
+
+class DefaultDataConfig(Section):
+    """The built-in images of the default run: ``per_class`` training and ``test_per_class`` held-out images."""
+
+    per_class: int = Field(300, ge=2)
+    test_per_class: int = Field(100, ge=2)
+
+
+class FinetuneConfig(Section):
+    """The spherical decoder finetune (encoder frozen): ``steps`` at ``batch_size``."""
+
+    steps: int = Field(200, ge=0)
+    batch_size: int = Field(16, ge=1)
+
+
+class DefaultEvalConfig(Section):
+    """Sample quality: ``num_samples`` final samples per mode, ``samples`` per evaluation during training (every
+    ``train.eval_every`` steps), and the ``classifier_steps`` of the built-in evaluation classifier."""
+
+    num_samples: int = Field(600, ge=2)
+    samples: int = Field(240, ge=2)
+    classifier_steps: int = Field(800, ge=1)
+
+
+class DefaultRunConfig(RunBase):
+    """``kind: default``: the whole method at small scale (``manifold-fm train`` with no config): a spherical
+    decoder finetune, then one image run per flow preset in ``modes`` with the same sections, in parallel
+    processes with ``parallel``, each sampled and scored."""
+
+    kind: Literal["default"] = "default"
+    name: str = "default"
+    tokenizer: TokenizerConfig = _section(TokenizerConfig)
+    data: DefaultDataConfig = _section(DefaultDataConfig)
+    finetune: FinetuneConfig = _section(FinetuneConfig)
+    eval: DefaultEvalConfig = _section(DefaultEvalConfig)
+    modes: list[str] = Field(default_factory=lambda: ["spherical", "linear"])
+    parallel: StrictBool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sit_by_default(cls, data: Any) -> Any:
+        return _default_sit(data, "SiT-Micro/2")
+
+    @model_validator(mode="after")
+    def _default_fits(self) -> DefaultRunConfig:
+        bad = [m for m in self.modes if m not in FLOW_PRESETS]
+        if bad or not self.modes:
+            raise ValueError(f"modes: must be a non-empty list of {', '.join(FLOW_PRESETS)}, got {self.modes}")
+        if self.flow.latent is not None or self.flow.path != FlowConfig.model_fields["path"].default:
+            raise ValueError("flow: the default run's flows are its modes; choose them with modes=[...]")
+        if not self.model.is_sit:
+            raise ValueError("model.arch: the default run trains a SiT (e.g. SiT-Micro/2), not 'mlp'")
+        if self.tokenizer.kind != "builtin":
+            raise ValueError("tokenizer.kind: the default run uses the built-in tokenizer")
+        if self.train.steps < 2 or self.train.batch_size < 2:
+            raise ValueError("train: the default run needs steps >= 2 and batch_size >= 2")
+        return self
+
+
+def image_run_config(cfg: DefaultRunConfig, mode: str, decoder_state: Path | None) -> ImageRunConfig:
+    """The image run of one mode of the default run: its shared sections with the flow preset ``mode``, the
+    built-in data, one checkpoint at the end, and the finetuned decoder for spherical latents."""
+    flow = {**cfg.flow.model_dump(), **FLOW_PRESETS[mode]}
+    spherical = FLOW_PRESETS[mode]["latent"] == "spherical"
+    train = cfg.train.model_copy(
+        update={
+            "checkpoint_every": cfg.train.steps,
+            "keep_checkpoints": 1,
+            "log_every": max(1, min(25, cfg.train.steps // 4)),
+            "mixed_precision": "no",
+        }
+    )
+    tokenizer = cfg.tokenizer.model_copy(update={"decoder_state": decoder_state if spherical else None})
+    data = {"source": "builtin", "per_class": cfg.data.per_class, "seed": 0}
+    sample = cfg.sample.model_copy(update={"seed": cfg.train.seed})
+    return validate(
+        ImageRunConfig,
+        {
+            "kind": "image",
+            "name": f"{cfg.name}-{mode}",
+            "model": cfg.model.model_dump(),
+            "flow": flow,
+            "optim": cfg.optim.model_dump(),
+            "train": train.model_dump(),
+            "sample": sample.model_dump(),
+            "tokenizer": tokenizer.model_dump(),
+            "data": data,
+        },
+    )
+
+
+# ------------------------------------------------------------------------------------------------------ load
+
+RunConfig = ToyRunConfig | ImageRunConfig | DefaultRunConfig
+KINDS: dict[str, type[RunBase]] = {"toy": ToyRunConfig, "image": ImageRunConfig, "default": DefaultRunConfig}
+
+
+def load_run_config(
+    source: str | Path | Mapping[str, Any] | BaseModel | None, overrides: Sequence[str] = (), kind: str | None = None
+) -> RunConfig:
+    """A validated run config from a built-in name, a YAML path, a mapping or a config, plus ``key=value``
+    overrides. The class comes from the top-level ``kind`` (or ``kind`` here, which must then agree with the file)."""
+    from ..config import apply_overrides
+
+    data = apply_overrides(read_source(source), overrides)
+    found = data.get("kind", kind)
+    if kind is not None and found != kind:
+        raise ConfigError(f"kind: this is a {found!r} config, expected {kind!r}")
+    if found not in KINDS:
+        raise ConfigError(
+            f"kind: {found!r} is not one of {', '.join(map(repr, KINDS))} (the config's top-level 'kind')"
+        )
+    return validate(KINDS[found], data)  # type: ignore[return-value]
+
+
+def load_toy_config(source: Any, overrides: Sequence[str] = ()) -> ToyRunConfig:
+    """:func:`load_run_config` for ``kind: toy``."""
+    return load_config(ToyRunConfig, source, overrides)
+
+
+def load_image_config(source: Any, overrides: Sequence[str] = ()) -> ImageRunConfig:
+    """:func:`load_run_config` for ``kind: image`` (a mapping without ``kind`` is taken as one)."""
+    return load_config(ImageRunConfig, source, overrides)
+
+
+__all__ = [
+    "FLOW_PRESETS",
+    "KINDS",
+    "DefaultDataConfig",
+    "DefaultEvalConfig",
+    "DefaultRunConfig",
+    "FinetuneConfig",
+    "FlowConfig",
+    "ImageDataConfig",
+    "ImageRunConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "RunBase",
+    "RunConfig",
+    "SampleConfig",
+    "ToyDataConfig",
+    "ToyEvalConfig",
+    "ToyRunConfig",
+    "TokenizerConfig",
+    "TrainConfig",
+    "image_run_config",
+    "load_image_config",
+    "load_run_config",
+    "load_toy_config",
+]
