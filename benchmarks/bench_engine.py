@@ -2,8 +2,8 @@
 matched accuracy.
 
 All timings in one run, interleaved, reported as the median over repetitions of this process's CPU time
-(``time.process_time``: robust to other jobs on a shared machine) and wall time; ratios compare medians from the
-same run.
+(``time.process_time``: robust to other jobs on a shared machine) and wall time, after one warm-up round
+(``benchmarks/timing.py``); ratios compare medians from the same run.
 
 1. ``train_step``: ``path.sample`` + the same MLP forward + :func:`flow_matching_loss` + backward + AdamW step on a
    ``(B, C, H, W)`` float32 latent batch on ``TokenSpheres(C)``; GeodesicPath (slerp, tangent-projected loss) vs
@@ -27,8 +27,6 @@ import functools
 import json
 import os
 import platform
-import statistics
-import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -42,20 +40,7 @@ from manifold_fm.manifolds import TokenSpheres
 from manifold_fm.paths import GeodesicPath, LinearPath
 from manifold_fm.solvers import IntegrationStats, adaptive_methods, integrate
 
-
-def timed(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, dict[str, float]]:
-    """Median CPU and wall seconds per call of each function, interleaved over ``reps`` rounds (after a warm-up)."""
-    for fn in fns.values():
-        fn()
-    cpu: dict[str, list[float]] = {k: [] for k in fns}
-    wall: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, fn in fns.items():
-            c0, w0 = time.process_time(), time.perf_counter()
-            fn()
-            cpu[k].append(time.process_time() - c0)
-            wall[k].append(time.perf_counter() - w0)
-    return {k: {"cpu_s": statistics.median(cpu[k]), "wall_s": statistics.median(wall[k])} for k in fns}
+from timing import timed
 
 
 class FlatMLP(nn.Module):
@@ -63,8 +48,9 @@ class FlatMLP(nn.Module):
 
     def __init__(self, n: int, hidden: int) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(n + 1, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
-                                 nn.Linear(hidden, n))
+        self.net = nn.Sequential(
+            nn.Linear(n + 1, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, n)
+        )
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         flat = x.reshape(x.shape[0], -1)
@@ -91,8 +77,13 @@ def bench_train_step(batch: int, channels: int, size: int, hidden: int, reps: in
 
         return run
 
-    res = timed({"geodesic_step": step(geo), "linear_step": step(lin),
-                 "geodesic_path": lambda: geo.sample(x0, x1, t), "linear_path": lambda: lin.sample(x0, x1, t)}, reps)
+    fns = {
+        "geodesic_step": step(geo),
+        "linear_step": step(lin),
+        "geodesic_path": lambda: geo.sample(x0, x1, t),
+        "linear_path": lambda: lin.sample(x0, x1, t),
+    }
+    res = {k: tm.medians() for k, tm in timed(fns, reps).items()}
     return {
         "shape": list(shape),
         "hidden": hidden,
@@ -116,19 +107,29 @@ def bench_sampling(batch: int, channels: int, size: int, targets: list[float]) -
     x0 = m.random_base((batch, channels, size, size), torch.Generator().manual_seed(1), dtype=torch.float64)
     ref = integrate(sampling_field, x0, m, steps=2048, method="rk4")
     rows = []
-    fixed = [("euler", "dlog"), ("heun", "dlog"), ("midpoint", "dlog"), ("midpoint", "ambient"), ("rk4", "dlog"),
-             ("rk4", "parallel"), ("rk4", "project"), ("rk4", "ambient")]
+    fixed = [
+        ("euler", "dlog"),
+        ("heun", "dlog"),
+        ("midpoint", "dlog"),
+        ("midpoint", "ambient"),
+        ("rk4", "dlog"),
+        ("rk4", "parallel"),
+        ("rk4", "project"),
+        ("rk4", "ambient"),
+    ]
     for target in targets:
         for method, transport in fixed:
             row: dict[str, object] = {"target": target, "method": method, "transport": transport}
             for steps in [2**k for k in range(1, 13)]:
-                err = max_geodesic_error(m, integrate(sampling_field, x0, m, steps=steps, method=method,
-                                                      transport=transport), ref)
+                err = max_geodesic_error(
+                    m, integrate(sampling_field, x0, m, steps=steps, method=method, transport=transport), ref
+                )
                 if err <= target:
                     stats = IntegrationStats()
-                    run = functools.partial(integrate, sampling_field, x0, m, steps=steps, method=method,
-                                            transport=transport, stats=stats)
-                    row.update(steps=steps, **timed({"s": run}, 3)["s"], nfe=stats.nfe, error=err)
+                    run = functools.partial(
+                        integrate, sampling_field, x0, m, steps=steps, method=method, transport=transport, stats=stats
+                    )
+                    row.update(steps=steps, **timed({"s": run}, 3)["s"].medians(), nfe=stats.nfe, error=err)
                     break
             rows.append(row)
         for method in ("dopri5", "bosh3"):
@@ -136,13 +137,15 @@ def bench_sampling(batch: int, channels: int, size: int, targets: list[float]) -
                 continue
             row = {"target": target, "method": method, "transport": "dlog"}
             for tol in [10.0**-k for k in range(2, 12)]:
-                err = max_geodesic_error(m, integrate(sampling_field, x0, m, method=method, steps=4, atol=tol,
-                                                      rtol=tol), ref)
+                err = max_geodesic_error(
+                    m, integrate(sampling_field, x0, m, method=method, steps=4, atol=tol, rtol=tol), ref
+                )
                 if err <= target:
                     stats = IntegrationStats()
-                    run = functools.partial(integrate, sampling_field, x0, m, method=method, steps=4, atol=tol,
-                                            rtol=tol, stats=stats)
-                    row.update(tol=tol, **timed({"s": run}, 3)["s"], nfe=stats.nfe, error=err)
+                    run = functools.partial(
+                        integrate, sampling_field, x0, m, method=method, steps=4, atol=tol, rtol=tol, stats=stats
+                    )
+                    row.update(tol=tol, **timed({"s": run}, 3)["s"].medians(), nfe=stats.nfe, error=err)
                     break
             rows.append(row)
     return {"shape": [batch, channels, size, size], "rows": rows}
@@ -167,8 +170,8 @@ def bench_flow_matching(batch: int, channels: int, size: int) -> dict[str, objec
     t = torch.rand(n, generator=g, dtype=torch.float64)
     fm_path = GeodesicProbPath(scheduler=CondOTScheduler(), manifold=FMSphere())
     ours = GeodesicPath(m)
-    res: dict[str, object] = {"path": timed({"ours": lambda: ours.sample(x0, x1, t),
-                                             "flow_matching": lambda: fm_path.sample(x_0=x0, x_1=x1, t=t)}, 9)}
+    path_fns = {"ours": lambda: ours.sample(x0, x1, t), "flow_matching": lambda: fm_path.sample(x_0=x0, x_1=x1, t=t)}
+    res: dict[str, object] = {"path": {k: tm.medians() for k, tm in timed(path_fns, 9).items()}}
 
     def field(x: Tensor, tt: Tensor) -> Tensor:
         tt = tt.reshape(-1).expand(x.shape[0]) if tt.numel() == 1 else tt
@@ -185,15 +188,28 @@ def bench_flow_matching(batch: int, channels: int, size: int) -> dict[str, objec
         for steps in (8, 32, 128):
             ours_run = functools.partial(integrate, field, x0, m, steps=steps, method=method)
             amb_run = functools.partial(integrate, field, x0, m, steps=steps, method=method, transport="ambient")
-            fm_run = functools.partial(solver.sample, x0, step_size=1.0 / steps, method=method,
-                                       time_grid=torch.tensor([0.0, 1.0], dtype=torch.float64), projx=True, proju=True)
+            fm_run = functools.partial(
+                solver.sample,
+                x0,
+                step_size=1.0 / steps,
+                method=method,
+                time_grid=torch.tensor([0.0, 1.0], dtype=torch.float64),
+                projx=True,
+                proju=True,
+            )
             tm = timed({"ours": ours_run, "ambient": amb_run, "flow_matching": fm_run}, 3)
-            rows.append({"method": method, "steps": steps,
-                         "ours_error": max_geodesic_error(m, ours_run(), ref),
-                         "ambient_error": max_geodesic_error(m, amb_run(), ref),
-                         "fm_error": max_geodesic_error(m, fm_run(), ref),
-                         "ours_cpu_s": tm["ours"]["cpu_s"], "ambient_cpu_s": tm["ambient"]["cpu_s"],
-                         "fm_cpu_s": tm["flow_matching"]["cpu_s"]})
+            rows.append(
+                {
+                    "method": method,
+                    "steps": steps,
+                    "ours_error": max_geodesic_error(m, ours_run(), ref),
+                    "ambient_error": max_geodesic_error(m, amb_run(), ref),
+                    "fm_error": max_geodesic_error(m, fm_run(), ref),
+                    "ours_cpu_s": tm["ours"].cpu_s,
+                    "ambient_cpu_s": tm["ambient"].cpu_s,
+                    "fm_cpu_s": tm["flow_matching"].cpu_s,
+                }
+            )
     res["sampler"] = rows
     path_t = res["path"]
     res["path_ratio_cpu"] = path_t["flow_matching"]["cpu_s"] / path_t["ours"]["cpu_s"]  # type: ignore[index]
@@ -201,43 +217,65 @@ def bench_flow_matching(batch: int, channels: int, size: int) -> dict[str, objec
 
 
 def to_markdown(report: dict[str, object]) -> str:
-    lines = [f"# Engine benchmark ({report['date']})", "", f"Machine: {report['machine']}; torch {report['torch']}, "
-             f"{report['threads']} thread(s). Medians of CPU time of this process; ratios from the same run.", ""]
+    lines = [
+        f"# Engine benchmark ({report['date']})",
+        "",
+        f"Machine: {report['machine']}; torch {report['torch']}, "
+        f"{report['threads']} thread(s). Medians of CPU time of this process; ratios from the same run.",
+        "",
+    ]
     ts = report["train_step"]
     tm = ts["timings"]
-    lines += ["## Training step on token spheres", "",
-              f"Latents {tuple(ts['shape'])}, MLP hidden {ts['hidden']}, float32.", "",
-              "| | geodesic (slerp) | linear | ratio geodesic/linear |", "|---|---|---|---|",
-              f"| full step (ms) | {tm['geodesic_step']['cpu_s'] * 1e3:.2f} | {tm['linear_step']['cpu_s'] * 1e3:.2f} "
-              f"| {ts['step_ratio_cpu']:.2f} |",
-              f"| path.sample only (ms) | {tm['geodesic_path']['cpu_s'] * 1e3:.3f} | "
-              f"{tm['linear_path']['cpu_s'] * 1e3:.3f} | {ts['path_ratio_cpu']:.2f} |", ""]
+    lines += [
+        "## Training step on token spheres",
+        "",
+        f"Latents {tuple(ts['shape'])}, MLP hidden {ts['hidden']}, float32.",
+        "",
+        "| | geodesic (slerp) | linear | ratio geodesic/linear |",
+        "|---|---|---|---|",
+        f"| full step (ms) | {tm['geodesic_step']['cpu_s'] * 1e3:.2f} | {tm['linear_step']['cpu_s'] * 1e3:.2f} "
+        f"| {ts['step_ratio_cpu']:.2f} |",
+        f"| path.sample only (ms) | {tm['geodesic_path']['cpu_s'] * 1e3:.3f} | "
+        f"{tm['linear_path']['cpu_s'] * 1e3:.3f} | {ts['path_ratio_cpu']:.2f} |",
+        "",
+    ]
     sp = report["sampling"]
-    lines += ["## Sampling cost at matched accuracy", "",
-              f"Token spheres {tuple(sp['shape'])}, float64; error = max geodesic distance per token to an RK4 "
-              "reference with 2048 steps.", "",
-              "| target error | method | transport | steps / tol | NFE | error | CPU ms |",
-              "|---|---|---|---|---|---|---|"]
+    lines += [
+        "## Sampling cost at matched accuracy",
+        "",
+        f"Token spheres {tuple(sp['shape'])}, float64; error = max geodesic distance per token to an RK4 "
+        "reference with 2048 steps.",
+        "",
+        "| target error | method | transport | steps / tol | NFE | error | CPU ms |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in sp["rows"]:
         if "nfe" not in r:
             lines.append(f"| {r['target']:.0e} | {r['method']} | {r['transport']} | not reached | | | |")
             continue
         knob = str(r["steps"]) if "steps" in r else f"tol {r['tol']:.0e}"
-        lines.append(f"| {r['target']:.0e} | {r['method']} | {r['transport']} | {knob} | {r['nfe']} | "
-                     f"{r['error']:.1e} | {r['cpu_s'] * 1e3:.1f} |")
+        lines.append(
+            f"| {r['target']:.0e} | {r['method']} | {r['transport']} | {knob} | {r['nfe']} | "
+            f"{r['error']:.1e} | {r['cpu_s'] * 1e3:.1f} |"
+        )
     fm = report.get("flow_matching")
     lines += ["", "## facebookresearch/flow_matching", ""]
     if fm is None:
         lines.append("Not measured: the `flow-matching` package is not installed in this environment.")
     else:
-        lines += [f"{fm['tokens']} tokens on S^{fm['dim'] - 1}, float64. GeodesicProbPath.sample / our "
-                  f"GeodesicPath.sample CPU time: {fm['path_ratio_cpu']:.2f}x.", "",
-                  "| method | steps | error: ours dlog / ours ambient / flow_matching | CPU ms: dlog / ambient / fm |",
-                  "|---|---|---|---|"]
+        lines += [
+            f"{fm['tokens']} tokens on S^{fm['dim'] - 1}, float64. GeodesicProbPath.sample / our "
+            f"GeodesicPath.sample CPU time: {fm['path_ratio_cpu']:.2f}x.",
+            "",
+            "| method | steps | error: ours dlog / ours ambient / flow_matching | CPU ms: dlog / ambient / fm |",
+            "|---|---|---|---|",
+        ]
         for r in fm["sampler"]:
-            lines.append(f"| {r['method']} | {r['steps']} | {r['ours_error']:.1e} / {r['ambient_error']:.1e} / "
-                         f"{r['fm_error']:.1e} | {r['ours_cpu_s'] * 1e3:.1f} / {r['ambient_cpu_s'] * 1e3:.1f} / "
-                         f"{r['fm_cpu_s'] * 1e3:.1f} |")
+            lines.append(
+                f"| {r['method']} | {r['steps']} | {r['ours_error']:.1e} / {r['ambient_error']:.1e} / "
+                f"{r['fm_error']:.1e} | {r['ours_cpu_s'] * 1e3:.1f} / {r['ambient_cpu_s'] * 1e3:.1f} / "
+                f"{r['fm_cpu_s'] * 1e3:.1f} |"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -2,7 +2,7 @@
 
 All timings in one run, interleaved (every repetition times every operation once, in turn), reported as the median
 over repetitions of both CPU time of this process (``time.process_time``, robust to other jobs on the machine) and
-wall time. Ratios compare medians measured in the same run.
+wall time (``benchmarks/timing.py``, after one warm-up round). Ratios compare medians measured in the same run.
 
 - ``geodesic`` : ``TokenSpheres(C).geodesic(x0, x1, t)`` on a ``(B, C, H, W)`` float32 latent batch (x_t and u_t),
   against ``x_t = x0 + t (x1 - x0), u = x1 - x0`` on the same tensors.
@@ -21,8 +21,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
-import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,20 +31,7 @@ from torch import Tensor
 from manifold_fm.atomic import write_text_atomic
 from manifold_fm.manifolds import Sphere, TokenSpheres
 
-
-def timed(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, dict[str, float]]:
-    """Median CPU and wall seconds per call of each function, interleaved over ``reps`` rounds."""
-    cpu: dict[str, list[float]] = {k: [] for k in fns}
-    wall: dict[str, list[float]] = {k: [] for k in fns}
-    for fn in fns.values():  # warm-up (allocator, lazy init)
-        fn()
-    for _ in range(reps):
-        for name, fn in fns.items():
-            c0, w0 = time.process_time(), time.perf_counter()
-            fn()
-            cpu[name].append(time.process_time() - c0)
-            wall[name].append(time.perf_counter() - w0)
-    return {k: {"cpu": statistics.median(cpu[k]), "wall": statistics.median(wall[k])} for k in fns}
+from timing import timed
 
 
 def run(batch: int, channels: int, size: int, reps: int, threads: int, compile_: bool) -> dict:
@@ -98,12 +83,10 @@ def run(batch: int, channels: int, size: int, reps: int, threads: int, compile_:
     compile_s = None
     if compile_:
         tc = TokenSpheres(channels, axis=1, compile=True)
-        c0 = time.perf_counter()
-        tc.geodesic(x0, x1, t)
-        compile_s = time.perf_counter() - c0
+        compile_s = timed({"build": lambda: tc.geodesic(x0, x1, t)}, 1, warmup=0)["build"].wall_s
         fns["geodesic (ours, torch.compile)"] = lambda: tc.geodesic(x0, x1, t)
     with torch.no_grad():
-        times = timed(fns, reps)
+        times = {k: tm.medians("cpu", "wall") for k, tm in timed(fns, reps).items()}
 
     def ratio(a: str, b: str) -> dict[str, float]:
         return {k: times[a][k] / times[b][k] for k in ("cpu", "wall")}

@@ -1,16 +1,18 @@
 """Image training throughput, linear vs spherical flow matching on the same SiT, and sampling time per image.
 
-Both modes run through the real trainer (:class:`~manifold_fm.training.trainer.FlowTrainer`: class dropout, time
-and prior sampling, path, forward, loss, backward, gradient clipping, AdamW, EMA) on the same latents, model
-initialisation and seed. Steps are interleaved (linear, spherical, linear, ...) so both see the same machine load;
-each step is timed in this process's CPU time (``time.process_time``, robust to other jobs on a shared machine) and
-wall time, and the medians give images/s and the spherical overhead ratio ``spherical step / linear step``.
+Both modes run through the real trainer step (:meth:`~manifold_fm.training.trainer.Trainer.train_step`: class
+dropout, time and prior sampling, path, forward, loss, backward, gradient clipping, AdamW, EMA) on the same latents,
+model initialisation and seed. Steps are interleaved (linear, spherical, linear, ...) so both see the same machine
+load; each step is timed in this process's CPU time (``time.process_time``, robust to other jobs on a shared machine)
+and wall time (``benchmarks/timing.py``), and the medians give images/s and the spherical overhead ratio
+``spherical step / linear step``.
 
 Sampling: EMA-free model, 12 classes, per solver (euler, heun, midpoint, rk4 at a fixed step count), time per image
-of the flow solve only (the tokenizer decode is the same for both modes and reported separately).
+of the flow solve only (:func:`manifold_fm.sampler.generate`; the tokenizer decode is the same for both modes and
+not timed).
 
     python benchmarks/bench_training.py            # writes benchmarks/results/training.{json,md}
-    python benchmarks/bench_training.py --quick    # a smoke run (the test suite uses it)
+    python benchmarks/bench_training.py --quick    # a smoke run (tiny sizes; writes only to an explicit --out)
 """
 
 from __future__ import annotations
@@ -19,57 +21,75 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import tempfile
-import time
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from torch import Tensor, nn
 
-from manifold_fm.eval.sampling import SamplerSpec, generate_latents
+from manifold_fm.atomic import write_text_atomic
+from manifold_fm.data.sources import TensorSource
 from manifold_fm.models.sit import build_sit, count_parameters
-from manifold_fm.training.image_config import load_image_config
-from manifold_fm.training.trainer import FlowTrainer, TensorLatents, make_flow
+from manifold_fm.sampler import SamplerSpec, generate
+from manifold_fm.training.builders import preset_flow
+from manifold_fm.training.schema import FLOW_PRESETS, load_image_config
+from manifold_fm.training.trainer import Trainer
+
+from timing import timed
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def _timed(fn) -> tuple[float, float]:  # type: ignore[no-untyped-def]
-    c0, w0 = time.process_time(), time.perf_counter()
-    fn()
-    return time.process_time() - c0, time.perf_counter() - w0
+MODES = ("linear", "spherical")
 
 
 def bench_training(arch: str, shape: tuple[int, int, int], batch: int, steps: int, warmup: int) -> dict:
     c, h, _ = shape
     g = torch.Generator().manual_seed(0)
-    data = TensorLatents(torch.randn(batch * 8, *shape, generator=g), torch.arange(batch * 8) % 12)
-    trainers = {}
+    data = TensorSource(torch.randn(batch * 8, *shape, generator=g), torch.arange(batch * 8) % 12)
     with tempfile.TemporaryDirectory() as tmp:
-        for mode in ("linear", "spherical"):
-            cfg = load_image_config(None, ["tokenizer.kind=none", "data.source=latents", "data.latents=unused",
-                                           f"flow.mode={mode}", f"train.batch_size={batch}", "train.seed=0"])
+        trainers: dict[str, tuple[Trainer, nn.Module, nn.Module]] = {}
+        for mode in MODES:
+            overrides = [
+                "tokenizer.kind=none",
+                "data.source=latents",
+                "data.latents=unused",
+                f"flow.path={FLOW_PRESETS[mode]['path']}",
+                f"train.batch_size={batch}",
+                "train.seed=0",
+            ]
+            cfg = load_image_config(None, overrides)
             torch.manual_seed(0)
             model = build_sit(arch, input_size=h, in_channels=c, num_classes=12)
-            tr = FlowTrainer(model, make_flow(mode, c), data, cfg, Path(tmp) / mode, null_class=12, device="cpu",
-                             progress=False)
-            forward, raw = tr.prepare()
-            trainers[mode] = (tr, forward, raw)
-        times: dict[str, list[tuple[float, float]]] = {"linear": [], "spherical": []}
-        batches = list(data.batches(trainers["linear"][0].indexer, 0, warmup + steps, 0))
-        for i, (x1, y) in enumerate(batches):
-            for mode, (tr, forward, raw) in trainers.items():
-                t = _timed(lambda tr=tr, f=forward, r=raw, x1=x1, y=y: tr.train_step(f, r, x1, y))
-                if i >= warmup:
-                    times[mode].append(t)
-    out: dict = {"arch": arch, "latent_shape": list(shape), "batch": batch, "steps": steps,
-                 "params_M": count_parameters(trainers["linear"][0].model) / 1e6}
-    for mode, ts in times.items():
-        cpu = statistics.median(t[0] for t in ts)
-        wall = statistics.median(t[1] for t in ts)
-        out[mode] = {"cpu_s_per_step": cpu, "wall_s_per_step": wall, "images_per_s_cpu": batch / cpu,
-                     "images_per_s_wall": batch / wall}
+            tr = Trainer(
+                model,
+                preset_flow(mode, c),
+                data,
+                cfg.train,
+                cfg.optim,
+                Path(tmp) / mode,
+                null_class=12,
+                device="cpu",
+                progress=False,
+            )
+            trainers[mode] = (tr, *tr.prepare())
+        # The same batches for both modes (same plan), materialised before timing: the steps time the trainer only.
+        batches = list(data.batches(trainers["linear"][0].plan, 0, warmup + steps))
+
+        def stepper(tr: Trainer, forward: nn.Module, raw: nn.Module) -> Callable[[], object]:
+            stream: Iterator[tuple[Tensor, Tensor | None]] = iter(batches)
+            return lambda: tr.train_step(forward, raw, *next(stream))
+
+        times = timed({mode: stepper(*trainers[mode]) for mode in MODES}, steps, warmup=warmup)
+        params = count_parameters(trainers["linear"][2])
+    out: dict = {"arch": arch, "latent_shape": list(shape), "batch": batch, "steps": steps, "params_M": params / 1e6}
+    for mode, tm in times.items():
+        out[mode] = {
+            "cpu_s_per_step": tm.cpu_s,
+            "wall_s_per_step": tm.wall_s,
+            "images_per_s_cpu": batch / tm.cpu_s,
+            "images_per_s_wall": batch / tm.wall_s,
+        }
     out["spherical_overhead_cpu"] = out["spherical"]["cpu_s_per_step"] / out["linear"]["cpu_s_per_step"]
     out["spherical_overhead_wall"] = out["spherical"]["wall_s_per_step"] / out["linear"]["wall_s_per_step"]
     return out
@@ -85,34 +105,59 @@ def bench_sampling(arch: str, shape: tuple[int, int, int], n: int, steps: int, r
     labels = torch.arange(n) % 12
     rows = []
     for method in ("euler", "heun", "midpoint", "rk4"):
-        for mode in ("linear", "spherical"):
-            flow = make_flow(mode, c)
-            spec = SamplerSpec(method=method, steps=steps)
-            generate_latents(model, flow, labels[:2], shape, spec, seed=0, null_class=12)  # warm-up
-            ts = [_timed(lambda flow=flow, spec=spec: generate_latents(model, flow, labels, shape, spec, seed=0,
-                                                                         null_class=12)) for _ in range(reps)]
-            cpu = statistics.median(t[0] for t in ts)
-            wall = statistics.median(t[1] for t in ts)
-            rows.append({"method": method, "mode": mode, "steps": steps, "cpu_ms_per_image": 1e3 * cpu / n,
-                         "wall_ms_per_image": 1e3 * wall / n})
+        spec = SamplerSpec(method=method, steps=steps)
+
+        def sample(mode: str, spec: SamplerSpec = spec) -> Callable[[], object]:
+            flow = preset_flow(mode, c)
+            return lambda: generate(
+                model,
+                flow,
+                (n, *shape),
+                spec,
+                generator=torch.Generator().manual_seed(0),
+                labels=labels,
+                null_class=12,
+            )
+
+        times = timed({mode: sample(mode) for mode in MODES}, reps)  # the modes interleaved, one warm-up round
+        for mode, tm in times.items():
+            rows.append(
+                {
+                    "method": method,
+                    "mode": mode,
+                    "steps": steps,
+                    "cpu_ms_per_image": 1e3 * tm.cpu_s / n,
+                    "wall_ms_per_image": 1e3 * tm.wall_s / n,
+                }
+            )
     return rows
 
 
 def to_markdown(res: dict) -> str:
     lines = [f"Machine: {res['machine']}, torch {res['torch']}, {res['threads']} thread(s); {res['date']}.", ""]
-    lines += ["| SiT | latents | batch | linear img/s (CPU time) | spherical img/s | spherical overhead (CPU) | "
-              "overhead (wall) |", "|---|---|---|---|---|---|---|"]
+    lines += [
+        "| SiT | latents | batch | linear img/s (CPU time) | spherical img/s | spherical overhead (CPU) | "
+        "overhead (wall) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in res["training"]:
-        lines.append(f"| {r['arch']} ({r['params_M']:.2f}M) | {'x'.join(map(str, r['latent_shape']))} | {r['batch']} "
-                     f"| {r['linear']['images_per_s_cpu']:.0f} | {r['spherical']['images_per_s_cpu']:.0f} | "
-                     f"{r['spherical_overhead_cpu']:.3f}x | {r['spherical_overhead_wall']:.3f}x |")
-    lines += ["", "| sampler | steps | linear ms/image (CPU) | spherical ms/image (CPU) | ratio |",
-              "|---|---|---|---|---|"]
+        lines.append(
+            f"| {r['arch']} ({r['params_M']:.2f}M) | {'x'.join(map(str, r['latent_shape']))} | {r['batch']} "
+            f"| {r['linear']['images_per_s_cpu']:.0f} | {r['spherical']['images_per_s_cpu']:.0f} | "
+            f"{r['spherical_overhead_cpu']:.3f}x | {r['spherical_overhead_wall']:.3f}x |"
+        )
+    lines += [
+        "",
+        "| sampler | steps | linear ms/image (CPU) | spherical ms/image (CPU) | ratio |",
+        "|---|---|---|---|---|",
+    ]
     by = {(r["method"], r["mode"]): r for r in res["sampling"]}
     for method in ("euler", "heun", "midpoint", "rk4"):
         lin, sph = by[(method, "linear")], by[(method, "spherical")]
-        lines.append(f"| {method} | {lin['steps']} | {lin['cpu_ms_per_image']:.2f} | {sph['cpu_ms_per_image']:.2f} | "
-                     f"{sph['cpu_ms_per_image'] / lin['cpu_ms_per_image']:.3f}x |")
+        lines.append(
+            f"| {method} | {lin['steps']} | {lin['cpu_ms_per_image']:.2f} | {sph['cpu_ms_per_image']:.2f} | "
+            f"{sph['cpu_ms_per_image'] / lin['cpu_ms_per_image']:.3f}x |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -120,7 +165,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, a few steps (smoke run)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=None, help=f"report folder (default {RESULTS}; --quick: none)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.quick:
@@ -141,10 +186,10 @@ def main() -> None:
     res["load_avg_end"] = os.getloadavg()[0]
     md = to_markdown(res)
     print(md)
-    if not args.quick:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "training.json").write_text(json.dumps(res, indent=2))
-        (args.out / "training.md").write_text(md)
+    out = args.out if args.out is not None or args.quick else RESULTS
+    if out is not None:
+        write_text_atomic(out / "training.json", json.dumps(res, indent=2))
+        write_text_atomic(out / "training.md", md)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import os
 import shlex
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,18 +67,6 @@ def write_fake_imagenet(root: Path, per_class: int = 4, corrupt: bool = False) -
     return written
 
 
-@pytest.fixture
-def one_thread() -> Any:
-    """Tiny convolutions run fastest on one thread, and on a shared 2-core machine two spinning OpenMP threads per
-    process made them ~70x slower (measured: 72 ms vs 0.9 ms per 8-channel 32x32 conv at load 9)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ----------------------------------------------------------------------------- data preparation
 def test_prepare_imagenet_matches_adm_center_crop_and_reports_skips(tmp_path: Path) -> None:
     prep = _load(EXP / "scripts" / "prepare_imagenet.py", "imagenet_sfm_prepare")
@@ -103,14 +92,18 @@ def test_gpu_check_shell_wrapper_runs_the_script(tmp_path: Path) -> None:
     # From an unrelated directory, without relying on an installed package: the wrapper sets PYTHONPATH itself.
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.run(
-        ["bash", str(EXP / "gpu_check.sh"), "--help"], capture_output=True, text=True, env=env, timeout=120,
+        ["bash", str(EXP / "gpu_check.sh"), "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "--cpu-smoke" in proc.stdout and "--peak-tflops" in proc.stdout
 
 
-def test_gpu_check_cpu_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str], one_thread: None) -> None:
+def test_gpu_check_cpu_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     gc = _load(EXP / "gpu_check.py", "imagenet_sfm_gpu_check")
     out = tmp_path / "gpu_check.json"
     assert gc.main(["--cpu-smoke", "--out", str(out), "--quiet"]) == 0
@@ -148,6 +141,8 @@ def test_gpu_check_peak_flops_lookup() -> None:
     assert gc.peak_flops(torch.device("cpu"), 100.0) == (100e12, "--peak-tflops")
     assert gc.peak_flops(torch.device("cpu"), None)[0] is None
     # MFU arithmetic: 3 x forward FLOPs x images/s over the peak; the FLOP count of SiT-B/2 on 32x32x32 latents.
+    assert gc.mfu(46.1e9, 1000.0, 989.4e12) == pytest.approx(3 * 46.1e9 * 1000.0 / 989.4e12, rel=1e-12)
+    assert gc.mfu(46.1e9, 1000.0, None) is None
     from manifold_fm.models.sit import build_sit, sit_forward_flops
 
     model = build_sit("SiT-B/2", input_size=32, in_channels=32, num_classes=1000, device="meta")
@@ -155,45 +150,6 @@ def test_gpu_check_peak_flops_lookup() -> None:
 
 
 # ----------------------------------------------------------------------------- the whole recipe at toy scale
-class _StandIn:
-    """Registered with torch-fidelity in place of Inception: per-channel means (FD features) and 4 logits (IS)."""
-
-    name = "imagenet-sfm-test-standin"
-
-    @classmethod
-    def register(cls) -> str:
-        import torch
-        from torch_fidelity import FeatureExtractorBase, register_feature_extractor
-        from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
-
-        class StandIn(FeatureExtractorBase):
-            def __init__(self, name: str, features_list: list[str], **kwargs: Any) -> None:
-                super().__init__(name, features_list)
-                w = [[1.0, -1.0, 0.5, 0.0], [0.0, 1.0, -1.0, 0.5], [2.0, 0.0, 1.0, -1.0]]
-                self.register_buffer("w", torch.tensor(w))
-
-            @staticmethod
-            def get_provided_features_list() -> tuple[str, ...]:
-                return ("means", "logits")
-
-            @staticmethod
-            def get_default_feature_layer_for_metric(metric: str) -> str:
-                return {"fid": "means", "isc": "logits"}.get(metric, "means")
-
-            @staticmethod
-            def can_be_compiled() -> bool:
-                return False
-
-            def forward(self, x: Any) -> tuple[Any, ...]:
-                means = x.double().mean(dim=(2, 3)) / 255.0
-                out = {"means": means, "logits": means.float() @ self.w}
-                return tuple(out[f] for f in self.features_list)
-
-        if cls.name not in FEATURE_EXTRACTORS_REGISTRY:
-            register_feature_extractor(cls.name, StandIn)
-        return cls.name
-
-
 def _frechet_reference(a: np.ndarray, b: np.ndarray) -> float:
     """Fréchet distance of Gaussians fitted to feature rows ``a`` and ``b``, from scipy's sqrtm in float64."""
     from scipy import linalg
@@ -222,7 +178,9 @@ def _tiny_flux2_vae(path: Path) -> None:
     vae.save_pretrained(path)
 
 
-def test_recipe_end_to_end_on_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_thread: None) -> None:
+def test_recipe_end_to_end_on_cpu(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, register_standin: Callable[..., type]
+) -> None:
     """README steps 1-5 with the grid's FLUX.2 B/2 pair, shrunk only by command-line options and --set."""
     import torch
     from click.testing import CliRunner
@@ -249,8 +207,22 @@ def test_recipe_end_to_end_on_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     data = ["--data", "data/imagenet256", "--size", "32"]
 
     # 2. decoder finetuning for projected latents (+ the FT-vanilla control) and its reconstruction report
-    cli("finetune-decoder", *vae, *data, "--out", "runs/decoders/flux2", "--steps", "2", "--batch-size", "4",
-        "--gan-start", "1", "--eval-items", "4", "--vanilla-control")
+    cli(
+        "finetune-decoder",
+        *vae,
+        *data,
+        "--out",
+        "runs/decoders/flux2",
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--gan-start",
+        "1",
+        "--eval-items",
+        "4",
+        "--vanilla-control",
+    )
     report = json.loads((tmp_path / "runs/decoders/flux2/report.json").read_text())
     assert len(report["metrics"]) >= 3 and all(math.isfinite(m["psnr"]) for m in report["metrics"].values())
     assert load_file("runs/decoders/flux2/decoder.safetensors")
@@ -260,11 +232,11 @@ def test_recipe_end_to_end_on_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     plain = LatentCache("data/latents/flux2")
     assert len(plain) == 2 * 8 and not plain.spherical  # 8 images, each with its flip
     # what a spherical run trains on (the cache denormalised, then projected) is SphericalTokenizer.encode's output
-    from manifold_fm.data.images import image_dataset
+    from manifold_fm.data.image_folder import image_dataset
     from manifold_fm.tokenizers import SphericalTokenizer, load_tokenizer
-    from manifold_fm.training.trainer import make_flow
+    from manifold_fm.training.builders import preset_flow
 
-    z = make_flow("spherical", 8).prepare_data(LatentCache("data/latents/flux2", raw=True)[0][0][None])[0]
+    z = preset_flow("spherical", 8).prepare_data(LatentCache("data/latents/flux2", raw=True)[0][0][None])[0]
     assert z.shape == (8, 8, 8)
     first = image_dataset("data/imagenet256", size=32)[0][0][None]
     with torch.no_grad():
@@ -273,9 +245,17 @@ def test_recipe_end_to_end_on_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     torch.testing.assert_close(z.norm(dim=0), torch.full((8, 8), math.sqrt(8.0)), rtol=1e-5, atol=1e-5)
 
     # 4. training: the grid's FLUX.2 B/2 pair, same CLI, shrunk with --set
-    shrink = ["model.arch=SiT-Micro/2", "train.steps=2", "train.batch_size=4", "train.mixed_precision='no'",
-              "train.checkpoint_every=2", "train.sample_every=2", "train.log_every=1", "data.num_workers=0",
-              "sample.steps=2"]
+    shrink = [
+        "model.arch=SiT-Micro/2",
+        "train.steps=2",
+        "train.batch_size=4",
+        "train.mixed_precision='no'",
+        "train.checkpoint_every=2",
+        "train.sample_every=2",
+        "train.log_every=1",
+        "data.num_workers=0",
+        "sample.steps=2",
+    ]
     runs = {}
     for mode in ("linear", "spherical"):
         name = f"flux2-B2-{mode}-80ep"
@@ -286,20 +266,46 @@ def test_recipe_end_to_end_on_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         assert list((runs[mode] / "samples").glob("step_*.png"))
 
     # 5. sampling in the ADM layout (classes cycle, so every class equally often) and evaluation
-    extractor = _StandIn.register()
+    # In place of Inception: per-channel means (FD features, float64) and 4 logits (IS) through a fixed matrix.
+    extractor = "imagenet-sfm-test-standin"
+    w = [[1.0, -1.0, 0.5, 0.0], [0.0, 1.0, -1.0, 0.5], [2.0, 0.0, 1.0, -1.0]]
+    register_standin(extractor, pool=1, logits=w, dtype=torch.float64)
     ref_images = np.stack([np.asarray(Image.open(p)) for p in sorted((tmp_path / "data/imagenet256").rglob("*.png"))])
     ref_feats = ref_images.reshape(len(ref_images), -1, 3).astype(np.float64).mean(1) / 255.0
     np.savez(tmp_path / "ref_stats.npz", mu=ref_feats.mean(0), sigma=np.cov(ref_feats, rowvar=False))
     for run in runs.values():
         out = run / "fid8-cfg1.5"
-        cli("sample", str(run), "--num", "8", "--cfg-scale", "1.5", "--batch-size", "4", "--out", str(out),
-            "--device", "cpu")
+        cli(
+            "sample",
+            str(run),
+            "--num",
+            "8",
+            "--cfg-scale",
+            "1.5",
+            "--batch-size",
+            "4",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+        )
         with np.load(out / "samples.npz") as npz:
             images, labels = npz["arr_0"], npz["arr_1"].reshape(-1)
         assert images.shape == (8, 32, 32, 3) and images.dtype == np.uint8
         assert np.bincount(labels, minlength=2).tolist() == [4, 4]
-        cli("evaluate", str(out / "samples.npz"), "--reference", "ref_stats.npz", "--feature-extractor", extractor,
-            "--no-prc", "--batch-size", "4", "--out", str(out / "metrics.json"))
+        cli(
+            "evaluate",
+            str(out / "samples.npz"),
+            "--reference",
+            "ref_stats.npz",
+            "--feature-extractor",
+            extractor,
+            "--no-prc",
+            "--batch-size",
+            "4",
+            "--out",
+            str(out / "metrics.json"),
+        )
         metrics = json.loads((out / "metrics.json").read_text())
         feats = images.reshape(8, -1, 3).astype(np.float64).mean(1) / 255.0
         assert metrics[f"fd[{extractor}]"] == pytest.approx(_frechet_reference(feats, ref_feats), rel=1e-6, abs=1e-9)
@@ -326,21 +332,49 @@ def test_train_script_builds_the_accelerate_command(tmp_path: Path) -> None:
     config = str((EXP / "configs" / "flux2-B2-spherical-80ep.yaml").resolve())
 
     def run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["bash", script, *args], capture_output=True, text=True, cwd=tmp_path,
-                              env={**base, **env}, timeout=60)
+        return subprocess.run(
+            ["bash", script, *args], capture_output=True, text=True, cwd=tmp_path, env={**base, **env}, timeout=60
+        )
 
     assert run("flux2-B2-spherical-80ep", "--set", "train.compile=true").returncode == 0
     assert _calls(log)[-1] == [
-        "launch", "--num_processes", "1", "--num_machines", "1", "--machine_rank", "0", "-m", "manifold_fm.cli",
-        "train", "--config", config, "--out", "runs/flux2-B2-spherical-80ep", "--set", "train.compile=true",
+        "launch",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--machine_rank",
+        "0",
+        "-m",
+        "manifold_fm.cli",
+        "train",
+        "--config",
+        config,
+        "--out",
+        "runs/flux2-B2-spherical-80ep",
+        "--set",
+        "train.compile=true",
     ]
     # Many nodes: one process per GPU on every node, rendezvous at node 0; a checkpoint present -> --resume.
     (tmp_path / "runs" / "flux2-B2-spherical-80ep" / "checkpoints").mkdir(parents=True)
     (tmp_path / "runs" / "flux2-B2-spherical-80ep" / "checkpoints" / "latest").write_text("step_00000010")
     assert run(config, NNODES="4", NODE_RANK="2", MASTER_ADDR="node0", GPUS_PER_NODE="8").returncode == 0
     call = _calls(log)[-1]
-    assert call[:13] == ["launch", "--num_processes", "32", "--num_machines", "4", "--machine_rank", "2",
-                         "--multi_gpu", "--main_process_ip", "node0", "--main_process_port", "29500", "-m"]
+    assert call[:13] == [
+        "launch",
+        "--num_processes",
+        "32",
+        "--num_machines",
+        "4",
+        "--machine_rank",
+        "2",
+        "--multi_gpu",
+        "--main_process_ip",
+        "node0",
+        "--main_process_port",
+        "29500",
+        "-m",
+    ]
     assert call[-1] == "--resume" and call[call.index("--config") + 1] == config
     bad = run("flux2-B3-spherical")
     assert bad.returncode == 2 and "flux2-B2-spherical-80ep" in bad.stderr and len(_calls(log)) == 2
@@ -350,72 +384,161 @@ def test_sample_eval_script_samples_each_scale_then_evaluates(tmp_path: Path) ->
     log = tmp_path / "calls.log"
     accelerate = _stub(tmp_path / "accelerate", f'printf "%q " "$@" >> {log}; echo >> {log}\n')
     # The CLI stub records the call and, for evaluate, writes a metrics file where --out points.
-    cli = _stub(tmp_path / "mfm", f'printf "%q " "$@" >> {log}; echo >> {log}\n'
-                'while [[ $# -gt 0 ]]; do if [[ $1 == --out ]]; then '
-                'mkdir -p "$(dirname "$2")"; echo \'{"fid": 12.5, "inception_score_mean": 101.25}\' > "$2"; fi; '
-                'shift; done\n')
+    cli = _stub(
+        tmp_path / "mfm",
+        f'printf "%q " "$@" >> {log}; echo >> {log}\n'
+        "while [[ $# -gt 0 ]]; do if [[ $1 == --out ]]; then "
+        'mkdir -p "$(dirname "$2")"; echo \'{"fid": 12.5, "inception_score_mean": 101.25}\' > "$2"; fi; '
+        "shift; done\n",
+    )
     run_dir, ref, weights = tmp_path / "runs" / "r", tmp_path / "ref.npz", tmp_path / "inception.pth"
     run_dir.mkdir(parents=True)
     ref.write_bytes(b"x")
     weights.write_bytes(b"x")
     (run_dir / "fid50000-cfg2.0").mkdir()
     (run_dir / "fid50000-cfg2.0" / "samples.npz").write_bytes(b"x")  # already sampled: reused, not redone
-    env = {**os.environ, "ACCELERATE": str(accelerate), "MANIFOLD_FM": str(cli), "GPUS_PER_NODE": "8",
-           "STEPS": "100", "SCALES": "1.5 2.0"}
-    proc = subprocess.run(["bash", str(EXP / "scripts" / "sample_eval.sh"), str(run_dir), str(ref), str(weights)],
-                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60)
+    env = {
+        **os.environ,
+        "ACCELERATE": str(accelerate),
+        "MANIFOLD_FM": str(cli),
+        "GPUS_PER_NODE": "8",
+        "STEPS": "100",
+        "SCALES": "1.5 2.0",
+    }
+    proc = subprocess.run(
+        ["bash", str(EXP / "scripts" / "sample_eval.sh"), str(run_dir), str(ref), str(weights)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     calls = _calls(log)
     assert [c[0] for c in calls] == ["launch", "evaluate", "evaluate"]
     out = f"{run_dir}/fid50000-cfg1.5"
-    assert calls[0] == ["launch", "--num_processes", "8", "--multi_gpu", "-m", "manifold_fm.cli", "sample",
-                        str(run_dir), "--num", "50000", "--cfg-scale", "1.5", "--batch-size", "125", "--seed", "0",
-                        "--out", out, "--steps", "100"]
-    assert calls[1] == ["evaluate", f"{out}/samples.npz", "--reference", str(ref), "--inception-weights",
-                        str(weights), "--no-prc", "--out", f"{out}/metrics.json"]
+    assert calls[0] == [
+        "launch",
+        "--num_processes",
+        "8",
+        "--multi_gpu",
+        "-m",
+        "manifold_fm.cli",
+        "sample",
+        str(run_dir),
+        "--num",
+        "50000",
+        "--cfg-scale",
+        "1.5",
+        "--batch-size",
+        "125",
+        "--seed",
+        "0",
+        "--out",
+        out,
+        "--steps",
+        "100",
+    ]
+    assert calls[1] == [
+        "evaluate",
+        f"{out}/samples.npz",
+        "--reference",
+        str(ref),
+        "--inception-weights",
+        str(weights),
+        "--no-prc",
+        "--out",
+        f"{out}/metrics.json",
+    ]
     assert "| r | 1.5 | 12.50 | 101.25 |" in proc.stdout and "| r | 2.0 | 12.50 | 101.25 |" in proc.stdout
     # Node 1 of 2: samples its share of every scale (rendezvous at node 0), never evaluates.
     log.unlink()
     env2 = {**env, "NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "node0", "SCALES": "1.0"}
-    proc = subprocess.run(["bash", str(EXP / "scripts" / "sample_eval.sh"), str(run_dir), str(ref), str(weights)],
-                          capture_output=True, text=True, cwd=tmp_path, env=env2, timeout=60)
+    proc = subprocess.run(
+        ["bash", str(EXP / "scripts" / "sample_eval.sh"), str(run_dir), str(ref), str(weights)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env2,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     calls = _calls(log)
     assert len(calls) == 1 and calls[0][:13] == [
-        "launch", "--num_processes", "16", "--num_machines", "2", "--machine_rank", "1", "--main_process_ip", "node0",
-        "--main_process_port", "29500", "--multi_gpu", "-m",
+        "launch",
+        "--num_processes",
+        "16",
+        "--num_machines",
+        "2",
+        "--machine_rank",
+        "1",
+        "--main_process_ip",
+        "node0",
+        "--main_process_port",
+        "29500",
+        "--multi_gpu",
+        "-m",
     ]
     missing = subprocess.run(
         ["bash", str(EXP / "scripts" / "sample_eval.sh"), str(run_dir), "nope.npz", str(weights)],
-        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=60,
     )
     assert missing.returncode == 2 and "nope.npz does not exist" in missing.stderr
 
 
 # ----------------------------------------------------------------------------- per-channel latent statistics
 def test_latent_stats_bakes_dataset_standardisation_into_a_vae_folder(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], one_thread: None
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     import torch
     from diffusers import AutoencoderKL
 
-    from manifold_fm.data.images import ImageFolderDataset
+    from manifold_fm.data.image_folder import ImageFolderDataset
     from manifold_fm.tokenizers import DiffusersTokenizer
 
     stats = _load(EXP / "scripts" / "latent_stats.py", "imagenet_sfm_latent_stats")
     assert stats.even_indices(10, 4) == [0, 2, 5, 7] and stats.even_indices(3, 8) == [0, 1, 2]
     write_fake_imagenet(tmp_path / "raw", per_class=3)
     prep = _load(EXP / "scripts" / "prepare_imagenet.py", "imagenet_sfm_prepare")
-    assert prep.main(["--src", str(tmp_path / "raw"), "--dst", str(tmp_path / "img"), "--size", "16",
-                      "--no-progress"]) == 0
+    assert (
+        prep.main(["--src", str(tmp_path / "raw"), "--dst", str(tmp_path / "img"), "--size", "16", "--no-progress"])
+        == 0
+    )
     torch.manual_seed(0)
-    vae = AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
-                        layers_per_block=1, sample_size=16, scaling_factor=0.5, shift_factor=0.1)
+    vae = AutoencoderKL(
+        block_out_channels=(8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=4,
+        layers_per_block=1,
+        sample_size=16,
+        scaling_factor=0.5,
+        shift_factor=0.1,
+    )
     vae.save_pretrained(tmp_path / "vae")
     out = tmp_path / "vae-stats"
-    args = ["--vae", str(tmp_path / "vae"), "--data", str(tmp_path / "img"), "--out", str(out), "--size", "16",
-            "--max-items", "100", "--batch-size", "4", "--device", "cpu", "--no-progress"]
+    args = [
+        "--vae",
+        str(tmp_path / "vae"),
+        "--data",
+        str(tmp_path / "img"),
+        "--out",
+        str(out),
+        "--size",
+        "16",
+        "--max-items",
+        "100",
+        "--batch-size",
+        "4",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     assert stats.main(args) == 0
 
     # Reference: every image's posterior mode in float64, per-channel mean and (population) std over all positions.
@@ -441,7 +564,7 @@ def test_latent_stats_bakes_dataset_standardisation_into_a_vae_folder(
     assert "AutoencoderKLFlux2" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
-def test_gpu_check_bf16_sampling_keeps_samples_on_the_spheres(one_thread: None) -> None:
+def test_gpu_check_bf16_sampling_keeps_samples_on_the_spheres() -> None:
     """The bf16 sampling figure autocasts the network only: the exp-map steps stay float32 on the spheres."""
     import dataclasses
 
@@ -461,8 +584,9 @@ def test_gpu_check_bf16_sampling_keeps_samples_on_the_spheres(one_thread: None) 
     assert out["linear"]["ode_images_per_s_bf16"] > 0
 
 
-def test_gpu_check_failed_section_keeps_the_others(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                   monkeypatch: pytest.MonkeyPatch, one_thread: None) -> None:
+def test_gpu_check_failed_section_keeps_the_others(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """On a one-shot GPU lease an out-of-memory in one section must not lose the other figures."""
     gc = _load(EXP / "gpu_check.py", "imagenet_sfm_gpu_check")
 

@@ -9,20 +9,24 @@ Everything is randomly initialised and fed synthetic data, so only speed and mem
    ``256 x 256`` images together with their horizontal flips, as ``extract-latents`` does. Reported as source
    images/s (each image is encoded twice): the bf16 encoder alone, and the whole
    :func:`~manifold_fm.data.latents.extract_latents` (host-side items, flips, bf16 shards written to disk).
-2. **Training**: SiT-B/2 on ``(32, 32, 32)`` latents (FLUX.2 at 256 px) through the project's own trainer
-   (:class:`~manifold_fm.training.trainer.FlowTrainer`: accelerate with bf16 autocast, AdamW, gradient clipping,
-   EMA 0.9999, class dropout 0.1, batch 256), for the linear baseline (Gaussian prior, straight path) and spherical
-   flow matching (:class:`~manifold_fm.manifolds.TokenSpheres` prior and data, geodesic path, tangent-projected
-   loss) in the same process; ``spherical_over_linear_step_time`` is the spherical overhead. MFU =
-   ``3 * forward_flops_per_image * images_per_s / peak_flops`` (forward + backward ~ 3 forwards; FLOPs from
-   :func:`manifold_fm.models.sit.sit_forward_flops`, 2 per multiply-add; peak = dense bf16 of the device).
+2. **Training**: SiT-B/2 (``--sit``) on ``(32, 32, 32)`` latents (FLUX.2 at 256 px) through the project's own
+   trainer (:class:`~manifold_fm.training.trainer.Trainer`: accelerate with bf16 autocast, AdamW, gradient clipping,
+   EMA 0.9999, class dropout 0.1, batch 256, ``torch.compile`` with ``--compile``), for the linear baseline
+   (Gaussian prior, straight path) and spherical flow matching (:class:`~manifold_fm.manifolds.TokenSpheres` prior
+   and data, geodesic path, tangent-projected loss) in the same process; ``spherical_over_linear_step_time`` is the
+   spherical overhead. MFU (:func:`mfu`) = ``3 * forward_flops_per_image * images_per_s / peak_flops`` (forward +
+   backward ~ 3 forwards; FLOPs from :func:`manifold_fm.models.sit.sit_forward_flops`, 2 per multiply-add; peak =
+   dense bf16 of the device, :data:`PEAK_BF16_FLOPS`).
 3. **Sampling**: 50 Euler steps with classifier-free guidance (scale 1.5, one batched call on 2B per step) through
-   :func:`manifold_fm.eval.sampling.generate_latents`, in float32 (what ``manifold-fm sample`` runs) and under bf16
-   autocast, then the VAE decode; images/s per mode.
+   :func:`manifold_fm.sampler.generate`, in float32 (what ``manifold-fm sample`` runs) and under bf16 autocast, then
+   the VAE decode; images/s per mode.
 
 Peak GPU memory (``torch.cuda.max_memory_allocated``) is recorded per section. The result is one JSON object on
 stdout (and in ``--out``). ``--cpu-smoke`` runs the same code with tiny shapes on the CPU in seconds (used by the
 test suite), so the script is exercised even where no GPU exists.
+
+This is the repository's one GPU throughput tool and holds its one peak-FLOPs table and MFU formula; timings go
+through the benchmarks' timing helper (``benchmarks/timing.py``, device-synchronised here).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as _dt
+import importlib.util
 import json
 import math
 import os
@@ -41,13 +46,17 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # torch is imported inside the functions, so --help answers without loading it
     import torch
     from torch import Tensor
 
+REPO = Path(__file__).resolve().parents[2]
+
 # Dense (no sparsity) bf16 tensor-core peaks from the vendors' data sheets, FLOP/s; matched on the device name.
+# The repository's only peak table: MFU figures anywhere come from :func:`peak_flops` and :func:`mfu`.
 PEAK_BF16_FLOPS: dict[str, float] = {
     "H200": 989.4e12,
     "H100": 989.4e12,  # SXM; the PCIe card is 756e12: pass --peak-tflops for it
@@ -76,6 +85,7 @@ class CheckSpec:
     cfg_scale: float
     device: str
     amp: bool
+    compile: bool = False
 
 
 FULL = CheckSpec(
@@ -120,11 +130,26 @@ CPU_SMOKE = CheckSpec(
 
 
 # ----------------------------------------------------------------------------- timing helpers
-def _sync(device: torch.device) -> None:
+def _benchmark_timing() -> ModuleType:
+    """``benchmarks/timing.py`` of this checkout (the benchmarks' one timing helper; not a package: loaded by path)."""
+    name = "manifold_fm_benchmarks_timing"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / "timing.py")
+        if spec is None or spec.loader is None:
+            raise ImportError(f"cannot load {REPO / 'benchmarks' / 'timing.py'}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses resolve annotations through sys.modules
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def _sync_fn(device: torch.device) -> Callable[[], None] | None:
+    """What synchronises ``device`` before a clock is read (nothing on a CPU)."""
     import torch
 
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    if device.type != "cuda":
+        return None
+    return lambda: torch.cuda.synchronize(device)
 
 
 def _reset_peak(device: torch.device) -> None:
@@ -143,16 +168,11 @@ def _peak_gib(device: torch.device) -> float | None:
     return round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
 
 
-def timed(fn: Callable[[], Any], device: torch.device, warmup: int, iters: int) -> float:
-    """Seconds per call of ``fn`` after ``warmup`` untimed calls (device synchronised around the timed loop)."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    _sync(device)
-    return (time.perf_counter() - start) / iters
+def seconds_per_call(fn: Callable[[], Any], device: torch.device, warmup: int, iters: int) -> float:
+    """Median wall seconds per call of ``fn`` over ``iters`` calls after ``warmup`` untimed ones, with ``device``
+    synchronised before and after each timed call (``benchmarks/timing.py``'s ``timed``)."""
+    timed = _benchmark_timing().timed
+    return timed({"fn": fn}, iters, warmup=warmup, sync=_sync_fn(device))["fn"].wall_s
 
 
 def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
@@ -176,6 +196,12 @@ def peak_flops(device: torch.device, override_tflops: float | None) -> tuple[flo
         if key in name:
             return flops, f"data sheet, dense bf16 ({key})"
     return None, f"unknown device '{name}': pass --peak-tflops"
+
+
+def mfu(forward_flops: float, images_per_s: float, peak: float | None) -> float | None:
+    """Model FLOPs utilisation of training: ``3 * forward_flops * images_per_s / peak`` (forward + backward ~ 3
+    forwards; ``forward_flops`` per image, ``peak`` in FLOP/s); ``None`` without a peak."""
+    return 3 * forward_flops * images_per_s / peak if peak else None
 
 
 # ----------------------------------------------------------------------------- sections
@@ -206,7 +232,7 @@ def check_extraction(tokenizer: Any, spec: CheckSpec, device: torch.device, dtyp
         latents["z"] = tokenizer.encode(both)
 
     _reset_peak(device)
-    sec = timed(step, device, warmup=1, iters=max(2, spec.warmup // 2))
+    sec = seconds_per_call(step, device, warmup=1, iters=max(2, spec.warmup // 2))
     z, peak = latents["z"], _peak_gib(device)
     pipeline_ips = extraction_pipeline(tokenizer, spec)
     return {
@@ -244,13 +270,21 @@ def extraction_pipeline(tokenizer: Any, spec: CheckSpec) -> float:
 
     device = torch.device(spec.device)
     with tempfile.TemporaryDirectory(prefix="gpu_check_cache_") as tmp:
-        _sync(device)
-        start = time.perf_counter()
-        with torch.no_grad():
-            extract_latents(tokenizer, Synthetic(), tmp, batch_size=spec.vae_batch, flip=True,
-                            shard_size=2 * spec.vae_batch, dtype="bfloat16", progress=False)
-        _sync(device)
-        return 4 * spec.vae_batch / (time.perf_counter() - start)
+
+        @torch.no_grad()
+        def extract() -> None:
+            extract_latents(
+                tokenizer,
+                Synthetic(),
+                tmp,
+                batch_size=spec.vae_batch,
+                flip=True,
+                shard_size=2 * spec.vae_batch,
+                dtype="bfloat16",
+                progress=False,
+            )
+
+        return 4 * spec.vae_batch / seconds_per_call(extract, device, warmup=0, iters=1)
 
 
 def check_training(
@@ -258,16 +292,19 @@ def check_training(
 ) -> dict[str, Any]:
     """SiT training images/s, MFU and peak memory for linear and spherical, through the project's own trainer.
 
-    Each mode runs :class:`~manifold_fm.training.trainer.FlowTrainer` (accelerate, bf16 autocast, AdamW, clipping,
-    EMA, class dropout) for ``warmup + train_steps`` steps on synthetic latents held on the host, as a latent cache
-    would be; the trainer logs images/s every ``warmup`` steps and the first window (warm-up, autotuning) is dropped.
+    Each mode runs :meth:`Trainer.fit <manifold_fm.training.trainer.Trainer.fit>` (accelerate, bf16 autocast, AdamW,
+    clipping, EMA, class dropout) for ``warmup + train_steps`` steps on synthetic latents held on the host, as a
+    latent cache would be; the trainer logs ``samples_per_s`` every ``warmup`` steps and the first window (warm-up,
+    autotuning, ``torch.compile``) is dropped.
     """
     import torch
 
+    from manifold_fm.data.sources import TensorSource
     from manifold_fm.models.sit import build_sit, count_parameters, sit_forward_flops
-    from manifold_fm.training.image_config import load_image_config
-    from manifold_fm.training.logging import read_jsonl
-    from manifold_fm.training.trainer import FlowTrainer, TensorLatents, make_flow
+    from manifold_fm.training.builders import preset_flow
+    from manifold_fm.training.metrics_log import read_jsonl
+    from manifold_fm.training.schema import FLOW_PRESETS, load_image_config
+    from manifold_fm.training.trainer import Trainer
 
     results: dict[str, Any] = {}
     gen = torch.Generator().manual_seed(0)
@@ -281,12 +318,13 @@ def check_training(
         cfg = load_image_config(
             {"kind": "image", "name": f"gpu-check-{mode}", "model": {"arch": spec.sit}},
             [
-                f"flow.mode={mode}",
+                f"flow.path={FLOW_PRESETS[mode]['path']}",
                 f"train.steps={steps}",
                 f"train.batch_size={spec.batch}",
                 "train.class_dropout=0.1",
                 "train.ema_decay=0.9999",
                 f"train.mixed_precision={precision}",
+                f"train.compile={str(spec.compile).lower()}",
                 f"train.log_every={window}",
                 f"train.checkpoint_every={10 * steps}",  # only the final save, after the last timed window
                 "train.keep_checkpoints=1",
@@ -297,19 +335,27 @@ def check_training(
         model = build_sit(spec.sit, input_size=size, in_channels=channels, num_classes=spec.num_classes)
         params, fwd_flops = count_parameters(model), sit_forward_flops(model, batch=1)
         _reset_peak(device)
-        trainer = FlowTrainer(
-            model, make_flow(mode, channels), TensorLatents(latents, labels), cfg, work / mode,
-            null_class=spec.num_classes, device=spec.device, progress=False,
+        trainer = Trainer(
+            model,
+            preset_flow(mode, channels),
+            TensorSource(latents, labels),
+            cfg.train,
+            cfg.optim,
+            work / mode,
+            null_class=spec.num_classes,
+            device=spec.device,
+            progress=False,
         )
         trainer.fit()
         peak = _peak_gib(device)
-        rates = [r["images_per_s"] for r in read_jsonl(work / mode / "metrics.jsonl") if "images_per_s" in r]
+        rates = [r["samples_per_s"] for r in read_jsonl(work / mode / "metrics.jsonl") if "samples_per_s" in r]
         timed_rates = rates[1:] or rates
         ips = len(timed_rates) / sum(1.0 / r for r in timed_rates)  # harmonic mean = total images / total time
+        utilisation = mfu(fwd_flops, ips, flops_peak)
         results[mode] = {
             "images_per_s": round(ips, 2),
             "step_s": round(spec.batch / ips, 5),
-            "mfu": round(3 * fwd_flops * ips / flops_peak, 4) if flops_peak else None,
+            "mfu": None if utilisation is None else round(utilisation, 4),
             "peak_mem_gib": peak,
             "timed_steps": spec.train_steps,
             "final_loss": round(float(trainer.last_loss), 5),
@@ -343,17 +389,17 @@ def autocast_net(model: Any, device: torch.device, enabled: bool) -> Any:
 
 def check_sampling(spec: CheckSpec, tokenizer: Any, channels: int, size: int, device: torch.device) -> dict[str, Any]:
     """``spec.sample_steps`` Euler steps with CFG (one batched call on 2B per step) through the project's sampler
-    (:func:`manifold_fm.eval.sampling.generate_latents`), then VAE decode; images/s per mode, with the network in
-    float32 (what ``manifold-fm sample`` runs) and under bf16 autocast.
+    (:func:`manifold_fm.sampler.generate`), then VAE decode; images/s per mode, with the network in float32 (what
+    ``manifold-fm sample`` runs) and under bf16 autocast.
 
     Only the network call is autocast: under ``torch.autocast`` the sphere operations themselves would run their
     reductions in bf16 and leave the samples ~1e-2 off the spheres (measured: radius error 8e-3 after two steps).
     """
     import torch
 
-    from manifold_fm.eval.sampling import SamplerSpec, generate_latents
     from manifold_fm.models.sit import build_sit
-    from manifold_fm.training.trainer import make_flow
+    from manifold_fm.sampler import SamplerSpec, generate
+    from manifold_fm.training.builders import preset_flow
 
     torch.manual_seed(0)
     model = build_sit(spec.sit, input_size=size, in_channels=channels, num_classes=spec.num_classes).to(device)
@@ -362,21 +408,27 @@ def check_sampling(spec: CheckSpec, tokenizer: Any, channels: int, size: int, de
     sampler = SamplerSpec(method="euler", steps=spec.sample_steps, cfg_scale=spec.cfg_scale)
     results: dict[str, Any] = {}
     for mode in ("linear", "spherical"):
-        flow = make_flow(mode, channels)
+        flow = preset_flow(mode, channels)
         out: dict[str, Tensor] = {}
         row: dict[str, Any] = {}
         for precision in ("fp32", "bf16") if spec.amp else ("fp32",):
-
             net = autocast_net(model, device, precision == "bf16")
 
             @torch.no_grad()
             def run(flow=flow, out=out, net=net) -> None:
-                out["z"] = generate_latents(
-                    net, flow, labels, (channels, size, size), sampler, seed=0, null_class=spec.num_classes
+                g = torch.Generator(device=device).manual_seed(0)
+                out["z"] = generate(
+                    net,
+                    flow,
+                    (spec.sample_batch, channels, size, size),
+                    sampler,
+                    generator=g,
+                    labels=labels,
+                    null_class=spec.num_classes,
                 )
 
             _reset_peak(device)
-            ode_s = timed(run, device, warmup=1 if precision == "bf16" else 0, iters=1)
+            ode_s = seconds_per_call(run, device, warmup=1 if precision == "bf16" else 0, iters=1)
             row[f"ode_images_per_s_{precision}"] = round(spec.sample_batch / ode_s, 2)
             row[f"peak_mem_gib_{precision}"] = _peak_gib(device)
             on_sphere = float((out["z"].float().norm(dim=1) / math.sqrt(channels) - 1).abs().max())
@@ -387,7 +439,7 @@ def check_sampling(spec: CheckSpec, tokenizer: Any, channels: int, size: int, de
         def decode(out=out) -> None:
             out["img"] = tokenizer.decode(out["z"].to(tokenizer_dtype(tokenizer)))
 
-        dec_s = timed(decode, device, warmup=1, iters=1)
+        dec_s = seconds_per_call(decode, device, warmup=1, iters=1)
         row["decode_images_per_s"] = round(spec.sample_batch / dec_s, 2)
         results[mode] = row
     results.update(steps=spec.sample_steps, solver="euler", cfg_scale=spec.cfg_scale, batch=spec.sample_batch)
@@ -406,11 +458,18 @@ def tokenizer_dtype(tokenizer: Any) -> torch.dtype:
 def _git_commit() -> str | None:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True, timeout=10,
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
             cwd=Path(__file__).resolve().parent,
         )
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10,
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
             cwd=Path(__file__).resolve().parent,
         ).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "")
@@ -520,25 +579,38 @@ def results_rows(report: dict[str, Any]) -> list[str]:
         if "error" in part:
             rows.append((f"{name}{tag}", f"failed: {part['error']}"))
     if "error" not in ext:
-        rows.append((f"latent extraction, FLUX.2-sized VAE, {spec['image_size']} px, with flips{tag}",
-                     f"{ext['images_per_s']:.1f} img/s (encoder), {ext['extract_latents_images_per_s']:.1f} img/s "
-                     f"(extract_latents); peak {gib(ext['peak_mem_gib'])}"))
+        rows.append(
+            (
+                f"latent extraction, FLUX.2-sized VAE, {spec['image_size']} px, with flips{tag}",
+                f"{ext['images_per_s']:.1f} img/s (encoder), {ext['extract_latents_images_per_s']:.1f} img/s "
+                f"(extract_latents); peak {gib(ext['peak_mem_gib'])}",
+            )
+        )
     for mode in ("linear", "spherical") if "error" not in tr else ():
         t = tr[mode]
         precision = "bf16" if spec["amp"] else "fp32"
-        rows.append((f"{spec['sit']} {precision} training, batch {tr['batch']}, {mode}{tag}",
-                     f"{t['images_per_s']:.1f} img/s, MFU {pct(t['mfu'])}, peak {gib(t['peak_mem_gib'])}"))
+        rows.append(
+            (
+                f"{spec['sit']} {precision} training, batch {tr['batch']}, {mode}{tag}",
+                f"{t['images_per_s']:.1f} img/s, MFU {pct(t['mfu'])}, peak {gib(t['peak_mem_gib'])}",
+            )
+        )
     if "error" not in tr:
-        rows.append((f"{spec['sit']} spherical / linear training step time{tag}",
-                     f"{tr['spherical_over_linear_step_time']:.3f}"))
+        rows.append(
+            (
+                f"{spec['sit']} spherical / linear training step time{tag}",
+                f"{tr['spherical_over_linear_step_time']:.3f}",
+            )
+        )
     for mode in ("linear", "spherical") if "error" not in sm else ():
         m = sm[mode]
         figure = f"{m['ode_images_per_s_fp32']:.1f} img/s fp32"
         if "ode_images_per_s_bf16" in m:
             figure += f", {m['ode_images_per_s_bf16']:.1f} img/s bf16 autocast"
         figure += f"; decode {m['decode_images_per_s']:.1f} img/s"
-        rows.append((f"sampling {sm['steps']} Euler steps, CFG {sm['cfg_scale']}, batch {sm['batch']}, {mode}{tag}",
-                     figure))
+        rows.append(
+            (f"sampling {sm['steps']} Euler steps, CFG {sm['cfg_scale']}, batch {sm['batch']}, {mode}{tag}", figure)
+        )
     meta = f"{report['date_utc']} | {report['device']}, torch {report['torch']} | {report['commit']}"
     return [f"| {what} | {figure} | {meta} |" for what, figure in rows]
 
@@ -549,10 +621,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON report to this file")
     parser.add_argument("--batch", type=int, default=None, help="training batch (default 256)")
     parser.add_argument("--train-steps", type=int, default=None, help="timed training steps per mode (default 40)")
+    parser.add_argument("--sit", default=None, help="SiT architecture to train and sample (default SiT-B/2)")
+    parser.add_argument("--compile", action="store_true", help="train with torch.compile (train.compile=true)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak dense bf16 TFLOP/s for MFU")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    parser.add_argument("--rows", type=Path, default=None, metavar="REPORT_JSON",
-                        help="print the README results-table rows of an existing report, then exit")
+    parser.add_argument(
+        "--rows",
+        type=Path,
+        default=None,
+        metavar="REPORT_JSON",
+        help="print the README results-table rows of an existing report, then exit",
+    )
     args = parser.parse_args(argv)
     if args.rows is not None:
         try:
@@ -566,6 +645,10 @@ def main(argv: list[str] | None = None) -> int:
         spec = replace(spec, batch=args.batch)
     if args.train_steps is not None:
         spec = replace(spec, train_steps=args.train_steps)
+    if args.sit is not None:
+        spec = replace(spec, sit=args.sit)
+    if args.compile:
+        spec = replace(spec, compile=True)
     import torch
 
     if spec.device == "cpu":
