@@ -88,7 +88,7 @@ CASES = [
     ),
     # Hyperbolic float32 precision degrades towards the ball's boundary: keep samples within distance ~3 of 0.
     Case("poincare_ball", lambda: GeooptManifold(geoopt.PoincareBall(), 0.3), (B, 3), max_tangent=1.0, tol32=5e-4),
-    Case("lorentz", lambda: GeooptManifold(geoopt.Lorentz()), (B, 4), 1.5, 3.0, tol32=2e-3, tol64=2e-8),
+    Case("lorentz", lambda: GeooptManifold(geoopt.Lorentz()), (B, 4), 1.5, 3.0, tol32=5e-5),
     Case("spd", lambda: GeooptManifold(geoopt.SymmetricPositiveDefinite()), (B, 3, 3), 1.5, scale=3.0, tol32=2e-4),
 ]
 
@@ -343,7 +343,9 @@ def test_geoopt_closed_form_geodesic_matches_generic(make: Callable[[], object],
     x_t, u_t = m.geodesic(x0, x1, t)
     x_ref, u_ref = Manifold.geodesic(m, x0, x1, t)
     assert_close(x_t, x_ref, 1e-12, "x_t vs generic")
-    assert_close(u_t, u_ref, 1e-6, "u_t vs generic")
+    # the generic reference composes three float64 logmaps and loses ~1e-6 near the ball's edge (found by the dev
+    # profile at |x| = 0.67 of a radius-0.71 ball); the closed form is held to 1e-6 by the central difference below
+    assert_close(u_t, u_ref, 1e-5, "u_t vs generic")
     h = 1e-5
     fd = (m.geodesic(x0, x1, t + h)[0] - m.geodesic(x0, x1, t - h)[0]) / (2 * h)
     assert_close(u_t, fd, 1e-6, "u_t vs central difference")

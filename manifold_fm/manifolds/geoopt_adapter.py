@@ -33,7 +33,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from .base import Chart2D, Manifold
-from .numerics import broadcast_time, compute_dtype, upcast
+from .numerics import broadcast_time, compute_dtype, safe_sqrt, upcast
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -49,6 +49,20 @@ def _forward_ad_safe(fn: F) -> F:
             return fn(self, *args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _minkowski(u: Tensor, v: Tensor) -> Tensor:
+    """``<u, v>_L = -u_0 v_0 + sum_i u_i v_i`` over the last axis, kept as a size-1 axis."""
+    uv = u * v
+    return uv[..., 1:].sum(dim=-1, keepdim=True) - uv[..., :1]
+
+
+def sinh_over(a: Tensor) -> Tensor:
+    """``sinh(a) / a`` with value 1 and finite gradients at 0 (Taylor ``1 + a^2/6 (1 + a^2/20)`` below 1e-2)."""
+    small = a.abs() < 1e-2
+    safe = torch.where(small, 1.0, a)
+    a2 = a * a
+    return torch.where(small, 1.0 + a2 / 6.0 * (1.0 + a2 / 20.0), torch.sinh(safe) / safe)
 
 
 def _plain(x: Tensor) -> Tensor:
@@ -106,20 +120,55 @@ class GeooptManifold(Manifold):
         batch = torch.broadcast_shapes(x.shape, u.shape, v.shape)[: -self.point_ndim]
         return out.reshape(batch)
 
+    def _lorentz_k(self) -> Tensor | None:
+        """``k`` of a ``geoopt.Lorentz(k)`` hyperboloid (``<x, x>_L = -k``), else ``None``."""
+        import geoopt
+
+        return self.manifold.k if isinstance(self.manifold, geoopt.Lorentz) else None
+
     @_forward_ad_safe
     @upcast
     def expmap(self, x: Tensor, u: Tensor) -> Tensor:
-        return _plain(self.manifold.expmap(x, u))
+        """geoopt's; on the hyperboloid ``cosh(n / s) x + sinhc(n / s) u`` (``n = |u|_L``, ``s = sqrt k``), where
+        geoopt clamps ``n`` at 1e-4 (so its exp of shorter vectors is off by ~1e-9 relative)."""
+        k = self._lorentz_k()
+        if k is None:
+            return _plain(self.manifold.expmap(x, u))
+        s = torch.sqrt(k.to(u.dtype))
+        a = safe_sqrt(_minkowski(u, u)) / s
+        return _plain(self.manifold.projx(torch.cosh(a) * x + sinh_over(a) * u))
 
     @_forward_ad_safe
     @upcast
     def logmap(self, x: Tensor, y: Tensor) -> Tensor:
-        return _plain(self.manifold.logmap(x, y))
+        """geoopt's; on the hyperboloid the chord form, accurate down to identical points (geoopt clamps a norm at
+        1e-4, which shrinks its log of points closer than that): with ``c = |y - x|_L / (2 sqrt k)``,
+        ``log_x y = asinh(c) / (c sqrt(1 + c^2)) ((y - x) - 2 c^2 x)``, the exact identity
+        ``y + <x, y>_L x / k = (y - x) - 2 c^2 x`` and ``|log_x y|_L = 2 sqrt(k) asinh(c)``."""
+        k = self._lorentz_k()
+        if k is None:
+            return _plain(self.manifold.logmap(x, y))
+        c = self._half_chord(x, y, k)
+        small = c < 1e-4
+        cs = torch.where(small, 1.0, c)
+        ratio = torch.where(small, 1.0 - 2.0 * c * c / 3.0, torch.asinh(cs) / (cs * torch.sqrt(1.0 + cs * cs)))
+        return ratio * ((y - x) - 2.0 * c * c * x)
 
     @_forward_ad_safe
     @upcast
     def dist(self, x: Tensor, y: Tensor) -> Tensor:
-        return _plain(self.manifold.dist(x, y))
+        """geoopt's; on the hyperboloid ``2 sqrt(k) asinh(|y - x|_L / (2 sqrt k))`` (the arcosh of ``-<x, y>_L / k``
+        has no relative accuracy near 0, where geoopt also clamps it)."""
+        k = self._lorentz_k()
+        if k is None:
+            return _plain(self.manifold.dist(x, y))
+        return (2.0 * torch.sqrt(k.to(x.dtype)) * torch.asinh(self._half_chord(x, y, k))).squeeze(-1)
+
+    @staticmethod
+    def _half_chord(x: Tensor, y: Tensor, k: Tensor) -> Tensor:
+        """``|y - x|_L / (2 sqrt k)`` with a kept last axis (0 for identical points, finite gradient there)."""
+        d = y - x
+        return safe_sqrt(_minkowski(d, d)) / (2.0 * torch.sqrt(k.to(x.dtype)))
 
     @_forward_ad_safe
     @upcast
@@ -139,12 +188,12 @@ class GeooptManifold(Manifold):
         if not isinstance(geo, (geoopt.Stereographic, geoopt.Lorentz)):
             return super().geodesic(x0, x1, t)
         tt = broadcast_time(t, x0)
-        v = _plain(geo.logmap(x0, x1))
-        x_t = _plain(geo.expmap(x0, tt * v))
+        v = self.logmap(x0, x1)
+        x_t = self.expmap(x0, tt * v)
         if isinstance(geo, geoopt.Stereographic):
             return x_t, _plain(geo.transp(x0, x_t, v))
         s = torch.sqrt(geo.k.to(v.dtype))
-        n = _plain(geo.norm(v, keepdim=True))  # geoopt clamps |v|_L >= 1e-4, as in its expmap
+        n = safe_sqrt(_minkowski(v, v))
         a = tt * n / s
         u_t = (n / s) * torch.sinh(a) * x0 + torch.cosh(a) * v
         return x_t, _plain(geo.proju(x_t, u_t))
