@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -28,19 +27,7 @@ from .coupling import Coupling, IndependentCoupling
 from .loss import Reduction, flow_matching_loss
 from .manifolds import Manifold
 from .paths import PathSample, ProbabilityPath
-from .time import UniformTime
-
-
-class TimeSampler(Protocol):
-    """Draws ``n`` training times in ``[0, 1]``."""
-
-    def sample(
-        self,
-        n: int,
-        generator: torch.Generator | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> Tensor: ...
+from .time import TimeSampler, UniformTime
 
 
 @dataclass
@@ -85,4 +72,4 @@ class Flow:
         return flow_matching_loss(self.path.manifold, pred, sample, reduction=reduction)
 
 
-__all__ = ["Flow", "TimeSampler"]
+__all__ = ["Flow"]

@@ -17,9 +17,23 @@ monotone, so a shifted grid is still a valid sampling schedule.
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 from torch import Tensor
+
+
+class TimeSampler(Protocol):
+    """Draws ``n`` training times in ``[0, 1]`` from ``generator`` (what :class:`UniformTime`,
+    :class:`LogitNormalTime` and :class:`ShiftedTime` are)."""
+
+    def sample(
+        self,
+        n: int,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> Tensor: ...
 
 
 def shift_time(t: Tensor, shift: float) -> Tensor:
@@ -116,6 +130,7 @@ def build_time_sampler(
 __all__ = [
     "LogitNormalTime",
     "ShiftedTime",
+    "TimeSampler",
     "UniformTime",
     "build_time_sampler",
     "shift_time",

@@ -73,7 +73,7 @@ def test_default_run_end_to_end(tmp_path: Path) -> None:
     assert (out / "results.json").read_bytes() == before
 
 
-def test_default_overrides_and_errors() -> None:
+def test_default_overrides_and_errors(tmp_path: Path) -> None:
     cfg = load_run_config("default", ["train.steps=9", "modes=[linear]", "optim.lr=1"])
     assert cfg.train.steps == 9 and cfg.modes == ["linear"] and cfg.optim.lr == 1
     with pytest.raises(ConfigError, match="modes"):
@@ -82,8 +82,8 @@ def test_default_overrides_and_errors() -> None:
     assert result.exit_code != 0 and "unknown config key 'stepz'" in result.output
     result = CliRunner().invoke(main, ["train", "--set", "train.stepz=3"])
     assert result.exit_code != 0 and "unknown config key 'train.stepz' (did you mean 'train.steps'?)" in result.output
-    result = CliRunner().invoke(main, ["train", "--resume"])
-    assert result.exit_code != 0 and "cannot be resumed yet" in result.output
+    result = CliRunner().invoke(main, ["train", "--resume", "--out", str(tmp_path / "none")])
+    assert result.exit_code != 0 and "holds no default run to resume" in result.output
 
 
 def test_format_table_rows() -> None:
@@ -103,3 +103,44 @@ def test_format_table_rows() -> None:
     lines = table.splitlines()
     assert lines[2].startswith("| spherical | 1.500 | 0.500 | 1.0e-07 | 10 s | 2.0 ms |")
     assert "(0.40)" in lines[3] and lines[4].startswith("| real held-out images | 0.100 | - |")
+
+
+def test_a_stopped_default_run_resumes_to_the_same_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bitwise resume for the default kind: one run stops in the middle of its linear mode, --resume finishes it,
+    and every metric equals an uninterrupted run's (the finetuned decoder is reused, each mode resumes from its
+    checkpoint)."""
+    from manifold_fm.training.trainer import Trainer
+
+    sets = [*SHRINK, "parallel=false", "train.checkpoint_every=2", f"tokenizer.cache_dir={tmp_path / 'cache'}"]
+    args = [a for kv in sets for a in ("--set", kv)]
+    whole = CliRunner().invoke(main, ["train", "--out", str(tmp_path / "whole"), *args])
+    assert whole.exit_code == 0, whole.output
+
+    class Stop(Exception):
+        pass
+
+    original = Trainer.train_step
+
+    def stop_linear_at_step_3(self, *a, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if self.out_dir.name == "linear" and self.step == 3:
+            raise Stop
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(Trainer, "train_step", stop_linear_at_step_3)
+    stopped = CliRunner().invoke(main, ["train", "--out", str(tmp_path / "part"), *args])
+    assert isinstance(stopped.exception, Stop) and not (tmp_path / "part" / "results.json").exists()
+    monkeypatch.setattr(Trainer, "train_step", original)
+    refused = CliRunner().invoke(main, ["train", "--out", str(tmp_path / "part"), *args])
+    assert refused.exit_code == 1 and "pass --resume" in refused.output
+    changed = CliRunner().invoke(
+        main, ["train", "--out", str(tmp_path / "part"), *args, "--set", "optim.lr=0.5", "--resume"]
+    )
+    assert changed.exit_code == 1 and "optim differ" in changed.output
+    resumed = CliRunner().invoke(main, ["train", "--out", str(tmp_path / "part"), *args, "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    a = json.loads((tmp_path / "whole" / "results.json").read_text())
+    b = json.loads((tmp_path / "part" / "results.json").read_text())
+    for mode in ("spherical", "linear"):
+        for key in ("fd_builtin_classifier", "classifier_accuracy", "on_sphere_error_max", "final_loss"):
+            assert a["modes"][mode][key] == b["modes"][mode][key], (mode, key)
+    assert a["references"] == b["references"] and a["finetune"] == b["finetune"]

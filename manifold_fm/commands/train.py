@@ -64,11 +64,9 @@ def train(
     try:
         cfg = load_run_config(config or "default", extra)
         if isinstance(cfg, DefaultRunConfig):
-            if resume:
-                raise click.UsageError("the default run cannot be resumed yet; run it into a new --out folder")
             from ..training.default_run import run_default
 
-            result = run_default(cfg, out_dir=out_dir)
+            result = run_default(cfg, out_dir=out_dir, resume=resume)
         elif isinstance(cfg, ImageRunConfig):
             from ..training.image import train_image
 

@@ -21,6 +21,16 @@ def _pyplot() -> Any:
     return plt
 
 
+def _save(plt: Any, fig: Any, path: str | Path, dpi: int) -> Path:
+    """Lay out ``fig``, write it to ``path`` atomically and close it."""
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def plot_samples(data: Tensor, samples: Tensor, manifold: Manifold, path: str | Path, title: str = "") -> Path:
     """Scatter data and model samples side by side in the manifold's plot chart (:meth:`Manifold.chart2d
     <manifold_fm.manifolds.Manifold.chart2d>`: longitude/latitude on ``S^2``, angles on the torus, the Poincare
@@ -37,12 +47,7 @@ def plot_samples(data: Tensor, samples: Tensor, manifold: Manifold, path: str | 
             ax.add_patch(plt.Circle((0, 0), chart.disk_radius, fill=False, color="k", lw=0.8))
             ax.set_aspect("equal")
     fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, dpi=100)
 
 
 def plot_over_steps(
@@ -68,12 +73,7 @@ def plot_over_steps(
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, dpi=110)
 
 
 __all__ = ["plot_over_steps", "plot_samples"]

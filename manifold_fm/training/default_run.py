@@ -19,15 +19,17 @@ rows put the numbers in context: held-out real images (the floor) and tokenizer 
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..atomic import atomic_path
+from ..atomic import atomic_path, write_json_atomic
 from ..config import to_dict
 from ..data.sources import TensorSource
 from ..eval.image_io import save_image_grid
@@ -35,17 +37,42 @@ from ..eval.plots import plot_over_steps
 from ..eval.sample_quality import SampleQuality
 from .builders import latent_flow
 from .default_report import write_report
-from .image import image_model
+from .image import image_model, image_trainer
 from .metrics_log import read_jsonl
 from .schema import FLOW_PRESETS, DefaultRunConfig, image_run_config, load_run_config
-from .trainer import Hook, Trainer, TrainingError
-
-RESUME_KEYS = ("model", "flow", "data", "optim")
+from .trainer import Hook, TrainingError
 
 
-def _train_mode(job: tuple[Any, ...]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Train, sample and score one mode of the default run (top-level so a worker process can run it)."""
-    cfg, mode, decoder_path, latents, labels, decoder, builtin, out, progress, tokenizer_name, position = job
+@dataclass
+class ModeJob:
+    """One mode of the default run, as handed to a worker process: its config and flow preset, training latents,
+    the decoder of its samples, the evaluator, where to write, and whether to resume."""
+
+    cfg: DefaultRunConfig
+    mode: str
+    decoder_path: Path | None
+    latents: Tensor
+    labels: Tensor
+    decoder: Any
+    builtin: Any
+    out: Path
+    progress: bool
+    tokenizer_name: str
+    position: int
+    resume: bool = False
+
+
+def _train_mode(job: ModeJob) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Train (or resume), sample and score one mode of the default run (top-level so a worker process can run it)."""
+    cfg, mode, decoder_path, latents, labels = job.cfg, job.mode, job.decoder_path, job.latents, job.labels
+    decoder, builtin, out, progress, tokenizer_name, position = (
+        job.decoder,
+        job.builtin,
+        job.out,
+        job.progress,
+        job.tokenizer_name,
+        job.position,
+    )
     # what `manifold-fm sample` decodes with (see training.image.run_decoder)
     latent_norm = decoder.normalization.to_dict()
     if cfg.parallel:
@@ -64,30 +91,23 @@ def _train_mode(job: tuple[Any, ...]) -> tuple[dict[str, Any], list[dict[str, An
         return quality(ema_model, cfg.eval.samples, seed=seed + 1)
 
     run_dir = out / mode
-    plain = to_dict(icfg)
     t0 = time.perf_counter()
-    trainer = Trainer(
+    trainer = image_trainer(
+        icfg,
         model,
         flow,
         TensorSource(latents, labels),
-        icfg.train,
-        icfg.optim,
         run_dir,
-        null_class=num_classes,
+        shape=(channels, side, side),
+        num_classes=num_classes,
+        tokenizer_name=tokenizer_name,
+        latent_normalization=latent_norm,
         hooks=[Hook(icfg.train.eval_every, during_training)],
-        fingerprint={k: plain[k] for k in RESUME_KEYS},
         device="cpu",
         progress=progress,
         progress_position=position,
-        meta={
-            "config": plain,
-            "latent_shape": [channels, side, side],
-            "num_classes": num_classes,
-            "tokenizer": tokenizer_name,
-            "latent_normalization": latent_norm,
-        },
     )
-    trainer.fit()
+    trainer.fit(resume=job.resume)
     train_s = time.perf_counter() - t0
     t_eval = time.perf_counter()
     ema = trainer.ema.model
@@ -109,11 +129,25 @@ def _train_mode(job: tuple[Any, ...]) -> tuple[dict[str, Any], list[dict[str, An
     return final, records
 
 
-def _refuse_existing(out: Path, cfg: DefaultRunConfig) -> None:
+def _check_run_folder(out: Path, cfg: DefaultRunConfig, resume: bool) -> None:
+    """Refuse a folder that holds a default run unless resuming; resuming needs the run's own config."""
     done = [p for p in (out / "results.json", *(out / m / "checkpoints" for m in cfg.modes)) if p.exists()]
-    if done:
+    if not resume:
+        if done:
+            raise TrainingError(
+                f"{out} already holds a default run ({done[0].relative_to(out)}); pass --resume to continue it, "
+                "or choose another --out"
+            )
+        return
+    saved = out / "config.yaml"
+    if not saved.is_file():
+        raise TrainingError(f"{out} holds no default run to resume (no config.yaml); run without --resume")
+    theirs, ours = to_dict(load_run_config(saved, kind="default")), to_dict(cfg)
+    changed = sorted(k for k in ours if theirs.get(k) != ours[k])
+    if changed:
         raise TrainingError(
-            f"{out} already holds a default run ({done[0].relative_to(out)}); choose another --out or delete it first"
+            f"cannot resume {out}: config section(s) {', '.join(changed)} differ from its config.yaml; "
+            "resume with that config or choose another --out"
         )
 
 
@@ -121,12 +155,16 @@ def run_default(
     config: DefaultRunConfig | str | Path | None = None,
     overrides: Sequence[str] = (),
     out_dir: str | Path | None = None,
+    resume: bool = False,
     *,
     progress: bool = True,
     echo: Any = print,
 ) -> Path:
     """Run the default pipeline (see the module docstring) from the built-in ``default`` config (or ``config``)
-    with ``overrides``; returns the output folder."""
+    with ``overrides``; returns the output folder.
+
+    ``resume``: continue a stopped run in ``out_dir`` (same config): the finetuned decoder is reused and every
+    mode's trainer resumes from its latest checkpoint, so the results equal an uninterrupted run's."""
     from ..config import save_config
     from ..data.builtin_images import BuiltinImages
     from ..eval.classifier import builtin_evaluator
@@ -140,7 +178,7 @@ def run_default(
         cfg = load_run_config("default" if config is None else config, overrides, kind="default")
     assert isinstance(cfg, DefaultRunConfig)
     out = Path(out_dir) if out_dir is not None else Path("runs") / cfg.name
-    _refuse_existing(out, cfg)
+    _check_run_folder(out, cfg, resume)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     if cfg.train.threads:
@@ -181,23 +219,28 @@ def run_default(
     finetune_report: dict[str, Any] = {}
     if spherical_modes:
         t0 = time.perf_counter()
-        from safetensors.torch import save_file
-        from torch.utils.data import TensorDataset
-
-        state, finetune_report = finetune_decoder(
-            tokenizer,
-            TensorDataset(train_x, train_y),
-            cfg.finetune.steps,
-            batch_size=cfg.finetune.batch_size,
-            project=True,
-            eval_dataset=TensorDataset(test_x, test_y),
-            seed=cfg.train.seed,
-            progress=progress,
-        )
         # absolute, so the runs' saved configs find it from any working directory
         decoder_path = (out / "spherical_decoder.safetensors").resolve()
-        with atomic_path(decoder_path) as tmp:
-            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+        report_path = out / "spherical_decoder.json"
+        if resume and decoder_path.is_file() and report_path.is_file():
+            finetune_report = json.loads(report_path.read_text())  # the finetune is deterministic: reuse it
+        else:
+            from safetensors.torch import save_file
+            from torch.utils.data import TensorDataset
+
+            state, finetune_report = finetune_decoder(
+                tokenizer,
+                TensorDataset(train_x, train_y),
+                cfg.finetune.steps,
+                batch_size=cfg.finetune.batch_size,
+                project=True,
+                eval_dataset=TensorDataset(test_x, test_y),
+                seed=cfg.train.seed,
+                progress=progress,
+            )
+            with atomic_path(decoder_path) as tmp:
+                save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+            write_json_atomic(report_path, finetune_report)
         lap("decoder finetune", t0)
 
     # 3. latents: vanilla-latent runs train on the tokenizer's normalised latents; spherical ones on the raw encoder
@@ -236,7 +279,7 @@ def run_default(
     history: dict[str, list[dict[str, Any]]] = {}
     # In parallel mode each process draws its own progress bar on its own line.
     jobs = [
-        (
+        ModeJob(
             cfg,
             mode,
             decoder_path,
@@ -248,6 +291,7 @@ def run_default(
             progress,
             tokenizer.name,
             i if cfg.parallel else 0,
+            resume,
         )
         for i, mode in enumerate(cfg.modes)
     ]
@@ -280,4 +324,4 @@ def run_default(
     return out
 
 
-__all__ = ["run_default"]
+__all__ = ["ModeJob", "run_default"]

@@ -26,11 +26,8 @@ from ..data.sources import DatasetSource, DataSource, TensorSource
 from ..flow import Flow
 from .builders import build_model, latent_flow
 from .checkpoint import CheckpointError
-from .schema import ImageRunConfig, load_image_config
+from .schema import RESUME_SECTIONS, ImageRunConfig, load_image_config
 from .trainer import Hook, Trainer
-
-# The config sections a resumed run must share with its checkpoint (train.steps may grow, logging may change).
-RESUME_KEYS = ("model", "flow", "data", "optim")
 
 
 def _spherical(cfg: ImageRunConfig) -> bool:
@@ -199,6 +196,50 @@ def grid_hook(
     return Hook(cfg.train.sample_every, grid)
 
 
+def image_trainer(
+    cfg: ImageRunConfig,
+    model: nn.Module,
+    flow: Flow,
+    data: DataSource,
+    out: Path,
+    *,
+    shape: tuple[int, int, int],
+    num_classes: int,
+    tokenizer_name: str | None,
+    latent_normalization: Mapping[str, Any] | None,
+    hooks: Sequence[Hook] = (),
+    device: str | None = None,
+    progress: bool = True,
+    progress_position: int = 0,
+) -> Trainer:
+    """The :class:`~manifold_fm.training.trainer.Trainer` of an image run: the config written to the run folder and
+    stored in every checkpoint with what :func:`~manifold_fm.training.runs.load_run` needs to rebuild the run
+    (latent shape, classes, tokenizer, the generated latents' normalisation)."""
+    plain = to_dict(cfg)
+    return Trainer(
+        model,
+        flow,
+        data,
+        cfg.train,
+        cfg.optim,
+        out,
+        null_class=num_classes,
+        hooks=hooks,
+        fingerprint={k: plain[k] for k in RESUME_SECTIONS},
+        config=plain,
+        device=device,
+        progress=progress,
+        progress_position=progress_position,
+        meta={
+            "config": plain,
+            "latent_shape": list(shape),
+            "num_classes": num_classes,
+            "tokenizer": tokenizer_name,
+            "latent_normalization": latent_normalization,
+        },
+    )
+
+
 def train_image(
     config: str | Path | Mapping[str, Any] | ImageRunConfig | None,
     overrides: Sequence[str] = (),
@@ -226,27 +267,19 @@ def train_image(
     if cfg.train.sample_every:
         decoder = run_decoder(cfg, tokenizer, lat.normalization)
         all_hooks.append(grid_hook(cfg, flow, decoder, out, (channels, side, side), num_classes))
-    plain = to_dict(cfg)
-    trainer = Trainer(
+    trainer = image_trainer(
+        cfg,
         model,
         flow,
         lat.data,
-        cfg.train,
-        cfg.optim,
         out,
-        null_class=num_classes,
+        shape=(channels, side, side),
+        num_classes=num_classes,
+        tokenizer_name=getattr(tokenizer, "name", None),
+        latent_normalization=lat.normalization,
         hooks=[*all_hooks, *hooks],
-        fingerprint={k: plain[k] for k in RESUME_KEYS},
-        config=plain,
         device=device,
         progress=progress,
-        meta={
-            "config": plain,
-            "latent_shape": [channels, side, side],
-            "num_classes": num_classes,
-            "tokenizer": getattr(tokenizer, "name", None),
-            "latent_normalization": lat.normalization,
-        },
     )
     try:
         return trainer.fit(resume=resume)

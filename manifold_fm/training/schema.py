@@ -354,7 +354,7 @@ def image_run_config(cfg: DefaultRunConfig, mode: str, decoder_state: Path | Non
     spherical = FLOW_PRESETS[mode]["latent"] == "spherical"
     train = cfg.train.model_copy(
         update={
-            "checkpoint_every": cfg.train.steps,
+            "checkpoint_every": min(cfg.train.checkpoint_every, cfg.train.steps),
             "keep_checkpoints": 1,
             "log_every": max(1, min(25, cfg.train.steps // 4)),
             "mixed_precision": "no",
@@ -380,6 +380,9 @@ def image_run_config(cfg: DefaultRunConfig, mode: str, decoder_state: Path | Non
 
 
 # ------------------------------------------------------------------------------------------------------ load
+
+#: The sections a resumed run must share with its checkpoint (``train.steps`` may grow, logging may change).
+RESUME_SECTIONS = ("model", "flow", "data", "optim")
 
 RunConfig = ToyRunConfig | ImageRunConfig | DefaultRunConfig
 KINDS: dict[str, type[RunBase]] = {"toy": ToyRunConfig, "image": ImageRunConfig, "default": DefaultRunConfig}
@@ -416,6 +419,7 @@ def load_image_config(source: Any, overrides: Sequence[str] = ()) -> ImageRunCon
 __all__ = [
     "FLOW_PRESETS",
     "KINDS",
+    "RESUME_SECTIONS",
     "DefaultDataConfig",
     "DefaultEvalConfig",
     "DefaultRunConfig",

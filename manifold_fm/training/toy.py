@@ -35,11 +35,8 @@ from ..likelihood import log_likelihood
 from ..sampler import generate, model_velocity
 from ..solvers import IntegrationStats
 from .builders import build_flow, build_model
-from .schema import ToyRunConfig, load_toy_config
+from .schema import RESUME_SECTIONS, ToyRunConfig, load_toy_config
 from .trainer import Trainer
-
-# The config sections a resumed toy run must share with its checkpoint (train.steps may grow, logging may change).
-RESUME_KEYS = ("model", "flow", "data", "optim")
 
 
 def toy_dataset(cfg: ToyRunConfig) -> ToyDataset:
@@ -82,7 +79,7 @@ def train_toy(
         cfg.train,
         cfg.optim,
         out,
-        fingerprint={k: plain[k] for k in RESUME_KEYS},
+        fingerprint={k: plain[k] for k in RESUME_SECTIONS},
         config=plain,
         device="cpu",
         progress=progress,

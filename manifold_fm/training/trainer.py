@@ -171,6 +171,7 @@ class Trainer:
             "rng": rng_state(),
             "seed": self.train.seed,
             "config_digest": self.fingerprint,
+            "recent_losses": list(self.recent_losses),
         }
 
     def save(self) -> Path:
@@ -207,6 +208,9 @@ class Trainer:
         set_rng_state(ckpt.state["rng"])
         self.step = ckpt.step
         self.train_seconds = float(ckpt.meta.get("train_seconds", 0.0))
+        self.recent_losses.extend(ckpt.state.get("recent_losses", []))
+        if self.recent_losses:
+            self.last_loss = self.recent_losses[-1]
         return True
 
     # ------------------------------------------------------------------ step
