@@ -55,17 +55,33 @@ class Flow:
         """``shape`` samples of the prior, the manifold's base distribution."""
         return self.manifold.random_base(tuple(shape), generator=generator, dtype=dtype, device=device)
 
+    def draw(
+        self,
+        n: int,
+        shape: Sequence[int],
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> tuple[Tensor, Tensor]:
+        """The random part of ``n`` training examples of point shape ``shape``: times ``t`` (shape ``(n,)``), then
+        prior samples ``x0``, drawn from ``generator`` in that order."""
+        t = self.time_sampler.sample(n, generator=generator, device=device, dtype=dtype)
+        return t, self.prior((n, *shape), generator, device, dtype=dtype)
+
+    def pair_and_sample(
+        self, x0: Tensor, x1: Tensor, t: Tensor, labels: Tensor | None = None
+    ) -> tuple[PathSample, Tensor | None]:
+        """Couple noise ``x0`` with prepared data ``x1`` and sample the path at ``t``. Returns the path sample and
+        the labels in the coupled order (couplings permute ``x0`` only, so they come back unchanged)."""
+        x0, x1, labels = self.coupling.pair(x0, x1, labels)
+        return self.path.sample(x0, x1, t), labels
+
     def sample_path(
         self, x1: Tensor, generator: torch.Generator | None = None, labels: Tensor | None = None
     ) -> tuple[PathSample, Tensor | None]:
-        """One batch of training examples for prepared data ``x1``: draws ``t`` then ``x0`` from ``generator`` (in
-        that order), couples them and samples the path. Returns the path sample and the labels in the coupled order
-        (couplings permute ``x0`` only, so they come back unchanged)."""
-        b = x1.shape[0]
-        t = self.time_sampler.sample(b, generator=generator, device=x1.device, dtype=x1.dtype)
-        x0 = self.prior(tuple(x1.shape), generator, x1.device, dtype=x1.dtype)
-        x0, x1, labels = self.coupling.pair(x0, x1, labels)
-        return self.path.sample(x0, x1, t), labels
+        """One batch of training examples for prepared data ``x1``: :meth:`draw` then :meth:`pair_and_sample`."""
+        t, x0 = self.draw(x1.shape[0], x1.shape[1:], generator, x1.device, x1.dtype)
+        return self.pair_and_sample(x0, x1, t, labels)
 
     def loss(self, pred: Tensor, sample: PathSample, reduction: Reduction = "mean") -> Tensor:
         """The flow-matching loss of a prediction at ``sample.x_t``, projected on ``path.manifold``."""

@@ -14,6 +14,7 @@ from manifold_fm.cli import main
 from manifold_fm.config import ConfigError
 from manifold_fm.data.sources import TensorSource
 from manifold_fm.models.sit import SiT
+from manifold_fm.seeding import seeded_generator
 from manifold_fm.training.builders import preset_flow
 from manifold_fm.training.image import train_image
 from manifold_fm.training.metrics_log import read_jsonl
@@ -80,7 +81,7 @@ def test_spherical_loss_ignores_the_normal_component_and_linear_does_not(tmp_pat
     ]
     # Independent reference: with a zero prediction the loss is the mean squared target |u_t|^2 = (R w)^2 per token.
     trainer = _trainer(tmp_path, RadialModel(0.0), "spherical", data)
-    g = trainer._step_generator(7)
+    g = seeded_generator(trainer.train.seed, 7, 0)  # step 7's draws: the generator of (seed, step, 0)
     torch.rand(16, generator=g)  # the class-dropout draw comes first
     trainer.flow.time_sampler.sample(16, generator=g, dtype=torch.float32)  # t: the spherical target speed is R w
     x0 = trainer.flow.prior((16, 5, 3, 3), g, torch.device("cpu")).double()

@@ -1,11 +1,13 @@
 """``manifold-fm sample``: class-conditional samples of a trained image run as a PNG grid and/or an ADM ``.npz``.
 
 Shard across processes with accelerate: ``accelerate launch -m manifold_fm.cli sample RUN --num 50000``; each
-process writes its chunks to ``shards/``, then the main process merges them in index order into ``samples.npz``.
+process writes its chunks to ``shards/`` (one file per chunk), then the main process merges them in index order into
+``samples.npz``. A stopped run resumes: rerun the same command and the chunks already written are kept.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import click
@@ -63,11 +65,11 @@ def sample(
     from accelerate import PartialState
 
     from ..config import ConfigError, validate
-    from ..eval.image_io import merge_shards, save_image_grid, save_npz, to_uint8
+    from ..eval.image_io import merge_shards, save_image_grid, save_npz
     from ..manifolds import ManifoldError
     from ..sampler import SamplerSpec
     from ..training.checkpoint import CheckpointError
-    from ..training.runs import load_run, sample_run
+    from ..training.runs import load_run, sample_to_shards
 
     if not (grid or npz):
         raise click.UsageError("nothing to write: pass --grid and/or --npz")
@@ -90,10 +92,24 @@ def sample(
             labels = torch.full((num_samples,), class_id, dtype=torch.long)
         if loaded.decoder is None:
             raise ValueError("this run has no tokenizer (tokenizer.kind: none), so its latents cannot be decoded")
-        idx, lab, images = sample_run(
+        out = out_dir or (Path(run) / f"samples-{loaded.step:08d}")
+        shards = out / "shards"
+        request = {
+            "run": str(Path(run).resolve()),
+            "step": loaded.step,
+            "num_samples": num_samples,
+            "batch_size": batch_size,
+            "seed": seed,
+            "class": class_id,
+            "ema": ema,
+            "spec": spec.model_dump(),
+        }
+        sample_to_shards(
             loaded,
             num_samples,
             spec,
+            shards,
+            request,
             seed=seed,
             batch_size=batch_size,
             labels=labels,
@@ -101,21 +117,12 @@ def sample(
             world_size=state.num_processes,
             progress=state.is_main_process,
         )
-    except (ConfigError, ManifoldError, CheckpointError, FileNotFoundError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from None
-    out = out_dir or (Path(run) / f"samples-{loaded.step:08d}")
-    out.mkdir(parents=True, exist_ok=True)
-    shards = out / "shards"
-    arr = to_uint8(images) if images.numel() else np.zeros((0, 1, 1, 3), np.uint8)
-    if state.num_processes > 1:
-        rows = np.stack([idx.numpy(), lab.numpy()], axis=1).reshape(-1, 2)
-        save_npz(shards / f"part_{state.process_index:03d}.npz", arr, rows)
         state.wait_for_everyone()
         if not state.is_main_process:
             return
-        arr, lab_np = merge_shards(shards)
-    else:
-        lab_np = lab.numpy()
+        arr, lab_np = merge_shards(shards, expected=num_samples)
+    except (ConfigError, ManifoldError, CheckpointError, FileNotFoundError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
     written = []
     if npz:
         written.append(save_npz(out / "samples.npz", arr, lab_np))
@@ -123,10 +130,7 @@ def sample(
         n = min(64, arr.shape[0])
         tensor = torch.from_numpy(arr[:n]).permute(0, 3, 1, 2).float() / 127.5 - 1
         written.append(save_image_grid(tensor, out / "grid.png", nrow=int(np.ceil(np.sqrt(n)))))
-    if state.num_processes > 1:
-        for f in shards.glob("part_*.npz"):
-            f.unlink()
-        shards.rmdir()
+    shutil.rmtree(shards)  # every sample is in samples.npz now
     info = {
         "run": str(run),
         "step": loaded.step,

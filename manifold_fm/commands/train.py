@@ -77,4 +77,7 @@ def train(
             result = train_toy(cfg, out_dir=out_dir, resume=resume)
     except (ConfigError, ManifoldError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as exc:
         raise click.ClickException(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
-    click.echo(f"run folder: {result}")
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:  # one line, however many processes train
+        click.echo(f"run folder: {result}")

@@ -146,15 +146,17 @@ class DatasetSource:
 
 
 class SamplerSource:
-    """Draws from a distribution: ``sample(n, generator) -> (n, *point_shape)``; step ``k`` of process ``r`` uses a
-    generator seeded by ``(seed, k, r, "data")``. Unlabelled."""
+    """Draws from a distribution: ``sample(n, generator) -> (n, *point_shape)``. Step ``k`` draws the whole global
+    batch from a generator seeded by ``(seed, k, 0, "data")`` and process ``r`` keeps the ``r``-th slice, so the
+    examples of a step do not depend on the number of processes. Unlabelled."""
 
     def __init__(self, sample: Callable[[int, torch.Generator], Tensor]) -> None:
         self.sample = sample
 
     def batches(self, plan: BatchPlan, start: int, end: int) -> Iterator[Batch]:
+        mine = slice(plan.rank * plan.local_batch, (plan.rank + 1) * plan.local_batch)
         for step in range(start, end):
-            yield self.sample(plan.local_batch, seeded_generator(plan.seed, step, plan.rank, "data")), None
+            yield self.sample(plan.batch_size, seeded_generator(plan.seed, step, 0, "data"))[mine], None
 
 
 __all__ = ["Batch", "BatchPlan", "DataSource", "DatasetSource", "SamplerSource", "StepIndexer", "TensorSource"]

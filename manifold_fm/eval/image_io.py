@@ -45,11 +45,12 @@ def save_npz(path: str | Path, images: np.ndarray, labels: np.ndarray | None = N
     return path
 
 
-def merge_shards(shards: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """Merge ``part_*.npz`` shards (``arr_0`` images, ``arr_1`` rows of ``(global index, label)``) in index order."""
-    files = sorted(Path(shards).glob("part_*.npz"))
+def merge_shards(shards: str | Path, expected: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Merge the ``.npz`` shards of a folder (``arr_0`` images, ``arr_1`` rows of ``(global index, label)``) in index
+    order; with ``expected``, check that they hold exactly the indices ``0 .. expected - 1``."""
+    files = sorted(Path(shards).glob("*.npz"))
     if not files:
-        raise FileNotFoundError(f"no part_*.npz shards in {shards}")
+        raise FileNotFoundError(f"no .npz shards in {shards}")
     images, meta = [], []
     for f in files:
         with np.load(f) as d:
@@ -59,6 +60,8 @@ def merge_shards(shards: str | Path) -> tuple[np.ndarray, np.ndarray]:
     index = np.concatenate(meta)
     if len(np.unique(index[:, 0])) != len(index):
         raise ValueError(f"shards in {shards} overlap (a sample index appears twice); delete them and resample")
+    if expected is not None and not np.array_equal(np.sort(index[:, 0]), np.arange(expected)):
+        raise ValueError(f"shards in {shards} hold {len(index)} of the {expected} samples; rerun the command to finish")
     order = np.argsort(index[:, 0], kind="stable")
     return np.concatenate(images)[order], index[order, 1]
 

@@ -19,6 +19,7 @@ import json
 import os
 import random
 import shutil
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,12 +92,16 @@ def save_checkpoint(
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob("*.tmp-*"):  # a write a killed process left half done (one writer: the main process)
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
     final = root / f"step_{step:08d}"
     tmp = root / f"{final.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
     tmp.mkdir()
     save_file(_contiguous(model), str(tmp / "model.safetensors"))
+    _test_pause(tmp, step)
     if ema is not None:
         save_file(_contiguous(ema), str(tmp / "ema.safetensors"))
     torch.save(dict(state or {}), tmp / "state.pt")
@@ -111,6 +116,15 @@ def save_checkpoint(
         for old in list_checkpoints(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _test_pause(tmp: Path, step: int) -> None:
+    """Test-only: with ``MANIFOLD_FM_TEST_PAUSE_IN_CHECKPOINT=<file>:<step>`` set, the write of checkpoint ``<step>``
+    announces itself half done by creating ``<file>`` and waits there, so a test can kill the process mid-write."""
+    marker, _, at = os.environ.get("MANIFOLD_FM_TEST_PAUSE_IN_CHECKPOINT", "").rpartition(":")
+    if marker and int(at) == step and not Path(marker).exists():
+        Path(marker).write_text(str(tmp))
+        time.sleep(600)
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:

@@ -1,4 +1,4 @@
-"""Run metrics: one JSON object per line in ``metrics.jsonl`` and, when installed, TensorBoard scalars.
+"""Run metrics: one JSON object per line in ``metrics.jsonl``, and experiment trackers through accelerate.
 
 Each record is ``{"step": int, "time": seconds since the run started, <name>: float, ...}``. On resume the log is
 truncated to the resumed step first, so a resumed run's log reads exactly like an uninterrupted one.
@@ -42,16 +42,30 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 
 class RunLogger:
-    """Append-only JSONL metrics (plus TensorBoard if ``tensorboard`` is importable and ``tensorboard=True``)."""
+    """Append-only JSONL metrics, always; and the experiment trackers of ``accelerator`` (accelerate's own tracking:
+    ``Accelerator(log_with=[...])``, started here with ``tracker_config`` as hyperparameters) when one is given.
+
+    Only the main process logs (``enabled``); on resume the JSONL log is truncated to the resumed step first.
+    """
 
     def __init__(
-        self, out_dir: str | Path, *, resume_step: int | None = None, tensorboard: bool = True, enabled: bool = True
+        self,
+        out_dir: str | Path,
+        *,
+        resume_step: int | None = None,
+        enabled: bool = True,
+        accelerator: Any = None,
+        tracker_config: Mapping[str, Any] | None = None,
+        run_name: str = "run",
     ) -> None:
         self.out_dir = Path(out_dir)
         self.path = self.out_dir / "metrics.jsonl"
         self.enabled = enabled
         self.start = time.perf_counter()
-        self._tb = None
+        self.accelerator = accelerator
+        if accelerator is not None:
+            # every process calls it (accelerate starts trackers on the main process only)
+            accelerator.init_trackers(run_name, config=dict(tracker_config or {}))
         if not enabled:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -59,13 +73,6 @@ class RunLogger:
             self.truncate(resume_step)
         elif self.path.exists():
             self.path.unlink()
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # tensorboard is optional
-                SummaryWriter = None  # noqa: N806
-            if SummaryWriter is not None:
-                self._tb = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
 
     def truncate(self, step: int) -> None:
         """Keep only records with ``step <= step`` (atomically rewritten)."""
@@ -79,12 +86,11 @@ class RunLogger:
         record.update({k: _clean(v) for k, v in values.items()})
         with self.path.open("a") as fh:
             fh.write(json.dumps(record) + "\n")
-        if self._tb is not None:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self._tb.add_scalar(k, v, step)
+        if self.accelerator is not None:
+            scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+            self.accelerator.log(scalars, step=int(step))
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        if self.accelerator is not None:
+            self.accelerator.end_training()
+            self.accelerator = None

@@ -3,11 +3,12 @@ evaluations and the default run load and sample runs.
 
 Sampling is sharded deterministically: chunk ``j`` of ``batch_size`` global sample indices has its noise seeded by
 ``(seed, j, "sample")`` and is produced by process ``j % world_size``, so the samples do not depend on how many
-processes share the work.
+processes share the work, and a chunk written to disk never needs sampling again (:func:`sample_to_shards`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from ..flow import Flow
 from ..sampler import SamplerSpec, generate
 from ..seeding import derive_seed
 from .builders import build_model, latent_flow
-from .checkpoint import load_checkpoint
+from .checkpoint import Checkpoint, load_checkpoint
 from .image import load_tokenizer, run_decoder
 from .schema import ImageRunConfig, load_image_config
 
@@ -39,6 +40,45 @@ class LoadedRun:
     step: int
 
 
+def read_run_checkpoint(run: str | Path) -> Checkpoint:
+    """The checkpoint of a trained image run: a run folder (its latest), its ``checkpoints`` folder, or one
+    ``step_*`` folder."""
+    run = Path(run)
+    if not run.exists():
+        raise FileNotFoundError(f"run {run} does not exist; pass the --out folder of manifold-fm train")
+    ckpt_root = run / "checkpoints" if (run / "checkpoints").is_dir() else run
+    ckpt = load_checkpoint(ckpt_root)
+    if "config" not in ckpt.meta or "latent_shape" not in ckpt.meta:
+        raise ValueError(f"checkpoint {ckpt.path} was not written by an image run (no config/latent_shape)")
+    return ckpt
+
+
+def build_run(
+    meta: Mapping[str, Any],
+    weights: Mapping[str, Tensor],
+    *,
+    device: str | torch.device = "cpu",
+    decode: bool = True,
+    progress: bool = False,
+) -> LoadedRun:
+    """Rebuild a run from an image run's checkpoint record (``meta.json``: ``config``, ``latent_shape``,
+    ``num_classes``, ``latent_normalization``, ``step``) and its network ``weights``: the one place a trained run
+    is reassembled (:func:`load_run`, and :mod:`manifold_fm.pipeline` for exported models)."""
+    cfg = load_image_config(meta["config"])
+    c, h, w = (int(v) for v in meta["latent_shape"])
+    num_classes = int(meta["num_classes"])
+    model = build_model(cfg.model, (c, h, w), num_classes)
+    model.load_state_dict(weights)
+    model.to(device).eval().requires_grad_(False)
+    decoder = None
+    if decode and cfg.tokenizer.kind != "none":
+        # a run on a latent cache decodes with the cache's normalisation (e.g. extract-latents --dataset-stats),
+        # recorded in the checkpoint; older checkpoints lack it and use the tokenizer's own constants
+        decoder = run_decoder(cfg, load_tokenizer(cfg, progress=progress), meta.get("latent_normalization"))
+        decoder.to(device)
+    return LoadedRun(model, latent_flow(cfg.flow, c), decoder, cfg, (c, h, w), num_classes, int(meta["step"]))
+
+
 def load_run(
     run: str | Path,
     *,
@@ -48,32 +88,22 @@ def load_run(
     progress: bool = False,
 ) -> LoadedRun:
     """Load a run folder (or its ``checkpoints`` folder, or one ``step_*`` folder) for sampling."""
-    run = Path(run)
-    if not run.exists():
-        raise FileNotFoundError(f"run {run} does not exist; pass the --out folder of manifold-fm train")
-    ckpt_root = run / "checkpoints" if (run / "checkpoints").is_dir() else run
-    ckpt = load_checkpoint(ckpt_root)
-    meta = ckpt.meta
-    if "config" not in meta or "latent_shape" not in meta:
-        raise ValueError(f"checkpoint {ckpt.path} was not written by an image run (no config/latent_shape)")
-    cfg = load_image_config(meta["config"])
-    c, h, w = (int(v) for v in meta["latent_shape"])
-    num_classes = int(meta["num_classes"])
-    model = build_model(cfg.model, (c, h, w), num_classes)
+    ckpt = read_run_checkpoint(run)
     weights = ckpt.ema if (use_ema and ckpt.ema is not None) else ckpt.model
-    model.load_state_dict(weights)
-    model.to(device).eval().requires_grad_(False)
-    decoder = None
-    if decode and cfg.tokenizer.kind != "none":
-        # a run on a latent cache decodes with the cache's normalisation (e.g. extract-latents --dataset-stats),
-        # recorded in the checkpoint; older checkpoints lack it and use the tokenizer's own constants
-        decoder = run_decoder(cfg, load_tokenizer(cfg, progress=progress), meta.get("latent_normalization"))
-        decoder.to(device)
-    return LoadedRun(model, latent_flow(cfg.flow, c), decoder, cfg, (c, h, w), num_classes, ckpt.step)
+    return build_run(ckpt.meta, weights, device=device, decode=decode, progress=progress)
+
+
+def _check_labels(run: LoadedRun, num_samples: int, labels: Tensor | None) -> Tensor:
+    labels = balanced_labels(num_samples, run.num_classes) if labels is None else labels.long()
+    if labels.shape != (num_samples,):
+        raise ValueError(f"expected {num_samples} labels, got shape {tuple(labels.shape)}")
+    if int(labels.max()) >= run.num_classes or int(labels.min()) < 0:
+        raise ValueError(f"labels must be in [0, {run.num_classes}), got {int(labels.min())}..{int(labels.max())}")
+    return labels
 
 
 @torch.no_grad()
-def sample_run(
+def sample_chunks(
     run: LoadedRun,
     num_samples: int,
     spec: SamplerSpec,
@@ -85,17 +115,14 @@ def sample_run(
     world_size: int = 1,
     progress: bool = True,
     decode: bool = True,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """This process's share of ``num_samples``: ``(indices, labels, images or latents)`` (see the module
-    docstring for the sharding)."""
-    labels = balanced_labels(num_samples, run.num_classes) if labels is None else labels.long()
-    if labels.shape != (num_samples,):
-        raise ValueError(f"expected {num_samples} labels, got shape {tuple(labels.shape)}")
-    if int(labels.max()) >= run.num_classes or int(labels.min()) < 0:
-        raise ValueError(f"labels must be in [0, {run.num_classes}), got {int(labels.min())}..{int(labels.max())}")
+    skip: Callable[[int], bool] = lambda chunk: False,
+) -> Iterator[tuple[int, Tensor, Tensor, Tensor]]:
+    """This process's chunks of ``num_samples``, one at a time: ``(chunk, indices, labels, images or latents)``.
+    Chunks for which ``skip(chunk)`` is true (e.g. already on disk) are not sampled (see the module docstring for
+    the sharding)."""
+    labels = _check_labels(run, num_samples, labels)
     device = next(run.model.parameters()).device
-    chunks = list(range(rank, -(-num_samples // batch_size), world_size))
-    idx_out, lab_out, out = [], [], []
+    chunks = [j for j in range(rank, -(-num_samples // batch_size), world_size) if not skip(j)]
     for j in tqdm(chunks, desc="sample", disable=not progress, unit="batch"):
         idx = torch.arange(j * batch_size, min((j + 1) * batch_size, num_samples))
         y = labels[idx].to(device)
@@ -111,12 +138,102 @@ def sample_run(
         )
         if decode and run.decoder is not None:
             z = run.decoder.decode(z.to(run.decoder.device, run.decoder.dtype)).float()
-        idx_out.append(idx)
-        lab_out.append(y.cpu())
-        out.append(z.float().cpu())
-    if not out:
+        yield j, idx, y.cpu(), z.float().cpu()
+
+
+def sample_run(
+    run: LoadedRun,
+    num_samples: int,
+    spec: SamplerSpec,
+    *,
+    seed: int = 0,
+    batch_size: int = 64,
+    labels: Tensor | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    progress: bool = True,
+    decode: bool = True,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """This process's share of ``num_samples`` in memory: ``(indices, labels, images or latents)``."""
+    parts = list(
+        sample_chunks(
+            run,
+            num_samples,
+            spec,
+            seed=seed,
+            batch_size=batch_size,
+            labels=labels,
+            rank=rank,
+            world_size=world_size,
+            progress=progress,
+            decode=decode,
+        )
+    )
+    if not parts:
         return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0)
-    return torch.cat(idx_out), torch.cat(lab_out), torch.cat(out)
+    return tuple(torch.cat([p[i] for p in parts]) for i in (1, 2, 3))  # type: ignore[return-value]
 
 
-__all__ = ["LoadedRun", "load_run", "sample_run"]
+def sample_to_shards(
+    run: LoadedRun,
+    num_samples: int,
+    spec: SamplerSpec,
+    shards: Path,
+    request: Mapping[str, Any],
+    *,
+    seed: int = 0,
+    batch_size: int = 64,
+    labels: Tensor | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    progress: bool = True,
+) -> None:
+    """Write this process's chunks to ``shards/chunk_XXXXXX.npz`` (the ADM layout with ``(index, label)`` rows),
+    each atomically, skipping chunks already there: a stopped ``sample`` resumes where it stopped. ``request`` (the
+    run, step, sampler, seed, ...) is kept in ``shards/request.json``; shards written for another request are
+    refused in one line rather than mixed in. Call from every process; the caller merges
+    (:func:`~manifold_fm.eval.image_io.merge_shards`) once all have finished."""
+    import json
+
+    import numpy as np
+
+    from ..atomic import write_json_atomic
+    from ..eval.image_io import save_npz, to_uint8
+
+    record = shards / "request.json"
+    wanted = json.loads(json.dumps(dict(request), default=str))
+    if record.is_file() and json.loads(record.read_text()) != wanted:
+        raise ValueError(
+            f"{shards} holds samples of another request (see its request.json); delete it or choose another --out"
+        )
+    if rank == 0 and not record.is_file():
+        write_json_atomic(record, wanted)
+
+    def done(chunk: int) -> bool:
+        return (shards / f"chunk_{chunk:06d}.npz").is_file()
+
+    for j, idx, y, images in sample_chunks(
+        run,
+        num_samples,
+        spec,
+        seed=seed,
+        batch_size=batch_size,
+        labels=labels,
+        rank=rank,
+        world_size=world_size,
+        progress=progress,
+        skip=done,
+    ):
+        rows = np.stack([idx.numpy(), y.numpy()], axis=1)
+        save_npz(shards / f"chunk_{j:06d}.npz", to_uint8(images), rows)
+
+
+__all__ = [
+    "LoadedRun",
+    "build_run",
+    "load_run",
+    "read_run_checkpoint",
+    "sample_chunks",
+    "sample_run",
+    "sample_to_shards",
+]

@@ -118,13 +118,21 @@ class OptimConfig(Section):
     grad_clip: float | None = Field(1.0, gt=0)
 
 
+#: Experiment trackers accelerate can log to (``train.log_with``); each needs its own package installed.
+TRACKERS = ("tensorboard", "wandb", "comet_ml", "mlflow", "aim", "clearml", "dvclive")
+
+
 class TrainConfig(Section):
-    """The training loop. ``batch_size`` is the global batch (split across processes); ``ema_decay: 0`` keeps
-    the EMA equal to the raw weights; ``threads`` sets torch's intra-op threads (``null``: leave as is); hooks run
-    every ``sample_every`` / ``eval_every`` steps (``null``: never)."""
+    """The training loop. ``batch_size`` is the global batch (split across processes, then into ``grad_accum``
+    micro-batches per process); ``ema_decay: 0`` keeps the EMA equal to the raw weights; ``mixed_precision`` is the
+    forward pass's autocast (``auto``: bf16 on GPUs that support it, full precision on CPU); ``threads`` sets torch's
+    intra-op threads (``null``: leave as is); hooks run every ``sample_every`` / ``eval_every`` steps (``null``:
+    never); ``log_with`` adds accelerate trackers (``tensorboard``, ``wandb``, ...) to the always-written
+    ``metrics.jsonl``."""
 
     steps: int = Field(1000, ge=0)
     batch_size: int = Field(64, ge=1)
+    grad_accum: int = Field(1, ge=1)
     seed: int = 0
     class_dropout: float = Field(0.1, ge=0, lt=1)
     ema_decay: float = Field(0.999, ge=0, lt=1)
@@ -138,6 +146,7 @@ class TrainConfig(Section):
     sample_every: int | None = Field(None, ge=1)
     eval_every: int | None = Field(None, ge=1)
     threads: int | None = Field(None, ge=1)
+    log_with: list[Literal[TRACKERS]] = Field(default_factory=list)  # type: ignore[valid-type]
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -420,6 +429,7 @@ __all__ = [
     "FLOW_PRESETS",
     "KINDS",
     "RESUME_SECTIONS",
+    "TRACKERS",
     "DefaultDataConfig",
     "DefaultEvalConfig",
     "DefaultRunConfig",

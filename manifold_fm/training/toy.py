@@ -88,13 +88,12 @@ def train_toy(
     trainer.fit(resume=resume)
     t_eval = time.perf_counter()
     metrics = evaluate_toy(trainer.ema.model, dataset, flow, cfg, out)
-    losses = list(trainer.recent_losses)
     metrics.update(
         {
             "train_steps": cfg.train.steps,
             "train_seconds": round(trainer.train_seconds, 2),
             "eval_seconds": round(time.perf_counter() - t_eval, 2),
-            "final_loss": sum(losses) / len(losses) if losses else None,
+            "final_loss": trainer.last_loss,  # the mean loss of the last train.log_every steps
         }
     )
     write_json_atomic(out / "metrics.json", metrics)

@@ -3,28 +3,45 @@ default runs all train through :class:`Trainer`.
 
 It takes a model ``v(x, t[, y])``, a :class:`~manifold_fm.flow.Flow`, a :class:`~manifold_fm.data.sources.DataSource`
 and the shared ``train`` and ``optim`` config sections, and knows nothing of images or of any one run schema. One
-step, for a batch ``x1`` with optional labels ``y``:
+step, for a global batch ``x1`` (this process's share) with optional labels ``y``:
 
 1. labels are replaced by the null class with probability ``train.class_dropout`` (classifier-free guidance);
-2. ``t ~ p(t)``, ``x0 ~`` the prior, coupled with the data (:meth:`Flow.sample_path
-   <manifold_fm.flow.Flow.sample_path>`), ``(x_t, u_t)`` from the path;
-3. the loss ``mean |P_{x_t} (v(x_t, t, y) - u_t)|^2`` (:meth:`Flow.loss <manifold_fm.flow.Flow.loss>`);
+2. ``t ~ p(t)``, ``x0 ~`` the prior, coupled with the data (:meth:`Flow.pair_and_sample
+   <manifold_fm.flow.Flow.pair_and_sample>`), ``(x_t, u_t)`` from the path;
+3. the loss ``mean |P_{x_t} (v(x_t, t, y) - u_t)|^2`` (:meth:`Flow.loss <manifold_fm.flow.Flow.loss>`), over
+   ``train.grad_accum`` micro-batches;
 4. AdamW with gradient clipping and the learning-rate schedule, then an EMA update.
 
-**Exact resume.** Every random draw of step ``k`` on process ``r`` comes from a generator seeded by ``(seed, k, r)``
-and the data of step ``k`` are a pure function of ``k`` (the data source's contract), so the stream of batches and
-noise does not depend on where a run started. A checkpoint stores weights, EMA, optimizer, LR schedule and the
-global RNG states, and a run interrupted at step ``k`` and resumed reaches bitwise the same weights at step ``n`` on
-CPU (same machine, same torch build and thread count). ``fingerprint`` sections (e.g. model, flow, data, optim) of
-the run's config are stored and must match to resume.
+**One stream, any number of processes.** Every random number of step ``k`` (dropout, times, prior) is drawn for the
+*global* batch from a generator seeded by ``(seed, k)`` and each process takes its slice; the data sources slice
+the global batch the same way. So 1 process at batch ``B`` and ``N`` processes at global batch ``B`` train on the
+same examples with the same noise, and differ only in the order gradients are summed (DDP's all-reduce, float
+rounding: ~1e-7 relative per step in float32). Gradient accumulation slices the same draws into micro-batches.
+
+**Exact resume.** The data of step ``k`` are a pure function of ``k`` (the data source's contract), so the stream
+does not depend on where a run started. A checkpoint stores weights, EMA, optimizer, LR schedule, gradient scaler,
+the global RNG states and the open loss window, and a run interrupted at step ``k`` and resumed reaches bitwise the
+same weights at step ``n`` (same machine, torch build, thread and process count; a different process count continues
+the same stream up to summation order). ``fingerprint`` sections (model, flow, data, optim) of the run's config are
+stored and must match to resume. Before training, parameters, buffers and EMA weights are checked equal on every
+process (as edm2 does): a mismatch stops the run with a message instead of being papered over by DDP's broadcast.
+
+**No per-step host sync.** The loss and its finiteness accumulate on the device and are read every
+``train.log_every`` steps, at checkpoints and at the end; a non-finite loss stops the run with a message naming the
+step range, before any checkpoint of those steps is written.
+
+**Mixed precision** (``train.mixed_precision``): ``bf16`` or ``fp16`` autocast of the network's forward pass on any
+device (``auto``: bf16 on GPUs that support it, full precision on CPU), with a gradient scaler for ``fp16``; the
+geometry always runs in float32 (it switches autocast off), and the loss is computed in float32.
 
 **Hooks** (``Hook(every, fn)``) run on the main process every ``every`` steps and at the end, with the EMA model;
 the global RNGs are saved around them, so a hook never changes the training stream; metrics they return are logged.
+**Trackers**: ``train.log_with`` names accelerate trackers (``tensorboard``, ``wandb``, ...); ``metrics.jsonl`` is
+always written.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import hashlib
 import json
@@ -51,8 +68,8 @@ from .schema import OptimConfig, TrainConfig
 
 
 class TrainingError(ValueError):
-    """The training run cannot continue (diverged loss, resume mismatch, an existing run); the message says what
-    to do."""
+    """The training run cannot continue (diverged loss, resume mismatch, an existing run, replicas that disagree);
+    the message says what to do."""
 
 
 @dataclass
@@ -88,15 +105,32 @@ def lr_lambda(optim: OptimConfig, total_steps: int) -> Callable[[int], float]:
     return cosine
 
 
-def _make_accelerator(mixed_precision: str, device: str | None) -> Any:
+def _autocast_dtype(mixed_precision: str, device: torch.device) -> torch.dtype | None:
+    """The forward pass's autocast dtype: ``auto`` is bf16 on GPUs that support it, full precision elsewhere."""
+    if mixed_precision == "auto":
+        gpu_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if gpu_bf16 else None
+    return {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision]
+
+
+def _make_accelerator(device: str | None, log_with: Sequence[str], project_dir: Path) -> Any:
     from accelerate import Accelerator
 
     cpu = device == "cpu" or not torch.cuda.is_available()
-    if mixed_precision == "auto":
-        mixed_precision = "bf16" if (not cpu and torch.cuda.is_bf16_supported()) else "no"
-    if cpu and mixed_precision != "no":
-        mixed_precision = "no"  # CPU autocast in bf16 is slow and changes numerics; full precision there
-    return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+    # Precision is the trainer's (one autocast + scaler on every device; accelerate's does nothing for fp16 on CPU).
+    return Accelerator(mixed_precision="no", cpu=cpu, log_with=list(log_with) or None, project_dir=str(project_dir))
+
+
+def _flat_config(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train.steps": 100, ...}`` with scalar values only (what trackers' hyperparameter tables accept)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(_flat_config(value, f"{name}."))
+        else:
+            out[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return out
 
 
 class Trainer:
@@ -143,8 +177,10 @@ class Trainer:
         self.fingerprint = config_fingerprint(fingerprint or {})
         self.config = dict(config) if config is not None else None
         self.progress, self.progress_position = progress, progress_position
-        self.accelerator = _make_accelerator(train.mixed_precision, device)
+        self.accelerator = _make_accelerator(device, train.log_with, self.out_dir)
         self.device = self.accelerator.device
+        self.autocast_dtype = _autocast_dtype(train.mixed_precision, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.autocast_dtype == torch.float16 else None
         self.model = model.to(self.device)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(),
@@ -156,27 +192,43 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(optim, train.steps))
         self.ema = EMA(self.model, decay=train.ema_decay, warmup=train.ema_warmup)
         acc = self.accelerator
+        per_process = train.batch_size // acc.num_processes if train.batch_size % acc.num_processes == 0 else 0
+        if per_process == 0 or per_process % train.grad_accum:
+            raise TrainingError(
+                f"train.batch_size {train.batch_size} must split evenly over {acc.num_processes} process(es) and "
+                f"then into train.grad_accum = {train.grad_accum} micro-batches"
+            )
         self.plan = BatchPlan(train.batch_size, train.seed, acc.process_index, acc.num_processes)
         self.step = 0
         self.train_seconds = 0.0  # wall time spent in training steps, accumulated across resumes
-        self.last_loss = float("nan")
-        self.recent_losses: collections.deque[float] = collections.deque(maxlen=50)
+        self.last_loss = float("nan")  # the mean loss of the last logged window (all processes)
+        # the open loss window, on the device: sum, number of steps, non-finite flag; its first step
+        self._window = torch.zeros(3, dtype=torch.float64, device=self.device)
+        self._window_start = 0
 
     # ------------------------------------------------------------------ state
     def state(self) -> dict[str, Any]:
         return {
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "ema_updates": self.ema.updates,
             "rng": rng_state(),
             "seed": self.train.seed,
             "config_digest": self.fingerprint,
-            "recent_losses": list(self.recent_losses),
+            "loss_window": {"sum_count": self._window[:2].cpu(), "start": self._window_start},
+            "last_loss": self.last_loss,
         }
 
     def save(self) -> Path:
         model = self.accelerator.unwrap_model(self.model)
-        meta = {"flow": self.flow.name, "null_class": self.null_class, "train_seconds": self.train_seconds, **self.meta}
+        meta = {
+            "flow": self.flow.name,
+            "null_class": self.null_class,
+            "train_seconds": self.train_seconds,
+            "processes": self.accelerator.num_processes,
+            **self.meta,
+        }
         return save_checkpoint(
             self.ckpt_dir,
             self.step,
@@ -205,55 +257,119 @@ class Trainer:
             self.ema.load_state_dict(ckpt.ema, updates=int(ckpt.state.get("ema_updates", 0)))
         self.optimizer.load_state_dict(ckpt.state["optimizer"])
         self.scheduler.load_state_dict(ckpt.state["scheduler"])
+        if self.scaler is not None and ckpt.state.get("scaler") is not None:
+            self.scaler.load_state_dict(ckpt.state["scaler"])
         set_rng_state(ckpt.state["rng"])
         self.step = ckpt.step
         self.train_seconds = float(ckpt.meta.get("train_seconds", 0.0))
-        self.recent_losses.extend(ckpt.state.get("recent_losses", []))
-        if self.recent_losses:
-            self.last_loss = self.recent_losses[-1]
+        window = ckpt.state.get("loss_window")
+        if window is not None:
+            self._window[:2] = window["sum_count"].to(self._window)
+            self._window_start = int(window["start"])
+        else:
+            self._window_start = self.step
+        self.last_loss = float(ckpt.state.get("last_loss", float("nan")))
         return True
 
     # ------------------------------------------------------------------ step
-    def _step_generator(self, step: int) -> torch.Generator:
-        return seeded_generator(self.train.seed, step, self.accelerator.process_index, device=self.device)
-
-    def loss_on(self, model: nn.Module, x1: Tensor, y: Tensor | None, step: int) -> Tensor:
-        """The flow-matching loss of one batch (labels dropped, times and prior drawn from step ``step``'s seed)."""
-        g = self._step_generator(step)
-        x1 = self.flow.prepare_data(x1.to(self.device, torch.float32))
+    def _draws(self, n_local: int, shape: Sequence[int], step: int, labelled: bool) -> tuple[Tensor | None, ...]:
+        """This process's slice of step ``step``'s random draws for the global batch (``n_local`` x processes), in
+        the order dropout mask, times, prior. The generator is seeded by ``(seed, step, 0)`` on every process."""
+        acc = self.accelerator
+        n = n_local * acc.num_processes
+        g = seeded_generator(self.train.seed, step, 0, device=self.device)
         drop = None
+        if labelled and self.train.class_dropout > 0:
+            drop = torch.rand(n, generator=g, device=self.device) < self.train.class_dropout
+        t, x0 = self.flow.draw(n, shape, g, self.device, torch.float32)
+        mine = slice(acc.process_index * n_local, (acc.process_index + 1) * n_local)
+        return (None if drop is None else drop[mine]), t[mine], x0[mine]
+
+    def _loss(
+        self, model: nn.Module, x1: Tensor, y: Tensor | None, drop: Tensor | None, t: Tensor, x0: Tensor
+    ) -> Tensor:
+        x1 = self.flow.prepare_data(x1.to(self.device, torch.float32))
         if y is not None:
             y = y.to(self.device)
-            if self.train.class_dropout > 0:
-                drop = torch.rand(x1.shape[0], generator=g, device=self.device) < self.train.class_dropout
-        sample, y = self.flow.sample_path(x1, g, y)
+        sample, y = self.flow.pair_and_sample(x0, x1, t, y)
         if drop is not None and y is not None:
             if self.null_class is None:
                 raise ValueError("class dropout needs the model's null_class; pass null_class= or class_dropout 0")
             y = torch.where(drop, torch.full_like(y, self.null_class), y)
-        with self.accelerator.autocast():
+        with self.autocast():
             pred = model(sample.x_t, sample.t) if y is None else model(sample.x_t, sample.t, y)
         return self.flow.loss(pred.float(), sample)
 
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """Autocast of the forward pass in ``train.mixed_precision`` (a no-op in full precision)."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def loss_on(self, model: nn.Module, x1: Tensor, y: Tensor | None, step: int) -> Tensor:
+        """The flow-matching loss of this process's batch at step ``step`` (its slice of the step's draws)."""
+        drop, t, x0 = self._draws(x1.shape[0], x1.shape[1:], step, y is not None)
+        return self._loss(model, x1, y, drop, t, x0)
+
     def train_step(self, forward: nn.Module, raw: nn.Module, x1: Tensor, y: Tensor | None) -> tuple[Tensor, Any]:
-        """One optimisation step on a batch (loss, backward, clip, AdamW, LR schedule, EMA); advances ``step``."""
+        """One optimisation step on this process's batch (``train.grad_accum`` micro-batches of the step's draws,
+        backward, clip, AdamW, LR schedule, EMA); advances ``step``. Returns the batch's mean loss (on the device,
+        not synchronised) and the gradient norm (``None`` without clipping)."""
         self.model.train()
-        loss = self.loss_on(forward, x1, y, self.step)
-        if not torch.isfinite(loss):
-            raise TrainingError(
-                f"loss is {loss.item()} at step {self.step}; lower optim.lr or enable optim.grad_clip, "
-                "then --resume from the last checkpoint"
-            )
-        self.accelerator.backward(loss)
+        drop, t, x0 = self._draws(x1.shape[0], x1.shape[1:], self.step, y is not None)
+        k = self.train.grad_accum
+        m = x1.shape[0] // k
+        total: Tensor | None = None
+        for i in range(k):
+            mine = slice(i * m, (i + 1) * m)
+            last = i == k - 1
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(self.model):
+                loss = self._loss(
+                    forward,
+                    x1[mine],
+                    None if y is None else y[mine],
+                    None if drop is None else drop[mine],
+                    t[mine],
+                    x0[mine],
+                )
+                if k > 1:
+                    loss = loss / k
+                self.accelerator.backward(self.scaler.scale(loss) if self.scaler is not None else loss)
+            total = loss.detach() if total is None else total + loss.detach()
         grad_norm = None
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
         if self.optim.grad_clip is not None:
             grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.optim.grad_clip)
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.ema.update(raw)
         self.step += 1
-        return loss, grad_norm
+        assert total is not None
+        self._window += torch.stack(
+            [total.double(), total.new_ones((), dtype=torch.float64), (~torch.isfinite(total)).double()]
+        )
+        return total, grad_norm
+
+    def _read_window(self) -> float:
+        """Close the loss window: the mean loss over its steps and processes (one host sync). Raises
+        :class:`TrainingError` if any loss in it was not finite."""
+        totals = self.accelerator.reduce(self._window.clone(), reduction="sum")
+        first, last = self._window_start + 1, self.step
+        self._window.zero_()
+        self._window_start = self.step
+        loss_sum, count, bad = (float(v) for v in totals.cpu())
+        if bad > 0:
+            raise TrainingError(
+                f"the loss was not finite in steps {first}..{last} (no checkpoint after step {first - 1} was "
+                "written); lower optim.lr or enable optim.grad_clip, then --resume from the last checkpoint"
+            )
+        return loss_sum / max(count, 1.0)
 
     def prepare(self) -> tuple[nn.Module, nn.Module]:
         """Wrap model/optimizer with accelerate; returns ``(forward module, unwrapped model)``."""
@@ -262,13 +378,36 @@ class Trainer:
         forward = torch.compile(self.model) if self.train.compile else self.model
         return forward, raw
 
+    def check_replicas(self, when: str) -> None:
+        """Raise :class:`TrainingError` unless every process holds the same parameters, buffers and EMA weights
+        (each compared with the main process's by a broadcast; a no-op in one process)."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return
+        import torch.distributed as dist
+
+        named = [
+            *self.model.named_parameters(),
+            *self.model.named_buffers(),
+            *(("ema." + k, v) for k, v in self.ema.model.state_dict().items()),
+        ]
+        differ = [name for name, tensor in named if not _same_as_main(tensor.detach())]
+        flag = torch.tensor([float(len(differ))], device=self.device)
+        dist.all_reduce(flag)
+        if float(flag) > 0:
+            where = f" (process {acc.process_index}: {', '.join(differ[:3])}...)" if differ else ""
+            raise TrainingError(
+                f"the {acc.num_processes} processes hold different weights {when}{where}; every process must build "
+                "the model from the same seed and read the same checkpoint"
+            )
+
     # ------------------------------------------------------------------ loop
     def fit(self, resume: bool = False) -> Path:
         """Train to ``train.steps``; returns the final checkpoint folder.
 
         Raises:
             TrainingError: ``out_dir`` already holds a checkpoint and ``resume`` is False; the loss is not finite;
-                the checkpoint's config differs.
+                the checkpoint's config differs; the processes disagree.
         """
         existing = latest_checkpoint(self.ckpt_dir)
         if existing is not None and not resume:
@@ -276,6 +415,7 @@ class Trainer:
                 f"{self.out_dir} already holds a run (checkpoint {existing.name}); "
                 "pass --resume to continue it or choose another --out"
             )
+        self.accelerator.wait_for_everyone()  # nobody writes before every process has looked
         if self.config is not None and self.accelerator.is_main_process:
             import yaml
 
@@ -291,8 +431,16 @@ class Trainer:
     def _fit(self, resume: bool) -> Path:
         acc, total = self.accelerator, self.train.steps
         resumed = self.restore() if resume else False
+        self.check_replicas("after resuming" if resumed else "at the start")
         forward, raw = self.prepare()
-        logger = RunLogger(self.out_dir, resume_step=self.step if resumed else None, enabled=acc.is_main_process)
+        logger = RunLogger(
+            self.out_dir,
+            resume_step=self.step if resumed else None,
+            enabled=acc.is_main_process,
+            accelerator=acc if self.train.log_with else None,
+            tracker_config=_flat_config(self.config or {}),
+            run_name=self.out_dir.name,
+        )
         bar = tqdm(
             total=total,
             initial=self.step,
@@ -302,20 +450,23 @@ class Trainer:
             dynamic_ncols=True,
             position=self.progress_position,
         )
+        if not resumed:
+            self._window_start = self.step
         seen, t_window = 0, time.perf_counter()
         last_path: Path | None = None
         try:
             t_fit = time.perf_counter()
             for x1, y in self.data.batches(self.plan, self.step, total):
-                loss, grad_norm = self.train_step(forward, raw, x1, y)
+                _, grad_norm = self.train_step(forward, raw, x1, y)
                 now = time.perf_counter()
                 self.train_seconds += now - t_fit
                 t_fit = now
-                self.last_loss = loss.item()
-                self.recent_losses.append(self.last_loss)
                 seen += x1.shape[0] * acc.num_processes
                 bar.update(1)
-                if self.step % self.train.log_every == 0 or self.step == total:
+                log = self.step % self.train.log_every == 0 or self.step == total
+                checkpoint = self.step % self.train.checkpoint_every == 0 or self.step == total
+                if log:
+                    self.last_loss = self._read_window()
                     ips = seen / max(time.perf_counter() - t_window, 1e-9)
                     record = {"loss": self.last_loss, "samples_per_s": ips, "lr": self.scheduler.get_last_lr()[0]}
                     if grad_norm is not None:
@@ -323,7 +474,9 @@ class Trainer:
                     logger.log(self.step, record)
                     bar.set_postfix(loss=f"{self.last_loss:.4f}", per_s=f"{ips:.0f}")
                     seen, t_window = 0, time.perf_counter()
-                if self.step % self.train.checkpoint_every == 0 or self.step == total:
+                if checkpoint:
+                    if not log:  # never checkpoint a step whose loss was not finite
+                        self._check_window()
                     acc.wait_for_everyone()
                     if acc.is_main_process:
                         last_path = self.save()
@@ -338,6 +491,12 @@ class Trainer:
         acc.wait_for_everyone()
         return last_path or latest_checkpoint(self.ckpt_dir) or self.ckpt_dir
 
+    def _check_window(self) -> None:
+        """Raise if a loss of the open window was not finite (one host sync), keeping the window open."""
+        bad = self.accelerator.reduce(self._window[2:].clone(), reduction="sum")
+        if float(bad) > 0:
+            self._read_window()  # raises, naming the steps
+
     def _run_hooks(self, logger: RunLogger, final: bool) -> None:
         if not self.accelerator.is_main_process:
             return
@@ -347,6 +506,15 @@ class Trainer:
                     metrics = hook.fn(self.step, self.ema.model)
                 if metrics:
                     logger.log(self.step, metrics)
+
+
+def _same_as_main(tensor: Tensor) -> bool:
+    """Whether ``tensor`` equals the main process's copy (NaNs compare equal)."""
+    import torch.distributed as dist
+
+    main = tensor.clone()
+    dist.broadcast(main, src=0)
+    return torch.equal(torch.nan_to_num(tensor), torch.nan_to_num(main))
 
 
 def load_step(checkpoint: Path) -> int:

@@ -1,0 +1,210 @@
+"""Two processes on CPU through accelerate's own launcher (``accelerate launch --multi_gpu --num_processes 2`` starts
+two gloo ranks when no GPU is present): the same training as one process, one checkpoint per save, exact resume
+after a kill (with two processes, and with one), replicas checked equal, and sampling shards that merge to the
+one-process samples.
+
+Reference for "the same": one process at the same global batch. The processes draw every step's noise for the
+global batch and take their slices, so the runs differ only in the order DDP sums gradients (float rounding).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from manifold_fm.cli import main
+from manifold_fm.training.checkpoint import latest_checkpoint, load_checkpoint
+
+pytestmark = pytest.mark.slow
+
+TRAIN = [
+    "--config",
+    "image-builtin",
+    "--set",
+    "data.per_class=2",
+    "--set",
+    "train.batch_size=8",
+    "--set",
+    "train.steps=8",
+    "--set",
+    "train.sample_every=null",
+    "--set",
+    "train.checkpoint_every=4",
+    "--set",
+    "train.log_every=1",
+    "--set",
+    "train.threads=1",
+]
+# summation order only: observed ~1.5e-8 on these weights (magnitude ~0.2); the bound leaves room, a different
+# stream of examples or noise would differ by ~1e-3
+ROUNDING = 1e-6
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(*args: str, wait: bool = True, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """``accelerate launch`` with 2 processes of ``python -m manifold_fm.cli ARGS`` (its own process group)."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        "-m",
+        "manifold_fm.cli",
+        *args,
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    )
+    if wait:
+        out, _ = proc.communicate(timeout=600)
+        proc.stdout_text = out  # type: ignore[attr-defined]
+        assert proc.returncode == 0, out[-3000:]
+    return proc
+
+
+def _weights(run: Path, ema: bool = False) -> dict[str, torch.Tensor]:
+    ckpt = load_checkpoint(run / "checkpoints")
+    assert ckpt.step == 8
+    return ckpt.ema if ema else ckpt.model  # type: ignore[return-value]
+
+
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ddp")
+    two = _launch("train", *TRAIN, "--out", str(root / "two"))
+    one = CliRunner().invoke(main, ["train", *TRAIN, "--out", str(root / "one")])
+    assert one.exit_code == 0, one.output
+    return {"two": root / "two", "one": root / "one", "root": root, "two_output": two.stdout_text}  # type: ignore
+
+
+def test_two_processes_train_like_one_at_the_same_global_batch(runs: dict) -> None:
+    assert _max_diff(_weights(runs["two"]), _weights(runs["one"])) < ROUNDING
+    assert _max_diff(_weights(runs["two"], ema=True), _weights(runs["one"], ema=True)) < ROUNDING
+    two = [json.loads(line)["loss"] for line in (runs["two"] / "metrics.jsonl").read_text().splitlines()]
+    one = [json.loads(line)["loss"] for line in (runs["one"] / "metrics.jsonl").read_text().splitlines()]
+    np.testing.assert_allclose(two, one, rtol=1e-6)  # the logged loss is the global batch's mean
+    # exactly one checkpoint per save, written by the main process; one "run folder" line
+    names = sorted(p.name for p in (runs["two"] / "checkpoints").iterdir())
+    assert names == ["latest", "step_00000004", "step_00000008"]  # keep_checkpoints: 2; no second writer's files
+    assert load_checkpoint(runs["two"] / "checkpoints").meta["processes"] == 2
+    assert runs["two_output"].count("run folder:") == 1
+
+
+def test_a_killed_two_process_run_resumes_exactly_with_two_or_one_processes(runs: dict) -> None:
+    part = runs["root"] / "part"
+    proc = _launch("train", *TRAIN, "--set", "train.steps=8", "--out", str(part), wait=False)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:  # kill after the step-4 checkpoint, mid-way through steps 5-8
+        latest = latest_checkpoint(part / "checkpoints")
+        if latest is not None and latest.name == "step_00000004":
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert load_checkpoint(part / "checkpoints").step in (4, 8)
+    copy = runs["root"] / "part-one"
+    import shutil
+
+    shutil.copytree(part, copy)
+    _launch("train", *TRAIN, "--out", str(part), "--resume")
+    assert _max_diff(_weights(part), _weights(runs["two"])) == 0.0  # bit for bit with two processes
+    # one process continues the same global stream: equal up to the summation order
+    resumed = CliRunner().invoke(main, ["train", *TRAIN, "--out", str(copy), "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert _max_diff(_weights(copy), _weights(runs["one"])) < ROUNDING
+
+
+_MISMATCH = """
+import os, sys, torch
+from manifold_fm.data.sources import TensorSource
+from manifold_fm.models.sit import SiT
+from manifold_fm.training.builders import preset_flow
+from manifold_fm.training.schema import load_image_config
+from manifold_fm.training.trainer import Trainer, TrainingError
+
+rank = int(os.environ["RANK"])  # (set by the launcher)
+cfg = load_image_config(None, ["tokenizer.kind=none", "data.source=latents", "data.latents=x", "train.batch_size=4",
+                               "train.steps=1"])
+torch.manual_seed(rank)  # a bug: each process builds different initial weights
+model = SiT(input_size=4, patch_size=2, in_channels=4, hidden_size=16, depth=1, num_heads=2, num_classes=3)
+data = TensorSource(torch.randn(8, 4, 4, 4), torch.arange(8) % 3)
+try:
+    Trainer(model, preset_flow("spherical", 4), data, cfg.train, cfg.optim, sys.argv[1], null_class=3,
+            device="cpu", progress=False).fit()
+except TrainingError as exc:
+    print(f"rank {rank}: {exc}")
+    sys.exit(3)
+"""
+
+
+def test_replicas_that_disagree_stop_the_run_with_a_message(tmp_path: Path) -> None:
+    script = tmp_path / "mismatch.py"
+    script.write_text(_MISMATCH)
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        str(script),
+        str(tmp_path / "run"),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0
+    assert "2 processes hold different weights at the start" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_sampling_on_two_processes_merges_to_the_one_process_samples(runs: dict) -> None:
+    args = ["sample", str(runs["one"]), "--num", "10", "--batch-size", "3", "--steps", "2", "--no-grid"]
+    _launch(*args, "--out", str(runs["root"] / "s2"))
+    single = CliRunner().invoke(main, [*args, "--out", str(runs["root"] / "s1")])
+    assert single.exit_code == 0, single.output
+    with np.load(runs["root"] / "s2" / "samples.npz") as a, np.load(runs["root"] / "s1" / "samples.npz") as b:
+        assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
+        assert a["arr_0"].shape[0] == 10

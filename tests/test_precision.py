@@ -1,0 +1,188 @@
+"""Mixed precision, compile, gradient accumulation and the absence of per-step host syncs in the one trainer, on CPU.
+
+The references: the same run in float32 (bf16/fp16 agree to a stated tolerance, the geometry stays float32 and
+on the sphere), the same run eager (compile agrees to float rounding), the same global batch in one piece
+(accumulation agrees to float rounding).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor
+
+from manifold_fm.data.sources import TensorSource
+from manifold_fm.manifolds import TokenSpheres
+from manifold_fm.models.sit import SiT
+from manifold_fm.training.builders import preset_flow
+from manifold_fm.training.checkpoint import load_checkpoint
+from manifold_fm.training.metrics_log import read_jsonl
+from manifold_fm.training.schema import load_image_config
+from manifold_fm.training.trainer import Trainer
+
+PATH = {"spherical": "geodesic", "linear": "linear"}
+
+
+def _data() -> TensorSource:
+    g = torch.Generator().manual_seed(1)
+    return TensorSource(torch.randn(32, 4, 4, 4, generator=g), torch.arange(32) % 3)
+
+
+def _run(out: Path, mode: str = "spherical", steps: int = 6, **extra: object) -> Trainer:
+    overrides = [
+        f"train.steps={steps}",
+        "train.batch_size=8",
+        "train.log_every=1",
+        "train.checkpoint_every=100",
+        "train.ema_decay=0.9",
+        "optim.lr=3e-3",
+        "tokenizer.kind=none",
+        "data.source=latents",
+        "data.latents=unused",
+        f"flow.path={PATH[mode]}",
+        *(f"{k}={v}" for k, v in extra.items()),
+    ]
+    cfg = load_image_config(None, overrides)
+    torch.manual_seed(0)
+    model = SiT(input_size=4, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=3)
+    trainer = Trainer(
+        model, preset_flow(mode, 4), _data(), cfg.train, cfg.optim, out, null_class=3, device="cpu", progress=False
+    )
+    trainer.fit()
+    return trainer
+
+
+def _losses(out: Path) -> Tensor:
+    return torch.tensor([r["loss"] for r in read_jsonl(out / "metrics.jsonl")])
+
+
+def _weights(out: Path) -> dict[str, Tensor]:
+    return load_checkpoint(out / "checkpoints").model
+
+
+def _max_diff(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_on_cpu_tracks_float32(tmp_path: Path, precision: str) -> None:
+    ref = _run(tmp_path / "fp32")
+    low = _run(tmp_path / precision, **{"train.mixed_precision": precision})
+    assert low.autocast_dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    # bf16 keeps 8 mantissa bits, fp16 11: per-step losses within 2% (bf16) / 0.5% (fp16) of float32 over 6 steps
+    rel = ((_losses(tmp_path / precision) - _losses(tmp_path / "fp32")).abs() / _losses(tmp_path / "fp32")).max()
+    assert float(rel) < {"bf16": 2e-2, "fp16": 5e-3}[precision]
+    assert float(rel) > 0  # the forward pass really ran in low precision
+    state = load_checkpoint(tmp_path / precision / "checkpoints").state
+    if precision == "fp16":  # the gradient scaler ran and is checkpointed (its growth tracker counts good steps)
+        assert low.scaler is not None and state["scaler"]["_growth_tracker"] == 6
+    else:
+        assert low.scaler is None and state["scaler"] is None
+    assert ref.scaler is None
+
+
+def test_geometry_stays_float32_and_on_the_spheres_under_autocast() -> None:
+    """The trainer's autocast covers the network; the path and the sampler's steps run in float32 regardless."""
+    m = TokenSpheres(4, axis=1)
+    g = torch.Generator().manual_seed(2)
+    x0, x1 = m.random_base((8, 4, 4, 4), g), m.random_base((8, 4, 4, 4), g)
+    t = torch.rand(8, generator=g)
+    for dtype in (torch.bfloat16, torch.float16):
+        with torch.autocast("cpu", dtype=dtype):
+            x_t, u_t = m.geodesic(x0, x1, t)
+            stepped = m.expmap(x_t, 0.1 * u_t)
+        ref_x, ref_u = m.geodesic(x0, x1, t)
+        assert x_t.dtype == u_t.dtype == torch.float32
+        assert torch.equal(x_t, ref_x) and torch.equal(u_t, ref_u)
+        assert float(m.point_error(stepped).max()) < 1e-6
+
+
+def test_gradient_accumulation_equals_the_large_batch(tmp_path: Path) -> None:
+    _run(tmp_path / "one")
+    _run(tmp_path / "four", **{"train.grad_accum": 4})
+    # the same draws, summed in 4 micro-batches instead of 1: float rounding only
+    assert _max_diff(_weights(tmp_path / "one"), _weights(tmp_path / "four")) < 1e-6
+    torch.testing.assert_close(_losses(tmp_path / "four"), _losses(tmp_path / "one"), rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="grad_accum"):
+        _run(tmp_path / "bad", **{"train.grad_accum": 3})
+
+
+@pytest.mark.slow
+def test_compile_really_compiles_and_matches_eager(tmp_path: Path) -> None:
+    """train.compile: true runs the step through torch.compile (inductor on CPU: a C++ toolchain is needed)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    counts = torch._dynamo.utils.counters
+    counts.clear()
+    _run(tmp_path / "eager", steps=3)
+    _run(tmp_path / "compiled", steps=3, **{"train.compile": "true"})
+    assert counts["stats"]["unique_graphs"] >= 1  # something was compiled
+    assert _max_diff(_weights(tmp_path / "eager"), _weights(tmp_path / "compiled")) < 1e-5
+    torch._dynamo.reset()
+
+
+def test_a_training_step_never_reads_a_tensor_on_the_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inside train_step, code of the trainer, the flow and the loss turns no tensor into a Python number: the loss
+    and its finiteness are read every log_every steps instead."""
+    watched = {"trainer.py", "flow.py", "loss.py", "paths.py", "time.py", "coupling.py"}
+    inside = {"step": False}
+    reads: list[str] = []
+
+    def spy(name: str):  # noqa: ANN202
+        original = getattr(Tensor, name)
+
+        def wrapper(self: Tensor, *args: object):  # noqa: ANN202
+            caller = sys._getframe(1).f_code.co_filename
+            if inside["step"] and "manifold_fm" in caller and Path(caller).name in watched:
+                reads.append(f"{name} in {Path(caller).name}")
+            return original(self, *args)
+
+        return wrapper
+
+    for name in ("item", "__float__", "__bool__", "tolist"):
+        monkeypatch.setattr(Tensor, name, spy(name))
+    original_step = Trainer.train_step
+
+    def traced(self: Trainer, *args: object, **kwargs: object):  # noqa: ANN202
+        inside["step"] = True
+        try:
+            return original_step(self, *args, **kwargs)
+        finally:
+            inside["step"] = False
+
+    monkeypatch.setattr(Trainer, "train_step", traced)
+    _run(tmp_path / "run", steps=4, **{"train.log_every": 2})
+    assert reads == []
+    assert [r["step"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [2, 4]
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_steps_and_writes_no_checkpoint(tmp_path: Path) -> None:
+    from manifold_fm.training.trainer import TrainingError
+
+    with pytest.raises(TrainingError, match=r"not finite in steps 1\.\.2 \(no checkpoint after step 0"):
+        _run(
+            tmp_path / "nan",
+            steps=6,
+            **{"optim.lr": "1e30", "optim.grad_clip": "null", "train.log_every": 2, "train.checkpoint_every": 2},
+        )
+    assert not (tmp_path / "nan" / "checkpoints").exists()
+
+
+def test_tensorboard_tracker_through_accelerate_logs_what_the_jsonl_logs(tmp_path: Path) -> None:
+    """train.log_with: [tensorboard] goes through accelerate's tracking; the event file holds the JSONL's losses."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _run(tmp_path / "tb", steps=4, **{"train.log_with": "[tensorboard]", "train.log_every": 2})
+    events = list((tmp_path / "tb").rglob("events.out.tfevents.*"))
+    assert events, "no TensorBoard event file"
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    logged = [(e.step, e.value) for e in acc.Scalars("loss")]
+    jsonl = [(r["step"], r["loss"]) for r in read_jsonl(tmp_path / "tb" / "metrics.jsonl")]
+    assert [s for s, _ in logged] == [s for s, _ in jsonl] == [2, 4]
+    np.testing.assert_allclose([v for _, v in logged], [v for _, v in jsonl], rtol=1e-6)  # float32 in the file
