@@ -172,3 +172,23 @@ def test_forward_mode_ad_through_sphere_ops_matches_finite_difference():
     h = 1e-6
     fd = (m.logmap(x, y + h * dy) - m.logmap(x, y - h * dy)) / (2 * h)
     torch.testing.assert_close(jvp, fd, rtol=1e-6, atol=1e-7)
+
+
+def test_the_sync_free_antipodal_blend_equals_the_host_branch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On accelerators the antipodal fallback is blended in without reading a flag on the host; forced here on the
+    CPU, it gives the same values as the branch, with and without antipodal tokens in the batch."""
+    import manifold_fm.manifolds.sphere as sphere_mod
+
+    m = TokenSpheres(4, axis=1)
+    g = torch.Generator().manual_seed(3)
+    x0, x1 = m.random_base((3, 4, 2, 2), g), m.random_base((3, 4, 2, 2), g)
+    anti = x1.clone()
+    anti[:, :, 0, 0] = -x0[:, :, 0, 0]  # one antipodal token per sample
+    t = torch.rand(3, generator=g)
+    for b in (x1, anti):
+        branched = (m.geodesic(x0, b, t), m.logmap(x0, b), m.dist(x0, b))
+        monkeypatch.setattr(sphere_mod, "_branch_on_host", lambda x: False)
+        blended = (m.geodesic(x0, b, t), m.logmap(x0, b), m.dist(x0, b))
+        monkeypatch.undo()
+        for u, v in zip((*branched[0], *branched[1:]), (*blended[0], *blended[1:]), strict=True):
+            assert torch.equal(u, v)

@@ -188,6 +188,7 @@ class Trainer:
             betas=tuple(optim.betas),
             eps=optim.eps,
             weight_decay=optim.weight_decay,
+            fused=self.device.type == "cuda" or None,  # one kernel per step on GPUs; CPU keeps the default
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(optim, train.steps))
         self.ema = EMA(self.model, decay=train.ema_decay, warmup=train.ema_warmup)
