@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "extract-latents": "manifold_fm.commands.extract_latents:extract_latents",
     "probe": "manifold_fm.commands.probe:probe",
     "configs": "manifold_fm.commands.configs:configs",
+    "convert-vae": "manifold_fm.commands.convert_vae:convert_vae",
     "export": "manifold_fm.commands.export:export",
 }
 

@@ -42,7 +42,7 @@ def test_bad_inputs_give_one_line_errors(tmp_path) -> None:
     assert r.exit_code == 1 and "both" in r.output
 
 
-def test_finetune_decoder_cli_with_vanilla_control(tmp_path) -> None:
+def test_finetune_decoder_cli_reports_three_decoders_on_held_out_images(tmp_path) -> None:
     out = tmp_path / "ft"
     r = _run(
         "finetune-decoder",
@@ -54,20 +54,31 @@ def test_finetune_decoder_cli_with_vanilla_control(tmp_path) -> None:
         "4",
         "--eval-items",
         "8",
-        "--vanilla-control",
+        "--gan-start",
+        "0",
         "--out",
         str(out),
     )
     assert r.exit_code == 0, r.output
     rep = json.loads((out / "report.json").read_text())
+    assert rep["eval"] == {"source": "built-in test split", "images": 8, "skipped": 0}
+    assert list(rep["reconstruction"]) == ["original", "ft_vanilla", "spherical"]
     assert set(rep["metrics"]) == {
-        "original_decoder/raw_latents",
-        "original_decoder/projected_latents",
-        "finetuned_decoder/projected_latents",
-        "finetuned_decoder/raw_latents",
+        f"{d}_decoder/{z}"
+        for d in ("original", "ft_vanilla", "spherical")
+        for z in ("raw_latents", "projected_latents")
     }
-    assert rep["perceptual_metric"] == "fallback:grad-pyramid-l1"
-    assert (out / "decoder.safetensors").is_file() and (out / "decoder_vanilla.safetensors").is_file()
+    # The paper's table reads each decoder on its own latents; the swap control holds the same latents fixed.
+    assert rep["reconstruction"]["spherical"] == rep["metrics"]["spherical_decoder/projected_latents"]
+    assert rep["reconstruction"]["ft_vanilla"] == rep["swap_control"]["raw_latents"]["ft_vanilla"]
+    assert set(rep["swap_control"]["projected_latents"]) == {"original", "ft_vanilla", "spherical"}
+    assert rep["perceptual_metric"] == "fallback:grad-pyramid-l1" and rep["rfid_metric"] is None
+    disc = rep["runs"]["projected"]["discriminator"]
+    assert disc["layers"] == 3 and disc["base_channels"] == 64 and disc["parameters"] == 2_765_633
+    assert rep["runs"]["vanilla"]["project"] is False and rep["runs"]["projected"]["gan_start"] == 0
+    for f in ("decoder", "decoder_vanilla", "discriminator", "discriminator_vanilla"):
+        assert (out / f"{f}.safetensors").is_file(), f
+    assert "decoder-swap control" in r.output and not any(p.name.startswith(".rfid") for p in out.iterdir())
     # The finetuned decoder plugs into the spherical tokenizer used by extract-latents / probe.
     r = _run(
         "probe",
@@ -101,8 +112,10 @@ def test_probe_cli_writes_report_and_figures(tmp_path) -> None:
         "24",
         "--t-points",
         "5",
-        "--max-pairs",
+        "--anchors",
         "12",
+        "--pairs",
+        "50",
         "--out",
         str(tmp_path),
     )
@@ -111,10 +124,13 @@ def test_probe_cli_writes_report_and_figures(tmp_path) -> None:
     assert set(rep["norms"]) == {"raw", "normalized", "gaussian_prior"}
     assert rep["paths"]["t"] == pytest.approx([0, 0.25, 0.5, 0.75, 1])
     assert max(rep["paths"]["slerp"]["radial_share"]) < 1e-10
-    assert rep["swap"]["pairs"] == 12
-    for name in ("norm_hist.png", "norm_along_t.png", "radial_share.png", "swap_distances.png"):
+    assert rep["swap"]["pairs"] == rep["swap"]["anchors"] == 12
+    sd = rep["shell_deviation"]  # 50 (prior, data) pairs over 24 images: images reused with fresh prior samples
+    assert sd["pairs"] == 50 and sd["mean"] == pytest.approx(rep["paths"]["linear"]["shell_deviation"])
+    assert sd["mean"][0] < sd["max"][0] and sd["peak_mean"] == max(sd["mean"])
+    for name in ("norm_hist.png", "norm_along_t.png", "radial_share.png", "shell_deviation.png", "swap_distances.png"):
         assert (tmp_path / name).stat().st_size > 1000
-    assert "swap probe" in r.output
+    assert "swap probe over 12 anchors" in r.output and "sigma from the nearest endpoint shell" in r.output
 
 
 def test_extract_latents_with_dataset_stats(tmp_path) -> None:
@@ -134,8 +150,16 @@ def test_extract_latents_with_dataset_stats(tmp_path) -> None:
 
 
 def test_finetune_decoder_rfid_with_a_stand_in_extractor(tmp_path, register_standin) -> None:
-    """rFID plumbing, with a small registered feature extractor standing in for Inception (no weights here)."""
-    register_standin("standin_c", pool=4, features=5)  # 4x4-pooled pixels, a fixed random projection to 5
+    """rFID plumbing, with a small registered feature extractor standing in for Inception (no weights here); the
+    original decoder's value is recomputed from scratch (features, Gaussian fit, Frechet distance in numpy/scipy)."""
+    import numpy as np
+    from scipy import linalg
+
+    from manifold_fm.data.builtin_images import BuiltinImages
+    from manifold_fm.tokenizers import builtin_tokenizer
+    from manifold_fm.tokenizers.finetune import spread_indices
+
+    cls = register_standin("standin_c", pool=4, features=5)  # 4x4-pooled pixels, a fixed random projection to 5
     out = tmp_path / "ft"
     r = _run(
         "finetune-decoder",
@@ -147,6 +171,7 @@ def test_finetune_decoder_rfid_with_a_stand_in_extractor(tmp_path, register_stan
         "4",
         "--eval-items",
         "24",
+        "--no-vanilla-control",
         "--fid-extractor",
         "standin_c",
         "--out",
@@ -154,10 +179,26 @@ def test_finetune_decoder_rfid_with_a_stand_in_extractor(tmp_path, register_stan
     )
     assert r.exit_code == 0, r.output
     rep = json.loads((out / "report.json").read_text())
-    assert rep["rfid_metric"] == "fd[standin_c]"
+    assert rep["rfid_metric"] == "fd[standin_c]" and rep["rfid_images"] == 24
     vals = {k: m["rfid"] for k, m in rep["metrics"].items()}
-    assert len(vals) == 3 and all(v >= 0 for v in vals.values())
+    assert len(vals) == 4 and all(v >= 0 for v in vals.values())  # original + spherical, raw + projected latents
     assert "rfd[standin_c]" in r.output
+    # Independent recomputation for the original decoder on raw latents.
+    test = BuiltinImages("test", size=32)
+    x = test.render(spread_indices(len(test), 24))[0]
+    tok = builtin_tokenizer()
+    with torch.no_grad():
+        rec = tok.decode_raw(tok.encode_raw(x))
+    extractor = cls("standin_c", ["pool"])
+
+    def feats(images: torch.Tensor) -> np.ndarray:
+        u8 = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return extractor(u8)[0].double().numpy()
+
+    f1, f2 = feats(rec), feats(x)
+    mu1, mu2, s1, s2 = f1.mean(0), f2.mean(0), np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
+    fd = float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real))
+    assert vals["original_decoder/raw_latents"] == pytest.approx(fd, rel=1e-3, abs=1e-6)
     r = CliRunner().invoke(
         main,
         [
@@ -175,6 +216,35 @@ def test_finetune_decoder_rfid_with_a_stand_in_extractor(tmp_path, register_stan
         ],
     )
     assert r.exit_code == 1 and "nope.pth" in r.output
+
+
+def test_finetune_decoder_length_discriminator_checkpoint_and_errors(tmp_path) -> None:
+    from manifold_fm.tokenizers.discriminator import NLayerDiscriminator
+
+    torch.manual_seed(0)
+    d0 = NLayerDiscriminator(3, 8, 2)
+    ckpt = {"state_dict": {f"loss.discriminator.{k}": v for k, v in d0.state_dict().items()}}
+    torch.save(ckpt, tmp_path / "ae.ckpt")
+    out = tmp_path / "ft"
+    base = ["finetune-decoder", "--per-class", "1", "--batch-size", "4", "--eval-items", "4", "--no-vanilla-control"]
+    r = _run(*base, "--epochs", "2", "--disc-ckpt", str(tmp_path / "ae.ckpt"), "--out", str(out))
+    assert r.exit_code == 0, r.output
+    run = json.loads((out / "report.json").read_text())["runs"]["projected"]
+    assert run["steps"] == 6 and run["epochs"] == pytest.approx(2.0)  # ceil(2 * 12 / 4)
+    assert run["disc_init"] == str(tmp_path / "ae.ckpt") and run["gan_start"] == 0
+    assert run["discriminator"]["layers"] == 2 and run["discriminator"]["base_channels"] == 8
+    from safetensors.torch import load_file
+
+    trained = load_file(str(out / "discriminator.safetensors"))
+    assert not torch.equal(trained["main.0.weight"], d0.state_dict()["main.0.weight"])  # it trained
+    for args, needle in [
+        (["--steps", "2", "--epochs", "1"], "not both"),
+        (["--steps", "1", "--disc-ckpt", str(tmp_path / "none.ckpt")], "none.ckpt does not exist"),
+        (["--steps", "1", "--disc-ckpt", str(tmp_path / "ae.ckpt"), "--disc-layers", "3"], "layers 3"),
+        (["--steps", "1", "--eval-data", str(tmp_path / "nowhere")], "--eval-data"),
+    ]:
+        r = CliRunner().invoke(main, [*base, *args, "--out", str(tmp_path / "bad")])
+        assert r.exit_code in (1, 2) and needle in r.output and "Traceback" not in r.output, (args, r.output)
 
 
 def test_probe_and_extract_on_an_image_folder_with_a_corrupt_file(tmp_path) -> None:
@@ -206,6 +276,8 @@ def test_probe_and_extract_on_an_image_folder_with_a_corrupt_file(tmp_path) -> N
         "2",
         "--batch-size",
         "4",
+        "--eval-data",
+        str(tmp_path / "img"),
         "--eval-items",
         "7",
         "--out",
@@ -213,4 +285,26 @@ def test_probe_and_extract_on_an_image_folder_with_a_corrupt_file(tmp_path) -> N
     )
     assert r.exit_code == 0, r.output
     rep = json.loads((tmp_path / "ft" / "report.json").read_text())
-    assert rep["runs"]["projected"]["eval_items"] == 6 and (tmp_path / "ft" / "decoder.safetensors").is_file()
+    assert (
+        rep["eval"]["images"] == 6
+        and rep["eval"]["skipped"] == 1
+        and (tmp_path / "ft" / "decoder.safetensors").is_file()
+    )
+    # Without --eval-data a folder's held-out images are carved out of it and left out of training.
+    r = _run(
+        "finetune-decoder",
+        "--data",
+        str(tmp_path / "img"),
+        "--steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--eval-items",
+        "3",
+        "--no-vanilla-control",
+        "--out",
+        str(tmp_path / "ft2"),
+    )
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "ft2" / "report.json").read_text())
+    assert rep["eval"]["source"].startswith("3 images held out") and rep["runs"]["projected"]["dataset_size"] == 4

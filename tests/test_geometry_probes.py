@@ -168,3 +168,189 @@ def test_swap_probe_identical_neighbour_has_zero_distance() -> None:
 def test_swap_probe_needs_a_neighbour() -> None:
     with pytest.raises(ValueError, match="same-class neighbour"):
         component_swap_probe(_PixelTokenizer(), torch.zeros(2, 3, 8, 8), torch.tensor([0, 1]))
+
+
+def test_shell_deviation_profile_matches_a_float64_numpy_recomputation() -> None:
+    import numpy as np
+
+    from manifold_fm.eval.geometry import shell_deviation_profile
+
+    g = torch.Generator().manual_seed(5)
+    x0 = torch.randn(6, 8, 3, 2, generator=g)
+    x1 = 0.6 * torch.randn(6, 8, 3, 2, generator=g) + 0.4
+    ts = [0.0, 0.2, 0.5, 0.9, 1.0]
+    out = shell_deviation_profile(x0, x1, ts)
+    a, b = x0.numpy().astype(np.float64), x1.numpy().astype(np.float64)
+    r0, r1 = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)  # (pairs, 3, 2) token norms
+    m0, s0, m1, s1 = r0.mean(), r0.std(), r1.mean(), r1.std()
+    means, maxes = [], []
+    for t in ts:
+        r = np.linalg.norm((1 - t) * a + t * b, axis=1)
+        dev = np.minimum(np.abs(r - m0) / s0, np.abs(r - m1) / s1).reshape(6, -1).mean(axis=1)
+        means.append(dev.mean())
+        maxes.append(dev.max())
+    assert out["pairs"] == 6 and out["tokens_per_pair"] == 6 and out["d"] == 8
+    assert out["mean"] == pytest.approx(means, rel=1e-12)
+    assert out["max"] == pytest.approx(maxes, rel=1e-12)
+    assert out["shells"]["prior"]["std"] == pytest.approx(s0, rel=1e-12)
+    k = int(np.argmax(means))
+    assert out["peak_mean"] == pytest.approx(means[k]) and out["peak_mean_t"] == ts[k]
+    assert out["peak_max"] == pytest.approx(max(maxes))
+    assert "nearest endpoint shell" in out["definition"] and "sigma" in out["definition"]
+    # The mean curve is path_diagnostics' linear shell deviation.
+    lin = path_diagnostics(x0, x1, ts, paths=["linear"])["linear"]["shell_deviation"]
+    assert out["mean"] == pytest.approx(lin, rel=1e-12)
+    with pytest.raises(ValueError, match="same shape"):
+        shell_deviation_profile(x0, x1[:2], ts)
+
+
+# ------------------------------------------------------------------------------------------------ DINOv2 distance
+def _dinov2_state(dim: int = 128, depth: int = 2, grid: int = 2, registers: int = 2, seed: int = 0) -> dict:
+    """A random state dict in facebookresearch/dinov2's ViT layout (patch 14, MLP ratio 4, LayerScale)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape: int, s: float = 0.1) -> Tensor:
+        return torch.randn(*shape, generator=g) * s
+
+    st = {
+        "patch_embed.proj.weight": r(dim, 3, 14, 14, s=0.05),
+        "patch_embed.proj.bias": r(dim),
+        "cls_token": r(1, 1, dim),
+        "pos_embed": r(1, 1 + grid * grid, dim),
+        "mask_token": r(1, dim),
+        "norm.weight": 1 + r(dim),
+        "norm.bias": r(dim),
+    }
+    if registers:
+        st["register_tokens"] = r(1, registers, dim)
+    for i in range(depth):
+        p = f"blocks.{i}."
+        st.update(
+            {
+                p + "norm1.weight": 1 + r(dim),
+                p + "norm1.bias": r(dim),
+                p + "attn.qkv.weight": r(3 * dim, dim),
+                p + "attn.qkv.bias": r(3 * dim),
+                p + "attn.proj.weight": r(dim, dim),
+                p + "attn.proj.bias": r(dim),
+                p + "ls1.gamma": 0.5 + r(dim),
+                p + "norm2.weight": 1 + r(dim),
+                p + "norm2.bias": r(dim),
+                p + "mlp.fc1.weight": r(4 * dim, dim),
+                p + "mlp.fc1.bias": r(4 * dim),
+                p + "mlp.fc2.weight": r(dim, 4 * dim),
+                p + "mlp.fc2.bias": r(dim),
+                p + "ls2.gamma": 0.5 + r(dim),
+            }
+        )
+    return st
+
+
+def _dinov2_reference(st: dict, images: Tensor, pos: Tensor) -> Tensor:
+    """DINOv2's class token through torch's own pre-norm TransformerEncoderLayer (LayerScale folded into the output
+    projections), patches by unfold + matmul; ``pos`` the position embedding for this grid (class token first)."""
+    dim = st["cls_token"].shape[-1]
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    x = ((images + 1) / 2 - mean) / std
+    cols = torch.nn.functional.unfold(x, 14, stride=14).transpose(1, 2)  # (B, patches, 3*14*14)
+    patches = cols @ st["patch_embed.proj.weight"].reshape(dim, -1).T + st["patch_embed.proj.bias"]
+    tokens = torch.cat([st["cls_token"].expand(len(x), -1, -1), patches], dim=1) + pos
+    if "register_tokens" in st:
+        regs = st["register_tokens"].expand(len(x), -1, -1)
+        tokens = torch.cat([tokens[:, :1], regs, tokens[:, 1:]], dim=1)
+    depth = 1 + max(int(k.split(".")[1]) for k in st if k.startswith("blocks."))
+    for i in range(depth):
+        p = f"blocks.{i}."
+        layer = nn.TransformerEncoderLayer(
+            dim,
+            dim // 64,
+            4 * dim,
+            dropout=0.0,
+            activation="gelu",
+            layer_norm_eps=1e-6,
+            batch_first=True,
+            norm_first=True,
+        ).eval()
+        with torch.no_grad():
+            layer.self_attn.in_proj_weight.copy_(st[p + "attn.qkv.weight"])
+            layer.self_attn.in_proj_bias.copy_(st[p + "attn.qkv.bias"])
+            layer.self_attn.out_proj.weight.copy_(st[p + "ls1.gamma"][:, None] * st[p + "attn.proj.weight"])
+            layer.self_attn.out_proj.bias.copy_(st[p + "ls1.gamma"] * st[p + "attn.proj.bias"])
+            layer.linear1.weight.copy_(st[p + "mlp.fc1.weight"])
+            layer.linear1.bias.copy_(st[p + "mlp.fc1.bias"])
+            layer.linear2.weight.copy_(st[p + "ls2.gamma"][:, None] * st[p + "mlp.fc2.weight"])
+            layer.linear2.bias.copy_(st[p + "ls2.gamma"] * st[p + "mlp.fc2.bias"])
+            for n in ("norm1", "norm2"):
+                getattr(layer, n).weight.copy_(st[p + n + ".weight"])
+                getattr(layer, n).bias.copy_(st[p + n + ".bias"])
+            tokens = layer(tokens)
+    cls = tokens[:, 0]
+    return torch.nn.functional.layer_norm(cls, (dim,), st["norm.weight"], st["norm.bias"], eps=1e-6)
+
+
+def test_dinov2_distance_matches_torch_transformer_reference(tmp_path) -> None:
+    from manifold_fm.tokenizers.perceptual import DINOv2Distance
+
+    st = _dinov2_state()
+    torch.save(st, tmp_path / "dinov2_tiny.pth")
+    dist = DINOv2Distance(tmp_path / "dinov2_tiny.pth", image_size=28)  # the stored 2x2 grid: no interpolation
+    a, b = torch.rand(3, 3, 28, 28) * 2 - 1, torch.rand(3, 3, 28, 28) * 2 - 1
+    with torch.no_grad():
+        fa, fb = _dinov2_reference(st, a, st["pos_embed"]), _dinov2_reference(st, b, st["pos_embed"])
+        torch.testing.assert_close(dist.features(a), fa, rtol=1e-4, atol=1e-5)
+        want = 1 - torch.nn.functional.cosine_similarity(fa, fb, dim=1)
+        torch.testing.assert_close(dist(a, b), want, rtol=1e-4, atol=1e-5)
+        assert float(dist(a, a).abs().max()) < 1e-6
+    # A grid other than the stored one interpolates the position embedding; a constant one must stay constant.
+    const = dict(st)
+    const["pos_embed"] = torch.cat([st["pos_embed"][:, :1], st["pos_embed"][:, 1:2].expand(1, 4, -1)], dim=1)
+    d42 = DINOv2Distance(const, image_size=42)
+    x = torch.rand(2, 3, 42, 42) * 2 - 1
+    pos = torch.cat([const["pos_embed"][:, :1], const["pos_embed"][:, 1:2].expand(1, 9, -1)], dim=1)
+    with torch.no_grad():
+        torch.testing.assert_close(d42.features(x), _dinov2_reference(const, x, pos), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        DINOv2Distance(st, image_size=30)
+    with pytest.raises(ValueError, match="dinov2"):
+        DINOv2Distance({"cls_token": st["cls_token"]})
+
+
+def test_swap_probe_extra_distance_equals_direct_computation() -> None:
+    from manifold_fm.tokenizers.perceptual import DINOv2Distance
+
+    dist = DINOv2Distance(_dinov2_state(dim=64, depth=1, registers=0), image_size=28)
+    x = torch.rand(4, 3, 8, 8) * 2 - 1
+    images = torch.cat([x, x])
+    labels = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    tok = _PixelTokenizer()
+    rep = component_swap_probe(tok, images, labels, max_pairs=3, extra_distances={"dinov2": dist})
+    assert rep["anchors"] == 3 and rep["metrics"]["dinov2"] == dist.name
+    for h in ("neighbour", "radius_swapped", "direction_swapped"):
+        assert rep[h]["dinov2_mean"] == pytest.approx(0.0, abs=1e-5)
+    with torch.no_grad():
+        z = tok.encode(images[:3])
+        flat = swap_hybrids(z, z)["radius_flattened"]
+        want = dist(tok.decode(flat), tok.decode(z))
+    assert rep["radius_flattened"]["dinov2"] == pytest.approx(want.tolist(), abs=1e-6)
+    assert rep["radius_flattened"]["dinov2_mean"] == pytest.approx(float(want.double().mean()), abs=1e-6)
+    with pytest.raises(ValueError, match="taken"):
+        component_swap_probe(tok, images, labels, extra_distances={"psnr": dist})
+
+
+def test_probe_cli_with_dinov2_weights(tmp_path) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from manifold_fm.cli import main
+
+    torch.save(_dinov2_state(dim=64, depth=1, registers=0), tmp_path / "dinov2.pth")
+    args = ["probe", "--per-class", "2", "--num", "24", "--t-points", "3", "--anchors", "6", "--out", str(tmp_path)]
+    r = CliRunner().invoke(main, [*args, "--dinov2-weights", str(tmp_path / "dinov2.pth"), "--dinov2-size", "28"])
+    assert r.exit_code == 0, r.output
+    sw = json.loads((tmp_path / "report.json").read_text())["swap"]
+    assert sw["metrics"]["dinov2"].startswith("dinov2-vit64") and len(sw["direction_swapped"]["dinov2"]) == 6
+    assert all(0 <= v <= 2 for h in ("neighbour", "radius_swapped") for v in sw[h]["dinov2"])
+    r = CliRunner().invoke(main, [*args, "--dinov2-weights", str(tmp_path / "dinov2.pth"), "--dinov2-size", "30"])
+    assert r.exit_code == 1 and "multiple of the patch size 14" in r.output and "Traceback" not in r.output

@@ -124,7 +124,8 @@ def test_decoder_finetune_and_cli_on_a_diffusers_vae(kl_dir, tmp_path) -> None:
 
     tok = DiffusersTokenizer.from_pretrained(kl_dir, subfolder="vae")
     ds = BuiltinImages("train", size=16, per_class=1)
-    state, rep = finetune_decoder(tok, ds, 2, batch_size=4, gan_start=0, eval_items=8, progress=False)
+    # 16 px images: LDM's PatchGAN with 2 layers (3 need >= 24 px)
+    state, rep = finetune_decoder(tok, ds, 2, batch_size=4, gan_start=0, disc_layers=2, eval_items=8, progress=False)
     assert {k.split(".")[0] for k in state} == {"post_quant_conv", "decoder"}
     assert rep["final_losses"]["gan_scale"] > 0
     sph = SphericalTokenizer(tok, state)

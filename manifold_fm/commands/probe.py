@@ -1,4 +1,5 @@
-"""``manifold-fm probe``: latent-geometry diagnostics and the component-swap probe, as JSON plus PNG figures."""
+"""``manifold-fm probe``: latent-geometry diagnostics (token norms, paths, the shell deviation) and the
+component-swap probe (LPIPS or the named fallback, PSNR, optionally DINOv2), as JSON plus PNG figures."""
 
 from __future__ import annotations
 
@@ -23,9 +24,32 @@ from .extract_latents import build_dataset, build_tokenizer, data_options, token
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.option("--num", type=int, default=256, show_default=True, help="Images to encode.")
 @click.option("--t-points", type=int, default=21, show_default=True, help="Time points along each path.")
-@click.option("--max-pairs", type=int, default=64, show_default=True, help="Anchor/neighbour pairs of the swap probe.")
+@click.option(
+    "--pairs",
+    type=int,
+    default=None,
+    help="(prior, data) pairs of the path diagnostics and the shell deviation (default: one per image; more reuse "
+    "images with fresh prior samples; the paper: 2048).",
+)
+@click.option(
+    "--anchors",
+    "--max-pairs",
+    "max_pairs",
+    type=int,
+    default=64,
+    show_default=True,
+    help="Anchors (anchor/neighbour pairs) of the swap probe (the paper: 1024; needs --num large enough).",
+)
 @click.option("--lpips-vgg", type=click.Path(dir_okay=False), default=None)
 @click.option("--lpips-lin", type=click.Path(dir_okay=False), default=None)
+@click.option(
+    "--dinov2-weights",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Local DINOv2 ViT state dict (e.g. dinov2_vitb14_pretrain.pth): adds the DINOv2 class-token cosine "
+    "distance to the swap probe.",
+)
+@click.option("--dinov2-size", type=int, default=224, show_default=True, help="DINOv2 input side (multiple of 14).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the Gaussian prior samples.")
 def probe(
     tokenizer_spec: str,
@@ -45,20 +69,25 @@ def probe(
     out_dir: Path,
     num: int,
     t_points: int,
+    pairs: int | None,
     max_pairs: int,
     lpips_vgg: str | None,
     lpips_lin: str | None,
+    dinov2_weights: str | None,
+    dinov2_size: int,
     seed: int,
 ) -> None:
     """Token-norm statistics (raw, normalised, Gaussian), path diagnostics (linear/polar/slerp) and swap probe."""
     import torch
 
-    from ..eval.geometry import path_diagnostics, token_norm_stats, token_norms
+    from ..eval.geometry import path_diagnostics, shell_deviation_profile, token_norm_stats, token_norms
     from ..eval.probes import component_swap_probe, plot_probe_report
-    from ..tokenizers.perceptual import perceptual_distance
+    from ..tokenizers.perceptual import DINOv2Distance, perceptual_distance
 
     if num < 2 or t_points < 2:
         raise click.BadParameter("--num and --t-points must be at least 2")
+    if (pairs is not None and pairs < 1) or max_pairs < 1:
+        raise click.BadParameter("--pairs and --anchors must be at least 1")
     tok = build_tokenizer(
         tokenizer_spec,
         subfolder,
@@ -74,6 +103,7 @@ def probe(
     dataset = build_dataset(data_spec, split, size, per_class)
     try:
         perceptual = perceptual_distance(lpips_vgg, lpips_lin)
+        extra = {"dinov2": DINOv2Distance(dinov2_weights, dinov2_size)} if dinov2_weights else {}
     except (FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     n = min(num, len(dataset))
@@ -102,7 +132,10 @@ def probe(
         raw = torch.cat([tok.encode_raw(c.to(tok.dtype)).float().cpu() for c in chunks])
         normed = torch.cat([tok.encode(c).float().cpu() for c in chunks])
         g = torch.Generator().manual_seed(seed)
-        prior = torch.randn(normed.shape, generator=g)
+        n_pairs = pairs or normed.shape[0]
+        data = normed[torch.arange(n_pairs) % normed.shape[0]]  # more pairs than images: images reused
+        prior = torch.randn(data.shape, generator=g)
+        ts = torch.linspace(0, 1, t_points)
         report = {
             "tokenizer": tok.describe(),
             "data": str(data_spec),
@@ -114,10 +147,13 @@ def probe(
                 "normalized": token_norm_stats(normed),
                 "gaussian_prior": token_norm_stats(prior),
             },
-            "paths": path_diagnostics(prior, normed, torch.linspace(0, 1, t_points)),
+            "paths": path_diagnostics(prior, data, ts),
+            "shell_deviation": shell_deviation_profile(prior, data, ts),
         }
         try:
-            report["swap"] = component_swap_probe(tok, images, labels, perceptual=perceptual, max_pairs=max_pairs)
+            report["swap"] = component_swap_probe(
+                tok, images, labels, perceptual=perceptual, max_pairs=max_pairs, extra_distances=extra
+            )
         except ValueError as exc:
             raise click.ClickException(str(exc)) from None
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -138,13 +174,19 @@ def probe(
         f"linear path at t={ts[mid]:.2f}: norm/sqrt(d) {lin['norm_mean_over_sqrt_d'][mid]:.3f}, "
         f"shell deviation {lin['shell_deviation'][mid]:.2f} std, radial share {lin['radial_share'][mid]:.3f}"
     )
-    sw = report["swap"]
+    sd = report["shell_deviation"]
     click.echo(
-        "swap probe ("
-        + sw["metric"]
-        + "): "
+        f"shell deviation of the linear path: up to {sd['peak_mean']:.2f} sigma from the nearest endpoint shell "
+        f"(mean over {sd['pairs']} pairs, at t={sd['peak_mean_t']:.2f}); max over pairs {sd['peak_max']:.2f} sigma"
+    )
+    sw = report["swap"]
+    names = " / ".join([sw["metric"], "PSNR dB", *[k for k in sw["metrics"] if k not in ("perceptual", "psnr")]])
+    extra_keys = [k for k in sw["metrics"] if k not in ("perceptual", "psnr")]
+    click.echo(
+        f"swap probe over {sw['anchors']} anchors ({names}): "
         + ", ".join(
-            f"{h} {sw[h]['perceptual_mean']:.4f} / {sw[h]['psnr_mean']:.1f} dB"
+            f"{h} {sw[h]['perceptual_mean']:.4f} / {sw[h]['psnr_mean']:.1f}"
+            + "".join(f" / {sw[h][k + '_mean']:.4f}" for k in extra_keys)
             for h in ("neighbour", "radius_swapped", "direction_swapped", "radius_flattened")
         )
     )

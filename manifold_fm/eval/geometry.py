@@ -7,6 +7,9 @@ Reference values (tested): Gaussian tokens ``N(0, I_d)`` have radius ~ ``sqrt(d)
 ~ ``1/sqrt(2d)``; the linear chord between independent points on the sphere of radius ``sqrt(d)`` has midpoint
 norm ~ ``sqrt(d/2)``; slerp between points of one sphere stays on it (zero shell deviation) with a purely tangent
 velocity (zero radial share).
+
+:func:`shell_deviation_profile` is the paper's shell-deviation figure: how many shell standard deviations the
+linear path's tokens sit from the nearest endpoint shell along ``t``, mean and maximum over (prior, data) pairs.
 """
 
 from __future__ import annotations
@@ -137,3 +140,63 @@ def path_diagnostics(
             rec["radial_energy_share"].append(float(radial2.sum()) / tot if tot > 0 else 0.0)
         out[name] = rec
     return out
+
+
+SHELL_DEVIATION_DEFINITION = (
+    "Pairs (x0_p, x1_p): a prior sample and a data latent. Along the linear path x_t = (1-t) x0 + t x1, each token n "
+    "of pair p has norm r_pn(t) = |x_t,pn|. The endpoint shells are the token norms at t=0 (prior) and t=1 (data): "
+    "mean m_k and standard deviation sigma_k (population, over all tokens of all pairs). A token's deviation is its "
+    "distance to the nearest endpoint shell in that shell's sigma units, min_k |r_pn(t) - m_k| / sigma_k; a pair's "
+    "deviation D_p(t) is the mean over its tokens. Reported along t: the mean and the maximum of D_p(t) over pairs; "
+    "'peak_mean' is the largest mean (the 'deviates up to X sigma' figure), 'peak_max' the largest maximum."
+)
+
+
+def shell_deviation_profile(x0: Tensor, x1: Tensor, ts: Sequence[float] | Tensor, axis: int = 1) -> dict[str, Any]:
+    """How far the linear path's tokens leave the endpoint shells, in units of the shells' spread (sigma).
+
+    ``x0`` are prior samples and ``x1`` data latents, paired along the batch axis (pair ``p`` is ``(x0[p],
+    x1[p])``). Definition (also returned as ``"definition"``): token norms ``r_pn(t) = |(1-t) x0_pn + t x1_pn|``;
+    endpoint shells ``(m_k, sigma_k)``, the mean and population std of the token norms at ``t = 0`` and ``t = 1``
+    over all tokens of all pairs (``sigma_k`` floored at ``1e-6 m_k``); token deviation
+    ``min_k |r_pn(t) - m_k| / sigma_k``; pair deviation ``D_p(t)`` = mean over the pair's tokens. Computed in
+    float64.
+
+    Returns ``{"definition", "t", "pairs", "tokens_per_pair", "d", "shells": {"prior": {mean, std}, "data":
+    {mean, std}}, "mean": [mean_p D_p(t)], "max": [max_p D_p(t)], "peak_mean", "peak_mean_t", "peak_max",
+    "peak_max_t"}``. ``mean`` equals :func:`path_diagnostics`' linear ``shell_deviation``.
+    """
+    if x0.shape != x1.shape:
+        raise ValueError(f"x0 and x1 must have the same shape, got {tuple(x0.shape)} and {tuple(x1.shape)}")
+    r0, r1 = token_norms(x0, axis), token_norms(x1, axis)  # validates shapes and finiteness
+    if r0.shape[0] < 1:
+        raise ValueError("shell deviation needs at least one pair")
+    a, b = x0.double(), x1.double()
+    shells = [_shell(r0), _shell(r1)]
+    t_list = [float(t) for t in (ts.tolist() if torch.is_tensor(ts) else ts)]
+    means, maxes = [], []
+    for t in t_list:
+        r = torch.linalg.vector_norm((1 - t) * a + t * b, dim=axis)
+        dev = torch.minimum(*[(r - m).abs() / sd for m, sd in shells])
+        per_pair = dev.flatten(1).mean(dim=1)
+        means.append(float(per_pair.mean()))
+        maxes.append(float(per_pair.max()))
+    i_mean = max(range(len(t_list)), key=means.__getitem__) if t_list else 0
+    i_max = max(range(len(t_list)), key=maxes.__getitem__) if t_list else 0
+    return {
+        "definition": SHELL_DEVIATION_DEFINITION,
+        "t": t_list,
+        "pairs": int(r0.shape[0]),
+        "tokens_per_pair": int(r0[0].numel()),
+        "d": int(x0.shape[axis]),
+        "shells": {
+            "prior": {"mean": shells[0][0], "std": shells[0][1]},
+            "data": {"mean": shells[1][0], "std": shells[1][1]},
+        },
+        "mean": means,
+        "max": maxes,
+        "peak_mean": means[i_mean] if t_list else float("nan"),
+        "peak_mean_t": t_list[i_mean] if t_list else float("nan"),
+        "peak_max": maxes[i_max] if t_list else float("nan"),
+        "peak_max_t": t_list[i_max] if t_list else float("nan"),
+    }

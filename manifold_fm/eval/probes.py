@@ -11,14 +11,16 @@ own decode ``D(z_a)``:
 
 If directions carry the content, ``radius_swapped`` and ``radius_flattened`` stay close to the anchor while
 ``direction_swapped`` moves about as far as the neighbour itself. Distances: the perceptual distance in use (LPIPS or
-the named fallback) and PSNR (dB, higher = closer).
+the named fallback), PSNR (dB, higher = closer) and any extra distances given, e.g. the DINOv2 class-token cosine
+distance (:class:`~manifold_fm.tokenizers.perceptual.DINOv2Distance`) the paper reports beside LPIPS. The number of
+anchors is settable (the paper: 1024).
 
 :func:`plot_probe_report` draws the figures of ``manifold-fm probe``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,24 +69,34 @@ def component_swap_probe(
     perceptual: nn.Module | None = None,
     max_pairs: int = 64,
     batch_size: int = 32,
+    extra_distances: Mapping[str, nn.Module] | None = None,
 ) -> dict[str, Any]:
     """Run the probe on ``images`` ``(N, 3, H, W)`` with class ``labels`` ``(N,)``; returns a JSON-safe report.
 
     Latents are ``tokenizer.encode`` (normalised); decodes use ``tokenizer.decode``. The first ``max_pairs`` anchors
-    that have a same-class neighbour are used. The report has per-hybrid ``{perceptual_mean, perceptual_std,
-    psnr_mean, psnr_std, perceptual, psnr}`` (the last two per pair) plus the metric name and pair count.
+    (the paper: 1024) that have a same-class neighbour are used. ``extra_distances``: name -> image distance module
+    (``(B, 3, H, W)`` pairs -> ``(B,)``), e.g. ``{"dinov2": DINOv2Distance(...)}``, measured beside the perceptual
+    distance. The report has per-hybrid ``{<d>_mean, <d>_std, <d>}`` for ``d`` in ``perceptual``, ``psnr`` and each
+    extra name (``<d>`` per anchor), plus ``metric`` (the perceptual distance's name), ``metrics`` (every distance's
+    name), ``pairs`` / ``anchors`` (count).
     """
     if images.shape[0] != labels.shape[0]:
         raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
     perceptual = perceptual or GradientPyramidDistance()
     device = tokenizer.device
     perceptual = perceptual.to(device)
+    extras = {k: m.to(device) for k, m in (extra_distances or {}).items()}
+    clash = {"perceptual", "psnr"} & set(extras)
+    if clash:
+        raise ValueError(f"extra distance names {sorted(clash)} are taken; choose other names")
     z = torch.cat([tokenizer.encode(images[i : i + batch_size].to(device)) for i in range(0, len(images), batch_size)])
     nb = same_class_neighbours(z.float().cpu(), labels.cpu())
     anchors = torch.nonzero(nb >= 0).flatten()[:max_pairs]
     if anchors.numel() == 0:
         raise ValueError("no anchor has a same-class neighbour; give at least two images of one class")
-    per: dict[str, dict[str, list[float]]] = {h: {"perceptual": [], "psnr": []} for h in HYBRIDS}
+    per: dict[str, dict[str, list[float]]] = {
+        h: {"perceptual": [], "psnr": [], **{k: [] for k in extras}} for h in HYBRIDS
+    }
     for start in range(0, anchors.numel(), batch_size):
         a = anchors[start : start + batch_size]
         za, zb = z[a], z[nb[a]]
@@ -93,21 +105,26 @@ def component_swap_probe(
             img = tokenizer.decode(h.to(za.dtype)).float()
             per[name]["perceptual"] += perceptual(img, ref).float().cpu().tolist()
             per[name]["psnr"] += psnr(img, ref).cpu().tolist()
+            for k, dist in extras.items():
+                per[name][k] += dist(img, ref).float().cpu().tolist()
     out: dict[str, Any] = {
         "metric": getattr(perceptual, "name", type(perceptual).__name__),
+        "metrics": {
+            "perceptual": getattr(perceptual, "name", type(perceptual).__name__),
+            "psnr": "psnr-db",
+            **{k: getattr(m, "name", type(m).__name__) for k, m in extras.items()},
+        },
         "pairs": int(anchors.numel()),
+        "anchors": int(anchors.numel()),
         "tokenizer": tokenizer.name,
     }
     for name, vals in per.items():
-        p, q = torch.tensor(vals["perceptual"]), torch.tensor(vals["psnr"])
-        out[name] = {
-            "perceptual_mean": float(p.mean()),
-            "perceptual_std": float(p.std(unbiased=False)),
-            "psnr_mean": float(q.mean()),
-            "psnr_std": float(q.std(unbiased=False)),
-            "perceptual": vals["perceptual"],
-            "psnr": vals["psnr"],
-        }
+        entry: dict[str, Any] = {}
+        for key, v in vals.items():
+            t = torch.tensor(v, dtype=torch.float64)
+            entry[f"{key}_mean"] = float(t.mean())
+            entry[f"{key}_std"] = float(t.std(unbiased=False))
+        out[name] = {**entry, **vals}
     return out
 
 
@@ -115,8 +132,9 @@ def plot_probe_report(report: dict[str, Any], norms: dict[str, Tensor], out_dir:
     """Write the probe figures (PNG) into ``out_dir``; returns their paths.
 
     ``norm_hist.png``: histograms of per-token ``|z|/sqrt(d)`` for each entry of ``norms`` (name -> norms tensor);
-    ``norm_along_t.png`` and ``radial_share.png`` from ``report["paths"]``; ``swap_distances.png`` from
-    ``report["swap"]``.
+    ``norm_along_t.png`` and ``radial_share.png`` from ``report["paths"]``; ``shell_deviation.png`` from
+    ``report["shell_deviation"]`` when present; ``swap_distances.png`` from ``report["swap"]`` (one panel per
+    distance).
     """
     import matplotlib
 
@@ -168,14 +186,27 @@ def plot_probe_report(report: dict[str, Any], norms: dict[str, Tensor], out_dir:
     ax.legend(fontsize=8)
     save(fig, "radial_share.png")
 
+    if "shell_deviation" in report:
+        sd = report["shell_deviation"]
+        fig, ax = plt.subplots(figsize=(5.5, 3.6))
+        ax.plot(sd["t"], sd["mean"], label=f"mean over {sd['pairs']} pairs")
+        ax.plot(sd["t"], sd["max"], ls="--", label="max over pairs")
+        ax.set_xlabel("t (0 = prior, 1 = data)")
+        ax.set_ylabel(r"distance to nearest endpoint shell ($\sigma$)")
+        ax.set_title("linear path: token norms off the endpoint shells", fontsize=9)
+        ax.legend(fontsize=8)
+        save(fig, "shell_deviation.png")
+
     swap = report["swap"]
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.4))
     names = [h for h in HYBRIDS if h in swap]
-    axes[0].boxplot([swap[h]["perceptual"] for h in names])
-    axes[0].set_title(f"distance to anchor decode ({swap['metric']})", fontsize=9)
-    axes[1].boxplot([swap[h]["psnr"] for h in names])
-    axes[1].set_title("PSNR to anchor decode (dB)", fontsize=9)
-    for ax in axes:
+    extra = [k for k in swap.get("metrics", {}) if k not in ("perceptual", "psnr")]
+    panels = [("perceptual", f"distance to anchor decode ({swap['metric']})")]
+    panels += [("psnr", "PSNR to anchor decode (dB)")]
+    panels += [(k, f"{k} distance to anchor decode") for k in extra]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), squeeze=False)
+    for ax, (key, title) in zip(axes[0], panels, strict=True):
+        ax.boxplot([swap[h][key] for h in names])
+        ax.set_title(title, fontsize=9)
         ax.set_xticks(range(1, len(names) + 1), [n.replace("_", "\n") for n in names], fontsize=7)
     save(fig, "swap_distances.png")
     return written
