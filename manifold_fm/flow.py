@@ -10,6 +10,10 @@ path it holds.
 - ``time_sampler``: the training times ``t`` (``t = 0`` noise, ``t = 1`` data).
 - ``coupling``: pairs noise with data inside a batch (independent by default; minibatch OT).
 - ``project_data``: data are mapped onto ``manifold`` with ``projx`` first (latent tokens onto their spheres).
+- ``prior_manifold``, ``loss_manifold``, ``sampling_manifold`` (default: ``manifold``, ``path.manifold``,
+  ``manifold``): whose base distribution the noise is, whose tangent projection the loss applies, and where the
+  sampler integrates (e.g. plain ambient steps for a chord path between spherical latents; the samples are then
+  projected onto ``manifold`` at the end, :meth:`Flow.finish`). The paper's ablation arms differ in these.
 
 One training example: ``t ~ time_sampler``, ``x0 ~ prior``, ``(x0, x1) = coupling(x0, x1)``,
 ``(x_t, u_t) = path(x0, x1, t)``, loss ``|P_{x_t} (v(x_t, t) - u_t)|^2`` (:func:`~manifold_fm.loss.flow_matching_loss`).
@@ -40,6 +44,14 @@ class Flow:
     coupling: Coupling = field(default_factory=IndependentCoupling)
     project_data: bool = False
     name: str = "flow"
+    prior_manifold: Manifold | None = None
+    loss_manifold: Manifold | None = None
+    sampling_manifold: Manifold | None = None
+
+    def __post_init__(self) -> None:
+        self.prior_manifold = self.prior_manifold or self.manifold
+        self.loss_manifold = self.loss_manifold or self.path.manifold
+        self.sampling_manifold = self.sampling_manifold or self.manifold
 
     def prepare_data(self, x1: Tensor) -> Tensor:
         """Data as the flow sees them: ``projx(x1)`` with ``project_data``, else unchanged."""
@@ -52,8 +64,16 @@ class Flow:
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> Tensor:
-        """``shape`` samples of the prior, the manifold's base distribution."""
-        return self.manifold.random_base(tuple(shape), generator=generator, dtype=dtype, device=device)
+        """``shape`` samples of the prior, the base distribution of ``prior_manifold``."""
+        assert self.prior_manifold is not None
+        return self.prior_manifold.random_base(tuple(shape), generator=generator, dtype=dtype, device=device)
+
+    def finish(self, samples: Tensor) -> Tensor:
+        """Samples integrated on ``sampling_manifold`` as data of the flow: projected onto ``manifold`` when they
+        were integrated elsewhere and the data are projected (``project_data``); unchanged otherwise."""
+        if self.sampling_manifold is self.manifold or not self.project_data:
+            return samples
+        return self.manifold.projx(samples)
 
     def draw(
         self,
@@ -84,8 +104,9 @@ class Flow:
         return self.pair_and_sample(x0, x1, t, labels)
 
     def loss(self, pred: Tensor, sample: PathSample, reduction: Reduction = "mean") -> Tensor:
-        """The flow-matching loss of a prediction at ``sample.x_t``, projected on ``path.manifold``."""
-        return flow_matching_loss(self.path.manifold, pred, sample, reduction=reduction)
+        """The flow-matching loss of a prediction at ``sample.x_t``, projected on ``loss_manifold``."""
+        assert self.loss_manifold is not None
+        return flow_matching_loss(self.loss_manifold, pred, sample, reduction=reduction)
 
 
 __all__ = ["Flow"]

@@ -83,8 +83,9 @@ def generate(
     null_class: int | None = None,
 ) -> Tensor:
     """Samples of shape ``shape`` (batch first): prior noise from ``generator`` (drawn in float32, then cast to the
-    model's dtype), integrated with ``spec`` on ``flow.manifold``; labels (if any) condition the model. The model
-    runs in eval mode and gets its previous mode back."""
+    model's dtype), integrated with ``spec`` on ``flow.sampling_manifold`` and finished as the flow's data
+    (:meth:`Flow.finish <manifold_fm.flow.Flow.finish>`); labels (if any) condition the model. The model runs in
+    eval mode and gets its previous mode back."""
     param = next(model.parameters())
     device = labels.device if labels is not None else param.device
     was_training = model.training
@@ -92,16 +93,17 @@ def generate(
     try:
         x0 = flow.prior(tuple(shape), generator, device, dtype=torch.float32).to(param.dtype)
         velocity = model_velocity(model, spec, labels, null_class)
-        return integrate(
+        samples = integrate(
             velocity,
             x0,
-            flow.manifold,
+            flow.sampling_manifold,
             steps=spec.steps,
             method=spec.method,
             transport=spec.transport,
             atol=spec.atol,
             rtol=spec.rtol,
         )
+        return flow.finish(samples)
     finally:
         model.train(was_training)
 

@@ -144,3 +144,28 @@ def test_a_stopped_default_run_resumes_to_the_same_results(tmp_path: Path, monke
         for key in ("fd_builtin_classifier", "classifier_accuracy", "on_sphere_error_max", "final_loss"):
             assert a["modes"][mode][key] == b["modes"][mode][key], (mode, key)
     assert a["references"] == b["references"] and a["finetune"] == b["finetune"]
+
+
+def test_the_default_run_runs_the_four_ablation_arms(tmp_path: Path) -> None:
+    """modes=[linear, shell, spherical-linear, spherical]: one image run and one table row per arm, each decoded by
+    the right decoder (spherical latents by the finetuned one)."""
+    out = tmp_path / "arms"
+    sets = [
+        *SHRINK,
+        "parallel=false",
+        "train.eval_every=null",
+        f"tokenizer.cache_dir={tmp_path / 'cache'}",
+        "modes=[linear, shell, spherical-linear, spherical]",
+    ]
+    result = CliRunner().invoke(main, ["train", "--out", str(out), *[a for kv in sets for a in ("--set", kv)]])
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["modes"]) == ["linear", "shell", "spherical-linear", "spherical"]
+    rows = [line.split("|")[1].strip() for line in (out / "results.md").read_text().splitlines()[2:6]]
+    assert rows == ["linear", "shell", "spherical-linear", "spherical"]
+    for arm in ("spherical-linear", "spherical"):  # samples projected onto the spheres, decoded by the finetuned one
+        assert results["modes"][arm]["on_sphere_error_max"] < 1e-5
+        meta = json.loads(next((out / arm / "checkpoints").glob("step_*/meta.json")).read_text())
+        assert meta["config"]["tokenizer"]["decoder_state"] is not None and meta["flow"] == arm
+    for arm in ("linear", "shell"):
+        assert results["modes"][arm]["on_sphere_error_max"] > 1e-3

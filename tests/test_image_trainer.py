@@ -29,10 +29,8 @@ LATENT_CFG = ["tokenizer.kind=none", "data.source=latents", "data.latents=unused
 def test_config_rejects_unknown_keys_and_bad_values_naming_the_key() -> None:
     with pytest.raises(ConfigError, match=r"unknown config key 'train.stepz' \(did you mean 'train.steps'\?\)"):
         load_image_config("image-builtin", ["train.stepz=3"])
-    with pytest.raises(ConfigError, match=r"flow.path: 'slerp' is not one of 'geodesic', 'linear'"):
+    with pytest.raises(ConfigError, match=r"flow.path: 'slerp' is not one of 'geodesic', 'linear', 'shell'"):
         load_image_config("image-builtin", ["flow.path=slerp"])
-    with pytest.raises(ConfigError, match=r"flow: latent 'spherical' with path 'linear' is an ablation arm"):
-        load_image_config("image-builtin", ["flow.path=linear", "flow.latent=spherical"])
     with pytest.raises(ConfigError, match=r"model.arch: image runs train a SiT"):
         load_image_config("image-builtin", ["model.arch=mlp"])
     with pytest.raises(ConfigError, match=r"model.arch: unknown SiT config 'SiT-Q/2'"):

@@ -12,7 +12,7 @@ from torch import nn
 from ..coupling import IndependentCoupling, OTCoupling
 from ..flow import Flow
 from ..manifolds import Euclidean, Manifold, TokenSpheres
-from ..paths import GeodesicPath, LinearPath, ProbabilityPath
+from ..paths import GeodesicPath, LinearPath, PolarPath, ProbabilityPath
 from ..time import build_time_sampler
 from .schema import FLOW_PRESETS, FlowConfig, ModelConfig
 
@@ -52,12 +52,30 @@ def build_flow(cfg: FlowConfig, manifold: Manifold, *, project_data: bool = Fals
 
 
 def latent_flow(cfg: FlowConfig, channels: int) -> Flow:
-    """The flow of a latent-image run with ``channels`` latent channels: spherical latents live on
-    ``TokenSpheres(channels, axis=1)`` (data projected per token, uniform prior); vanilla ones in ``Euclidean()``
-    (the tokenizer's latents, Gaussian prior). Named after its preset (``spherical``, ``linear``)."""
-    spherical = cfg.resolved_latent == "spherical"
-    manifold: Manifold = TokenSpheres(channels, axis=1) if spherical else Euclidean()
-    return build_flow(cfg, manifold, project_data=spherical, name=cfg.preset)
+    """The flow of a latent-image run with ``channels`` latent channels (:class:`FlowConfig`'s settings): spherical
+    latents live on ``TokenSpheres(channels, axis=1)`` (data projected per token), vanilla ones in ``Euclidean()``;
+    the prior, the loss's projection and the sampler's space are each the token spheres or the flat latent space;
+    the path is the slerp, the straight line or the shell path (:class:`~manifold_fm.paths.PolarPath`). Named after
+    its preset (``spherical``, ``linear``, ``shell``, ``spherical-linear``; ``custom`` otherwise)."""
+    r = cfg.resolved
+    spheres, flat = TokenSpheres(channels, axis=1), Euclidean()
+    manifold: Manifold = spheres if r["latent"] == "spherical" else flat
+    path: ProbabilityPath = {"geodesic": GeodesicPath(spheres), "linear": LinearPath(), "shell": PolarPath(axis=1)}[
+        r["path"]
+    ]
+    times = build_time_sampler(cfg.time, mean=cfg.time_mean, std=cfg.time_std, shift=cfg.time_shift)
+    coupling = OTCoupling(path.manifold) if cfg.coupling == "ot" else IndependentCoupling()
+    return Flow(
+        manifold,
+        path,
+        times,
+        coupling,
+        project_data=r["latent"] == "spherical",
+        name=cfg.preset,
+        prior_manifold=spheres if r["prior"] == "uniform" else flat,
+        loss_manifold=spheres if r["projection"] == "on" else flat,
+        sampling_manifold=spheres if r["sampler"] == "exp-map" else flat,
+    )
 
 
 def preset_flow(name: str, channels: int) -> Flow:

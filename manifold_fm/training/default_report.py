@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import write_text_atomic
+from .schema import FLOW_PRESETS
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -17,7 +18,8 @@ def format_table(results: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for mode, r in results["modes"].items():
-        ose = f"{r['on_sphere_error_max']:.1e}" if mode == "spherical" else f"({r['on_sphere_error_max']:.2f})"
+        spherical = FLOW_PRESETS.get(mode, {}).get("latent") == "spherical"
+        ose = f"{r['on_sphere_error_max']:.1e}" if spherical else f"({r['on_sphere_error_max']:.2f})"
         lines.append(
             f"| {mode} | {r['fd_builtin_classifier']:.3f} | {r['classifier_accuracy']:.3f} | {ose} | "
             f"{r['train_s']:.0f} s | {r['sample_s_per_image'] * 1e3:.1f} ms |"

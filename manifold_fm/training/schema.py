@@ -63,23 +63,55 @@ class ModelConfig(Section):
         return self
 
 
-#: The paper's flow variants by name: what ``flow.latent`` and ``flow.path`` they set. (The ablation arms
-#: ``shell`` and ``spherical-linear`` are not available yet.)
+#: The paper's flow variants (its ablation, SiT-B/2 on FLUX.2) by name: the ``flow`` settings each one fixes.
 FLOW_PRESETS: dict[str, dict[str, str]] = {
-    "spherical": {"latent": "spherical", "path": "geodesic"},
-    "linear": {"latent": "vanilla", "path": "linear"},
+    "linear": {"latent": "vanilla", "prior": "gaussian", "path": "linear", "projection": "off", "sampler": "ambient"},
+    "shell": {"latent": "vanilla", "prior": "gaussian", "path": "shell", "projection": "off", "sampler": "ambient"},
+    "spherical-linear": {
+        "latent": "spherical",
+        "prior": "uniform",
+        "path": "linear",
+        "projection": "off",
+        "sampler": "ambient",
+    },
+    "spherical": {
+        "latent": "spherical",
+        "prior": "uniform",
+        "path": "geodesic",
+        "projection": "on",
+        "sampler": "exp-map",
+    },
 }
+_LATENT_KEYS = ("latent", "prior", "projection", "sampler")
 
 
 class FlowConfig(Section):
-    """The flow: ``path`` (``geodesic`` of the run's manifold, or the ambient straight ``linear`` line), for
-    latent-image runs the ``latent`` space (``spherical``: tokens projected to radius ``sqrt(d)``, uniform prior;
-    ``vanilla``: the tokenizer's normalised latents, Gaussian prior; default: ``spherical`` for a geodesic path,
-    ``vanilla`` for a linear one), the distribution of training times (``uniform`` or ``logit_normal`` with
-    ``time_mean``/``time_std``, then the SD3 ``time_shift``) and the minibatch ``coupling``."""
+    """The flow, as independent settings (unset ones follow from the others; latent-image runs only except
+    ``path``, ``time*`` and ``coupling``):
 
-    path: Literal["geodesic", "linear"] = "geodesic"
+    - ``path``: ``geodesic`` of the run's manifold (slerp on token spheres), the ambient straight ``linear`` line
+      (a chord for spherical latents), or ``shell`` (token radii interpolated linearly, directions along the arc);
+    - ``latent``: ``spherical`` (tokens projected to radius ``sqrt(d)``, decoded by the finetuned decoder) or
+      ``vanilla`` (the tokenizer's normalised latents); default ``spherical`` for a geodesic path, else ``vanilla``;
+    - ``prior``: ``uniform`` on the token spheres or ``gaussian``; default: the latent space's own;
+    - ``projection``: the loss's tangent projection, ``on`` (needs the geodesic path) or ``off``; default ``on``
+      for the geodesic path;
+    - ``sampler``: ``exp-map`` steps on the token spheres (needs spherical latents) or ``ambient`` steps in the
+      latent space (projected onto the spheres at the end for spherical latents); default ``exp-map`` for the
+      geodesic path; the solver itself (Euler, Heun, RK4, ...) is ``sample.method``;
+    - ``time``, ``time_mean``, ``time_std``, ``time_shift``: the distribution of training times (``uniform`` or
+      ``logit_normal``, then the SD3 shift); ``coupling``: ``independent`` or minibatch ``ot``.
+
+    The paper's four arms are :data:`FLOW_PRESETS` (``linear``, ``shell``, ``spherical-linear``, ``spherical``);
+    ``preset: NAME`` in a config (or ``--set flow.preset=NAME``) sets all five settings to one of them, whatever
+    the file says.
+    """
+
+    path: Literal["geodesic", "linear", "shell"] = "geodesic"
     latent: Literal["spherical", "vanilla"] | None = None
+    prior: Literal["uniform", "gaussian"] | None = None
+    projection: Literal["on", "off"] | None = None
+    sampler: Literal["exp-map", "ambient"] | None = None
     time: Literal["uniform", "logit_normal"] = "uniform"
     time_mean: float = 0.0
     time_std: float = Field(1.0, gt=0)
@@ -87,21 +119,60 @@ class FlowConfig(Section):
     coupling: Literal["independent", "ot"] = "independent"
 
     @property
+    def resolved(self) -> dict[str, str]:
+        """Every latent-image setting, with the unset ones filled in from the others."""
+        geodesic = self.path == "geodesic"
+        latent = self.latent or ("spherical" if geodesic else "vanilla")
+        return {
+            "latent": latent,
+            "prior": self.prior or ("uniform" if latent == "spherical" else "gaussian"),
+            "path": self.path,
+            "projection": self.projection or ("on" if geodesic else "off"),
+            "sampler": self.sampler or ("exp-map" if geodesic else "ambient"),
+        }
+
+    @property
     def resolved_latent(self) -> str:
-        """``latent``, or its default for the path."""
-        return self.latent or ("spherical" if self.path == "geodesic" else "vanilla")
+        return self.resolved["latent"]
 
     @property
     def preset(self) -> str:
-        """The :data:`FLOW_PRESETS` name of a latent-image flow (``spherical`` or ``linear``)."""
-        want = {"latent": self.resolved_latent, "path": self.path}
-        for name, fields in FLOW_PRESETS.items():
-            if fields == want:
-                return name
-        raise ConfigError(
-            f"flow: latent {want['latent']!r} with path {want['path']!r} is an ablation arm that is not available "
-            f"yet; use one of the presets {', '.join(f'{k} ({v})' for k, v in FLOW_PRESETS.items())}"
-        )
+        """The :data:`FLOW_PRESETS` name of these settings, or ``custom`` for another valid combination."""
+        settings = self.resolved
+        return next((name for name, fields in FLOW_PRESETS.items() if fields == settings), "custom")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_preset(cls, data: Any) -> Any:
+        if not isinstance(data, Mapping) or data.get("preset") is None:
+            if isinstance(data, Mapping) and "preset" in data:
+                data = {k: v for k, v in data.items() if k != "preset"}
+            return data
+        data = dict(data)
+        name = data.pop("preset")
+        if name not in FLOW_PRESETS:
+            raise ValueError(f"preset: {name!r} is not one of {', '.join(map(repr, FLOW_PRESETS))}")
+        return {**data, **FLOW_PRESETS[name]}
+
+    @field_validator("projection", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare on/off as true/false
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FlowConfig:
+        r = self.resolved
+        if r["path"] == "geodesic" and (r["latent"], r["prior"]) != ("spherical", "uniform"):
+            raise ValueError(
+                "path: the geodesic (slerp) path joins points on the token spheres: it needs "
+                "latent spherical and prior uniform"
+            )
+        if r["projection"] == "on" and r["path"] != "geodesic":
+            raise ValueError("projection: the tangent projection needs interpolants on the spheres (path geodesic)")
+        if r["sampler"] == "exp-map" and r["latent"] != "spherical":
+            raise ValueError("sampler: exp-map steps need spherical latents; use sampler ambient")
+        return self
 
 
 class OptimConfig(Section):
@@ -214,8 +285,14 @@ class ToyRunConfig(RunBase):
 
     @model_validator(mode="after")
     def _toy_fits(self) -> ToyRunConfig:
-        if self.flow.latent is not None:
-            raise ValueError("flow.latent: applies to latent-image runs; a toy run's space is its dataset's manifold")
+        latent_only = [k for k in _LATENT_KEYS if getattr(self.flow, k) is not None]
+        if latent_only:
+            raise ValueError(
+                f"flow.{latent_only[0]}: applies to latent-image runs; a toy run's space, prior and "
+                "sampler are its dataset's manifold's"
+            )
+        if self.flow.path == "shell":
+            raise ValueError("flow.path: 'shell' is a latent-image path (token radii and directions)")
         if self.model.is_sit:
             raise ValueError(f"model.arch: toy runs train arch 'mlp', got {self.model.arch}")
         return self
@@ -289,7 +366,6 @@ class ImageRunConfig(RunBase):
     def _image_fits(self) -> ImageRunConfig:
         if not self.model.is_sit:
             raise ValueError("model.arch: image runs train a SiT (e.g. SiT-B/2), not 'mlp'")
-        self.flow.preset  # noqa: B018 - raises for flows that are not available
         if self.data.source == "builtin" and self.tokenizer.kind == "none":
             raise ValueError("tokenizer.kind: 'none' needs data.source 'latents' (built-in images must be encoded)")
         return self
@@ -345,7 +421,8 @@ class DefaultRunConfig(RunBase):
         bad = [m for m in self.modes if m not in FLOW_PRESETS]
         if bad or not self.modes:
             raise ValueError(f"modes: must be a non-empty list of {', '.join(FLOW_PRESETS)}, got {self.modes}")
-        if self.flow.latent is not None or self.flow.path != FlowConfig.model_fields["path"].default:
+        chosen = [k for k in _LATENT_KEYS if getattr(self.flow, k) is not None]
+        if chosen or self.flow.path != FlowConfig.model_fields["path"].default:
             raise ValueError("flow: the default run's flows are its modes; choose them with modes=[...]")
         if not self.model.is_sit:
             raise ValueError("model.arch: the default run trains a SiT (e.g. SiT-Micro/2), not 'mlp'")
