@@ -2,12 +2,18 @@
 
 Subcommands are imported lazily so ``manifold-fm --help`` stays fast and a command's heavy dependencies (diffusers,
 torch-fidelity) load only when that command runs.
+
+Errors are reported in one place, :meth:`LazyGroup.invoke`: the library's user-error types (:func:`user_error_types`:
+config, manifold, checkpoint, training and input errors, missing or existing paths) become one ``Error: ...`` line
+and exit status 1; anything else is a bug and surfaces with its traceback, to which a line asking to report it is
+appended.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import sys
 
 import click
 
@@ -26,11 +32,65 @@ COMMANDS: dict[str, str] = {
     "configs": "manifold_fm.commands.configs:configs",
     "convert-vae": "manifold_fm.commands.convert_vae:convert_vae",
     "export": "manifold_fm.commands.export:export",
+    "compare": "manifold_fm.commands.compare:compare",
 }
 
 
+#: Appended to the traceback of an error that is not a user error.
+REPORT_LINE = (
+    "manifold-fm stopped on an internal error (a bug, not a problem with your input): please file an issue with "
+    "the command line and this traceback."
+)
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """The exception types that are the user's to fix, reported in one line (imported when an error occurs, so the
+    command line's start-up stays light; a type whose module cannot be imported cannot have been raised)."""
+    types: list[type[BaseException]] = [FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError]
+    for module, name in (
+        ("manifold_fm.errors", "InputError"),
+        ("manifold_fm.config", "ConfigError"),
+        ("manifold_fm.manifolds.base", "ManifoldError"),
+        ("manifold_fm.data.image_folder", "ImageReadError"),
+        ("manifold_fm.training.checkpoint", "CheckpointError"),
+        ("manifold_fm.training.trainer", "TrainingError"),
+    ):
+        loaded = sys.modules.get(module)
+        if loaded is not None and hasattr(loaded, name):
+            types.append(getattr(loaded, name))
+    return tuple(types)
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """Whether the CLI reports ``exc`` in one line: an instance of one of :func:`user_error_types`. A plain
+    ``ValueError`` is a bug (user errors are typed, see :mod:`manifold_fm.errors`)."""
+    return isinstance(exc, user_error_types())
+
+
+def one_line(exc: BaseException) -> str:
+    """The first line of an error's message (its type's name if it has none)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class LazyGroup(click.Group):
-    """A click group that imports each subcommand's module on first use."""
+    """A click group that imports each subcommand's module on first use, and reports errors in one place."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        """Run the subcommand; a user error becomes a one-line :class:`click.ClickException`, any other exception
+        propagates with :data:`REPORT_LINE` added to its traceback."""
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Abort, click.exceptions.Exit):
+            raise
+        except Exception as exc:
+            if is_user_error(exc):
+                raise click.ClickException(one_line(exc)) from None
+            if hasattr(exc, "add_note"):  # Python >= 3.11: printed after the traceback
+                exc.add_note(REPORT_LINE)
+            else:  # pragma: no cover - Python 3.10
+                click.echo(REPORT_LINE, err=True)
+            raise
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(name for name in COMMANDS if self._available(name))

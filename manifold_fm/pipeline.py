@@ -35,6 +35,8 @@ import torch
 from huggingface_hub import ModelCard, ModelCardData, ModelHubMixin
 from torch import Tensor
 
+from manifold_fm.errors import InputError
+
 from . import __version__
 from .sampler import SamplerSpec
 from .training.runs import LoadedRun, build_run, read_run_checkpoint, sample_run
@@ -156,7 +158,7 @@ class LatentImagePipeline(
         tok["cache_dir"] = None  # where the training machine cached the built-in tokenizer means nothing here
         if tok.get("decoder_state") is not None:
             if tok["decoder_state"] != DECODER_NAME:
-                raise ValueError(f"{folder}: tokenizer.decoder_state must be {DECODER_NAME!r} in an exported model")
+                raise InputError(f"{folder}: tokenizer.decoder_state must be {DECODER_NAME!r} in an exported model")
             path = folder / DECODER_NAME
             if not path.is_file():
                 raise FileNotFoundError(f"{folder} lacks {DECODER_NAME}, the finetuned decoder its config names")
@@ -164,7 +166,7 @@ class LatentImagePipeline(
         try:
             weights = load_file(str(folder / WEIGHTS_NAME))
         except (OSError, SafetensorError) as exc:
-            raise ValueError(f"{folder / WEIGHTS_NAME} is missing or unreadable ({exc})") from None
+            raise InputError(f"{folder / WEIGHTS_NAME} is missing or unreadable ({exc})") from None
         run = build_run(meta, weights, device=device, progress=progress)
         _check_tokenizer(run, record.get("tokenizer"))
         return cls(run, record)
@@ -267,24 +269,24 @@ class LatentImagePipeline(
         generated latents ``(N, C, h, w)``, not decoded.
         """
         if output_type not in _OUTPUT_TYPES:
-            raise ValueError(f"output_type: expected one of {', '.join(_OUTPUT_TYPES)}, got {output_type!r}")
+            raise InputError(f"output_type: expected one of {', '.join(_OUTPUT_TYPES)}, got {output_type!r}")
         if output_type != "latent" and self.run.decoder is None:
-            raise ValueError("this model has no tokenizer (tokenizer.kind: none): use output_type='latent'")
+            raise InputError("this model has no tokenizer (tokenizer.kind: none): use output_type='latent'")
         labels = None
         if class_labels is None:
             if num_samples is None:
-                raise ValueError("pass class_labels (class ids in [0, num_classes)) or num_samples")
+                raise InputError("pass class_labels (class ids in [0, num_classes)) or num_samples")
             n = int(num_samples)
         else:
             labels = torch.as_tensor(class_labels).reshape(-1)
             if labels.is_floating_point() or labels.dtype == torch.bool:
-                raise ValueError(f"class_labels must be integer class ids, got dtype {labels.dtype}")
+                raise InputError(f"class_labels must be integer class ids, got dtype {labels.dtype}")
             labels = labels.long().cpu()
             n = labels.numel()
             if num_samples is not None and num_samples != n:
-                raise ValueError(f"num_samples={num_samples} but {n} class_labels; pass one of them")
+                raise InputError(f"num_samples={num_samples} but {n} class_labels; pass one of them")
         if n < 1:
-            raise ValueError("nothing to sample: pass at least one class label (or num_samples >= 1)")
+            raise InputError("nothing to sample: pass at least one class label (or num_samples >= 1)")
         spec = self.sampler_spec(method=method, steps=num_steps, cfg_scale=cfg_scale, cfg_interval=cfg_interval)
         _, _, out = sample_run(
             self.run,
@@ -370,17 +372,17 @@ def read_record(folder: str | Path) -> dict[str, Any]:
     try:
         record = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+        raise InputError(f"{path} is not valid JSON: {exc}") from None
     if not isinstance(record, dict) or record.get("format") != FORMAT:
-        raise ValueError(f"{path} does not describe a manifold-fm model (its format is not {FORMAT!r})")
+        raise InputError(f"{path} does not describe a manifold-fm model (its format is not {FORMAT!r})")
     if int(record.get("format_version", 0)) > FORMAT_VERSION:
-        raise ValueError(
+        raise InputError(
             f"{path} has format version {record['format_version']}, newer than this manifold-fm reads "
             f"({FORMAT_VERSION}); upgrade manifold-fm"
         )
     missing = [k for k in ("config", "latent_shape", "num_classes", "step") if k not in record]
     if missing:
-        raise ValueError(f"{path} lacks {', '.join(missing)}")
+        raise InputError(f"{path} lacks {', '.join(missing)}")
     return record
 
 

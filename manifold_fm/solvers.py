@@ -13,7 +13,8 @@ keeps its classical order (1 Euler, 2 Heun and midpoint, 4 RK4) on any manifold 
 (this is the Runge-Kutta-Munthe-Kaas idea with ``dexp^{-1}`` computed exactly). Stage ``i`` evaluates the network
 at ``y_i = exp_{x_k}(h sum_j a_ij k_j)`` and moves its velocity back to ``T_{x_k}`` by the differential of the
 log map (:meth:`Manifold.dlogmap <manifold_fm.manifolds.Manifold.dlogmap>`: closed form on spheres, token
-spheres, flat spaces and products of these; a forward-mode JVP through ``logmap`` by default; no network cost); the
+spheres, flat spaces, products of these and SPD matrices; a forward-mode JVP through ``logmap`` by default; no network
+cost); the
 step ends at
 ``x_{k+1} = exp_{x_k}(h sum_i b_i k_i)`` followed by ``projx`` (which only removes rounding). The first stage needs no
 pull-back (``d log_x`` at ``x`` is the identity on ``T_x``), so Euler is exactly ``x_{k+1} = exp_{x_k}(h P v)``.

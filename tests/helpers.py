@@ -50,6 +50,25 @@ def sphere_grid(n_theta: int) -> tuple[Tensor, Tensor]:
     return x, (torch.sin(T) * (math.pi / n_theta) ** 2).reshape(-1)
 
 
+# ----------------------------------------------------------------------------------------------- optional extras
+#: The first diffusers release with ``AutoencoderKLFlux2`` (checked in the wheels of 0.35.2 and 0.36.0).
+FLUX2_MIN_DIFFUSERS = "0.36.0"
+
+
+def require_flux2_vae() -> type:
+    """diffusers' ``AutoencoderKLFlux2``, or skip the calling test with the reason: diffusers is not installed (the
+    optional ``images`` extra) or older than :data:`FLUX2_MIN_DIFFUSERS`."""
+    import pytest
+
+    diffusers = pytest.importorskip("diffusers", reason="FLUX.2's VAE needs diffusers (the optional 'images' extra)")
+    cls = getattr(diffusers, "AutoencoderKLFlux2", None)
+    if cls is None:
+        pytest.skip(
+            f"diffusers {diffusers.__version__} has no AutoencoderKLFlux2 (first in diffusers {FLUX2_MIN_DIFFUSERS})"
+        )
+    return cls
+
+
 # ----------------------------------------------------------------------------------------------- torch-fidelity
 def standin_extractor(
     *,

@@ -113,6 +113,7 @@ PUBLIC_MODULES = [
     "manifold_fm.flow",
     "manifold_fm.sampler",
     "manifold_fm.config",
+    "manifold_fm.errors",
     "manifold_fm.seeding",
     "manifold_fm.eval.image_io",
     "manifold_fm.eval.plots",

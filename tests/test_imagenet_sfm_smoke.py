@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import require_flux2_vae
+
 ROOT = Path(__file__).resolve().parent.parent
 EXP = ROOT / "experiments" / "imagenet_sfm"
 CLASSES = ("n00000001", "n00000002")
@@ -104,6 +106,7 @@ def test_gpu_check_shell_wrapper_runs_the_script(tmp_path: Path) -> None:
 
 
 def test_gpu_check_cpu_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    require_flux2_vae()  # the extraction check encodes with a FLUX.2-shaped VAE
     gc = _load(EXP / "gpu_check.py", "imagenet_sfm_gpu_check")
     out = tmp_path / "gpu_check.json"
     assert gc.main(["--cpu-smoke", "--out", str(out), "--quiet"]) == 0
@@ -163,8 +166,8 @@ def _frechet_reference(a: np.ndarray, b: np.ndarray) -> float:
 def _tiny_flux2_vae(path: Path) -> None:
     """A randomly initialised AutoencoderKLFlux2 with FLUX.2's block types, 8 latent channels and f=4."""
     import torch
-    from diffusers import AutoencoderKLFlux2
 
+    AutoencoderKLFlux2 = require_flux2_vae()
     torch.manual_seed(0)
     vae = AutoencoderKLFlux2(
         block_out_channels=(8, 8, 16),
@@ -182,6 +185,7 @@ def test_recipe_end_to_end_on_cpu(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, register_standin: Callable[..., type]
 ) -> None:
     """README steps 1-5 with the grid's FLUX.2 B/2 pair, shrunk only by command-line options and --set."""
+    require_flux2_vae()  # before any work: the recipe's tokenizer is FLUX.2's VAE
     import torch
     from click.testing import CliRunner
     from safetensors.torch import load_file
@@ -588,6 +592,7 @@ def test_gpu_check_failed_section_keeps_the_others(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """On a one-shot GPU lease an out-of-memory in one section must not lose the other figures."""
+    require_flux2_vae()  # the extraction section it keeps uses a FLUX.2-shaped VAE
     gc = _load(EXP / "gpu_check.py", "imagenet_sfm_gpu_check")
 
     def boom(*args: Any, **kwargs: Any) -> None:

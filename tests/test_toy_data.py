@@ -81,7 +81,14 @@ def test_product_vmf_factorises_for_one_component() -> None:
 
 
 def test_mixture_parameters_and_errors() -> None:
-    assert set(TOY_DATASETS) == {"vmf", "product_vmf", "torus_wrapped_normal", "poincare_wrapped_normal"}
+    assert set(TOY_DATASETS) == {
+        "vmf",
+        "product_vmf",
+        "torus_wrapped_normal",
+        "poincare_wrapped_normal",
+        "lorentz_wrapped_normal",
+        "spd_wrapped_normal",
+    }
     ds = VMFMixture(means=[[1, 0, 0], [0, 1, 0]], kappas=[2.0, 3.0], weights=[1.0, 3.0])
     assert torch.allclose(ds.log_w.exp(), torch.tensor([0.25, 0.75], dtype=D64))
     with pytest.raises(ValueError, match="positive"):
@@ -90,6 +97,8 @@ def test_mixture_parameters_and_errors() -> None:
         TorusWrappedNormalMixture(weights=[1.0])
     with pytest.raises(ValueError, match="inside the ball"):
         PoincareWrappedNormalMixture(means=[[0.9, 0.9]])
+    with pytest.raises(ValueError, match="symmetric matrices"):
+        build_toy_dataset("spd_wrapped_normal", log_means=[[[0.0, 1.0], [0.0, 0.0]]])
     with pytest.raises(ValueError, match="unknown toy dataset"):
         build_toy_dataset("moons")
     with pytest.raises(ValueError, match="expected points"):

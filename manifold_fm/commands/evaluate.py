@@ -56,41 +56,40 @@ def evaluate(
     import numpy as np
     import torch
 
+    from ..errors import InputError
     from ..eval.fid import fidelity_metrics, load_images
 
-    try:
-        images = load_images(samples)
-        labels = None
-        if samples.suffix == ".npz":
-            with np.load(samples) as data:
-                if "arr_1" in data:
-                    labels = torch.from_numpy(np.asarray(data["arr_1"]).reshape(-1).astype(np.int64))
-        if images.shape[0] < 2:
-            raise ValueError(f"{samples} holds {images.shape[0]} image(s); Fréchet distances need at least 2")
-        metrics: dict[str, float] = {}
-        if reference is not None:
-            metrics.update(
-                fidelity_metrics(
-                    images,
-                    reference,
-                    inception_weights=inception_weights,
-                    feature_extractor=feature_extractor,
-                    isc=not no_isc,
-                    prc=not no_prc,
-                    batch_size=batch_size,
-                )
+    # User errors (missing or malformed files, weights) become one line in the CLI group (manifold_fm/cli.py).
+    images = load_images(samples)
+    labels = None
+    if samples.suffix == ".npz":
+        with np.load(samples) as data:
+            if "arr_1" in data:
+                labels = torch.from_numpy(np.asarray(data["arr_1"]).reshape(-1).astype(np.int64))
+    if images.shape[0] < 2:
+        raise InputError(f"{samples} holds {images.shape[0]} image(s); Fréchet distances need at least 2")
+    metrics: dict[str, float] = {}
+    if reference is not None:
+        metrics.update(
+            fidelity_metrics(
+                images,
+                reference,
+                inception_weights=inception_weights,
+                feature_extractor=feature_extractor,
+                isc=not no_isc,
+                prc=not no_prc,
+                batch_size=batch_size,
             )
-        if builtin or reference is None:
-            from ..eval.classifier import FD_NAME, builtin_evaluator
+        )
+    if builtin or reference is None:
+        from ..eval.classifier import FD_NAME, builtin_evaluator
 
-            ev = builtin_evaluator()
-            x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-            res = ev.evaluate(x, labels if labels is not None and labels.shape[0] == x.shape[0] else None)
-            metrics[FD_NAME] = res["fd_builtin_classifier"]
-            if "classifier_accuracy" in res:
-                metrics["classifier_accuracy"] = res["classifier_accuracy"]
-    except (FileNotFoundError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from None
+        ev = builtin_evaluator()
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+        res = ev.evaluate(x, labels if labels is not None and labels.shape[0] == x.shape[0] else None)
+        metrics[FD_NAME] = res["fd_builtin_classifier"]
+        if "classifier_accuracy" in res:
+            metrics["classifier_accuracy"] = res["classifier_accuracy"]
     width = max(len(k) for k in metrics)
     for k, v in metrics.items():
         click.echo(f"{k:<{width}}  {v:.4f}")

@@ -184,31 +184,26 @@ def extract_latents(
         if spherical:
             raise click.BadParameter("spherical latents are not renormalised", param_hint="--dataset-stats")
         stats_path = out_dir / "latent_stats.json"
-        try:
-            if stats_path.is_file() and resume:
-                norm = LatentNormalization.load(stats_path)
-            else:
-                norm = compute_channel_stats(tok, dataset, max_items=stats_items, progress=True)
-                out_dir.mkdir(parents=True, exist_ok=True)
-                norm.save(stats_path)
-        except (FileNotFoundError, ValueError) as exc:
-            raise click.ClickException(str(exc)) from None
+        if stats_path.is_file() and resume:
+            norm = LatentNormalization.load(stats_path)
+        else:
+            norm = compute_channel_stats(tok, dataset, max_items=stats_items, progress=True)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            norm.save(stats_path)
         tok.with_normalization(norm)
-    try:
-        with torch.no_grad():
-            manifest = run(
-                tok,
-                dataset,
-                out_dir,
-                batch_size=batch_size,
-                flip=flip,
-                shard_size=shard_size,
-                resume=resume,
-                dtype=store_dtype,
-                num_workers=workers,
-            )
-    except (FileNotFoundError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from None
+    # User errors (a cache that does not match, unreadable statistics) become one line in the CLI group.
+    with torch.no_grad():
+        manifest = run(
+            tok,
+            dataset,
+            out_dir,
+            batch_size=batch_size,
+            flip=flip,
+            shard_size=shard_size,
+            resume=resume,
+            dtype=store_dtype,
+            num_workers=workers,
+        )
     import json
 
     info = json.loads(manifest.read_text())

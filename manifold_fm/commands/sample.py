@@ -64,65 +64,63 @@ def sample(
     import torch
     from accelerate import PartialState
 
-    from ..config import ConfigError, validate
+    from ..config import validate
+    from ..errors import InputError
     from ..eval.image_io import merge_shards, save_image_grid, save_npz
-    from ..manifolds import ManifoldError
     from ..sampler import SamplerSpec
-    from ..training.checkpoint import CheckpointError
     from ..training.runs import load_run, sample_to_shards
+    from ..training.trainer import cpu_only
 
     if not (grid or npz):
         raise click.UsageError("nothing to write: pass --grid and/or --npz")
-    state = PartialState(cpu=device == "cpu")
+    state = PartialState(cpu=cpu_only(device))
     dev = device or str(state.device)
-    try:
-        loaded = load_run(run, use_ema=ema, device=dev, progress=state.is_main_process)
-        chosen = {"method": method, "steps": steps, "cfg_scale": cfg_scale, "cfg_interval": cfg_interval}
-        spec = validate(
-            SamplerSpec,
-            {
-                **loaded.cfg.sample.model_dump(include=set(SamplerSpec.model_fields)),
-                **{k: v for k, v in chosen.items() if v is not None},
-            },
-        )
-        labels = None
-        if class_id is not None:
-            if not 0 <= class_id < loaded.num_classes:
-                raise click.BadParameter(f"must be in [0, {loaded.num_classes})", param_hint="--class")
-            labels = torch.full((num_samples,), class_id, dtype=torch.long)
-        if loaded.decoder is None:
-            raise ValueError("this run has no tokenizer (tokenizer.kind: none), so its latents cannot be decoded")
-        out = out_dir or (Path(run) / f"samples-{loaded.step:08d}")
-        shards = out / "shards"
-        request = {
-            "run": str(Path(run).resolve()),
-            "step": loaded.step,
-            "num_samples": num_samples,
-            "batch_size": batch_size,
-            "seed": seed,
-            "class": class_id,
-            "ema": ema,
-            "spec": spec.model_dump(),
-        }
-        sample_to_shards(
-            loaded,
-            num_samples,
-            spec,
-            shards,
-            request,
-            seed=seed,
-            batch_size=batch_size,
-            labels=labels,
-            rank=state.process_index,
-            world_size=state.num_processes,
-            progress=state.is_main_process,
-        )
-        state.wait_for_everyone()
-        if not state.is_main_process:
-            return
-        arr, lab_np = merge_shards(shards, expected=num_samples)
-    except (ConfigError, ManifoldError, CheckpointError, FileNotFoundError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from None
+    # User errors (missing run, checkpoint, sampler options) become one line in the CLI group (manifold_fm/cli.py).
+    loaded = load_run(run, use_ema=ema, device=dev, progress=state.is_main_process)
+    chosen = {"method": method, "steps": steps, "cfg_scale": cfg_scale, "cfg_interval": cfg_interval}
+    spec = validate(
+        SamplerSpec,
+        {
+            **loaded.cfg.sample.model_dump(include=set(SamplerSpec.model_fields)),
+            **{k: v for k, v in chosen.items() if v is not None},
+        },
+    )
+    labels = None
+    if class_id is not None:
+        if not 0 <= class_id < loaded.num_classes:
+            raise click.BadParameter(f"must be in [0, {loaded.num_classes})", param_hint="--class")
+        labels = torch.full((num_samples,), class_id, dtype=torch.long)
+    if loaded.decoder is None:
+        raise InputError("this run has no tokenizer (tokenizer.kind: none), so its latents cannot be decoded")
+    out = out_dir or (Path(run) / f"samples-{loaded.step:08d}")
+    shards = out / "shards"
+    request = {
+        "run": str(Path(run).resolve()),
+        "step": loaded.step,
+        "num_samples": num_samples,
+        "batch_size": batch_size,
+        "seed": seed,
+        "class": class_id,
+        "ema": ema,
+        "spec": spec.model_dump(),
+    }
+    sample_to_shards(
+        loaded,
+        num_samples,
+        spec,
+        shards,
+        request,
+        seed=seed,
+        batch_size=batch_size,
+        labels=labels,
+        rank=state.process_index,
+        world_size=state.num_processes,
+        progress=state.is_main_process,
+    )
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return
+    arr, lab_np = merge_shards(shards, expected=num_samples)
     written = []
     if npz:
         written.append(save_npz(out / "samples.npz", arr, lab_np))

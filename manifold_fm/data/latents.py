@@ -25,6 +25,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from manifold_fm.errors import InputError
+
 from ..atomic import atomic_path, write_json_atomic
 from .guarded import GuardedItems, collate_guarded
 from .image_folder import ImageReadError
@@ -116,14 +118,14 @@ def extract_latents(
     from tqdm.auto import tqdm
 
     if dtype not in _DTYPES:
-        raise ValueError(f"latent cache dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+        raise InputError(f"latent cache dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
     if shard_size < 1 or batch_size < 1:
-        raise ValueError("shard_size and batch_size must be positive")
+        raise InputError("shard_size and batch_size must be positive")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     n = len(dataset)  # type: ignore[arg-type]
     if n == 0:
-        raise ValueError("cannot extract latents from an empty dataset")
+        raise InputError("cannot extract latents from an empty dataset")
     num_shards = (n + shard_size - 1) // shard_size
     setup = {
         "tokenizer": tokenizer.name,
@@ -139,7 +141,7 @@ def extract_latents(
         differs = {k: (manifest.get(k), v) for k, v in setup.items() if manifest.get(k) != v}
         if differs:
             key, (old, new) = next(iter(differs.items()))
-            raise ValueError(
+            raise InputError(
                 f"{out} holds a cache with {key}={old!r}, not {new!r}; use another directory or resume=False"
             )
     if manifest is None:
@@ -258,11 +260,11 @@ class LatentCache(Dataset):
         try:
             self.manifest: dict[str, Any] = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path} is not valid JSON ({exc}); re-run extract-latents with --no-resume") from None
+            raise InputError(f"{path} is not valid JSON ({exc}); re-run extract-latents with --no-resume") from None
         if self.manifest.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a manifold-fm latent cache (format {self.manifest.get('format')!r})")
+            raise InputError(f"{path} is not a manifold-fm latent cache (format {self.manifest.get('format')!r})")
         if require_complete and not self.manifest.get("complete"):
-            raise ValueError(f"latent cache {self.root} is incomplete; re-run extract-latents to resume it")
+            raise InputError(f"latent cache {self.root} is incomplete; re-run extract-latents to resume it")
         self.counts = [int(s["count"]) for s in self.manifest["shards"]]
         for s in self.manifest["shards"]:
             if not (self.root / s["file"]).is_file():
@@ -289,7 +291,7 @@ class LatentCache(Dataset):
         """The :class:`~manifold_fm.data.normalization.LatentNormalization` the stored latents were written with."""
         record = self.manifest.get("normalization")
         if record is None:
-            raise ValueError(f"latent cache {self.root}: its manifest records no normalisation; re-extract it")
+            raise InputError(f"latent cache {self.root}: its manifest records no normalisation; re-extract it")
         return LatentNormalization.from_dict(record)
 
     def _to_raw(self, latents: Tensor) -> Tensor:

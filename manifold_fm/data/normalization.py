@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ..atomic import write_json_atomic
+from ..errors import InputError
 
 
 def _as_tensor(v: float | Tensor) -> Tensor:
@@ -47,13 +48,13 @@ class LatentNormalization:
         self.scale = _as_tensor(self.scale)
         for name, t in (("shift", self.shift), ("scale", self.scale)):
             if t.ndim not in (0, 1, 3):
-                raise ValueError(
+                raise InputError(
                     f"LatentNormalization {name} must be a scalar, (C,) or (C, p, p); got {tuple(t.shape)}"
                 )
             if not bool(torch.isfinite(t).all()):
-                raise ValueError(f"LatentNormalization {name} has non-finite entries")
+                raise InputError(f"LatentNormalization {name} has non-finite entries")
         if bool((self.scale == 0).any()):
-            raise ValueError("LatentNormalization scale has zero entries; a channel with zero std cannot be scaled")
+            raise InputError("LatentNormalization scale has zero entries; a channel with zero std cannot be scaled")
 
     @staticmethod
     def _shaped(t: Tensor, z: Tensor) -> Tensor:
@@ -61,7 +62,7 @@ class LatentNormalization:
         if t.ndim == 0:
             return t
         if t.shape[0] != z.shape[1]:
-            raise ValueError(
+            raise InputError(
                 f"latent normalisation has {t.shape[0]} channels but the latents have {z.shape[1]} (shape "
                 f"{tuple(z.shape)}); use the statistics computed for this tokenizer"
             )
@@ -70,7 +71,7 @@ class LatentNormalization:
         ph, pw = t.shape[1:]
         h, w = z.shape[-2:]
         if h % ph or w % pw:
-            raise ValueError(f"latent grid {h}x{w} is not a multiple of the normalisation pattern {ph}x{pw}")
+            raise InputError(f"latent grid {h}x{w} is not a multiple of the normalisation pattern {ph}x{pw}")
         return t.repeat(1, h // ph, w // pw).unsqueeze(0)
 
     def normalize(self, z: Tensor) -> Tensor:
@@ -99,7 +100,7 @@ class LatentNormalization:
                 meta=dict(data.get("meta", {})),
             )
         except KeyError as exc:
-            raise ValueError(f"latent normalisation record lacks key {exc}; expected shift, scale, kind") from None
+            raise InputError(f"latent normalisation record lacks key {exc}; expected shift, scale, kind") from None
 
     def save(self, path: str | Path) -> None:
         """Write as JSON (atomically), e.g. next to a tokenizer as ``latent_stats.json``."""
@@ -115,5 +116,5 @@ class LatentNormalization:
         try:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
-            raise ValueError(f"latent statistics file {path} is not valid JSON: {exc}") from None
+            raise InputError(f"latent statistics file {path} is not valid JSON: {exc}") from None
         return cls.from_dict(data)

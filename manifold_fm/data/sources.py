@@ -22,6 +22,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from manifold_fm.errors import InputError
+
 from ..seeding import derive_seed, seeded_generator
 
 Batch = tuple[Tensor, Tensor | None]
@@ -38,9 +40,9 @@ class BatchPlan:
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
-            raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
+            raise InputError(f"batch size must be >= 1, got {self.batch_size}")
         if self.batch_size % self.world_size:
-            raise ValueError(f"batch size {self.batch_size} is not divisible by the {self.world_size} processes")
+            raise InputError(f"batch size {self.batch_size} is not divisible by the {self.world_size} processes")
 
     @property
     def local_batch(self) -> int:
@@ -63,9 +65,9 @@ class StepIndexer:
 
     def __init__(self, n: int, global_batch: int, seed: int, world_size: int = 1) -> None:
         if global_batch % world_size:
-            raise ValueError(f"batch size {global_batch} is not divisible by the {world_size} processes")
+            raise InputError(f"batch size {global_batch} is not divisible by the {world_size} processes")
         if n < global_batch:
-            raise ValueError(f"the dataset has {n} items, fewer than one batch of {global_batch}; lower the batch size")
+            raise InputError(f"the dataset has {n} items, fewer than one batch of {global_batch}; lower the batch size")
         self.n, self.global_batch, self.seed, self.world_size = n, global_batch, seed, world_size
         self.local_batch = global_batch // world_size
         self.batches_per_epoch = n // global_batch
@@ -95,9 +97,9 @@ class TensorSource:
     def __init__(self, data: Tensor, labels: Tensor | None = None) -> None:
         if data.ndim < 1 or (labels is not None and labels.shape != data.shape[:1]):
             got = None if labels is None else tuple(labels.shape)
-            raise ValueError(f"expected data (N, ...) and labels (N,), got {tuple(data.shape)} and {got}")
+            raise InputError(f"expected data (N, ...) and labels (N,), got {tuple(data.shape)} and {got}")
         if not bool(torch.isfinite(data).all()):
-            raise ValueError("the training data contain NaN/Inf; re-extract or clean them")
+            raise InputError("the training data contain NaN/Inf; re-extract or clean them")
         self.data = data
         self.labels = None if labels is None else labels.long()
 

@@ -10,7 +10,10 @@ achievable test NLL).
 - :class:`ProductVMFMixture`: mixture of products of vMFs on ``(S^2)^k`` (a ``(n, k, 3)`` tensor on
   ``TokenSpheres(3, axis=-1, radius=1)``): the tokens are coupled through the shared component;
 - :class:`TorusWrappedNormalMixture`: wrapped-normal mixture on the flat torus ``T^d`` (angles in ``[-pi, pi)``);
-- :class:`PoincareWrappedNormalMixture`: wrapped-normal mixture on the Poincare ball via the geoopt adapter.
+- :class:`PoincareWrappedNormalMixture`: wrapped-normal mixture on the Poincare ball via the geoopt adapter;
+- :class:`LorentzWrappedNormalMixture`: the same mixture carried to the hyperboloid by the isometry between the models;
+- :class:`SPDWrappedNormalMixture`: wrapped-normal mixture on 2x2 SPD matrices with the affine-invariant metric
+  (density w.r.t. its Riemannian volume).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 from torch import Tensor
 
 from ..manifolds import FlatTorus, GeooptManifold, Manifold, Sphere, TokenSpheres
+from ..manifolds.geoopt_adapter import spd_wrapped_normal_log_prob
 
 _DT = torch.float64  # densities and samples are computed in float64 and returned in the requested dtype
 
@@ -283,16 +287,116 @@ class PoincareWrappedNormalMixture(ToyDataset):
         return torch.logsumexp(gauss + (d - 1) * log_ratio + self.log_w, dim=1)
 
 
+class LorentzWrappedNormalMixture(ToyDataset):
+    """:class:`PoincareWrappedNormalMixture` on the hyperboloid ``<x, x>_L = -1/c`` (``geoopt.Lorentz(k = 1/c)``).
+
+    The map ``y -> (1/sqrt c) ((1 + c|y|^2), 2 sqrt(c) y) / (1 - c|y|^2)`` from the Poincare ball of curvature ``-c``
+    is an isometry onto the hyperboloid, so it carries the mixture's samples and keeps its density w.r.t. the
+    Riemannian volume: ``log p(x) = log p_ball(x_{1:} / (1 + sqrt(c) x_0))``. Points are ``(n, d + 1)``. The
+    same mixture arguments as the Poincare mixture (defaults: ``d = 2``, 3 components, ``sigma = 0.3``); ``base_std``
+    is the prior's standard deviation in the hyperboloid's (Riemannian) normal coordinates.
+    """
+
+    def __init__(
+        self,
+        means: Sequence[Sequence[float]] | Tensor | None = None,
+        sigmas: Sequence[float] | None = None,
+        weights: Sequence[float] | None = None,
+        curvature: float = 1.0,
+        base_std: float = 1.0,
+    ) -> None:
+        import geoopt
+
+        self.ball_mixture = PoincareWrappedNormalMixture(means, sigmas, weights, curvature)
+        self.c = self.ball_mixture.c
+        self.manifold = GeooptManifold(geoopt.Lorentz(k=1.0 / self.c), base_std=base_std)
+        self.point_shape = (self.ball_mixture.point_shape[0] + 1,)
+
+    def to_hyperboloid(self, y: Tensor) -> Tensor:
+        """The isometry from the Poincare ball (curvature ``-c``) onto the hyperboloid."""
+        sc = math.sqrt(self.c)
+        y2 = self.c * y.square().sum(-1, keepdim=True)
+        return torch.cat([1.0 + y2, 2.0 * sc * y], dim=-1) / ((1.0 - y2) * sc)
+
+    def to_ball(self, x: Tensor) -> Tensor:
+        """The inverse isometry, hyperboloid to Poincare ball."""
+        sc = math.sqrt(self.c)
+        return x[..., 1:] / (1.0 + sc * x[..., :1])
+
+    def _sample(self, n: int, generator: torch.Generator | None) -> Tensor:
+        return self.to_hyperboloid(self.ball_mixture._sample(n, generator))
+
+    def _log_prob(self, x: Tensor) -> Tensor:
+        return self.ball_mixture._log_prob(self.to_ball(x))
+
+
+class SPDWrappedNormalMixture(ToyDataset):
+    """Mixture of isotropic wrapped normals on ``n x n`` SPD matrices with the affine-invariant metric
+    ``<U, V>_X = tr(X^-1 U X^-1 V)`` (manifold ``GeooptManifold(geoopt.SymmetricPositiveDefinite())``, points
+    ``(n, n)``); densities are w.r.t. that metric's Riemannian volume.
+
+    Component ``k`` with mean ``M_k``: ``S ~ N(0, sigma_k^2)`` in orthonormal coordinates of ``T_I`` (the symmetric
+    part of ``sigma_k E``, ``E`` a Gaussian matrix), ``X = M^1/2 expm(S) M^1/2 = exp_M(M^1/2 S M^1/2)``. The congruence
+    ``X -> M^-1/2 X M^-1/2`` is an isometry, so ``p_k(X)`` is the wrapped normal at the identity
+    (:func:`~manifold_fm.manifolds.geoopt_adapter.spd_wrapped_normal_log_prob`) at ``M^-1/2 X M^-1/2``. ``means``
+    are given as matrix logarithms (symmetric). Defaults: ``2 x 2``, 3 components, ``sigma`` 0.25, 0.3, 0.35.
+    """
+
+    def __init__(
+        self,
+        log_means: Sequence[Sequence[Sequence[float]]] | Tensor | None = None,
+        sigmas: Sequence[float] | None = None,
+        weights: Sequence[float] | None = None,
+        base_std: float = 0.5,
+    ) -> None:
+        import geoopt
+
+        if log_means is None:
+            logm = torch.tensor(
+                [[[0.9, 0.0], [0.0, -0.3]], [[-0.5, 0.6], [0.6, 0.2]], [[-0.2, -0.7], [-0.7, -0.6]]], dtype=_DT
+            )
+        else:
+            logm = torch.as_tensor(log_means, dtype=_DT)
+        if logm.ndim != 3 or logm.shape[1] != logm.shape[2] or not torch.allclose(logm, logm.transpose(1, 2)):
+            raise ValueError(f"SPD log-means must be symmetric matrices of shape (k, n, n), got {tuple(logm.shape)}")
+        k = logm.shape[0]
+        sig = torch.linspace(0.25, 0.35, k, dtype=_DT) if sigmas is None else torch.as_tensor(sigmas, dtype=_DT)
+        if sig.shape != (k,) or bool((sig <= 0).any()):
+            raise ValueError(f"sigmas must be {k} positive numbers, got {sigmas!r}")
+        self.log_means, self.sigmas, self.log_w = logm, sig, _log_weights(weights, k)
+        self.sqrt_means = torch.linalg.matrix_exp(logm / 2)
+        self.inv_sqrt_means = torch.linalg.matrix_exp(-logm / 2)
+        self.manifold = GeooptManifold(geoopt.SymmetricPositiveDefinite(), base_std=base_std)
+        self.point_shape = (logm.shape[1], logm.shape[1])
+
+    def _sample(self, n: int, generator: torch.Generator | None) -> Tensor:
+        comp = _components(n, self.log_w, generator)
+        e = torch.randn(n, *self.point_shape, generator=generator, dtype=_DT)
+        s = self.sigmas[comp, None, None] * (e + e.transpose(1, 2)) / 2
+        half = self.sqrt_means[comp]
+        x = half @ torch.linalg.matrix_exp(s) @ half
+        return (x + x.transpose(1, 2)) / 2
+
+    def _log_prob(self, x: Tensor) -> Tensor:
+        inv = self.inv_sqrt_means[None]  # (1, k, n, n)
+        y = inv @ x[:, None] @ inv
+        lp = spd_wrapped_normal_log_prob((y + y.transpose(-1, -2)) / 2, self.sigmas[None])
+        return torch.logsumexp(lp + self.log_w, dim=1)
+
+
 TOY_DATASETS = {
     "vmf": VMFMixture,
     "product_vmf": ProductVMFMixture,
     "torus_wrapped_normal": TorusWrappedNormalMixture,
     "poincare_wrapped_normal": PoincareWrappedNormalMixture,
+    "lorentz_wrapped_normal": LorentzWrappedNormalMixture,
+    "spd_wrapped_normal": SPDWrappedNormalMixture,
 }
 
 
 def build_toy_dataset(name: str, **kwargs: object) -> ToyDataset:
-    """A toy dataset by name (``vmf``, ``product_vmf``, ``torus_wrapped_normal``, ``poincare_wrapped_normal``)."""
+    """A toy dataset by name (``vmf``, ``product_vmf``, ``torus_wrapped_normal``, ``poincare_wrapped_normal``,
+    ``lorentz_wrapped_normal``, ``spd_wrapped_normal``)."""
     if name not in TOY_DATASETS:
         raise ValueError(f"unknown toy dataset '{name}'; choose one of {', '.join(TOY_DATASETS)}")
     try:
@@ -303,8 +407,10 @@ def build_toy_dataset(name: str, **kwargs: object) -> ToyDataset:
 
 __all__ = [
     "TOY_DATASETS",
+    "LorentzWrappedNormalMixture",
     "PoincareWrappedNormalMixture",
     "ProductVMFMixture",
+    "SPDWrappedNormalMixture",
     "ToyDataset",
     "TorusWrappedNormalMixture",
     "VMFMixture",

@@ -3,8 +3,10 @@
 ``frechet_distance`` is ``|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^{1/2})`` between Gaussians fitted to features
 (Heusel et al.). FID is that distance in the 2048-d pool features of torch-fidelity's ``inception-v3-compat``
 network, which needs its weight file (``pt_inception-2015-12-05-6726825d.pth``): nothing is downloaded here, so a
-local path must be given. The reference is either a statistics file (``.npz`` with ``mu`` and ``sigma``, as in the
-ADM reference batches or pytorch-fid) or images (a folder, or an ``.npz`` whose ``arr_0`` is uint8 NHWC).
+local path must be given (torch-fidelity reads it with ``torch.load`` as the state dict of its
+``FeatureExtractorInceptionV3``). The reference is either a statistics file (``.npz`` with ``mu`` and ``sigma``, as in
+the ADM reference batches or pytorch-fid) or images (a folder, or an ``.npz`` whose ``arr_0`` is uint8 NHWC, the
+layout of ADM sample and reference batches).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..atomic import atomic_path
+from ..errors import InputError
 
 INCEPTION = "inception-v3-compat"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -29,7 +32,7 @@ def feature_stats(features: np.ndarray | Tensor) -> tuple[np.ndarray, np.ndarray
     """Mean ``(D,)`` and unbiased covariance ``(D, D)`` of ``(N, D)`` features, in float64."""
     f = features.double().cpu().numpy() if isinstance(features, Tensor) else np.asarray(features, np.float64)
     if f.ndim != 2 or f.shape[0] < 2:
-        raise ValueError(f"need at least 2 feature vectors of shape (N, D) for statistics, got {f.shape}")
+        raise InputError(f"need at least 2 feature vectors of shape (N, D) for statistics, got {f.shape}")
     return f.mean(axis=0), np.cov(f, rowvar=False)
 
 
@@ -44,7 +47,7 @@ def frechet_distance(
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.shape[0],) * 2:
-        raise ValueError(f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}")
+        raise InputError(f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}")
     diff = mu1 - mu2
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -66,7 +69,7 @@ class UInt8Images(Dataset):
 
     def __init__(self, images: np.ndarray) -> None:
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(f"expected uint8 images (N, H, W, 3), got {images.dtype} {images.shape}")
+            raise InputError(f"expected uint8 images (N, H, W, 3), got {images.dtype} {images.shape}")
         self.images = images
 
     def __len__(self) -> int:
@@ -83,41 +86,55 @@ def load_images(path: str | Path) -> np.ndarray:
         raise FileNotFoundError(f"{path} does not exist; pass an .npz of samples or a folder of images")
     if path.is_file():
         if path.suffix != ".npz":
-            raise ValueError(f"{path}: expected an .npz (ADM layout, arr_0 uint8 NHWC) or a folder of images")
+            raise InputError(f"{path}: expected an .npz (ADM layout, arr_0 uint8 NHWC) or a folder of images")
         with np.load(path) as data:
             if "arr_0" not in data:
-                raise ValueError(f"{path} has no arr_0 image array (keys: {', '.join(data.files)})")
+                raise InputError(
+                    f"{path} has no arr_0 image array and no mu/sigma statistics (keys: {', '.join(data.files)})"
+                )
             arr = data["arr_0"]
         if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
-            raise ValueError(f"{path}: arr_0 must be uint8 (N, H, W, 3), got {arr.dtype} {arr.shape}")
+            raise InputError(f"{path}: arr_0 must be uint8 (N, H, W, 3), got {arr.dtype} {arr.shape}")
         return arr
     from PIL import Image, UnidentifiedImageError
 
     files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise ValueError(f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        raise InputError(f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     out = []
     for f in files:
         try:
             with Image.open(f) as im:
                 out.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
         except (OSError, UnidentifiedImageError) as exc:
-            raise ValueError(f"cannot read image {f}: {exc}; remove or replace it") from None
+            raise InputError(f"cannot read image {f}: {exc}; remove or replace it") from None
     shapes = {a.shape for a in out}
     if len(shapes) != 1:
-        raise ValueError(f"images in {path} have different sizes {sorted(shapes)[:3]}...; resize them first")
+        raise InputError(f"images in {path} have different sizes {sorted(shapes)[:3]}...; resize them first")
     return np.stack(out)
 
 
 def load_reference_stats(path: str | Path) -> tuple[np.ndarray, np.ndarray] | None:
-    """``(mu, sigma)`` if ``path`` is a statistics ``.npz`` (keys ``mu``, ``sigma``), else ``None``."""
+    """``(mu, sigma)`` if ``path`` is a statistics ``.npz`` (keys ``mu``, ``sigma``: pytorch-fid's files, and the ADM
+    reference batches, which also hold ``mu_s``/``sigma_s`` and usually the images as ``arr_0``), else ``None``."""
     path = Path(path)
     if not (path.is_file() and path.suffix == ".npz"):
         return None
     with np.load(path) as data:
         if "mu" in data and "sigma" in data:
             return data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
+        if "mu" in data or "sigma" in data:
+            raise InputError(f"{path} holds only one of mu and sigma (keys: {', '.join(data.files)}); need both")
     return None
+
+
+def has_image_array(path: str | Path) -> bool:
+    """Whether ``path`` is an ``.npz`` holding an ``arr_0`` array (the ADM layout of images)."""
+    path = Path(path)
+    if not (path.is_file() and path.suffix == ".npz"):
+        return False
+    with np.load(path) as data:
+        return "arr_0" in data.files
 
 
 def save_stats(path: str | Path, mu: np.ndarray, sigma: np.ndarray) -> Path:
@@ -168,8 +185,10 @@ def fidelity_metrics(
 ) -> dict[str, float]:
     """FID (+ IS, precision/recall) of uint8 NHWC ``samples`` against ``reference`` through torch-fidelity.
 
-    ``reference``: a statistics ``.npz`` (``mu``, ``sigma``: FID only, since precision/recall need reference
-    features), an ``.npz`` of images, a folder of images, or an image array. ``feature_extractor`` may name any
+    ``reference``: a statistics ``.npz`` (``mu``, ``sigma``, as pytorch-fid writes them: FID only, since
+    precision/recall need reference features), an ADM reference batch (``mu``, ``sigma``, ``mu_s``, ``sigma_s`` and
+    the images as ``arr_0``: FID from its statistics, precision/recall from its images), an ``.npz`` of images
+    (``arr_0``), a folder of images, or an image array. ``feature_extractor`` may name any
     extractor registered with torch-fidelity (the test suite registers a small stand-in; metrics computed with it
     are not FID and are keyed ``fd[<name>]`` instead of ``fid``).
     """
@@ -178,7 +197,7 @@ def fidelity_metrics(
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
     if feature_extractor not in FEATURE_EXTRACTORS_REGISTRY:
-        raise ValueError(
+        raise InputError(
             f"unknown torch-fidelity feature extractor '{feature_extractor}'; "
             f"registered: {', '.join(FEATURE_EXTRACTORS_REGISTRY)}"
         )
@@ -193,16 +212,19 @@ def fidelity_metrics(
     mu, sigma = feature_stats(feats[fid_layer])
     fid_key = "fid" if feature_extractor == INCEPTION else f"fd[{feature_extractor}]"
     out: dict[str, float] = {}
+    ref_feats = None
     if stats is not None:
         out[fid_key] = frechet_distance(mu, sigma, *stats)
+        if prc and has_image_array(reference):  # an ADM reference batch: its images give precision/recall
+            ref_feats = _features(load_images(reference), extractor, batch_size, cuda)
     else:
         ref_images = reference if isinstance(reference, np.ndarray) else load_images(reference)
         ref_feats = _features(ref_images, extractor, batch_size, cuda)
         out[fid_key] = frechet_distance(mu, sigma, *feature_stats(ref_feats[fid_layer]))
-        if prc:
-            kw = {"prc_neighborhood": prc_neighborhood, "prc_batch_size": 10000, "cuda": cuda, "verbose": False}
-            m = prc_featuresdict_to_metric(feats, ref_feats, fid_layer, **kw)
-            out.update({"precision": float(m["precision"]), "recall": float(m["recall"])})
+    if prc and ref_feats is not None:
+        kw = {"prc_neighborhood": prc_neighborhood, "prc_batch_size": 10000, "cuda": cuda, "verbose": False}
+        m = prc_featuresdict_to_metric(feats, ref_feats, fid_layer, **kw)
+        out.update({"precision": float(m["precision"]), "recall": float(m["recall"])})
     if isc:
         m = isc_featuresdict_to_metric(
             feats, isc_layer, isc_splits=min(10, samples.shape[0]), rng_seed=2020, verbose=False

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from ..atomic import atomic_path
+from ..errors import InputError
 
 
 def to_uint8(images: Tensor) -> np.ndarray:
@@ -59,9 +60,9 @@ def merge_shards(shards: str | Path, expected: int | None = None) -> tuple[np.nd
             meta.append(d["arr_1"].reshape(-1, 2))
     index = np.concatenate(meta)
     if len(np.unique(index[:, 0])) != len(index):
-        raise ValueError(f"shards in {shards} overlap (a sample index appears twice); delete them and resample")
+        raise InputError(f"shards in {shards} overlap (a sample index appears twice); delete them and resample")
     if expected is not None and not np.array_equal(np.sort(index[:, 0]), np.arange(expected)):
-        raise ValueError(f"shards in {shards} hold {len(index)} of the {expected} samples; rerun the command to finish")
+        raise InputError(f"shards in {shards} hold {len(index)} of the {expected} samples; rerun the command to finish")
     order = np.argsort(index[:, 0], kind="stable")
     return np.concatenate(images)[order], index[order, 1]
 

@@ -15,35 +15,37 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from manifold_fm.errors import InputError
+
 from ..data.normalization import LatentNormalization
 
 
 def check_images(images: Tensor, downsample: int) -> None:
     """Raise ``ValueError`` (one line) unless ``images`` is a finite ``(B, 3, H, W)`` batch in ``[-1, 1]``."""
     if not torch.is_tensor(images) or not images.is_floating_point():
-        raise ValueError(f"images must be a floating torch.Tensor, got {type(images).__name__}")
+        raise InputError(f"images must be a floating torch.Tensor, got {type(images).__name__}")
     if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"images must have shape (B, 3, H, W), got {tuple(images.shape)}")
+        raise InputError(f"images must have shape (B, 3, H, W), got {tuple(images.shape)}")
     h, w = images.shape[-2:]
     if h % downsample or w % downsample:
-        raise ValueError(f"image size {h}x{w} must be divisible by the tokenizer's downsampling factor {downsample}")
+        raise InputError(f"image size {h}x{w} must be divisible by the tokenizer's downsampling factor {downsample}")
     if images.numel() == 0:
         return
     if not bool(torch.isfinite(images).all()):
-        raise ValueError("images contain NaN/Inf values")
+        raise InputError("images contain NaN/Inf values")
     lo, hi = float(images.min()), float(images.max())
     if lo < -1.05 or hi > 1.05:
-        raise ValueError(f"images must be in [-1, 1], got values in [{lo:.3g}, {hi:.3g}]; map x in [0, 1] to 2x - 1")
+        raise InputError(f"images must be in [-1, 1], got values in [{lo:.3g}, {hi:.3g}]; map x in [0, 1] to 2x - 1")
 
 
 def check_latents(latents: Tensor, channels: int) -> None:
     """Raise ``ValueError`` unless ``latents`` is a finite ``(B, C, h, w)`` batch with ``C = channels``."""
     if not torch.is_tensor(latents) or not latents.is_floating_point():
-        raise ValueError(f"latents must be a floating torch.Tensor, got {type(latents).__name__}")
+        raise InputError(f"latents must be a floating torch.Tensor, got {type(latents).__name__}")
     if latents.ndim != 4 or latents.shape[1] != channels:
-        raise ValueError(f"latents must have shape (B, {channels}, h, w), got {tuple(latents.shape)}")
+        raise InputError(f"latents must have shape (B, {channels}, h, w), got {tuple(latents.shape)}")
     if not bool(torch.isfinite(latents).all()):
-        raise ValueError("latents contain NaN/Inf values")
+        raise InputError("latents contain NaN/Inf values")
 
 
 class Tokenizer(ABC):
@@ -157,7 +159,7 @@ def compute_channel_stats(
     size = len(dataset)  # type: ignore[arg-type]
     n = size if max_items is None else min(max_items, size)
     if n == 0:
-        raise ValueError("cannot compute latent statistics over an empty dataset")
+        raise InputError("cannot compute latent statistics over an empty dataset")
     order = torch.linspace(0, size - 1, n).round().long().tolist() if n < size else list(range(size))
     render = getattr(dataset, "render", None)
     total = torch.zeros((), dtype=torch.float64)
@@ -183,7 +185,7 @@ def compute_channel_stats(
         s2 = (zs**2).sum(1) if s2 is None else s2 + (zs**2).sum(1)
         total += zs.shape[1]
     if s1 is None or s2 is None:
-        raise ValueError("no readable image to compute latent statistics from")
+        raise InputError("no readable image to compute latent statistics from")
     mean = s1 / total
     var = (s2 / total - mean**2).clamp_min(0)
     std = var.sqrt().clamp_min(1e-8)

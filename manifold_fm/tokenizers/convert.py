@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from manifold_fm.errors import InputError
+
 from .state_files import load_state_file, tensor_state
 
 _AE_PREFIXES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
@@ -62,23 +64,23 @@ def infer_ldm_ddconfig(state: Mapping[str, Tensor]) -> dict[str, Any]:
     need = ("encoder.conv_in.weight", "encoder.conv_out.weight", "decoder.conv_in.weight", "decoder.conv_out.weight")
     missing = [k for k in need if k not in state]
     if missing:
-        raise ValueError(
+        raise InputError(
             f"not an LDM-layout autoencoder: {', '.join(missing)} missing (expected encoder.* / decoder.* keys, "
             "optionally under first_stage_model. or state_dict)"
         )
     if any(".attn.0.qkv" in k or ".attn_1.qkv" in k for k in keys):
-        raise ValueError("linear / fused-qkv attention blocks are not convertible to diffusers' AutoencoderKL")
+        raise InputError("linear / fused-qkv attention blocks are not convertible to diffusers' AutoencoderKL")
     ch = int(state["encoder.conv_in.weight"].shape[0])
     levels = _indices(keys, r"encoder\.down\.(\d+)\.")
     if not levels or levels != list(range(len(levels))):
-        raise ValueError(f"encoder.down.<i> levels are not 0..n-1 (found {levels})")
+        raise InputError(f"encoder.down.<i> levels are not 0..n-1 (found {levels})")
     blocks = _indices(keys, r"encoder\.down\.0\.block\.(\d+)\.")
     ch_mult = [int(state[f"encoder.down.{i}.block.0.conv2.weight"].shape[0]) // ch for i in levels]
     z = int(state["decoder.conv_in.weight"].shape[1])
     enc_out = int(state["encoder.conv_out.weight"].shape[0])
     up_blocks = _indices(keys, r"decoder\.up\.0\.block\.(\d+)\.")
     if len(up_blocks) != len(blocks) + 1:
-        raise ValueError(
+        raise InputError(
             f"decoder levels have {len(up_blocks)} blocks, encoder levels {len(blocks)}: LDM's decoder has one more"
         )
     embed = int(state["post_quant_conv.weight"].shape[1]) if "post_quant_conv.weight" in state else z
@@ -124,14 +126,14 @@ def convert_ldm_vae_state(
     state = _strip_prefix(tensor_state(checkpoint))
     dd = infer_ldm_ddconfig(state)
     if not dd["double_z"]:
-        raise ValueError("the encoder does not output mean and log-variance (double_z); AutoencoderKL needs it")
+        raise InputError("the encoder does not output mean and log-variance (double_z); AutoencoderKL needs it")
     if dd["embed_dim"] != dd["z_channels"]:
-        raise ValueError(
+        raise InputError(
             f"embed_dim {dd['embed_dim']} != z_channels {dd['z_channels']}: diffusers' AutoencoderKL has one "
             "latent width for the quant convolutions and the decoder"
         )
     if (latents_mean is None) != (latents_std is None):
-        raise ValueError("give both latents_mean and latents_std, or neither")
+        raise InputError("give both latents_mean and latents_std, or neither")
     ldm_config = {
         "model": {
             "params": {
@@ -157,7 +159,7 @@ def convert_ldm_vae_state(
         config["shift_factor"] = float(shift_factor)
     if latents_mean is not None and latents_std is not None:
         if len(latents_mean) != dd["z_channels"] or len(latents_std) != dd["z_channels"]:
-            raise ValueError(
+            raise InputError(
                 f"latents_mean / latents_std need {dd['z_channels']} values (one per latent channel), "
                 f"got {len(latents_mean)} and {len(latents_std)}"
             )
@@ -181,7 +183,7 @@ def convert_ldm_vae_state(
     used = sum(v.numel() for v in new.values())
     total = sum(v.numel() for v in state.values())
     if used != total:
-        raise ValueError(
+        raise InputError(
             f"only {used} of the checkpoint's {total} autoencoder weights were converted: a block layout this "
             "converter does not know"
         )
@@ -198,14 +200,14 @@ def build_autoencoder_kl(config: Mapping[str, Any], state: Mapping[str, Tensor])
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
         detail = " ".join(line.strip() for line in first[:3])[:300]
-        raise ValueError(f"converted weights do not fit diffusers' AutoencoderKL: {detail}") from None
+        raise InputError(f"converted weights do not fit diffusers' AutoencoderKL: {detail}") from None
     return vae.eval()
 
 
 def _stats_vectors(path: str | Path, trust_pickle: bool) -> tuple[list[float], list[float]]:
     obj = load_state_file(path, "latent statistics", trust_pickle=trust_pickle)
     if not ("mean" in obj and "std" in obj):
-        raise ValueError(f"latent statistics {path} need 'mean' and 'std' entries (LightningDiT's latents_stats.pt)")
+        raise InputError(f"latent statistics {path} need 'mean' and 'std' entries (LightningDiT's latents_stats.pt)")
     return [float(v) for v in torch.as_tensor(obj["mean"]).flatten()], [
         float(v) for v in torch.as_tensor(obj["std"]).flatten()
     ]

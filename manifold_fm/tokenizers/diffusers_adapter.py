@@ -21,6 +21,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from manifold_fm.errors import InputError
+
 from ..data.normalization import LatentNormalization
 from .base import Tokenizer
 
@@ -109,11 +111,11 @@ class DiffusersTokenizer(Tokenizer):
         """
         classes = _vae_classes()
         if kind not in ("kl", "flux2"):
-            raise ValueError(f"diffusers tokenizer kind must be 'kl' or 'flux2', got {kind!r}")
+            raise InputError(f"diffusers tokenizer kind must be 'kl' or 'flux2', got {kind!r}")
         if kind not in classes:
             import diffusers
 
-            raise ValueError(
+            raise InputError(
                 f"diffusers {diffusers.__version__} has no AutoencoderKLFlux2; upgrade diffusers to load FLUX.2's VAE"
             )
         vae_cls = classes[kind]

@@ -26,6 +26,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from manifold_fm.errors import InputError
+
 from .state_files import load_state_file, tensor_state
 
 # Prefixes under which LDM / taming checkpoints store the discriminator (longest first).
@@ -65,12 +67,12 @@ class NLayerDiscriminator(nn.Module):
     ) -> None:
         super().__init__()
         if layers < 1 or base_channels < 1 or in_channels < 1:
-            raise ValueError(
+            raise InputError(
                 f"NLayerDiscriminator needs layers, base_channels, in_channels >= 1, got {layers}, "
                 f"{base_channels}, {in_channels}"
             )
         if norm not in ("batch", "actnorm"):
-            raise ValueError(f"discriminator norm must be 'batch' or 'actnorm', got {norm!r}")
+            raise InputError(f"discriminator norm must be 'batch' or 'actnorm', got {norm!r}")
         self.layers, self.base_channels, self.in_channels, self.norm = layers, base_channels, in_channels, norm
 
         def norm_layer(c: int) -> nn.Module:
@@ -113,7 +115,7 @@ class NLayerDiscriminator(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if min(x.shape[-2:]) < self.min_image_size():
-            raise ValueError(
+            raise InputError(
                 f"a {self.layers}-layer patch discriminator needs images of at least {self.min_image_size()} px, "
                 f"got {tuple(x.shape[-2:])}; use fewer discriminator layers"
             )
@@ -148,7 +150,7 @@ def nlayer_discriminator_from_state(state: Mapping[str, Tensor]) -> NLayerDiscri
         (int(k.split(".")[1]) for k in state if k.endswith(".weight") and state[k].ndim == 4),
     )
     if len(convs) < 3 or convs[0] != 0:
-        raise ValueError(
+        raise InputError(
             "not an NLayerDiscriminator state dict: expected convolution weights main.0.weight ... "
             f"(found {sorted(state)[:4]})"
         )
@@ -159,7 +161,7 @@ def nlayer_discriminator_from_state(state: Mapping[str, Tensor]) -> NLayerDiscri
         disc.load_state_dict(dict(state), strict=True)
     except RuntimeError as exc:
         first_line = str(exc).strip().splitlines()[0]
-        raise ValueError(f"discriminator state does not match an NLayerDiscriminator: {first_line}") from None
+        raise InputError(f"discriminator state does not match an NLayerDiscriminator: {first_line}") from None
     return disc
 
 
@@ -168,7 +170,7 @@ def load_nlayer_discriminator(path: str | Path, *, trust_pickle: bool = False) -
     VA-VAE autoencoder checkpoint holding ``loss.discriminator.main.*``; the architecture comes from the file."""
     state = discriminator_state(load_state_file(path, "discriminator checkpoint", trust_pickle=trust_pickle))
     if not state:
-        raise ValueError(
+        raise InputError(
             f"discriminator checkpoint {path} has no 'main.*' / 'loss.discriminator.main.*' tensors "
             "(an LDM-layout autoencoder checkpoint or a saved NLayerDiscriminator state dict is expected)"
         )

@@ -43,6 +43,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from manifold_fm.errors import InputError
+
 from ..data.guarded import GuardedItems, collate_guarded, load_image_batch
 from ..manifolds import TokenSpheres
 from .base import Tokenizer
@@ -131,7 +133,7 @@ def reconstruction_metrics(
 def steps_for_epochs(epochs: float, dataset_size: int, batch_size: int) -> int:
     """Optimisation steps that show ``epochs * dataset_size`` images at ``batch_size``: ``ceil(E N / B)``."""
     if not (epochs > 0 and math.isfinite(epochs)):
-        raise ValueError(f"finetune epochs must be a positive number, got {epochs}")
+        raise InputError(f"finetune epochs must be a positive number, got {epochs}")
     return max(1, math.ceil(epochs * dataset_size / batch_size))
 
 
@@ -155,16 +157,16 @@ def build_discriminator(
     """
     if isinstance(kind, nn.Module):
         if init is not None:
-            raise ValueError("pass either a discriminator module or disc_init, not both")
+            raise InputError("pass either a discriminator module or disc_init, not both")
         return copy.deepcopy(kind)
     if kind == "patch":
         if init is not None or layers is not None or channels is not None or norm is not None:
-            raise ValueError("the 'patch' discriminator has a fixed architecture and no checkpoint; use 'nlayer'")
+            raise InputError("the 'patch' discriminator has a fixed architecture and no checkpoint; use 'nlayer'")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return PatchDiscriminator()
     if kind != "nlayer":
-        raise ValueError(f"discriminator must be 'nlayer' or 'patch', got {kind!r}")
+        raise InputError(f"discriminator must be 'nlayer' or 'patch', got {kind!r}")
     if init is not None:
         if isinstance(init, (str, Path)):
             where, obj = str(init), load_state_file(init, "discriminator checkpoint", trust_pickle=trust_pickle)
@@ -172,7 +174,7 @@ def build_discriminator(
             where, obj = "the given state", dict(init)
         state = discriminator_state(obj)
         if not state:
-            raise ValueError(
+            raise InputError(
                 f"discriminator checkpoint {where} has no 'main.*' / 'loss.discriminator.main.*' tensors "
                 "(an LDM-layout autoencoder checkpoint or a saved NLayerDiscriminator state dict is expected)"
             )
@@ -181,7 +183,7 @@ def build_discriminator(
         found = {"layers": disc.layers, "channels": disc.base_channels, "norm": disc.norm}
         clash = [f"{k} {wanted[k]} (checkpoint: {found[k]})" for k in wanted if wanted[k] not in (None, found[k])]
         if clash:
-            raise ValueError(f"discriminator checkpoint {where} does not match the requested " + ", ".join(clash))
+            raise InputError(f"discriminator checkpoint {where} does not match the requested " + ", ".join(clash))
         return disc
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -250,18 +252,18 @@ def finetune_decoder_and_discriminator(
     """
     n = len(dataset)  # type: ignore[arg-type]
     if n == 0:
-        raise ValueError("finetune dataset is empty")
+        raise InputError("finetune dataset is empty")
     if batch_size < 1:
-        raise ValueError(f"finetune batch size must be >= 1, got {batch_size}")
+        raise InputError(f"finetune batch size must be >= 1, got {batch_size}")
     if (steps is None) == (epochs is None):
-        raise ValueError("give the finetune length as steps or as epochs (exactly one of them)")
+        raise InputError("give the finetune length as steps or as epochs (exactly one of them)")
     if epochs is not None:
         steps = steps_for_epochs(epochs, n, batch_size)
     assert steps is not None
     if steps < 0:
-        raise ValueError(f"finetune steps must be >= 0, got {steps}")
+        raise InputError(f"finetune steps must be >= 0, got {steps}")
     if gan_warmup < 0 or (gan_start is not None and gan_start < 0):
-        raise ValueError(f"gan_start and gan_warmup must be >= 0, got {gan_start} and {gan_warmup}")
+        raise InputError(f"gan_start and gan_warmup must be >= 0, got {gan_start} and {gan_warmup}")
     device = tokenizer.device
     tokenizer.eval().requires_grad_(False)
     manifold = TokenSpheres(tokenizer.latent_channels, axis=1)
@@ -279,7 +281,7 @@ def finetune_decoder_and_discriminator(
     decoder = copy.deepcopy(tokenizer.decoder_module()).float().to(device).train().requires_grad_(True)
     convs = [q for q in decoder.parameters() if q.ndim == 4]
     if not convs and adaptive_gan_weight and gan_weight > 0:
-        raise ValueError("adaptive GAN weighting needs a convolutional decoder; pass adaptive_gan_weight=False")
+        raise InputError("adaptive GAN weighting needs a convolutional decoder; pass adaptive_gan_weight=False")
     last_conv = convs[-1] if convs else None
     disc = build_discriminator(
         discriminator,
@@ -309,7 +311,7 @@ def finetune_decoder_and_discriminator(
             idx = torch.randint(0, n, (batch_size,), generator=g).tolist()
             x = load_image_batch(dataset, idx).to(device).float()
         if step == 0 and gan_on and callable(min_side) and min(x.shape[-2:]) < min_side():
-            raise ValueError(
+            raise InputError(
                 f"images of {tuple(x.shape[-2:])} px are too small for the {getattr(disc, 'layers', '?')}-layer "
                 "discriminator "
                 f"(it needs >= {min_side()} px); use fewer discriminator layers"
@@ -496,9 +498,9 @@ def compare_decoders(
     from .spherical import SphericalTokenizer
 
     if not decoder_states:
-        raise ValueError("compare_decoders needs at least one decoder")
+        raise InputError("compare_decoders needs at least one decoder")
     if len(indices) == 0:
-        raise ValueError("compare_decoders needs at least one held-out image")
+        raise InputError("compare_decoders needs at least one held-out image")
     perceptual = (perceptual or GradientPyramidDistance()).to(tokenizer.device)
     manifold = TokenSpheres(tokenizer.latent_channels, axis=1)
     decode: dict[str, Callable[[Tensor], Tensor]] = {}
@@ -528,7 +530,7 @@ def compare_decoders(
                     on_batch(key, rec, x)
         count += int(x.shape[0])
     if count == 0:
-        raise ValueError(f"none of the {len(indices)} held-out images could be read")
+        raise InputError(f"none of the {len(indices)} held-out images could be read")
     metrics = {k: {m: float(torch.cat(v).double().mean()) for m, v in d.items()} for k, d in values.items()}
     return {
         "metrics": metrics,

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from manifold_fm.errors import InputError
+
 # LPIPS' input scaling layer (ImageNet statistics expressed for inputs in [-1, 1]).
 _LPIPS_SHIFT = (-0.030, -0.088, -0.188)
 _LPIPS_SCALE = (0.458, 0.448, 0.450)
@@ -42,7 +44,7 @@ def _vgg16_features() -> nn.Sequential:
 
 def _check_pair(a: Tensor, b: Tensor) -> None:
     if a.shape != b.shape or a.ndim != 4:
-        raise ValueError(
+        raise InputError(
             f"image distance needs two (B, C, H, W) batches of equal shape, got {tuple(a.shape)} and {tuple(b.shape)}"
         )
 
@@ -63,7 +65,7 @@ class LPIPS(nn.Module):
         state = self._load(vgg_weights, "VGG16")
         feat_state = {k[len("features.") :]: v for k, v in state.items() if k.startswith("features.")}
         if not feat_state:
-            raise ValueError(f"{vgg_weights} holds no 'features.*' tensors; expected torchvision's vgg16 state dict")
+            raise InputError(f"{vgg_weights} holds no 'features.*' tensors; expected torchvision's vgg16 state dict")
         features.load_state_dict(feat_state, assign=True)
         starts = (0, *_VGG_STAGE_ENDS[:-1])
         bounds = zip(starts, _VGG_STAGE_ENDS, strict=True)
@@ -73,7 +75,7 @@ class LPIPS(nn.Module):
         for k, c in enumerate(_VGG_CHANNELS):
             key = f"lin{k}.model.1.weight"
             if key not in lin or tuple(lin[key].shape) != (1, c, 1, 1):
-                raise ValueError(f"{lin_weights} lacks {key} of shape (1, {c}, 1, 1); expected LPIPS v0.1 vgg.pth")
+                raise InputError(f"{lin_weights} lacks {key} of shape (1, {c}, 1, 1); expected LPIPS v0.1 vgg.pth")
             self.lins.append(nn.Parameter(lin[key].float(), requires_grad=False))
         self.register_buffer("shift", torch.tensor(_LPIPS_SHIFT).view(1, 3, 1, 1))
         self.register_buffer("scale", torch.tensor(_LPIPS_SCALE).view(1, 3, 1, 1))
@@ -91,7 +93,7 @@ class LPIPS(nn.Module):
                 return load_file(str(path))
             return torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any unpickling/format failure is one "unreadable" error
-            raise ValueError(f"{what} weights {path} are unreadable: {exc}") from None
+            raise InputError(f"{what} weights {path} are unreadable: {exc}") from None
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
         _check_pair(a, b)
@@ -141,7 +143,7 @@ class GradientPyramidDistance(nn.Module):
 def perceptual_distance(vgg_weights: str | Path | None = None, lin_weights: str | Path | None = None) -> nn.Module:
     """LPIPS when both weight files are given, else :class:`GradientPyramidDistance`; read ``.name`` for which."""
     if (vgg_weights is None) != (lin_weights is None):
-        raise ValueError("LPIPS needs both --lpips-vgg (VGG16 weights) and --lpips-lin (LPIPS heads), or neither")
+        raise InputError("LPIPS needs both --lpips-vgg (VGG16 weights) and --lpips-lin (LPIPS heads), or neither")
     if vgg_weights is None:
         return GradientPyramidDistance()
     return LPIPS(vgg_weights, lin_weights)  # type: ignore[arg-type]
@@ -238,16 +240,16 @@ class DINOv2Distance(nn.Module):
         state = {k[len("backbone.") :] if k.startswith("backbone.") else k: v for k, v in state.items()}
         need = ("patch_embed.proj.weight", "cls_token", "pos_embed", "norm.weight")
         if any(k not in state for k in need) or "blocks.0.attn.qkv.weight" not in state:
-            raise ValueError(
+            raise InputError(
                 f"DINOv2 weights {self.source} lack {[k for k in need if k not in state] or ['blocks.0.*']}; "
                 "expected a facebookresearch/dinov2 ViT state dict (e.g. dinov2_vitb14_pretrain.pth)"
             )
         if "blocks.0.mlp.w12.weight" in state:
-            raise ValueError("DINOv2 ViT-g (SwiGLU MLP) is not supported; use ViT-S/B/L weights")
+            raise InputError("DINOv2 ViT-g (SwiGLU MLP) is not supported; use ViT-S/B/L weights")
         proj = state["patch_embed.proj.weight"]
         dim, self.patch = int(proj.shape[0]), int(proj.shape[-1])
         if image_size % self.patch:
-            raise ValueError(f"DINOv2 image_size must be a multiple of the patch size {self.patch}, got {image_size}")
+            raise InputError(f"DINOv2 image_size must be a multiple of the patch size {self.patch}, got {image_size}")
         self.image_size = image_size
         depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
         hidden = int(state["blocks.0.mlp.fc1.weight"].shape[0])
@@ -282,7 +284,7 @@ class DINOv2Distance(nn.Module):
             self.load_state_dict({k: v.float() for k, v in mine.items()}, strict=True)
         except RuntimeError as exc:
             first = str(exc).strip().splitlines()[0]
-            raise ValueError(f"DINOv2 weights {self.source} have unexpected shapes: {first}") from None
+            raise InputError(f"DINOv2 weights {self.source} have unexpected shapes: {first}") from None
         self.register_buffer("mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1))
         self.name = f"dinov2-vit{dim}d{depth}x{heads}h-p{self.patch}:cls-cosine@{image_size}"

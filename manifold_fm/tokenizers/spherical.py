@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from manifold_fm.errors import InputError
+
 from ..data.normalization import LatentNormalization
 from ..manifolds import TokenSpheres
 from .base import Tokenizer
@@ -32,7 +34,7 @@ def load_decoder_state(path: str | Path) -> dict[str, Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise ValueError(f"decoder state {path} is unreadable: {exc}") from None
+        raise InputError(f"decoder state {path} is unreadable: {exc}") from None
 
 
 class SphericalTokenizer(Tokenizer):
@@ -59,7 +61,7 @@ class SphericalTokenizer(Tokenizer):
                 self.decoder.load_state_dict(dict(decoder_state))
             except RuntimeError as exc:
                 first = str(exc).strip().splitlines()[0]
-                raise ValueError(f"decoder state does not fit the base tokenizer's decoder: {first}") from None
+                raise InputError(f"decoder state does not fit the base tokenizer's decoder: {first}") from None
         self.decoder.eval().requires_grad_(False)
         self.name = f"spherical({base.name}){'+ft' if self.finetuned else ''}"
 

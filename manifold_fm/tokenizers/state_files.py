@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from manifold_fm.errors import InputError
+
 
 def load_state_file(path: str | Path, what: str = "checkpoint", *, trust_pickle: bool = False) -> dict[str, Any]:
     """The top-level mapping stored in ``path``; one-line ``FileNotFoundError`` / ``ValueError`` otherwise."""
@@ -34,9 +36,9 @@ def load_state_file(path: str | Path, what: str = "checkpoint", *, trust_pickle:
             if not trust_pickle and "weights_only" in str(exc)
             else ""
         )
-        raise ValueError(f"{what} {path} is unreadable: {first[:200]}{hint}") from None
+        raise InputError(f"{what} {path} is unreadable: {first[:200]}{hint}") from None
     if not isinstance(obj, Mapping):
-        raise ValueError(f"{what} {path} holds a {type(obj).__name__}, not a mapping of tensors")
+        raise InputError(f"{what} {path} holds a {type(obj).__name__}, not a mapping of tensors")
     return dict(obj)
 
 

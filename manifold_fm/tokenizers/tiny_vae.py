@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from manifold_fm.errors import InputError
+
 from ..atomic import atomic_path
 from ..data.normalization import LatentNormalization
 from .base import Tokenizer, compute_channel_stats
@@ -101,7 +103,7 @@ class TinyVAE(nn.Module):
     def __init__(self, latent_channels: int = 16, channels: tuple[int, ...] = (32, 64)) -> None:
         super().__init__()
         if latent_channels < 2:
-            raise ValueError(f"TinyVAE latent_channels must be >= 2, got {latent_channels}")
+            raise InputError(f"TinyVAE latent_channels must be >= 2, got {latent_channels}")
         self.config = {"latent_channels": int(latent_channels), "channels": [int(c) for c in channels]}
         self.latent_channels = int(latent_channels)
         self.downsample = 2 ** len(channels)
@@ -174,9 +176,9 @@ def load_tiny_vae(path: str | Path) -> TinyVAETokenizer:
             meta = f.metadata() or {}
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise ValueError(f"tiny VAE weights {path} are unreadable ({exc}); delete the file to retrain") from None
+        raise InputError(f"tiny VAE weights {path} are unreadable ({exc}); delete the file to retrain") from None
     if meta.get("format") != "manifold-fm-tiny-vae-v1":
-        raise ValueError(f"{path} is not a manifold-fm tiny VAE file (format {meta.get('format')!r})")
+        raise InputError(f"{path} is not a manifold-fm tiny VAE file (format {meta.get('format')!r})")
     config = json.loads(meta["config"])
     vae = TinyVAE(config["latent_channels"], tuple(config["channels"]))
     vae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("vae.")})

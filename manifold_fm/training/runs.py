@@ -17,6 +17,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from manifold_fm.errors import InputError
+
 from ..eval.image_io import balanced_labels
 from ..flow import Flow
 from ..sampler import SamplerSpec, generate
@@ -49,7 +51,7 @@ def read_run_checkpoint(run: str | Path) -> Checkpoint:
     ckpt_root = run / "checkpoints" if (run / "checkpoints").is_dir() else run
     ckpt = load_checkpoint(ckpt_root)
     if "config" not in ckpt.meta or "latent_shape" not in ckpt.meta:
-        raise ValueError(f"checkpoint {ckpt.path} was not written by an image run (no config/latent_shape)")
+        raise InputError(f"checkpoint {ckpt.path} was not written by an image run (no config/latent_shape)")
     return ckpt
 
 
@@ -96,9 +98,9 @@ def load_run(
 def _check_labels(run: LoadedRun, num_samples: int, labels: Tensor | None) -> Tensor:
     labels = balanced_labels(num_samples, run.num_classes) if labels is None else labels.long()
     if labels.shape != (num_samples,):
-        raise ValueError(f"expected {num_samples} labels, got shape {tuple(labels.shape)}")
+        raise InputError(f"expected {num_samples} labels, got shape {tuple(labels.shape)}")
     if int(labels.max()) >= run.num_classes or int(labels.min()) < 0:
-        raise ValueError(f"labels must be in [0, {run.num_classes}), got {int(labels.min())}..{int(labels.max())}")
+        raise InputError(f"labels must be in [0, {run.num_classes}), got {int(labels.min())}..{int(labels.max())}")
     return labels
 
 
@@ -203,7 +205,7 @@ def sample_to_shards(
     record = shards / "request.json"
     wanted = json.loads(json.dumps(dict(request), default=str))
     if record.is_file() and json.loads(record.read_text()) != wanted:
-        raise ValueError(
+        raise InputError(
             f"{shards} holds samples of another request (see its request.json); delete it or choose another --out"
         )
     if rank == 0 and not record.is_file():

@@ -113,10 +113,16 @@ def _autocast_dtype(mixed_precision: str, device: torch.device) -> torch.dtype |
     return {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision]
 
 
+def cpu_only(device: str | None) -> bool:
+    """Whether accelerate must be told ``cpu=True``: asked for, or no GPU (without it, processes launched on a
+    CPU-only machine each believe they are alone instead of forming gloo ranks)."""
+    return device == "cpu" or not torch.cuda.is_available()
+
+
 def _make_accelerator(device: str | None, log_with: Sequence[str], project_dir: Path) -> Any:
     from accelerate import Accelerator
 
-    cpu = device == "cpu" or not torch.cuda.is_available()
+    cpu = cpu_only(device)
     # Precision is the trainer's (one autocast + scaler on every device; accelerate's does nothing for fp16 on CPU).
     return Accelerator(mixed_precision="no", cpu=cpu, log_with=list(log_with) or None, project_dir=str(project_dir))
 
@@ -533,4 +539,4 @@ def _preserve_rng() -> Iterator[None]:
         set_rng_state(state)
 
 
-__all__ = ["Hook", "Trainer", "TrainingError", "config_fingerprint", "load_step", "lr_lambda"]
+__all__ = ["Hook", "Trainer", "TrainingError", "config_fingerprint", "cpu_only", "load_step", "lr_lambda"]
