@@ -116,6 +116,7 @@ PUBLIC_MODULES = [
     "manifold_fm.errors",
     "manifold_fm.seeding",
     "manifold_fm.eval.image_io",
+    "manifold_fm.eval.over_training",
     "manifold_fm.eval.plots",
     "manifold_fm.eval.sample_quality",
     "manifold_fm.training.schema",

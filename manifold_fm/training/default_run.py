@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..atomic import atomic_path, write_json_atomic
 from ..config import to_dict
@@ -38,10 +38,10 @@ from ..eval.plots import plot_over_steps
 from ..eval.sample_quality import SampleQuality
 from .builders import latent_flow
 from .default_report import write_report
-from .image import image_model, image_trainer
+from .image import eval_hook, image_model, image_trainer
 from .metrics_log import read_jsonl
 from .schema import FLOW_PRESETS, DefaultRunConfig, image_run_config, load_run_config
-from .trainer import Hook, TrainingError
+from .trainer import TrainingError
 
 
 @dataclass
@@ -85,11 +85,8 @@ def _train_mode(job: ModeJob) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     quality = SampleQuality(flow, icfg.sample, decoder, (channels, side, side), num_classes, builtin)
     model = image_model(icfg, channels, side, num_classes)
     seed = cfg.train.seed
-
-    def during_training(step: int, ema_model: nn.Module) -> dict[str, float]:
-        if step == cfg.train.steps:
-            return {}  # the final evaluation below uses more samples
-        return quality(ema_model, cfg.eval.samples, seed=seed + 1)
+    # evaluations over training; the final one below uses more samples
+    during_training = eval_hook(icfg, flow, decoder, (channels, side, side), num_classes, builtin, cfg.train.steps)
 
     run_dir = out / mode
     t0 = time.perf_counter()
@@ -103,7 +100,7 @@ def _train_mode(job: ModeJob) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         num_classes=num_classes,
         tokenizer_name=tokenizer_name,
         latent_normalization=latent_norm,
-        hooks=[Hook(icfg.train.eval_every, during_training)],
+        hooks=[during_training],
         device="cpu",
         progress=progress,
         progress_position=position,

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from manifold_fm.errors import InputError
+
 from ..config import to_dict
 from ..data.sources import DatasetSource, DataSource, TensorSource
 from ..flow import Flow
@@ -46,7 +48,7 @@ def load_tokenizer(cfg: ImageRunConfig, progress: bool = True) -> Any:
     from ..tokenizers import DiffusersTokenizer
 
     if not tc.name_or_path:
-        raise ValueError("tokenizer.name_or_path: required for a diffusers tokenizer (hub id or local folder)")
+        raise InputError("tokenizer.name_or_path: required for a diffusers tokenizer (hub id or local folder)")
     return DiffusersTokenizer.from_pretrained(tc.name_or_path, subfolder=tc.subfolder, kind=tc.vae_kind).eval()
 
 
@@ -135,16 +137,16 @@ def build_latents(cfg: ImageRunConfig, tokenizer: Any, progress: bool = True) ->
     cache = LatentCache(d.latents, raw=spherical)
     manifest = cache.manifest
     if cache.spherical and not spherical:
-        raise ValueError(
+        raise InputError(
             f"latent cache {d.latents} holds projected latents (extract-latents --spherical), which a vanilla-latent "
             "run cannot use; extract a cache without --spherical (one such cache serves both flows)"
         )
     c, h, _ = manifest.get("latent_shape") or tuple(cache[0][0].shape)
     num_classes = int(manifest.get("num_classes") or len(manifest.get("class_names") or []))
     if num_classes < 1:
-        raise ValueError(f"latent cache {d.latents}: its manifest names no classes (num_classes/class_names)")
+        raise InputError(f"latent cache {d.latents}: its manifest names no classes (num_classes/class_names)")
     if len(cache) < cfg.train.batch_size:
-        raise ValueError(f"latent cache {d.latents} holds {len(cache)} latents, fewer than train.batch_size")
+        raise InputError(f"latent cache {d.latents} holds {len(cache)} latents, fewer than train.batch_size")
     norm = _PROJECTED if spherical else cache.normalization.to_dict()
     return ImageLatents(DatasetSource(cache, num_workers=d.num_workers), int(c), int(h), num_classes, norm)
 
@@ -194,6 +196,56 @@ def grid_hook(
         save_image_grid(images, out_dir / "samples" / f"step_{step:08d}.png", nrow=per)
 
     return Hook(cfg.train.sample_every, grid)
+
+
+def eval_hook(
+    cfg: ImageRunConfig,
+    flow: Flow,
+    decoder: Any,
+    shape: tuple[int, int, int],
+    num_classes: int,
+    evaluator: Any = None,
+    skip_step: int | None = None,
+) -> Hook:
+    """Evaluations every ``train.eval_every`` steps on ``eval.samples`` samples with fixed noise (``eval.seed``):
+    the built-in classifier's FD and accuracy on the built-in data (``evaluator``, default the cached built-in one),
+    FID against ``eval.reference`` (local Inception weights) on a latent cache. ``skip_step``: a step left to the
+    caller (e.g. a final evaluation with more samples)."""
+    from ..eval.sample_quality import SampleQuality
+
+    if cfg.data.source == "builtin":
+        if evaluator is None:
+            from ..eval.classifier import builtin_evaluator
+
+            evaluator = builtin_evaluator(
+                cfg.tokenizer.cache_dir, progress=False, size=cfg.data.size, steps=cfg.eval.classifier_steps
+            )
+    else:
+        evaluator = _FidEvaluator(cfg)
+    quality = SampleQuality(flow, cfg.sample, decoder, shape, num_classes, evaluator)
+
+    def evaluate(step: int, model: nn.Module) -> dict[str, float]:
+        if step == skip_step:
+            return {}
+        return quality(model, cfg.eval.samples, seed=cfg.eval.seed)
+
+    return Hook(cfg.train.eval_every, evaluate)
+
+
+class _FidEvaluator:
+    """``evaluate(images, labels)`` -> FID (and IS) of decoded samples against ``eval.reference``."""
+
+    def __init__(self, cfg: ImageRunConfig) -> None:
+        self.cfg = cfg
+
+    def evaluate(self, images: Tensor, labels: Tensor | None = None) -> dict[str, float]:
+        from ..eval.fid import fidelity_metrics
+        from ..eval.image_io import to_uint8
+
+        e = self.cfg.eval
+        return fidelity_metrics(
+            to_uint8(images), e.reference, inception_weights=e.inception_weights, prc=False, batch_size=e.batch_size
+        )
 
 
 def image_trainer(
@@ -264,9 +316,13 @@ def train_image(
     flow = latent_flow(cfg.flow, channels)
     model = image_model(cfg, channels, side, num_classes)
     all_hooks = []
+    decoder = (
+        run_decoder(cfg, tokenizer, lat.normalization) if (cfg.train.sample_every or cfg.train.eval_every) else None
+    )
     if cfg.train.sample_every:
-        decoder = run_decoder(cfg, tokenizer, lat.normalization)
         all_hooks.append(grid_hook(cfg, flow, decoder, out, (channels, side, side), num_classes))
+    if cfg.train.eval_every:
+        all_hooks.append(eval_hook(cfg, flow, decoder, (channels, side, side), num_classes))
     trainer = image_trainer(
         cfg,
         model,
@@ -284,4 +340,4 @@ def train_image(
     try:
         return trainer.fit(resume=resume)
     except CheckpointError as exc:
-        raise ValueError(str(exc)) from None
+        raise InputError(str(exc)) from None

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import write_text_atomic
+from ..records import read_jsonl
 
 
 def _clean(value: Any) -> Any:
@@ -22,23 +23,6 @@ def _clean(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # JSON has no NaN/Inf; keep them visible as strings
     return value
-
-
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """All records of a JSONL log (a torn last line from a crash is ignored)."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
 
 
 class RunLogger:
@@ -94,3 +78,6 @@ class RunLogger:
         if self.accelerator is not None:
             self.accelerator.end_training()
             self.accelerator = None
+
+
+__all__ = ["RunLogger", "read_jsonl"]

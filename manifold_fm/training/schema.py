@@ -337,6 +337,20 @@ class ImageDataConfig(Section):
         return self
 
 
+class ImageEvalConfig(Section):
+    """Evaluations during training (every ``train.eval_every`` steps) on a fixed set of ``samples`` class-balanced
+    samples drawn with noise ``seed``: the FD-builtin-classifier and its accuracy on the built-in data; FID (through
+    torch-fidelity) against ``reference`` with local ``inception_weights`` on a latent cache. The final step is
+    evaluated too."""
+
+    samples: int = Field(240, ge=2)
+    seed: int = 1
+    classifier_steps: int = Field(800, ge=1)  # the built-in classifier's training (once, then cached)
+    inception_weights: Path | None = None
+    reference: Path | None = None
+    batch_size: int = Field(64, ge=1)
+
+
 def _default_sit(data: Any, arch: str) -> Any:
     """Before validation: a latent run's ``model`` section without ``arch`` gets ``arch`` (not the MLP)."""
     if isinstance(data, Mapping):
@@ -356,6 +370,7 @@ class ImageRunConfig(RunBase):
     name: str = "image"
     tokenizer: TokenizerConfig = _section(TokenizerConfig)
     data: ImageDataConfig = _section(ImageDataConfig)
+    eval: ImageEvalConfig = _section(ImageEvalConfig)
 
     @model_validator(mode="before")
     @classmethod
@@ -368,6 +383,13 @@ class ImageRunConfig(RunBase):
             raise ValueError("model.arch: image runs train a SiT (e.g. SiT-B/2), not 'mlp'")
         if self.data.source == "builtin" and self.tokenizer.kind == "none":
             raise ValueError("tokenizer.kind: 'none' needs data.source 'latents' (built-in images must be encoded)")
+        if self.train.eval_every and self.data.source == "latents":
+            missing = [k for k in ("inception_weights", "reference") if getattr(self.eval, k) is None]
+            if missing or self.tokenizer.kind == "none":
+                raise ValueError(
+                    f"eval.{missing[0] if missing else 'tokenizer'}: FID during training on a latent cache needs "
+                    "eval.inception_weights, eval.reference and a tokenizer to decode with"
+                )
         return self
 
 
@@ -448,6 +470,7 @@ def image_run_config(cfg: DefaultRunConfig, mode: str, decoder_state: Path | Non
     )
     tokenizer = cfg.tokenizer.model_copy(update={"decoder_state": decoder_state if spherical else None})
     data = {"source": "builtin", "per_class": cfg.data.per_class, "seed": 0}
+    evaluation = {"samples": cfg.eval.samples, "seed": cfg.train.seed + 1}
     sample = cfg.sample.model_copy(update={"seed": cfg.train.seed})
     return validate(
         ImageRunConfig,
@@ -461,6 +484,7 @@ def image_run_config(cfg: DefaultRunConfig, mode: str, decoder_state: Path | Non
             "sample": sample.model_dump(),
             "tokenizer": tokenizer.model_dump(),
             "data": data,
+            "eval": evaluation,
         },
     )
 
@@ -513,6 +537,7 @@ __all__ = [
     "FinetuneConfig",
     "FlowConfig",
     "ImageDataConfig",
+    "ImageEvalConfig",
     "ImageRunConfig",
     "ModelConfig",
     "OptimConfig",
