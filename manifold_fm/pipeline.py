@@ -39,7 +39,7 @@ from manifold_fm.errors import InputError
 
 from . import __version__
 from .sampler import SamplerSpec
-from .training.runs import LoadedRun, build_run, read_run_checkpoint, sample_run
+from .training.runs import LoadedRun, build_run, checkpoint_run_folder, read_run_checkpoint, sample_run
 
 #: ``config.json``'s ``format`` (an exported folder is recognised by it) and its version.
 FORMAT = "manifold-fm/latent-image"
@@ -92,10 +92,10 @@ class LatentImagePipeline(
         metrics the run folder holds for that step (see :func:`run_metrics`)."""
         ckpt = read_run_checkpoint(run)
         ema = use_ema and ckpt.ema is not None
-        loaded = build_run(ckpt.meta, ckpt.ema if ema else ckpt.model, device=device, progress=progress)
+        root = checkpoint_run_folder(ckpt)
+        loaded = build_run(ckpt.meta, ckpt.ema if ema else ckpt.model, device=device, progress=progress, run_dir=root)
         record = {k: ckpt.meta[k] for k in _RUN_KEYS if k in ckpt.meta}
         record["weights"] = "ema" if ema else "model"
-        root = ckpt.path.parent.parent if ckpt.path is not None and ckpt.path.parent.name == "checkpoints" else None
         record["metrics"] = run_metrics(root, loaded) if root is not None else {}
         return cls(loaded, record)
 

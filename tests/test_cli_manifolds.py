@@ -85,3 +85,53 @@ def test_cli_demo_rejects_bad_batch() -> None:
     result = CliRunner().invoke(main, ["demo", "--batch", "0"])
     assert result.exit_code != 0
     assert "--batch" in result.output
+
+
+def test_demo_times_slerp_with_the_geometry_benchmarks_setup(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The demo's slerp timing and benchmarks/bench_geometry.py's use the same shapes, thread count and linear
+    interpolation (the demo prints its setup; the benchmark's defaults are read from what it runs)."""
+    import sys
+    from pathlib import Path
+
+    from manifold_fm.commands import demo as demo_module
+
+    bench_dir = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench_dir))
+    import bench_geometry
+
+    class Ran(Exception):
+        pass
+
+    ran: dict[str, object] = {}
+
+    def fake_run(batch: int, channels: int, size: int, reps: int, compile_: bool) -> dict:
+        ran.update(shape=(batch, channels, size, size), reps=reps, threads=torch.get_num_threads())
+        raise Ran
+
+    monkeypatch.setattr(bench_geometry, "run", fake_run)
+    monkeypatch.setattr(sys, "argv", ["bench_geometry.py", "--out", str(Path(__file__).parent / "unused")])
+    with pytest.raises(Ran):
+        bench_geometry.main()
+    assert ran == {"shape": (256, 32, 16, 16), "reps": 21, "threads": 1}
+    assert bench_geometry.lerp_target is demo_module.lerp_target  # the same linear interpolation is timed
+
+    result = CliRunner().invoke(main, ["demo", "--reps", "1"])
+    assert result.exit_code == 0, result.output
+    assert "batch (256, 32, 16, 16), float32, 1 thread, median of 1 interleaved repetitions" in result.output
+    assert "the setup of benchmarks/bench_geometry.py" in result.output
+    other = CliRunner().invoke(main, ["demo", "--reps", "1", "--batch", "4"])
+    assert other.exit_code == 0 and "not the setup of benchmarks/bench_geometry.py (batch 256)" in other.output
+
+
+def test_lerp_target_is_the_linear_interpolation() -> None:
+    from manifold_fm.commands.demo import lerp_target
+
+    x0, x1, t = (
+        torch.randn(3, 2, 4, 4, dtype=torch.float64),
+        torch.randn(3, 2, 4, 4, dtype=torch.float64),
+        torch.rand(3),
+    )
+    x_t, u = lerp_target(x0, x1, t.double())
+    for i in range(3):
+        assert torch.equal(u[i], x1[i] - x0[i])
+        assert torch.allclose(x_t[i], (1 - t[i].double()) * x0[i] + t[i].double() * x1[i], atol=1e-12)

@@ -83,8 +83,8 @@ def test_unknown_kind_and_dispatch_by_kind(tmp_path: Path, monkeypatch: pytest.M
     calls = []
 
     def fake(name):  # noqa: ANN001, ANN202
-        def run(cfg, out_dir=None, resume=False):  # noqa: ANN001, ANN202
-            calls.append((name, type(cfg).__name__, cfg.train.steps, out_dir))
+        def run(cfg, out_dir=None, resume=False, overwrite=False):  # noqa: ANN001, ANN202
+            calls.append((name, type(cfg).__name__, cfg.train.steps, out_dir, overwrite))
             return Path(f"runs/{name}")
 
         return run
@@ -98,6 +98,9 @@ def test_unknown_kind_and_dispatch_by_kind(tmp_path: Path, monkeypatch: pytest.M
     assert res.exit_code == 0 and "runs/default" in res.output, res.output
     image_cfg = tmp_path / "img.yaml"
     image_cfg.write_text("kind: image\n")
-    res = CliRunner().invoke(main, ["train", "--config", str(image_cfg), "--path", "linear"])
+    res = CliRunner().invoke(main, ["train", "--config", str(image_cfg), "--path", "linear", "--overwrite"])
     assert res.exit_code == 0 and "runs/image" in res.output, res.output
-    assert calls == [("default", "DefaultRunConfig", 3, tmp_path / "d"), ("image", "ImageRunConfig", 1000, None)]
+    assert calls == [
+        ("default", "DefaultRunConfig", 3, tmp_path / "d", False),
+        ("image", "ImageRunConfig", 1000, None, True),
+    ]

@@ -58,6 +58,26 @@ def test_default_run_end_to_end(tmp_path: Path) -> None:
         "config.yaml",
     ]:
         assert (out / f).is_file(), f
+    # Pictures name their rows and runs; the table says what each column means.
+    from PIL import Image
+
+    from manifold_fm.data.builtin_images import CLASS_NAMES
+    from manifold_fm.training.default_report import LEGEND
+
+    recon = Image.open(out / "reconstructions.png").text
+    assert recon["Row labels"].splitlines() == [
+        "held-out images",
+        "base decoder",
+        "spherical, finetuned decoder",
+        "spherical, base decoder",
+    ]
+    for mode in ("spherical", "linear"):
+        grid = Image.open(out / mode / "grid.png").text
+        assert grid["Title"] == f"{mode} (default run, 4 steps, EMA weights)"
+        assert grid["Row labels"].splitlines() == list(CLASS_NAMES)
+    assert LEGEND in result.output and LEGEND in (out / "results.md").read_text()
+    assert "on-sphere error (max)" in LEGEND and "In parentheses for modes that do not project" in LEGEND
+    assert (out / "results.md").read_text().endswith("(1 thread).\n")
     # Metrics over steps: an evaluation at step 2 was logged for each mode.
     for mode in ("spherical", "linear"):
         steps = [

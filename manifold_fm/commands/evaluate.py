@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from ..atomic import write_json_atomic
+from ..threads import threads_option
 
 
 @click.command("evaluate")
@@ -41,6 +42,10 @@ from ..atomic import write_json_atomic
 @click.option("--no-prc", is_flag=True, default=False, help="Skip precision/recall.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--out", "out_path", type=click.Path(path_type=Path), default=None, help="Write the metrics as JSON.")
+@click.option(
+    "--progress/--no-progress", default=True, show_default=True, help="Progress bars (on stderr) while it works."
+)
+@threads_option
 def evaluate(
     samples: Path,
     reference: Path | None,
@@ -51,6 +56,7 @@ def evaluate(
     no_prc: bool,
     batch_size: int,
     out_path: Path | None,
+    progress: bool,
 ) -> None:
     """Score SAMPLES (an .npz in the ADM layout, uint8 NHWC in arr_0 and labels in arr_1, or an image folder)."""
     import numpy as np
@@ -60,7 +66,7 @@ def evaluate(
     from ..eval.fid import fidelity_metrics, load_images
 
     # User errors (missing or malformed files, weights) become one line in the CLI group (manifold_fm/cli.py).
-    images = load_images(samples)
+    images = load_images(samples, progress)
     labels = None
     if samples.suffix == ".npz":
         with np.load(samples) as data:
@@ -79,14 +85,15 @@ def evaluate(
                 isc=not no_isc,
                 prc=not no_prc,
                 batch_size=batch_size,
+                progress=progress,
             )
         )
     if builtin or reference is None:
         from ..eval.classifier import FD_NAME, builtin_evaluator
 
-        ev = builtin_evaluator()
+        ev = builtin_evaluator(progress=progress)
         x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-        res = ev.evaluate(x, labels if labels is not None and labels.shape[0] == x.shape[0] else None)
+        res = ev.evaluate(x, labels if labels is not None and labels.shape[0] == x.shape[0] else None, progress)
         metrics[FD_NAME] = res["fd_builtin_classifier"]
         if "classifier_accuracy" in res:
             metrics["classifier_accuracy"] = res["classifier_accuracy"]

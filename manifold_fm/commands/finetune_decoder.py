@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from ..atomic import atomic_path, write_json_atomic
+from ..threads import threads_option
 from .extract_latents import build_dataset, build_tokenizer, data_options, tokenizer_options
 
 
@@ -200,6 +201,7 @@ def _eval_dataset(eval_data: str, size: int) -> Any:
     help="torch-fidelity feature extractor for rFID (tests register a small stand-in).",
 )
 @click.option("--seed", type=int, default=0, show_default=True)
+@threads_option
 def finetune_decoder(
     tokenizer_spec: str,
     subfolder: str | None,

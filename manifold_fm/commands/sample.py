@@ -3,16 +3,21 @@
 Shard across processes with accelerate: ``accelerate launch -m manifold_fm.cli sample RUN --num 50000``; each
 process writes its chunks to ``shards/`` (one file per chunk), then the main process merges them in index order into
 ``samples.npz``. A stopped run resumes: rerun the same command and the chunks already written are kept.
+
+A default-run folder (``manifold-fm train`` with no config) holds one image run per mode; ``sample`` samples each
+of them, into each mode's folder (or ``--out/<mode>``).
 """
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import click
 
 from ..atomic import write_json_atomic
+from ..threads import threads_option
 
 
 @click.command("sample")
@@ -30,7 +35,7 @@ from ..atomic import write_json_atomic
     "out_dir",
     type=click.Path(path_type=Path),
     default=None,
-    help="Output folder (default: RUN/samples-<step>).",
+    help="Output folder (default: RUN/samples-<step>; for a default run, each mode's own folder).",
 )
 @click.option("--method", default=None, help="Solver: euler, heun, midpoint, rk4, dopri5, ... (default: run config).")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Solver steps (default: run config).")
@@ -39,10 +44,13 @@ from ..atomic import write_json_atomic
 @click.option("--class", "class_id", type=int, default=None, help="Sample only this class.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--grid/--no-grid", default=True, show_default=True, help="Write grid.png (first 64 samples).")
+@click.option(
+    "--grid/--no-grid", default=True, show_default=True, help="Write grid.png (first 64 samples, a row per class)."
+)
 @click.option("--npz/--no-npz", default=True, show_default=True, help="Write samples.npz (uint8 NHWC, ADM layout).")
 @click.option("--ema/--no-ema", default=True, show_default=True, help="Use the EMA weights.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: this process's accelerate device).")
+@threads_option
 def sample(
     run: Path,
     num_samples: int,
@@ -59,21 +67,80 @@ def sample(
     ema: bool,
     device: str | None,
 ) -> None:
-    """Sample RUN (a `manifold-fm train` output folder or one of its checkpoints)."""
-    import numpy as np
-    import torch
+    """Sample RUN (a `manifold-fm train` output folder or one of its checkpoints; a default run's folder: each of
+    its modes)."""
     from accelerate import PartialState
 
-    from ..config import validate
     from ..errors import InputError
-    from ..eval.image_io import merge_shards, save_image_grid, save_npz
-    from ..sampler import SamplerSpec
-    from ..training.runs import load_run, sample_to_shards
+    from ..training.runs import default_run_arms
     from ..training.trainer import cpu_only
 
     if not (grid or npz):
         raise click.UsageError("nothing to write: pass --grid and/or --npz")
     state = PartialState(cpu=cpu_only(device))
+    options = {
+        "num_samples": num_samples,
+        "method": method,
+        "steps": steps,
+        "cfg_scale": cfg_scale,
+        "cfg_interval": cfg_interval,
+        "class_id": class_id,
+        "seed": seed,
+        "batch_size": batch_size,
+        "grid": grid,
+        "npz": npz,
+        "ema": ema,
+        "device": device,
+    }
+    arms = default_run_arms(run)
+    if arms is None:
+        for path in _sample_run(run, out_dir, state, **options):
+            click.echo(str(path))
+        return
+    # a default run: each mode is an image run in its own folder
+    trained = [arm for arm in arms if (arm / "checkpoints").is_dir()]
+    if not trained:
+        raise InputError(
+            f"{run} is a default run whose modes ({', '.join(a.name for a in arms)}) hold no checkpoint yet; "
+            f"finish it with manifold-fm train --out {run} --resume"
+        )
+    for arm in arms:
+        if arm not in trained:
+            click.echo(f"{arm.name}: no checkpoint yet, skipped")
+            continue
+        written = _sample_run(arm, None if out_dir is None else out_dir / arm.name, state, **options)
+        if written:
+            click.echo(f"{arm.name}: {', '.join(map(str, written))}")
+
+
+def _sample_run(
+    run: Path,
+    out_dir: Path | None,
+    state: Any,
+    *,
+    num_samples: int,
+    method: str | None,
+    steps: int | None,
+    cfg_scale: float | None,
+    cfg_interval: tuple[float, float] | None,
+    class_id: int | None,
+    seed: int,
+    batch_size: int,
+    grid: bool,
+    npz: bool,
+    ema: bool,
+    device: str | None,
+) -> list[Path]:
+    """Sample one image run as the command's options say; returns the files written (none on processes other
+    than the main one)."""
+    import torch
+
+    from ..config import validate
+    from ..errors import InputError
+    from ..eval.image_io import class_grid, merge_shards, save_image_grid, save_npz
+    from ..sampler import SamplerSpec
+    from ..training.runs import load_run, sample_to_shards
+
     dev = device or str(state.device)
     # User errors (missing run, checkpoint, sampler options) become one line in the CLI group (manifold_fm/cli.py).
     loaded = load_run(run, use_ema=ema, device=dev, progress=state.is_main_process)
@@ -119,7 +186,7 @@ def sample(
     )
     state.wait_for_everyone()
     if not state.is_main_process:
-        return
+        return []
     arr, lab_np = merge_shards(shards, expected=num_samples)
     written = []
     if npz:
@@ -127,7 +194,10 @@ def sample(
     if grid:
         n = min(64, arr.shape[0])
         tensor = torch.from_numpy(arr[:n]).permute(0, 3, 1, 2).float() / 127.5 - 1
-        written.append(save_image_grid(tensor, out / "grid.png", nrow=int(np.ceil(np.sqrt(n)))))
+        images, nrow, row_labels = class_grid(tensor, lab_np[:n].tolist(), loaded.class_names)
+        guidance = f", guidance {spec.cfg_scale:g}" if spec.cfg_scale != 1 else ""
+        title = f"{loaded.cfg.name} ({loaded.flow.name}): step {loaded.step}, {spec.method} x {spec.steps}{guidance}"
+        written.append(save_image_grid(images, out / "grid.png", nrow=nrow, row_labels=row_labels, title=title))
     shutil.rmtree(shards)  # every sample is in samples.npz now
     info = {
         "run": str(run),
@@ -142,5 +212,4 @@ def sample(
         "flow": loaded.flow.name,
     }
     write_json_atomic(out / "sample_info.json", info)
-    for path in written:
-        click.echo(str(path))
+    return written

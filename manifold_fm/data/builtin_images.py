@@ -21,6 +21,8 @@ from torch.utils.data import Dataset
 
 SHAPES = ("disk", "square", "triangle", "cross")
 TEXTURES = ("solid", "stripes", "checker")
+#: The class names, by class id: shape-texture (``"disk-solid"``, ``"disk-stripes"``, ...).
+CLASS_NAMES = tuple(f"{s}-{t}" for s in SHAPES for t in TEXTURES)
 
 _SPLIT_OFFSET = {"train": 0, "test": 1}
 _DEFAULT_PER_CLASS = {"train": 500, "test": 100}
@@ -168,7 +170,7 @@ class BuiltinImages(Dataset):
         self.size = size
         self.per_class = per_class
         self.seed = seed
-        self.class_names = [f"{s}-{t}" for s in SHAPES for t in TEXTURES]
+        self.class_names = list(CLASS_NAMES)
         self.num_classes = len(self.class_names)
 
     def __len__(self) -> int:

@@ -114,10 +114,15 @@ def train_classifier(
 
 
 @torch.no_grad()
-def predict(model: SmallClassifier, images: Tensor, batch_size: int = 256) -> tuple[Tensor, Tensor]:
-    """``(features (N, 128), predicted labels (N,))``."""
+def predict(
+    model: SmallClassifier, images: Tensor, batch_size: int = 256, progress: bool = False
+) -> tuple[Tensor, Tensor]:
+    """``(features (N, 128), predicted labels (N,))``, in batches (a progress bar on stderr with ``progress``)."""
+    from tqdm.auto import tqdm
+
     feats, preds = [], []
-    for i in range(0, images.shape[0], batch_size):
+    starts = range(0, images.shape[0], batch_size)
+    for i in tqdm(starts, desc="classifier features", unit="batch", disable=not progress, leave=False):
         f = model.features(images[i : i + batch_size].float())
         feats.append(f)
         preds.append(model.head(f).argmax(-1))
@@ -140,8 +145,9 @@ class BuiltinEvaluator:
     sigma: np.ndarray
     info: dict[str, Any]
 
-    def evaluate(self, images: Tensor, labels: Tensor | None = None) -> dict[str, float]:
-        """``fd_builtin_classifier`` of ``images`` (``(N, 3, H, W)`` in [-1, 1]) and, given labels, the accuracy."""
+    def evaluate(self, images: Tensor, labels: Tensor | None = None, progress: bool = False) -> dict[str, float]:
+        """``fd_builtin_classifier`` of ``images`` (``(N, 3, H, W)`` in [-1, 1]) and, given labels, the accuracy
+        (``progress``: a progress bar on stderr)."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images (N, 3, H, W) in [-1, 1], got shape {tuple(images.shape)}")
         size = self.info["size"]
@@ -149,7 +155,7 @@ class BuiltinEvaluator:
             images = F.interpolate(
                 images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False
             )
-        feats, preds = predict(self.model, images.float().cpu())
+        feats, preds = predict(self.model, images.float().cpu(), progress=progress)
         mu, sigma = feature_stats(feats)
         out = {"fd_builtin_classifier": frechet_distance(mu, sigma, self.mu, self.sigma)}
         if labels is not None:

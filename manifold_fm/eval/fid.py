@@ -79,8 +79,9 @@ class UInt8Images(Dataset):
         return torch.from_numpy(np.ascontiguousarray(self.images[i].transpose(2, 0, 1)))
 
 
-def load_images(path: str | Path) -> np.ndarray:
-    """uint8 ``(N, H, W, 3)`` from an ADM ``.npz`` (``arr_0``) or a folder of images (searched recursively)."""
+def load_images(path: str | Path, progress: bool = False) -> np.ndarray:
+    """uint8 ``(N, H, W, 3)`` from an ADM ``.npz`` (``arr_0``) or a folder of images (searched recursively; a
+    progress bar on stderr with ``progress``)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; pass an .npz of samples or a folder of images")
@@ -101,8 +102,10 @@ def load_images(path: str | Path) -> np.ndarray:
     files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise InputError(f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    from tqdm.auto import tqdm
+
     out = []
-    for f in files:
+    for f in tqdm(files, desc=f"read {path.name}", unit="image", disable=not progress, leave=False):
         try:
             with Image.open(f) as im:
                 out.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
@@ -165,10 +168,11 @@ def _extractor(name: str, layers: list[str], weights: str | Path | None, cuda: b
     return create_feature_extractor(name, layers, cuda=cuda, **kwargs)
 
 
-def _features(images: np.ndarray, extractor: Any, batch_size: int, cuda: bool) -> dict[str, Tensor]:
+def _features(images: np.ndarray, extractor: Any, batch_size: int, cuda: bool, progress: bool) -> dict[str, Tensor]:
     from torch_fidelity.utils import get_featuresdict_from_dataset
 
-    return get_featuresdict_from_dataset(UInt8Images(images), extractor, batch_size, cuda, True, False)
+    # torch-fidelity's verbose mode is its progress bar on stderr
+    return get_featuresdict_from_dataset(UInt8Images(images), extractor, batch_size, cuda, True, progress)
 
 
 def fidelity_metrics(
@@ -182,8 +186,10 @@ def fidelity_metrics(
     batch_size: int = 64,
     cuda: bool | None = None,
     prc_neighborhood: int = 3,
+    progress: bool = False,
 ) -> dict[str, float]:
-    """FID (+ IS, precision/recall) of uint8 NHWC ``samples`` against ``reference`` through torch-fidelity.
+    """FID (+ IS, precision/recall) of uint8 NHWC ``samples`` against ``reference`` through torch-fidelity
+    (``progress``: progress bars on stderr while reading images and extracting features).
 
     ``reference``: a statistics ``.npz`` (``mu``, ``sigma``, as pytorch-fid writes them: FID only, since
     precision/recall need reference features), an ADM reference batch (``mu``, ``sigma``, ``mu_s``, ``sigma_s`` and
@@ -208,7 +214,7 @@ def fidelity_metrics(
     stats = None if isinstance(reference, np.ndarray) else load_reference_stats(reference)
     layers = [fid_layer] + ([isc_layer] if isc and isc_layer != fid_layer else [])
     extractor = _extractor(feature_extractor, layers, inception_weights, cuda)
-    feats = _features(samples, extractor, batch_size, cuda)
+    feats = _features(samples, extractor, batch_size, cuda, progress)
     mu, sigma = feature_stats(feats[fid_layer])
     fid_key = "fid" if feature_extractor == INCEPTION else f"fd[{feature_extractor}]"
     out: dict[str, float] = {}
@@ -216,13 +222,13 @@ def fidelity_metrics(
     if stats is not None:
         out[fid_key] = frechet_distance(mu, sigma, *stats)
         if prc and has_image_array(reference):  # an ADM reference batch: its images give precision/recall
-            ref_feats = _features(load_images(reference), extractor, batch_size, cuda)
+            ref_feats = _features(load_images(reference, progress), extractor, batch_size, cuda, progress)
     else:
-        ref_images = reference if isinstance(reference, np.ndarray) else load_images(reference)
-        ref_feats = _features(ref_images, extractor, batch_size, cuda)
+        ref_images = reference if isinstance(reference, np.ndarray) else load_images(reference, progress)
+        ref_feats = _features(ref_images, extractor, batch_size, cuda, progress)
         out[fid_key] = frechet_distance(mu, sigma, *feature_stats(ref_feats[fid_layer]))
     if prc and ref_feats is not None:
-        kw = {"prc_neighborhood": prc_neighborhood, "prc_batch_size": 10000, "cuda": cuda, "verbose": False}
+        kw = {"prc_neighborhood": prc_neighborhood, "prc_batch_size": 10000, "cuda": cuda, "verbose": progress}
         m = prc_featuresdict_to_metric(feats, ref_feats, fid_layer, **kw)
         out.update({"precision": float(m["precision"]), "recall": float(m["recall"])})
     if isc:

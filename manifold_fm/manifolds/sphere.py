@@ -254,8 +254,8 @@ class Sphere(Manifold):
 
     def _compiled_geodesic(self) -> Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]:
         """The geodesic under ``torch.compile``, built on first use (two fused graphs around the host-side antipodal
-        test; compiling takes ~20 s to ~2 min on a small CPU). A branch-free variant that always blends the antipodal
-        fallback in was measured 2.6x slower compiled on CPU, so the branch stays."""
+        test; compiling takes a while on a small CPU). A branch-free variant that always blends the antipodal fallback
+        in was slower compiled on CPU, so the branch stays."""
         if self._compiled is None:
             self._compiled = torch.compile(self._geodesic, dynamic=False)
         return self._compiled

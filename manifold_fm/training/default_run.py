@@ -13,8 +13,10 @@
 Each mode is an image run (:func:`~manifold_fm.training.schema.image_run_config`: the default config's shared
 sections with the mode's flow preset) trained by the one :class:`~manifold_fm.training.trainer.Trainer`. Reference
 rows put the numbers in context: held-out real images (the floor) and tokenizer reconstructions of them
-(what a perfect generator could reach through each decoder). Writes ``results.json``, ``results.md``,
-``<mode>/grid.png``, ``reconstructions.png`` and ``metrics_over_steps.png`` into the output folder.
+(what a perfect generator could reach through each decoder). Writes ``results.json``, ``results.md`` (the table
+and what each column means), ``<mode>/grid.png`` (a row per class, named), ``reconstructions.png`` (a row per
+decoder, named) and ``metrics_over_steps.png`` into the output folder. The modes' run folders record the finetuned
+decoder as ``../spherical_decoder.safetensors``, so the folder can be moved or renamed and its modes still sample.
 """
 
 from __future__ import annotations
@@ -32,22 +34,29 @@ from torch import Tensor
 
 from ..atomic import atomic_path, write_json_atomic
 from ..config import to_dict
+from ..data.builtin_images import CLASS_NAMES
 from ..data.sources import TensorSource
 from ..eval.image_io import save_image_grid
 from ..eval.plots import plot_over_steps
 from ..eval.sample_quality import SampleQuality
+from ..threads import set_threads, using_threads
 from .builders import latent_flow
 from .default_report import write_report
 from .image import eval_hook, image_model, image_trainer
 from .metrics_log import read_jsonl
+from .run_folder import replace_run_folder
 from .schema import FLOW_PRESETS, DefaultRunConfig, image_run_config, load_run_config
 from .trainer import TrainingError
+
+#: The finetuned decoder of the spherical-latent modes, in the default run's folder (next to the modes' folders).
+DECODER_FILE = "spherical_decoder.safetensors"
 
 
 @dataclass
 class ModeJob:
-    """One mode of the default run, as handed to a worker process: its config and flow preset, training latents,
-    the decoder of its samples, the evaluator, where to write, and whether to resume."""
+    """One mode of the default run, as handed to a worker process: its config and flow preset, the finetuned
+    decoder as the mode's run folder records it (``decoder_path``: relative to that folder), training latents, the
+    decoder of its samples, the evaluator, where to write, and whether to resume."""
 
     cfg: DefaultRunConfig
     mode: str
@@ -77,7 +86,7 @@ def _train_mode(job: ModeJob) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     # what `manifold-fm sample` decodes with (see training.image.run_decoder)
     latent_norm = decoder.normalization.to_dict()
     if cfg.parallel:
-        torch.set_num_threads(1)
+        set_threads(1)  # this worker process is one of several sharing the cores
     channels, side = latents.shape[1], latents.shape[-1]
     num_classes = builtin.model.num_classes
     icfg = image_run_config(cfg, mode, decoder_path)
@@ -112,7 +121,13 @@ def _train_mode(job: ModeJob) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     final = quality(ema, cfg.eval.num_samples, seed=seed + 2)
     _, images, _, _ = quality.sample(ema, num_classes * 8, seed=seed + 3)
     order = torch.arange(num_classes * 8).view(8, num_classes).T.reshape(-1)  # one row per class
-    save_image_grid(images[order], run_dir / "grid.png", nrow=8)
+    save_image_grid(
+        images[order],
+        run_dir / "grid.png",
+        nrow=8,
+        row_labels=list(CLASS_NAMES[:num_classes]),
+        title=f"{mode} (default run, {cfg.train.steps} steps, EMA weights)",
+    )
     final.update(
         {
             "train_s": train_s,
@@ -127,14 +142,18 @@ def _train_mode(job: ModeJob) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     return final, records
 
 
-def _check_run_folder(out: Path, cfg: DefaultRunConfig, resume: bool) -> None:
-    """Refuse a folder that holds a default run unless resuming; resuming needs the run's own config."""
+def _check_run_folder(out: Path, cfg: DefaultRunConfig, resume: bool, overwrite: bool = False) -> None:
+    """Refuse a folder that holds a default run unless resuming (resuming needs the run's own config) or
+    overwriting (the folder is deleted here)."""
+    if overwrite:
+        replace_run_folder(out, resume=resume)
+        return
     done = [p for p in (out / "results.json", *(out / m / "checkpoints" for m in cfg.modes)) if p.exists()]
     if not resume:
         if done:
             raise TrainingError(
                 f"{out} already holds a default run ({done[0].relative_to(out)}); pass --resume to continue it, "
-                "or choose another --out"
+                "--overwrite to replace it, or choose another --out"
             )
         return
     saved = out / "config.yaml"
@@ -157,18 +176,15 @@ def run_default(
     *,
     progress: bool = True,
     echo: Any = print,
+    overwrite: bool = False,
 ) -> Path:
     """Run the default pipeline (see the module docstring) from the built-in ``default`` config (or ``config``)
     with ``overrides``; returns the output folder.
 
     ``resume``: continue a stopped run in ``out_dir`` (same config): the finetuned decoder is reused and every
-    mode's trainer resumes from its latest checkpoint, so the results equal an uninterrupted run's."""
+    mode's trainer resumes from its latest checkpoint, so the results equal an uninterrupted run's. ``overwrite``:
+    delete the run in ``out_dir`` first (once the config has been validated)."""
     from ..config import save_config
-    from ..data.builtin_images import BuiltinImages
-    from ..eval.classifier import builtin_evaluator
-    from ..tokenizers import SphericalTokenizer, builtin_tokenizer
-    from ..tokenizers.finetune import finetune_decoder
-    from .image import encode_dataset
 
     if isinstance(config, DefaultRunConfig) and not overrides:
         cfg = config
@@ -176,11 +192,21 @@ def run_default(
         cfg = load_run_config("default" if config is None else config, overrides, kind="default")
     assert isinstance(cfg, DefaultRunConfig)
     out = Path(out_dir) if out_dir is not None else Path("runs") / cfg.name
-    _check_run_folder(out, cfg, resume)
+    _check_run_folder(out, cfg, resume, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    with using_threads(cfg.train.threads or torch.get_num_threads()):  # train.threads null: keep the count
+        return _run_default(cfg, out, resume, progress, echo)
+
+
+def _run_default(cfg: DefaultRunConfig, out: Path, resume: bool, progress: bool, echo: Any) -> Path:
+    """:func:`run_default` once its config is loaded and its folder prepared."""
+    from ..data.builtin_images import BuiltinImages
+    from ..eval.classifier import builtin_evaluator
+    from ..tokenizers import SphericalTokenizer, builtin_tokenizer
+    from ..tokenizers.finetune import finetune_decoder
+    from .image import encode_dataset
+
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     cache_dir = cfg.tokenizer.cache_dir
@@ -217,8 +243,7 @@ def run_default(
     finetune_report: dict[str, Any] = {}
     if spherical_modes:
         t0 = time.perf_counter()
-        # absolute, so the runs' saved configs find it from any working directory
-        decoder_path = (out / "spherical_decoder.safetensors").resolve()
+        decoder_path = out / DECODER_FILE
         report_path = out / "spherical_decoder.json"
         if resume and decoder_path.is_file() and report_path.is_file():
             finetune_report = json.loads(report_path.read_text())  # the finetune is deterministic: reuse it
@@ -263,19 +288,27 @@ def run_default(
     refs["real held-out images"] = builtin.evaluate(ref_x, ref_y)
     decoders: dict[str, Any] = {m: tokenizer for m in cfg.modes}
     with torch.no_grad():
-        refs["reconstructions (base decoder)"] = builtin.evaluate(tokenizer.decode(tokenizer.encode(ref_x)), ref_y)
-        recon_rows = [ref_x[:12], tokenizer.decode(tokenizer.encode(ref_x[:12]))]
+        rec = tokenizer.decode(tokenizer.encode(ref_x))
+        refs["reconstructions (base decoder)"] = builtin.evaluate(rec, ref_y)
+        # one row per decoder, named in the picture; the first 12 held-out images (one of each class)
+        recon_rows = {"held-out images": ref_x[:12], "base decoder": rec[:12]}
         if spherical_modes:
             sph = SphericalTokenizer(tokenizer, decoder_state=decoder_path).eval()
             decoders.update({m: sph for m in spherical_modes})
             rec = sph.decode(sph.encode(ref_x))
             refs["reconstructions (spherical, finetuned decoder)"] = builtin.evaluate(rec, ref_y)
+            recon_rows["spherical, finetuned decoder"] = rec[:12]
             plain = SphericalTokenizer(tokenizer).eval()
-            refs["reconstructions (spherical, base decoder)"] = builtin.evaluate(
-                plain.decode(plain.encode(ref_x)), ref_y
-            )
-            recon_rows.append(rec[:12])
-    save_image_grid(torch.cat(recon_rows), out / "reconstructions.png", nrow=12)
+            rec = plain.decode(plain.encode(ref_x))
+            refs["reconstructions (spherical, base decoder)"] = builtin.evaluate(rec, ref_y)
+            recon_rows["spherical, base decoder"] = rec[:12]
+    save_image_grid(
+        torch.cat(list(recon_rows.values())),
+        out / "reconstructions.png",
+        nrow=12,
+        row_labels=list(recon_rows),
+        title="held-out images (one per class) and their reconstructions through each decoder",
+    )
     lap("reference metrics", t0)
 
     # 4. train every mode with the same budget and seed, evaluating over steps; with `parallel` each mode trains in
@@ -287,7 +320,7 @@ def run_default(
         ModeJob(
             cfg,
             mode,
-            decoder_path,
+            None if decoder_path is None else Path(os.pardir) / DECODER_FILE,  # relative to the mode's folder
             latents[mode],
             train_y,
             decoders[mode],
@@ -323,11 +356,11 @@ def run_default(
     results["total_s"] = round(time.perf_counter() - t_start, 1)
     results["config"] = to_dict(cfg)
     results["threads"] = torch.get_num_threads()
-    table = write_report(results, out, torch.get_num_threads())
+    table = write_report(results, out, torch.get_num_threads())  # the table, then what its columns mean
     echo("")
     echo(table)
     echo(f"\ntotal wall time {results['total_s']:.0f} s; results, grids and plot in {out}")
     return out
 
 
-__all__ = ["ModeJob", "run_default"]
+__all__ = ["DECODER_FILE", "ModeJob", "run_default"]

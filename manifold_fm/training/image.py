@@ -2,7 +2,9 @@
 :class:`~manifold_fm.training.trainer.Trainer`.
 
 ``train_image(config, overrides, out_dir, resume)`` is what ``manifold-fm train --config <kind: image YAML>`` runs.
-A run folder holds ``config.yaml``, ``checkpoints/``, ``metrics.jsonl`` and ``samples/step_XXXXXXXX.png`` grids.
+A run folder holds ``config.yaml``, ``checkpoints/``, ``metrics.jsonl`` and ``samples/step_XXXXXXXX.png`` grids (one
+row per class, named). Its config and checkpoints record ``tokenizer.decoder_state`` relative to the run folder when
+it was given relative (:mod:`manifold_fm.training.run_folder`).
 
 Which latents each flow trains on: vanilla-latent runs (the linear baseline) the normalised latents
 (``tokenizer.encode``, or a cache as stored); spherical-latent runs the raw encoder output projected per token
@@ -26,8 +28,10 @@ from manifold_fm.errors import InputError
 from ..config import to_dict
 from ..data.sources import DatasetSource, DataSource, TensorSource
 from ..flow import Flow
+from ..threads import using_threads
 from .builders import build_model, latent_flow
 from .checkpoint import CheckpointError
+from .run_folder import recorded_path
 from .schema import RESUME_SECTIONS, ImageRunConfig, load_image_config
 from .trainer import Hook, Trainer
 
@@ -151,6 +155,26 @@ def build_latents(cfg: ImageRunConfig, tokenizer: Any, progress: bool = True) ->
     return ImageLatents(DatasetSource(cache, num_workers=d.num_workers), int(c), int(h), num_classes, norm)
 
 
+def class_names(cfg: ImageRunConfig, num_classes: int) -> list[str]:
+    """The names of a run's ``num_classes`` classes, for labelling pictures: the built-in images' shape-texture names,
+    a latent cache's ``class_names`` (when its manifest is readable here), else ``class 0``, ``class 1``, ..."""
+    names: list[str] = []
+    if cfg.data.source == "builtin":
+        from ..data.builtin_images import CLASS_NAMES
+
+        names = list(CLASS_NAMES)
+    elif cfg.data.latents is not None:
+        import json
+
+        from ..data.latents import MANIFEST
+
+        try:
+            names = [str(n) for n in json.loads((Path(cfg.data.latents) / MANIFEST).read_text()).get("class_names", [])]
+        except (OSError, ValueError, AttributeError):
+            names = []  # a cache on another machine: number the classes
+    return names if len(names) == num_classes else [f"class {k}" for k in range(num_classes)]
+
+
 def run_decoder(cfg: ImageRunConfig, base: Any, normalization: Mapping[str, Any] | None = None) -> Any:
     """What decodes a run's generated latents (``None`` without a tokenizer).
 
@@ -177,9 +201,11 @@ def image_model(cfg: ImageRunConfig, channels: int, side: int, num_classes: int)
 def grid_hook(
     cfg: ImageRunConfig, flow: Flow, decoder: Any, out_dir: Path, shape: tuple[int, int, int], num_classes: int
 ) -> Hook:
-    """A PNG grid every ``train.sample_every`` steps: one row per class, fixed noise, the EMA model."""
+    """A PNG grid every ``train.sample_every`` steps: one row per class (named), fixed noise, the EMA model."""
     from ..eval.image_io import save_image_grid
     from ..sampler import generate
+
+    names = class_names(cfg, num_classes)
 
     def grid(step: int, model: nn.Module) -> None:
         per = cfg.sample.grid_per_class
@@ -193,7 +219,13 @@ def grid_hook(
             return
         with torch.no_grad():
             images = decoder.decode(z.to(decoder.device, decoder.dtype)).float().cpu()
-        save_image_grid(images, out_dir / "samples" / f"step_{step:08d}.png", nrow=per)
+        save_image_grid(
+            images,
+            out_dir / "samples" / f"step_{step:08d}.png",
+            nrow=per,
+            row_labels=names,
+            title=f"{cfg.name}, step {step}",
+        )
 
     return Hook(cfg.train.sample_every, grid)
 
@@ -301,15 +333,28 @@ def train_image(
     progress: bool = True,
     hooks: Sequence[Hook] = (),
     device: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Train a SiT flow on image latents as configured; returns the final checkpoint folder.
 
     ``hooks`` (e.g. evaluations, :class:`~manifold_fm.training.trainer.Hook`) run after the sample-grid hook.
+    ``overwrite``: replace the run in ``out_dir`` once the config, tokenizer and data have loaded.
     """
     cfg = config if isinstance(config, ImageRunConfig) and not overrides else load_image_config(config, overrides)
     out = Path(out_dir) if out_dir is not None else Path("runs") / cfg.name
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    with using_threads(cfg.train.threads or torch.get_num_threads()):  # train.threads null: keep the count
+        return _train_image(cfg, out, resume, overwrite, progress, hooks, device)
+
+
+def _train_image(
+    cfg: ImageRunConfig,
+    out: Path,
+    resume: bool,
+    overwrite: bool,
+    progress: bool,
+    hooks: Sequence[Hook],
+    device: str | None,
+) -> Path:
     tokenizer = load_tokenizer(cfg, progress=progress)
     lat = build_latents(cfg, tokenizer, progress=progress)
     channels, side, num_classes = lat.channels, lat.side, lat.num_classes
@@ -323,8 +368,10 @@ def train_image(
         all_hooks.append(grid_hook(cfg, flow, decoder, out, (channels, side, side), num_classes))
     if cfg.train.eval_every:
         all_hooks.append(eval_hook(cfg, flow, decoder, (channels, side, side), num_classes))
+    # what the run folder records: the decoder relative to the run folder (it may move with it)
+    tok = cfg.tokenizer.model_copy(update={"decoder_state": recorded_path(cfg.tokenizer.decoder_state, out)})
     trainer = image_trainer(
-        cfg,
+        cfg.model_copy(update={"tokenizer": tok}),
         model,
         flow,
         lat.data,
@@ -338,6 +385,6 @@ def train_image(
         progress=progress,
     )
     try:
-        return trainer.fit(resume=resume)
+        return trainer.fit(resume=resume, overwrite=overwrite)
     except CheckpointError as exc:
         raise InputError(str(exc)) from None

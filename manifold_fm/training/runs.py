@@ -25,7 +25,8 @@ from ..sampler import SamplerSpec, generate
 from ..seeding import derive_seed
 from .builders import build_model, latent_flow
 from .checkpoint import Checkpoint, load_checkpoint
-from .image import load_tokenizer, run_decoder
+from .image import class_names, load_tokenizer, run_decoder
+from .run_folder import resolve_recorded_path
 from .schema import ImageRunConfig, load_image_config
 
 
@@ -41,6 +42,11 @@ class LoadedRun:
     num_classes: int
     step: int
 
+    @property
+    def class_names(self) -> list[str]:
+        """The names of the run's classes (for labelling pictures; :func:`~manifold_fm.training.image.class_names`)."""
+        return class_names(self.cfg, self.num_classes)
+
 
 def read_run_checkpoint(run: str | Path) -> Checkpoint:
     """The checkpoint of a trained image run: a run folder (its latest), its ``checkpoints`` folder, or one
@@ -55,6 +61,28 @@ def read_run_checkpoint(run: str | Path) -> Checkpoint:
     return ckpt
 
 
+def checkpoint_run_folder(ckpt: Checkpoint) -> Path | None:
+    """The run folder a checkpoint belongs to (``<run>/checkpoints/step_*``), ``None`` for a loose one."""
+    if ckpt.path is None or ckpt.path.parent.name != "checkpoints":
+        return None
+    return ckpt.path.parent.parent
+
+
+def default_run_arms(folder: str | Path) -> list[Path] | None:
+    """The modes' run folders of a default-run folder (``manifold-fm train`` with no config), in its config's
+    order, whether or not they hold a checkpoint yet; ``None`` if ``folder`` is not a default run's."""
+    import yaml
+
+    folder = Path(folder)
+    try:
+        data = yaml.safe_load((folder / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    if not isinstance(data, dict) or data.get("kind") != "default" or (folder / "checkpoints").is_dir():
+        return None
+    return [folder / str(m) for m in data.get("modes") or ["spherical", "linear"]]
+
+
 def build_run(
     meta: Mapping[str, Any],
     weights: Mapping[str, Tensor],
@@ -62,11 +90,16 @@ def build_run(
     device: str | torch.device = "cpu",
     decode: bool = True,
     progress: bool = False,
+    run_dir: str | Path | None = None,
 ) -> LoadedRun:
     """Rebuild a run from an image run's checkpoint record (``meta.json``: ``config``, ``latent_shape``,
     ``num_classes``, ``latent_normalization``, ``step``) and its network ``weights``: the one place a trained run
-    is reassembled (:func:`load_run`, and :mod:`manifold_fm.pipeline` for exported models)."""
+    is reassembled (:func:`load_run`, and :mod:`manifold_fm.pipeline` for exported models). ``run_dir``: the run
+    folder, against which the record's relative file paths (``tokenizer.decoder_state``) are resolved."""
     cfg = load_image_config(meta["config"])
+    if run_dir is not None and cfg.tokenizer.decoder_state is not None:
+        decoder_state = resolve_recorded_path(cfg.tokenizer.decoder_state, run_dir)
+        cfg = cfg.model_copy(update={"tokenizer": cfg.tokenizer.model_copy(update={"decoder_state": decoder_state})})
     c, h, w = (int(v) for v in meta["latent_shape"])
     num_classes = int(meta["num_classes"])
     model = build_model(cfg.model, (c, h, w), num_classes)
@@ -92,7 +125,9 @@ def load_run(
     """Load a run folder (or its ``checkpoints`` folder, or one ``step_*`` folder) for sampling."""
     ckpt = read_run_checkpoint(run)
     weights = ckpt.ema if (use_ema and ckpt.ema is not None) else ckpt.model
-    return build_run(ckpt.meta, weights, device=device, decode=decode, progress=progress)
+    return build_run(
+        ckpt.meta, weights, device=device, decode=decode, progress=progress, run_dir=checkpoint_run_folder(ckpt)
+    )
 
 
 def _check_labels(run: LoadedRun, num_samples: int, labels: Tensor | None) -> Tensor:
@@ -233,6 +268,8 @@ def sample_to_shards(
 __all__ = [
     "LoadedRun",
     "build_run",
+    "checkpoint_run_folder",
+    "default_run_arms",
     "load_run",
     "read_run_checkpoint",
     "sample_chunks",

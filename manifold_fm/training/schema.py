@@ -307,8 +307,9 @@ class TokenizerConfig(Section):
     ``builtin``: the tiny VAE shipped/cached by :func:`manifold_fm.tokenizers.builtin_tokenizer` (cached in
     ``cache_dir``); ``diffusers``: a diffusers ``AutoencoderKL``-family model from ``name_or_path`` (hub id or local
     folder); ``none``: latents only (no decoding). ``decoder_state``: a decoder finetuned for projected latents
-    (``manifold-fm finetune-decoder``), used by spherical-latent runs; a relative path is resolved against the run
-    folder's parent when the run is loaded elsewhere.
+    (``manifold-fm finetune-decoder``), used by spherical-latent runs. A relative path given to ``train`` is relative
+    to the working directory; the run records it relative to its run folder and resolves it against the run folder
+    when loaded, so a run moved together with its decoder still loads (:mod:`~manifold_fm.training.run_folder`).
     """
 
     kind: Literal["builtin", "diffusers", "none"] = "builtin"
@@ -457,7 +458,8 @@ class DefaultRunConfig(RunBase):
 
 def image_run_config(cfg: DefaultRunConfig, mode: str, decoder_state: Path | None) -> ImageRunConfig:
     """The image run of one mode of the default run: its shared sections with the flow preset ``mode``, the
-    built-in data, one checkpoint at the end, and the finetuned decoder for spherical latents."""
+    built-in data, one checkpoint at the end, and for spherical latents the finetuned decoder ``decoder_state`` as
+    the mode's run folder records it (relative to that folder)."""
     flow = {**cfg.flow.model_dump(), **FLOW_PRESETS[mode]}
     spherical = FLOW_PRESETS[mode]["latent"] == "spherical"
     train = cfg.train.model_copy(

@@ -36,6 +36,8 @@ geometry always runs in float32 (it switches autocast off), and the loss is comp
 
 **Hooks** (``Hook(every, fn)``) run on the main process every ``every`` steps and at the end, with the EMA model;
 the global RNGs are saved around them, so a hook never changes the training stream; metrics they return are logged.
+Time spent outside training steps (hooks such as evaluations, checkpoints) is left out of the progress bar's rate
+and ETA, of the logged ``samples_per_s`` and of ``train_seconds``.
 **Trackers**: ``train.log_with`` names accelerate trackers (``tensorboard``, ``wandb``, ...); ``metrics.jsonl`` is
 always written.
 """
@@ -46,7 +48,6 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -61,9 +62,11 @@ from ..atomic import write_text_atomic
 from ..data.sources import BatchPlan, DataSource
 from ..flow import Flow
 from ..seeding import seeded_generator
+from ..threads import using_threads
 from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .ema import EMA
 from .metrics_log import RunLogger
+from .run_folder import replace_run_folder
 from .schema import OptimConfig, TrainConfig
 
 
@@ -409,31 +412,34 @@ class Trainer:
             )
 
     # ------------------------------------------------------------------ loop
-    def fit(self, resume: bool = False) -> Path:
-        """Train to ``train.steps``; returns the final checkpoint folder.
+    def fit(self, resume: bool = False, overwrite: bool = False) -> Path:
+        """Train to ``train.steps``; returns the final checkpoint folder. ``overwrite``: first delete the run in
+        ``out_dir`` (:func:`~manifold_fm.training.run_folder.replace_run_folder`).
 
         Raises:
-            TrainingError: ``out_dir`` already holds a checkpoint and ``resume`` is False; the loss is not finite;
-                the checkpoint's config differs; the processes disagree.
+            TrainingError: ``out_dir`` already holds a checkpoint and neither ``resume`` nor ``overwrite`` is set;
+                the loss is not finite; the checkpoint's config differs; the processes disagree.
+            InputError: ``overwrite`` with ``resume``, or ``out_dir`` holds something that is not a run.
         """
+        if overwrite:  # every process checks (so all stop together), then the main one deletes
+            replace_run_folder(self.out_dir, resume=resume, delete=False)
+            self.accelerator.wait_for_everyone()
+            if self.accelerator.is_main_process:
+                replace_run_folder(self.out_dir)
+            self.accelerator.wait_for_everyone()
         existing = latest_checkpoint(self.ckpt_dir)
         if existing is not None and not resume:
             raise TrainingError(
                 f"{self.out_dir} already holds a run (checkpoint {existing.name}); "
-                "pass --resume to continue it or choose another --out"
+                "pass --resume to continue it, --overwrite to replace it, or choose another --out"
             )
         self.accelerator.wait_for_everyone()  # nobody writes before every process has looked
         if self.config is not None and self.accelerator.is_main_process:
             import yaml
 
             write_text_atomic(self.out_dir / "config.yaml", yaml.safe_dump(self.config, sort_keys=False))
-        threads = torch.get_num_threads()
-        if self.train.threads:
-            torch.set_num_threads(max(1, min(self.train.threads, os.cpu_count() or 1)))
-        try:
+        with using_threads(self.train.threads or torch.get_num_threads()):  # train.threads null: keep the count
             return self._fit(resume)
-        finally:
-            torch.set_num_threads(threads)
 
     def _fit(self, resume: bool) -> Path:
         acc, total = self.accelerator, self.train.steps
@@ -481,6 +487,7 @@ class Trainer:
                     logger.log(self.step, record)
                     bar.set_postfix(loss=f"{self.last_loss:.4f}", per_s=f"{ips:.0f}")
                     seen, t_window = 0, time.perf_counter()
+                t_other = time.perf_counter()
                 if checkpoint:
                     if not log:  # never checkpoint a step whose loss was not finite
                         self._check_window()
@@ -488,7 +495,11 @@ class Trainer:
                     if acc.is_main_process:
                         last_path = self.save()
                 self._run_hooks(logger, final=self.step == total)
-                t_fit = time.perf_counter()  # hooks are not training time
+                # checkpoints and hooks (evaluations) are not training time: leave them out of train_seconds, the
+                # logged throughput and the progress bar's rate, so its ETA does not jump after an evaluation
+                t_fit = time.perf_counter()
+                t_window += t_fit - t_other
+                _leave_out(bar, t_fit - t_other)
             latest = latest_checkpoint(self.ckpt_dir)
             if acc.is_main_process and (latest is None or load_step(latest) != self.step):
                 last_path = self.save()  # e.g. train.steps = 0: the initial weights, so the run can be loaded
@@ -513,6 +524,13 @@ class Trainer:
                     metrics = hook.fn(self.step, self.ema.model)
                 if metrics:
                     logger.log(self.step, metrics)
+
+
+def _leave_out(bar: Any, seconds: float) -> None:
+    """Shift a tqdm bar's clock by ``seconds``, so its elapsed time, rate and ETA count none of them."""
+    if not bar.disable:
+        bar.start_t += seconds
+        bar.last_print_t += seconds
 
 
 def _same_as_main(tensor: Tensor) -> bool:
