@@ -3,7 +3,7 @@ matched accuracy.
 
 All timings in one run, interleaved, reported as the median over repetitions of this process's CPU time
 (``time.process_time``: robust to other jobs on a shared machine) and wall time, after one warm-up round
-(``benchmarks/timing.py``); ratios compare medians from the same run.
+(``manifold_fm/timing.py``); ratios compare medians from the same run.
 
 1. ``train_step``: ``path.sample`` + the same MLP forward + :func:`flow_matching_loss` + backward + AdamW step on a
    ``(B, C, H, W)`` float32 latent batch on ``TokenSpheres(C)``; GeodesicPath (slerp, tangent-projected loss) vs
@@ -17,7 +17,13 @@ All timings in one run, interleaved, reported as the median over repetitions of 
    step counts) next to ours with the default ``dlog`` chart stepper and with ``transport="ambient"``.
 
     python benchmarks/bench_engine.py            # writes benchmarks/results/engine.{json,md}
-    python benchmarks/bench_engine.py --quick    # smaller sizes (a smoke run)
+    python benchmarks/bench_engine.py --quick --out /tmp/bench   # tiny sizes, a loose target (a smoke run, seconds)
+
+The committed report was written with flow_matching importable from a private ``PYTHONPATH`` (it is not a
+dependency of this project; the report names the version it found):
+
+    pip install --no-deps --target /tmp/fm flow_matching==1.0.10
+    PYTHONPATH=/tmp/fm python benchmarks/bench_engine.py
 """
 
 from __future__ import annotations
@@ -29,7 +35,6 @@ import os
 import platform
 from collections.abc import Callable
 from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -39,8 +44,9 @@ from manifold_fm.loss import flow_matching_loss
 from manifold_fm.manifolds import TokenSpheres
 from manifold_fm.paths import GeodesicPath, LinearPath
 from manifold_fm.solvers import IntegrationStats, adaptive_methods, integrate
+from manifold_fm.timing import timed
 
-from timing import timed
+from reporting import add_output_options, command, output_dir, written_by
 
 
 class FlatMLP(nn.Module):
@@ -102,10 +108,18 @@ def max_geodesic_error(m: TokenSpheres, x: Tensor, ref: Tensor) -> float:
     return float(m.radius * m.angle(x, ref).max())
 
 
-def bench_sampling(batch: int, channels: int, size: int, targets: list[float]) -> dict[str, object]:
+def bench_sampling(
+    batch: int,
+    channels: int,
+    size: int,
+    targets: list[float],
+    ref_steps: int = 2048,
+    max_steps: int = 4096,
+    reps: int = 3,
+) -> dict[str, object]:
     m = TokenSpheres(channels, axis=1)
     x0 = m.random_base((batch, channels, size, size), torch.Generator().manual_seed(1), dtype=torch.float64)
-    ref = integrate(sampling_field, x0, m, steps=2048, method="rk4")
+    ref = integrate(sampling_field, x0, m, steps=ref_steps, method="rk4")
     rows = []
     fixed = [
         ("euler", "dlog"),
@@ -120,7 +134,7 @@ def bench_sampling(batch: int, channels: int, size: int, targets: list[float]) -
     for target in targets:
         for method, transport in fixed:
             row: dict[str, object] = {"target": target, "method": method, "transport": transport}
-            for steps in [2**k for k in range(1, 13)]:
+            for steps in [2**k for k in range(1, max_steps.bit_length())]:
                 err = max_geodesic_error(
                     m, integrate(sampling_field, x0, m, steps=steps, method=method, transport=transport), ref
                 )
@@ -129,7 +143,7 @@ def bench_sampling(batch: int, channels: int, size: int, targets: list[float]) -
                     run = functools.partial(
                         integrate, sampling_field, x0, m, steps=steps, method=method, transport=transport, stats=stats
                     )
-                    row.update(steps=steps, **timed({"s": run}, 3)["s"].medians(), nfe=stats.nfe, error=err)
+                    row.update(steps=steps, **timed({"s": run}, reps)["s"].medians(), nfe=stats.nfe, error=err)
                     break
             rows.append(row)
         for method in ("dopri5", "bosh3"):
@@ -145,16 +159,24 @@ def bench_sampling(batch: int, channels: int, size: int, targets: list[float]) -
                     run = functools.partial(
                         integrate, sampling_field, x0, m, method=method, steps=4, atol=tol, rtol=tol, stats=stats
                     )
-                    row.update(tol=tol, **timed({"s": run}, 3)["s"].medians(), nfe=stats.nfe, error=err)
+                    row.update(tol=tol, **timed({"s": run}, reps)["s"].medians(), nfe=stats.nfe, error=err)
                     break
             rows.append(row)
-    return {"shape": [batch, channels, size, size], "rows": rows}
+    return {"shape": [batch, channels, size, size], "reference_steps": ref_steps, "rows": rows}
 
 
-def bench_flow_matching(batch: int, channels: int, size: int) -> dict[str, object] | None:
+def bench_flow_matching(
+    batch: int,
+    channels: int,
+    size: int,
+    ref_steps: int = 2048,
+    step_counts: tuple[int, ...] = (8, 32, 128),
+    reps: int = 3,
+) -> dict[str, object] | None:
     """facebookresearch/flow_matching's Riemannian path and solver on the same unit-sphere tokens, if installed:
     path sampling time, and sampler error (vs an RK4 x 2048 reference of ours) and CPU time at equal step counts."""
     try:
+        import flow_matching
         from flow_matching.path import GeodesicProbPath
         from flow_matching.path.scheduler import CondOTScheduler
         from flow_matching.solver import RiemannianODESolver
@@ -171,7 +193,10 @@ def bench_flow_matching(batch: int, channels: int, size: int) -> dict[str, objec
     fm_path = GeodesicProbPath(scheduler=CondOTScheduler(), manifold=FMSphere())
     ours = GeodesicPath(m)
     path_fns = {"ours": lambda: ours.sample(x0, x1, t), "flow_matching": lambda: fm_path.sample(x_0=x0, x_1=x1, t=t)}
-    res: dict[str, object] = {"path": {k: tm.medians() for k, tm in timed(path_fns, 9).items()}}
+    res: dict[str, object] = {
+        "version": getattr(flow_matching, "__version__", "unknown"),
+        "path": {k: tm.medians() for k, tm in timed(path_fns, 3 * reps).items()},
+    }
 
     def field(x: Tensor, tt: Tensor) -> Tensor:
         tt = tt.reshape(-1).expand(x.shape[0]) if tt.numel() == 1 else tt
@@ -182,10 +207,10 @@ def bench_flow_matching(batch: int, channels: int, size: int) -> dict[str, objec
             return field(x, t)
 
     solver = RiemannianODESolver(manifold=FMSphere(), velocity_model=Wrapped(nn.Identity()))
-    ref = integrate(field, x0, m, steps=2048, method="rk4")
+    ref = integrate(field, x0, m, steps=ref_steps, method="rk4")
     rows = []
     for method in ("midpoint", "rk4"):
-        for steps in (8, 32, 128):
+        for steps in step_counts:
             ours_run = functools.partial(integrate, field, x0, m, steps=steps, method=method)
             amb_run = functools.partial(integrate, field, x0, m, steps=steps, method=method, transport="ambient")
             fm_run = functools.partial(
@@ -197,7 +222,7 @@ def bench_flow_matching(batch: int, channels: int, size: int) -> dict[str, objec
                 projx=True,
                 proju=True,
             )
-            tm = timed({"ours": ours_run, "ambient": amb_run, "flow_matching": fm_run}, 3)
+            tm = timed({"ours": ours_run, "ambient": amb_run, "flow_matching": fm_run}, reps)
             rows.append(
                 {
                     "method": method,
@@ -220,8 +245,10 @@ def to_markdown(report: dict[str, object]) -> str:
     lines = [
         f"# Engine benchmark ({report['date']})",
         "",
-        f"Machine: {report['machine']}; torch {report['torch']}, "
-        f"{report['threads']} thread(s). Medians of CPU time of this process; ratios from the same run.",
+        f"Machine: {report['machine']}; torch {report['torch']}, {report['threads']} thread(s), load average "
+        f"{report['load_avg_start']:.1f} at the start and {report['load_avg_end']:.1f} at the end. Medians of CPU "
+        "time of this process; ratios from the same run. "
+        f"{written_by()}",
         "",
     ]
     ts = report["train_step"]
@@ -244,7 +271,7 @@ def to_markdown(report: dict[str, object]) -> str:
         "## Sampling cost at matched accuracy",
         "",
         f"Token spheres {tuple(sp['shape'])}, float64; error = max geodesic distance per token to an RK4 "
-        "reference with 2048 steps.",
+        f"reference with {sp['reference_steps']} steps.",
         "",
         "| target error | method | transport | steps / tol | NFE | error | CPU ms |",
         "|---|---|---|---|---|---|---|",
@@ -264,6 +291,7 @@ def to_markdown(report: dict[str, object]) -> str:
         lines.append("Not measured: the `flow-matching` package is not installed in this environment.")
     else:
         lines += [
+            f"flow_matching {fm['version']} (importable for this run only; not a dependency of manifold-fm). "
             f"{fm['tokens']} tokens on S^{fm['dim'] - 1}, float64. GeodesicProbPath.sample / our "
             f"GeodesicPath.sample CPU time: {fm['path_ratio_cpu']:.2f}x.",
             "",
@@ -281,24 +309,32 @@ def to_markdown(report: dict[str, object]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes, few repetitions")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    add_output_options(parser)
     args = parser.parse_args()
+    out = output_dir(parser, args)
     torch.set_num_threads(args.threads)
     q = args.quick
     report: dict[str, object] = {
+        "command": command(),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.machine()} {platform.processor() or ''} ({os.cpu_count()} cores)".strip(),
         "torch": torch.__version__,
         "threads": args.threads,
+        "load_avg_start": os.getloadavg()[0],
     }
-    report["train_step"] = bench_train_step(32 if q else 128, 4, 8 if q else 16, 256 if q else 1024, 5 if q else 15)
-    report["sampling"] = bench_sampling(4 if q else 16, 4, 4 if q else 8, [1e-3] if q else [1e-2, 1e-4, 1e-6])
-    report["flow_matching"] = bench_flow_matching(4, 4, 8)
-    write_text_atomic(args.out / "engine.json", json.dumps(report, indent=2))
+    if q:  # tiny tensors, a loose target, a short reference: seconds
+        report["train_step"] = bench_train_step(8, 4, 4, 64, 3)
+        report["sampling"] = bench_sampling(2, 4, 2, [1e-2], ref_steps=256, max_steps=256, reps=1)
+        report["flow_matching"] = bench_flow_matching(1, 4, 4, ref_steps=256, step_counts=(8,), reps=1)
+    else:
+        report["train_step"] = bench_train_step(128, 4, 16, 1024, 15)
+        report["sampling"] = bench_sampling(16, 4, 8, [1e-2, 1e-4, 1e-6])
+        report["flow_matching"] = bench_flow_matching(4, 4, 8)
+    report["load_avg_end"] = os.getloadavg()[0]
+    write_text_atomic(out / "engine.json", json.dumps(report, indent=2))
     md = to_markdown(report)
-    write_text_atomic(args.out / "engine.md", md)
+    write_text_atomic(out / "engine.md", md)
     print(md)
 
 

@@ -3,9 +3,10 @@
 Builds a cache of the built-in test images with the built-in tokenizer, then times, in the same run, producing
 batches of latents by (a) rendering + encoding the images every time, (b) per-item memory-mapped reads through
 ``LatentCache`` with a DataLoader, (c) ``LatentCache.load_all``, interleaved over the repeats
-(``benchmarks/timing.py``). Reports the best wall seconds of each and ratios against (a).
+(``manifold_fm/timing.py``). Reports the best wall seconds of each and ratios against (a).
 
     python benchmarks/bench_latent_cache.py        # writes benchmarks/results/latent_cache.{json,md}
+    python benchmarks/bench_latent_cache.py --quick --out /tmp/bench   # 24 images, one repeat (a smoke run)
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import argparse
 import json
 import tempfile
 from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
@@ -22,22 +22,26 @@ from torch.utils.data import DataLoader
 from manifold_fm.atomic import write_text_atomic
 from manifold_fm.data.builtin_images import BuiltinImages
 from manifold_fm.data.latents import LatentCache, extract_latents
+from manifold_fm.timing import timed
 from manifold_fm.tokenizers import builtin_tokenizer
 
-from timing import timed
+from reporting import add_output_options, command, output_dir, written_by
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--per-class", type=int, default=40)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--per-class", type=int, default=None, help="test images per class (default 40; --quick: 2)")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=None, help="default 3 (--quick: 1)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    add_output_options(parser)
     args = parser.parse_args()
+    out = output_dir(parser, args)
+    per_class = args.per_class or (2 if args.quick else 40)
+    repeats = args.repeats or (1 if args.quick else 3)
     torch.set_num_threads(args.threads)
     tok = builtin_tokenizer()
-    ds = BuiltinImages("test", per_class=args.per_class)
+    ds = BuiltinImages("test", per_class=per_class)
     n = len(ds)
     with tempfile.TemporaryDirectory() as tmp:
         extract_latents(tok, ds, tmp, batch_size=args.batch_size, flip=False, shard_size=256, progress=False)
@@ -57,9 +61,10 @@ def main() -> None:
             LatentCache(tmp).load_all()
 
         fns = {"render_and_encode": on_the_fly, "cache_per_item_mmap": mmap_items, "cache_load_all": load_all}
-        best = {k: tm.best_wall_s for k, tm in timed(fns, args.repeats, warmup=0).items()}
+        best = {k: tm.best_wall_s for k, tm in timed(fns, repeats, warmup=0).items()}
         t_fly, t_mmap, t_all = best["render_and_encode"], best["cache_per_item_mmap"], best["cache_load_all"]
     res = {
+        "command": command(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "items": n,
         "latent_shape": list(tok.latent_shape(32)),
@@ -74,10 +79,11 @@ def main() -> None:
             "latent_cache.md",
             "| latents from | seconds | speed-up vs encoding |\n|---|---|---|\n"
             + "\n".join(f"| {k} | {v:.3f} | {t_fly / v:.1f}x |" for k, v in res["seconds"].items())
-            + f"\n\n{n} items of shape {res['latent_shape']}, {args.threads} thread(s), {res['date']}.\n",
+            + f"\n\n{n} items of shape {res['latent_shape']}, {args.threads} thread(s), best of {repeats} "
+            f"repeat(s), {res['date']}. {written_by()}\n",
         ),
     ):
-        write_text_atomic(args.out / name, text)
+        write_text_atomic(out / name, text)
     print(json.dumps(res, indent=1))
 
 

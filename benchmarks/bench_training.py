@@ -4,7 +4,7 @@ Both modes run through the real trainer step (:meth:`~manifold_fm.training.train
 dropout, time and prior sampling, path, forward, loss, backward, gradient clipping, AdamW, EMA) on the same latents,
 model initialisation and seed. Steps are interleaved (linear, spherical, linear, ...) so both see the same machine
 load; each step is timed in this process's CPU time (``time.process_time``, robust to other jobs on a shared machine)
-and wall time (``benchmarks/timing.py``), and the medians give images/s and the spherical overhead ratio
+and wall time (``manifold_fm/timing.py``), and the medians give images/s and the spherical overhead ratio
 ``spherical step / linear step``.
 
 Sampling: EMA-free model, 12 classes, per solver (euler, heun, midpoint, rk4 at a fixed step count), time per image
@@ -12,7 +12,7 @@ of the flow solve only (:func:`manifold_fm.sampler.generate`; the tokenizer deco
 not timed).
 
     python benchmarks/bench_training.py            # writes benchmarks/results/training.{json,md}
-    python benchmarks/bench_training.py --quick    # a smoke run (tiny sizes; writes only to an explicit --out)
+    python benchmarks/bench_training.py --quick --out /tmp/bench   # a smoke run (tiny sizes, seconds)
 """
 
 from __future__ import annotations
@@ -33,13 +33,13 @@ from manifold_fm.atomic import write_text_atomic
 from manifold_fm.data.sources import TensorSource
 from manifold_fm.models.sit import build_sit, count_parameters
 from manifold_fm.sampler import SamplerSpec, generate
+from manifold_fm.timing import timed
 from manifold_fm.training.builders import preset_flow
 from manifold_fm.training.schema import FLOW_PRESETS, load_image_config
 from manifold_fm.training.trainer import Trainer
 
-from timing import timed
+from reporting import add_output_options, command, output_dir, written_by
 
-RESULTS = Path(__file__).parent / "results"
 MODES = ("linear", "spherical")
 
 
@@ -134,7 +134,12 @@ def bench_sampling(arch: str, shape: tuple[int, int, int], n: int, steps: int, r
 
 
 def to_markdown(res: dict) -> str:
-    lines = [f"Machine: {res['machine']}, torch {res['torch']}, {res['threads']} thread(s); {res['date']}.", ""]
+    lines = [
+        f"Machine: {res['machine']}, torch {res['torch']}, {res['threads']} thread(s), load average "
+        f"{res['load_avg_start']:.1f} at the start and {res['load_avg_end']:.1f} at the end; {res['date']}. "
+        f"{written_by()}",
+        "",
+    ]
     lines += [
         "| SiT | latents | batch | linear img/s (CPU time) | spherical img/s | spherical overhead (CPU) | "
         "overhead (wall) |",
@@ -163,10 +168,10 @@ def to_markdown(res: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, a few steps (smoke run)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=None, help=f"report folder (default {RESULTS}; --quick: none)")
+    add_output_options(parser)
     args = parser.parse_args()
+    out = output_dir(parser, args)
     torch.set_num_threads(args.threads)
     if args.quick:
         configs = [("SiT-Micro/2", (16, 8, 8), 8, 3, 1)]
@@ -175,6 +180,7 @@ def main() -> None:
         configs = [("SiT-Micro/2", (16, 8, 8), 64, 30, 5), ("SiT-Tiny/2", (16, 8, 8), 64, 10, 2)]
         sampling = ("SiT-Micro/2", (16, 8, 8), 48, 10, 3)
     res = {
+        "command": command(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
         "torch": torch.__version__,
@@ -186,10 +192,8 @@ def main() -> None:
     res["load_avg_end"] = os.getloadavg()[0]
     md = to_markdown(res)
     print(md)
-    out = args.out if args.out is not None or args.quick else RESULTS
-    if out is not None:
-        write_text_atomic(out / "training.json", json.dumps(res, indent=2))
-        write_text_atomic(out / "training.md", md)
+    write_text_atomic(out / "training.json", json.dumps(res, indent=2))
+    write_text_atomic(out / "training.md", md)
 
 
 if __name__ == "__main__":

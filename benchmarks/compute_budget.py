@@ -4,6 +4,7 @@ MFU is an input (replace it with the one ``experiments/imagenet_sfm/gpu_check.sh
 
     python benchmarks/compute_budget.py                      # writes benchmarks/results/compute_budget.{json,md}
     python benchmarks/compute_budget.py --mfu 0.5 --gpus 8 32
+    python benchmarks/compute_budget.py --quick --out /tmp/bench   # the same arithmetic (it takes seconds anyway)
 
 FLOPs come from :func:`manifold_fm.models.sit.sit_forward_flops` (2 FLOP per multiply-add; training ~ 3x forward)
 on a meta-device model (no memory); the peak is the dense bf16 peak of the GPU named (the one table in
@@ -22,6 +23,8 @@ import torch
 
 from manifold_fm.atomic import write_text_atomic
 from manifold_fm.models.sit import build_sit, sit_forward_flops
+
+from reporting import add_output_options, command, output_dir, written_by
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGENET_TRAIN_IMAGES = 1_281_167
@@ -66,6 +69,7 @@ def budget(epochs: int, mfu: float, gpus: list[int], gpu: str) -> dict:
             }
         )
     return {
+        "command": command(),
         "epochs": epochs,
         "images_per_epoch": IMAGENET_TRAIN_IMAGES,
         "gpu": gpu,
@@ -95,7 +99,7 @@ def table(result: dict) -> str:
         f"{result['epochs']} epochs; hours = FLOP / (GPUs x {result['peak_bf16_flops'] / 1e12:.1f} TFLOP/s "
         f"dense bf16 x an assumed MFU of {result['assumed_mfu']:.0%}), compute only (no data loading, "
         "communication or evaluation). A checkpoint holds float32 weights, EMA weights and AdamW's two "
-        "moments (16 bytes per parameter). Written by `python benchmarks/compute_budget.py`."
+        f"moments (16 bytes per parameter). {written_by()}"
     )
     return "\n".join(lines)
 
@@ -106,13 +110,14 @@ def main() -> None:
     parser.add_argument("--mfu", type=float, default=0.4, help="assumed model-FLOPs utilisation (a goal)")
     parser.add_argument("--gpus", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--gpu", default="H200", help="a name of gpu_check.py's peak table")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    add_output_options(parser)
     args = parser.parse_args()
+    out = output_dir(parser, args)
     if not 0 < args.mfu <= 1:
         raise SystemExit("--mfu must be in (0, 1]")
     result = budget(args.epochs, args.mfu, args.gpus, args.gpu)
-    write_text_atomic(args.out / "compute_budget.json", json.dumps(result, indent=2) + "\n")
-    write_text_atomic(args.out / "compute_budget.md", table(result) + "\n")
+    write_text_atomic(out / "compute_budget.json", json.dumps(result, indent=2) + "\n")
+    write_text_atomic(out / "compute_budget.md", table(result) + "\n")
     print(table(result))
 
 

@@ -124,6 +124,9 @@ PUBLIC_MODULES = [
     "manifold_fm.training.builders",
     "manifold_fm.training.runs",
     "manifold_fm.training.toy",
+    "manifold_fm.training.run_folder",
+    "manifold_fm.threads",
+    "manifold_fm.timing",
 ]
 
 

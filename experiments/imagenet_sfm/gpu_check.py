@@ -26,7 +26,7 @@ stdout (and in ``--out``). ``--cpu-smoke`` runs the same code with tiny shapes o
 test suite), so the script is exercised even where no GPU exists.
 
 This is the repository's one GPU throughput tool and holds its one peak-FLOPs table and MFU formula; timings go
-through the benchmarks' timing helper (``benchmarks/timing.py``, device-synchronised here).
+through manifold-fm's one timing helper (``manifold_fm/timing.py``, device-synchronised here).
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as _dt
-import importlib.util
 import json
 import math
 import os
@@ -46,14 +45,11 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # torch is imported inside the functions, so --help answers without loading it
     import torch
     from torch import Tensor
-
-REPO = Path(__file__).resolve().parents[2]
 
 # Dense (no sparsity) bf16 tensor-core peaks from the vendors' data sheets, FLOP/s; matched on the device name.
 # The repository's only peak table: MFU figures anywhere come from :func:`peak_flops` and :func:`mfu`.
@@ -130,19 +126,6 @@ CPU_SMOKE = CheckSpec(
 
 
 # ----------------------------------------------------------------------------- timing helpers
-def _benchmark_timing() -> ModuleType:
-    """``benchmarks/timing.py`` of this checkout (the benchmarks' one timing helper; not a package: loaded by path)."""
-    name = "manifold_fm_benchmarks_timing"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / "timing.py")
-        if spec is None or spec.loader is None:
-            raise ImportError(f"cannot load {REPO / 'benchmarks' / 'timing.py'}")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses resolve annotations through sys.modules
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
 def _sync_fn(device: torch.device) -> Callable[[], None] | None:
     """What synchronises ``device`` before a clock is read (nothing on a CPU)."""
     import torch
@@ -170,8 +153,9 @@ def _peak_gib(device: torch.device) -> float | None:
 
 def seconds_per_call(fn: Callable[[], Any], device: torch.device, warmup: int, iters: int) -> float:
     """Median wall seconds per call of ``fn`` over ``iters`` calls after ``warmup`` untimed ones, with ``device``
-    synchronised before and after each timed call (``benchmarks/timing.py``'s ``timed``)."""
-    timed = _benchmark_timing().timed
+    synchronised before and after each timed call (:func:`manifold_fm.timing.timed`)."""
+    from manifold_fm.timing import timed
+
     return timed({"fn": fn}, iters, warmup=warmup, sync=_sync_fn(device))["fn"].wall_s
 
 

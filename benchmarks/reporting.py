@@ -1,0 +1,66 @@
+"""What every benchmark script shares about its output: the ``--quick`` / ``--out`` options, the folder a run writes
+to, and the command line its reports state.
+
+A full run writes to ``benchmarks/results/`` (the committed results the READMEs and docs quote). ``--quick`` (tiny
+sizes, few repetitions: a smoke run) writes to ``--out`` or, without it, to a new temporary folder: a quick run never
+overwrites the committed results. Every report names the command that wrote it (:func:`written_by`), and every JSON
+report stores it under ``"command"``.
+
+The scripts run as ``python benchmarks/<script>.py`` (or through ``python -m benchmarks``), so this file is
+importable as ``reporting`` from them, like ``timing``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def add_output_options(parser: argparse.ArgumentParser) -> None:
+    """``--quick`` and ``--out`` with the same meaning in every script."""
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny sizes, few repetitions (a smoke run, seconds); writes to --out or a new temporary folder, "
+        "never to benchmarks/results/",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder for the reports (default: benchmarks/results/; with --quick: a new temporary folder)",
+    )
+
+
+def output_dir(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Path:
+    """The folder this run writes to (see the module docstring); a quick run aimed at the committed results is
+    refused."""
+    if args.out is None:
+        if not args.quick:
+            return RESULTS
+        out = Path(tempfile.mkdtemp(prefix="manifold-fm-bench-quick-"))
+        print(f"--quick without --out: writing to {out}", flush=True)
+        return out
+    if args.quick and args.out.resolve() == RESULTS:
+        parser.error("--quick must not write to benchmarks/results/ (the committed full results): pick another --out")
+    args.out.mkdir(parents=True, exist_ok=True)
+    return args.out
+
+
+def command() -> str:
+    """The command line that is running, as ``python benchmarks/<script>.py <arguments>``."""
+    return " ".join(["python", f"benchmarks/{Path(sys.argv[0]).name}", *map(shlex.quote, sys.argv[1:])])
+
+
+def written_by(cmd: str | None = None) -> str:
+    """The sentence every Markdown report carries: ``cmd`` (a report rebuilt from its JSON passes the stored
+    ``"command"``) or the running :func:`command`."""
+    return f"Written by `{cmd or command()}`."
+
+
+__all__ = ["RESULTS", "add_output_options", "command", "output_dir", "written_by"]
