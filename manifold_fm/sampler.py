@@ -19,6 +19,7 @@ from .config import Section
 from .flow import Flow
 from .guidance import guided_velocity
 from .solvers import TABLEAUS, adaptive_methods, integrate
+from .time import shift_time_grid
 
 Velocity = Callable[[Tensor, Tensor], Tensor]
 
@@ -30,6 +31,8 @@ class SamplerSpec(Section):
         method: ``euler``, ``heun``, ``midpoint``, ``rk4`` (exp-map steppers) or a torchdiffeq adaptive method.
         steps: fixed methods: uniform steps; adaptive methods: chart segments.
         transport: how Runge-Kutta stages reach the step's tangent space (:mod:`manifold_fm.solvers`).
+        time_shift: fixed methods: the steps follow the time grid ``t_i = i / steps`` warped by
+            :func:`~manifold_fm.time.shift_time` (``s > 1`` puts more steps near the noise; 1: uniform steps).
         cfg_scale: classifier-free guidance scale (1 = conditional only).
         cfg_interval: apply guidance only for ``t`` in ``[lo, hi]``.
         atol, rtol: tolerances of adaptive methods.
@@ -38,6 +41,7 @@ class SamplerSpec(Section):
     method: str = "euler"
     steps: int = Field(50, ge=1)
     transport: Literal["dlog", "parallel", "project", "ambient"] = "dlog"
+    time_shift: float = Field(1.0, gt=0)
     cfg_scale: float = 1.0
     cfg_interval: tuple[float, float] | None = None
     atol: float = Field(1e-5, gt=0)
@@ -52,6 +56,8 @@ class SamplerSpec(Section):
             )
         if self.method not in TABLEAUS and self.transport == "ambient":
             raise ValueError("transport: 'ambient' applies to the fixed-step methods (euler, heun, midpoint, rk4)")
+        if self.method not in TABLEAUS and self.time_shift != 1.0:
+            raise ValueError("time_shift: applies to the fixed-step methods (euler, heun, midpoint, rk4)")
         if self.cfg_interval is not None and not self.cfg_interval[0] <= self.cfg_interval[1]:
             raise ValueError(f"cfg_interval: needs lo <= hi, got {list(self.cfg_interval)}")
         return self
@@ -69,6 +75,22 @@ def model_velocity(
     if null_class is None:
         raise ValueError("classifier-free guidance needs the model's null class")
     return guided_velocity(model, labels, spec.cfg_scale, null_class, interval=spec.cfg_interval)
+
+
+def time_grid(spec: SamplerSpec) -> list[float] | None:
+    """The fixed-step solver's times for ``spec``: ``None`` (uniform steps) unless ``spec.time_shift != 1``, then
+    the uniform grid ``i / steps`` through :func:`~manifold_fm.time.shift_time`."""
+    if spec.time_shift == 1.0:
+        return None
+    uniform = torch.linspace(0.0, 1.0, spec.steps + 1, dtype=torch.float64)
+    return shift_time_grid(uniform, spec.time_shift).tolist()
+
+
+def network_evaluations(spec: SamplerSpec) -> int | None:
+    """Velocity evaluations per sample of a fixed-step ``spec`` (stages x steps; classifier-free guidance doubles
+    each evaluation's batch, not their number); ``None`` for adaptive methods (it depends on the tolerances)."""
+    tableau = TABLEAUS.get(spec.method)
+    return None if tableau is None else len(tableau.c) * spec.steps
 
 
 @torch.no_grad()
@@ -98,6 +120,7 @@ def generate(
             x0,
             flow.sampling_manifold,
             steps=spec.steps,
+            time_grid=time_grid(spec),
             method=spec.method,
             transport=spec.transport,
             atol=spec.atol,
@@ -108,4 +131,4 @@ def generate(
         model.train(was_training)
 
 
-__all__ = ["SamplerSpec", "Velocity", "generate", "model_velocity"]
+__all__ = ["SamplerSpec", "Velocity", "generate", "model_velocity", "network_evaluations", "time_grid"]

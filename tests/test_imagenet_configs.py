@@ -20,11 +20,12 @@ ROOT = Path(__file__).resolve().parent.parent
 EXP = ROOT / "experiments" / "imagenet_sfm"
 CONFIGS = sorted((EXP / "configs").glob("*.yaml"))
 IMAGENET_TRAIN_IMAGES = 1_281_167
-# The only keys by which a linear run and its spherical partner may differ: the method itself (path + prior +
-# latent space + loss projection + sampler all follow flow.path), the decoder finetuned to decode projected tokens,
-# and the run name.
-# Both read the same latent cache (spherical runs project its denormalised latents).
-METHOD_KEYS = {"name", "flow.path", "tokenizer.decoder_state"}
+# The only keys by which two arms of one grid point may differ: the method itself (the five settings of its flow
+# preset), the decoder finetuned to decode projected tokens, and the run name.
+# Every arm reads the same latent cache (spherical-latent runs project its denormalised latents).
+FLOW_KEYS = {f"flow.{k}" for k in ("latent", "prior", "path", "projection", "sampler")}
+METHOD_KEYS = {"name", "tokenizer.decoder_state", *FLOW_KEYS}
+ABLATION = ["flux2-B2-linear-80ep", "flux2-B2-shell-80ep", "flux2-B2-spherical-linear-80ep", "flux2-B2-spherical-80ep"]
 
 
 def _load_script(name: str) -> Any:
@@ -49,7 +50,7 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def _pairs() -> list[tuple[Path, Path]]:
     pairs = []
     for lin in CONFIGS:
-        if "-linear-" in lin.name:
+        if "-linear-" in lin.name and "-spherical-linear-" not in lin.name:
             pairs.append((lin, lin.with_name(lin.name.replace("-linear-", "-spherical-"))))
     return pairs
 
@@ -69,7 +70,21 @@ def test_grid_is_complete() -> None:
     for pattern in required:
         for mode in ("linear", "spherical"):
             assert pattern.format(mode) in names
-    assert len(CONFIGS) % 2 == 0 and len(_pairs()) * 2 == len(CONFIGS)
+    # plus the ablation's two middle arms beside the FLUX.2 B/2 80-epoch pair
+    assert set(ABLATION) <= names
+    assert len(_pairs()) * 2 + 2 == len(CONFIGS)
+
+
+def test_ablation_arms_are_the_paper_presets_and_differ_only_in_the_method() -> None:
+    """The paper's four-arm ablation (FLUX.2, SiT-B/2, 80 epochs): one preset per arm, nothing else differs, and
+    every spherical-latent arm decodes with the finetuned decoder."""
+    cfgs = [load_image_config(EXP / "configs" / f"{name}.yaml") for name in ABLATION]
+    assert [c.flow.preset for c in cfgs] == ["linear", "shell", "spherical-linear", "spherical"]
+    flat = [_flatten(to_dict(c)) for c in cfgs]
+    for other in flat[1:]:
+        assert {k for k in flat[0] if flat[0][k] != other[k]} <= METHOD_KEYS
+    assert [c.tokenizer.decoder_state is not None for c in cfgs] == [False, False, True, True]
+    assert [c.flow.resolved["path"] for c in cfgs] == ["linear", "shell", "linear", "geodesic"]
 
 
 def test_committed_configs_match_generator(tmp_path: Path) -> None:
@@ -106,6 +121,7 @@ def test_pair_differs_only_in_method_keys(lin: Path, sph: Path) -> None:
     differing = {k for k in a if a[k] != b[k]}
     assert differing <= METHOD_KEYS, f"{lin.name} vs {sph.name} also differ in {sorted(differing - METHOD_KEYS)}"
     assert (a["flow.path"], b["flow.path"]) == ("linear", "geodesic")
+    assert {k for k in a if a[k] != b[k]} >= FLOW_KEYS - {"flow.path"}  # every setting written out, not defaulted
     assert (load_image_config(lin).flow.preset, load_image_config(sph).flow.preset) == ("linear", "spherical")
     # The linear baseline decodes with the tokenizer's own decoder; spherical with the finetuned one, trained on the
     # projected tokens of the same tokenizer; one cache serves both.
