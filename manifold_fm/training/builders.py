@@ -47,7 +47,11 @@ def build_flow(cfg: FlowConfig, manifold: Manifold, *, project_data: bool = Fals
     squared geodesic cost of the path's own manifold)."""
     path: ProbabilityPath = GeodesicPath(manifold) if cfg.path == "geodesic" else LinearPath()
     times = build_time_sampler(cfg.time, mean=cfg.time_mean, std=cfg.time_std, shift=cfg.time_shift)
-    coupling = OTCoupling(path.manifold) if cfg.coupling == "ot" else IndependentCoupling()
+    coupling = (
+        OTCoupling(path.manifold, solver=cfg.ot_solver, reg=cfg.ot_reg)
+        if cfg.coupling == "ot"
+        else IndependentCoupling()
+    )
     return Flow(manifold, path, times, coupling, project_data=project_data, name=name or cfg.path)
 
 
@@ -64,7 +68,11 @@ def latent_flow(cfg: FlowConfig, channels: int) -> Flow:
         r["path"]
     ]
     times = build_time_sampler(cfg.time, mean=cfg.time_mean, std=cfg.time_std, shift=cfg.time_shift)
-    coupling = OTCoupling(path.manifold) if cfg.coupling == "ot" else IndependentCoupling()
+    coupling = (
+        OTCoupling(path.manifold, solver=cfg.ot_solver, reg=cfg.ot_reg)
+        if cfg.coupling == "ot"
+        else IndependentCoupling()
+    )
     return Flow(
         manifold,
         path,

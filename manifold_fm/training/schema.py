@@ -100,7 +100,11 @@ class FlowConfig(Section):
       latent space (projected onto the spheres at the end for spherical latents); default ``exp-map`` for the
       geodesic path; the solver itself (Euler, Heun, RK4, ...) is ``sample.method``;
     - ``time``, ``time_mean``, ``time_std``, ``time_shift``: the distribution of training times (``uniform`` or
-      ``logit_normal``, then the SD3 shift); ``coupling``: ``independent`` or minibatch ``ot``.
+      ``logit_normal``, then the SD3 shift); ``coupling``: ``independent`` or minibatch ``ot``;
+    - ``ot_solver``, ``ot_reg``: how ``ot`` assigns: ``exact`` (scipy, on the CPU), ``sinkhorn`` (entropic OT on the
+      batch's device, rounded to a permutation) or ``auto`` (exact up to 1024 rows per assignment, Sinkhorn above);
+      ``ot_reg`` > 0 is Sinkhorn's regularisation relative to the spread of the cost (smaller: closer to exact OT,
+      more iterations; see :func:`~manifold_fm.coupling.sinkhorn_log_plan`).
 
     The paper's four arms are :data:`FLOW_PRESETS` (``linear``, ``shell``, ``spherical-linear``, ``spherical``);
     ``preset: NAME`` in a config (or ``--set flow.preset=NAME``) sets all five settings to one of them, whatever
@@ -117,6 +121,8 @@ class FlowConfig(Section):
     time_std: float = Field(1.0, gt=0)
     time_shift: float = Field(1.0, gt=0)
     coupling: Literal["independent", "ot"] = "independent"
+    ot_solver: Literal["exact", "sinkhorn", "auto"] = "auto"
+    ot_reg: float = Field(0.05, gt=0)
 
     @property
     def resolved(self) -> dict[str, str]:
