@@ -1,6 +1,8 @@
 """manifold-fm: Riemannian flow matching for PyTorch."""
 
-__version__ = "0.1.0"
+from .version import __version__
+
+__all__ = ["__version__"]
 
 
 def __getattr__(name: str) -> object:

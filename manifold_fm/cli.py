@@ -17,7 +17,7 @@ import sys
 
 import click
 
-from . import __version__
+from .version import __version__
 
 # name -> "module:attribute" of a click.Command; one module per command under manifold_fm/commands/.
 COMMANDS: dict[str, str] = {

@@ -37,9 +37,9 @@ from torch import Tensor
 
 from manifold_fm.errors import InputError
 
-from . import __version__
 from .sampler import SamplerSpec
 from .training.runs import LoadedRun, build_run, checkpoint_run_folder, read_run_checkpoint, sample_run
+from .version import __version__
 
 #: ``config.json``'s ``format`` (an exported folder is recognised by it) and its version.
 FORMAT = "manifold-fm/latent-image"

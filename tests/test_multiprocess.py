@@ -208,3 +208,17 @@ def test_sampling_on_two_processes_merges_to_the_one_process_samples(runs: dict)
     with np.load(runs["root"] / "s2" / "samples.npz") as a, np.load(runs["root"] / "s1" / "samples.npz") as b:
         assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
         assert a["arr_0"].shape[0] == 10
+
+
+def test_ot_coupling_pairs_per_process_like_one_process_per_micro_batch(tmp_path: Path) -> None:
+    """``flow.coupling: ot`` under 2 processes: each process pairs its own slice of the global batch, which is what one
+    process does per micro-batch with ``train.grad_accum: 2`` (the same slices), so the two runs agree to rounding;
+    one process at the whole batch pairs over all of it and trains differently."""
+    ot = ["--set", "flow.coupling=ot"]
+    _launch("train", *TRAIN, *ot, "--out", str(tmp_path / "two"))
+    accum = CliRunner().invoke(main, ["train", *TRAIN, *ot, "--set", "train.grad_accum=2", "--out", str(tmp_path / "a")])
+    assert accum.exit_code == 0, accum.output
+    whole = CliRunner().invoke(main, ["train", *TRAIN, *ot, "--out", str(tmp_path / "w")])
+    assert whole.exit_code == 0, whole.output
+    assert _max_diff(_weights(tmp_path / "two"), _weights(tmp_path / "a")) < ROUNDING
+    assert _max_diff(_weights(tmp_path / "two"), _weights(tmp_path / "w")) > 100 * ROUNDING
