@@ -55,16 +55,55 @@ ENTRIES: dict[str, Entry] = {
     "toy_nll": Entry("toy_nll.py", outputs=("toy_nll.json", "toy_nll.md")),
     "threads": Entry("bench_threads.py", outputs=("threads.json", "threads.md")),
 }
-# scripts added alongside (with --quick and --out), when present
-if (HERE / "bench_ot.py").is_file():
-    ENTRIES["ot_cost"] = Entry("bench_ot.py", outputs=("ot_cost.json", "ot_cost.md"))
-# the long entries: complete default runs (--long)
+ENTRIES["ot_cost"] = Entry("bench_ot.py", outputs=("ot_cost.json", "ot_cost.md"))
+# the long entries (--long): complete default runs, and studies of the models they train (hours on 2 cores)
 ENTRIES["default_run_sweep"] = Entry(
     "default_run_sweep.py", outputs=("default_run_sweep.json", "default_run_sweep.md"), long=True
 )
-ENTRIES["ablation"] = Entry("ablation.py", outputs=("ablation.json", "ablation.md", "ablation.png"), long=True)
-if (HERE / "default_run.py").is_file():  # the built-in default run's benchmark, when present
-    ENTRIES["default_run"] = Entry("default_run.py", outputs=("default_run.json", "default_run.md"), long=True)
+ENTRIES["ablation"] = Entry(
+    "ablation.py",
+    ("--work", "runs/ablation", "--set", "sample.cfg_scale=1.0"),
+    outputs=("ablation.json", "ablation.md", "ablation.png"),
+    long=True,
+)
+ENTRIES["default_run"] = Entry(
+    "default_run.py",
+    outputs=("default_run.json", "default_run.md", "default_run_spherical.png", "default_run_linear.png"),
+    long=True,
+)
+# on the ablation's trained models (runs/ablation, runs/ot): run after `ablation` (and its OT twin below)
+ENTRIES["ablation_ot"] = Entry(
+    "ablation.py",
+    (
+        "--work",
+        "runs/ot",
+        "--arms",
+        "linear",
+        "spherical",
+        "--name",
+        "ablation_ot",
+        "--set",
+        "flow.coupling=ot",
+        "--set",
+        "sample.cfg_scale=1.0",
+    ),
+    outputs=("ablation_ot.json", "ablation_ot.md", "ablation_ot.png"),
+    long=True,
+)
+ENTRIES["sampling_nfe"] = Entry(
+    "sampling.py",
+    ("nfe",),
+    outputs=("sampling_nfe.json", "sampling_nfe.md", "sampling_nfe.png", "sampler_presets.json", "sampler_presets.md"),
+    long=True,
+)
+ENTRIES["sampling_guidance"] = Entry(
+    "sampling.py",
+    ("guidance",),
+    outputs=("sampling_guidance.json", "sampling_guidance.md", "sampling_guidance.png"),
+    long=True,
+)
+ENTRIES["sampling_ot"] = Entry("sampling.py", ("ot",), outputs=("sampling_ot.json", "sampling_ot.md"), long=True)
+ENTRIES["decoder_swap"] = Entry("decoder_swap.py", outputs=("decoder_swap.json", "decoder_swap.md"), long=True)
 
 
 def _load_text(load: float | None) -> str:

@@ -63,4 +63,17 @@ def written_by(cmd: str | None = None) -> str:
     return f"Written by `{cmd or command()}`."
 
 
-__all__ = ["RESULTS", "add_output_options", "command", "output_dir", "written_by"]
+def map_in_processes(script: str, function: str, jobs: list, processes: int) -> list:
+    """``[function(job) for job in jobs]`` in ``processes`` spawned processes (one job each at a time), where
+    ``function`` is a top-level function of ``benchmarks/<script>.py``. It is looked up in that file imported by its
+    module name (this folder is on ``sys.path`` for the scripts), so the spawned processes find it also when the
+    script runs as another program's ``__main__`` (``python -m benchmarks`` runs the scripts in its own process)."""
+    import importlib
+    import multiprocessing as mp
+
+    worker = getattr(importlib.import_module(Path(script).stem), function)
+    with mp.get_context("spawn").Pool(processes) as pool:
+        return pool.map(worker, jobs, chunksize=1)
+
+
+__all__ = ["RESULTS", "add_output_options", "command", "map_in_processes", "output_dir", "written_by"]

@@ -1,0 +1,377 @@
+"""Sample quality against the number of network evaluations (NFE), and classifier-free guidance, on trained models
+of the built-in proxy (the arms of ``benchmarks/ablation.py``'s runs, one model per arm and seed).
+
+``nfe``: every arm's EMA model sampled with euler, heun, midpoint and rk4 at 4, 8, 16, 32 and 64 NFE (steps = NFE /
+stages), on a uniform time grid and on a grid shifted toward the noise (``sample.time_shift``), plus an adaptive
+solver (dopri5) and the 250-NFE Euler reference; each scored by the built-in classifier's Fréchet distance and
+accuracy on the same class-balanced noise and labels. ``guidance``: Euler 20 steps at CFG scales 1 to 4, without and
+with a guidance interval. ``ot``: the linear and spherical models trained with the independent coupling and with
+minibatch OT (``python benchmarks/ablation.py --work runs/ot --arms linear spherical --name ablation_ot --set
+flow.coupling=ot``) at 250, 16, 8 and 1 Euler steps, and the straightness of their flows.
+
+    python benchmarks/sampling.py nfe       # -> results/sampling_nfe.{json,md,png}, sampler_presets.{json,md}
+    python benchmarks/sampling.py guidance             # -> results/sampling_guidance.{json,md,png}
+    python benchmarks/sampling.py ot --ot-runs runs/ot # -> results/sampling_ot.{json,md}
+    python benchmarks/sampling.py nfe --report         # rebuild the table and plot from the saved json
+
+Runs: ``--runs runs/ablation`` holds ``seed<N>/<arm>`` folders (``python benchmarks/ablation.py``). The (arm, seed)
+models are scored in parallel processes, one thread each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from reporting import map_in_processes
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+METRIC = "fd_builtin_classifier"
+NFES = (4, 8, 16, 32, 64)
+STAGES = {"euler": 1, "heun": 2, "midpoint": 2, "rk4": 4}
+SHIFTS = (1.0, 3.0)
+REFERENCE = {"method": "euler", "steps": 250}
+ADAPTIVE = {"method": "dopri5", "steps": 1, "atol": 1e-3, "rtol": 1e-3}
+CFG_SCALES = (1.0, 1.5, 2.0, 3.0, 4.0)
+CFG_INTERVALS: dict[str, tuple[float, float] | None] = {"none": None, "t<=0.7": (0.0, 0.7), "t>=0.3": (0.3, 1.0)}
+
+
+def nfe_grid() -> dict[str, dict[str, Any]]:
+    """Setting name -> sampler overrides for the NFE study."""
+    grid: dict[str, dict[str, Any]] = {"euler-250": dict(REFERENCE), "dopri5-1e-3": dict(ADAPTIVE)}
+    for method, stages in STAGES.items():
+        for nfe in NFES:
+            if nfe % stages:
+                continue
+            for shift in SHIFTS:
+                grid[f"{method}-{nfe}-shift{shift:g}"] = {"method": method, "steps": nfe // stages, "time_shift": shift}
+    return grid
+
+
+def ot_grid() -> dict[str, dict[str, Any]]:
+    """Setting name -> sampler overrides for the coupling study: full and few-step Euler, and one step (for the
+    straightness figure)."""
+    return {f"euler-{n}": {"method": "euler", "steps": n} for n in (250, 16, 8, 1)}
+
+
+def guidance_grid() -> dict[str, dict[str, Any]]:
+    """Setting name -> sampler overrides for the guidance study (Euler, 20 steps)."""
+    return {
+        f"cfg{scale:g}-{name}": {"method": "euler", "steps": 20, "cfg_scale": scale, "cfg_interval": interval}
+        for scale in CFG_SCALES
+        for name, interval in CFG_INTERVALS.items()
+        if not (scale == 1.0 and interval is not None)
+    }
+
+
+class _Counted:
+    """Wraps a model to count its forward calls (one per network evaluation of a batch)."""
+
+    def __init__(self, model: Any) -> None:
+        self.model, self.calls = model, 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.model, name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        return self.model(*args, **kwargs)
+
+
+def score(job: tuple[str, str, int, dict[str, dict[str, Any]], int, str | None, str]) -> dict[str, Any]:
+    """Every setting of ``grid`` on one trained model: FD, accuracy, NFE per sample and seconds; with both
+    ``euler-1`` and ``euler-250`` in the grid, the flow's straightness error too: ``mean |z_1 - z_250| / mean
+    |x_0 - z_250|`` over the samples (``z_n``: the sample after ``n`` Euler steps from the noise ``x_0``; 0 for a
+    flow whose one step lands where the full solve does)."""
+    run_dir, arm, seed, grid, samples, cache_dir, coupling = job
+    import torch
+
+    torch.set_num_threads(1)
+    from manifold_fm.config import validate
+    from manifold_fm.eval.classifier import builtin_evaluator
+    from manifold_fm.eval.sample_quality import SampleQuality
+    from manifold_fm.sampler import SamplerSpec
+    from manifold_fm.training.runs import load_run
+
+    evaluator = builtin_evaluator(cache_dir, progress=False)
+    run = load_run(run_dir)
+    base = run.cfg.sample.model_dump(include=set(SamplerSpec.model_fields))
+    noise_seed = 10_000 + seed  # apart from training's and the runs' own evaluations
+    out: dict[str, Any] = {}
+    latents: dict[str, torch.Tensor] = {}
+    for name, overrides in grid.items():
+        spec = validate(SamplerSpec, {**base, "cfg_scale": 1.0, "cfg_interval": None, "time_shift": 1.0, **overrides})
+        counted = _Counted(run.model)
+        quality = SampleQuality(run.flow, spec, run.decoder, run.latent_shape, run.num_classes, evaluator)
+        t0 = time.perf_counter()
+        z, images, labels, _ = quality.sample(counted, samples, seed=noise_seed)
+        r = evaluator.evaluate(images, labels)
+        out[name] = {
+            METRIC: r[METRIC],
+            "classifier_accuracy": r["classifier_accuracy"],
+            "nfe": counted.calls,
+            "seconds": time.perf_counter() - t0,
+        }
+        if name in ("euler-1", "euler-250"):
+            latents[name] = z.flatten(1).double()
+    row: dict[str, Any] = {"arm": arm, "seed": seed, "coupling": coupling, "settings": out}
+    if len(latents) == 2:
+        g = torch.Generator().manual_seed(noise_seed)
+        x0 = run.flow.prior((samples, *run.latent_shape), g, "cpu", dtype=torch.float32).flatten(1).double()
+        full = latents["euler-250"]
+        miss = (latents["euler-1"] - full).norm(dim=1).mean()
+        row["straightness_error"] = float(miss / (x0 - full).norm(dim=1).mean())
+    return row
+
+
+def _stats(rows: list[dict], arm: str, name: str, key: str, coupling: str | None = None) -> tuple[float, float]:
+    values = [
+        r["settings"][name][key] if key in r["settings"][name] else r[key]
+        for r in rows
+        if r["arm"] == arm and coupling in (None, r.get("coupling"))
+    ]
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def nfe_table(rows: list[dict], arms: list[str], command: str) -> str:
+    names = list(nfe_grid())
+    head = "| setting | NFE | " + " | ".join(f"{a} FD | {a} acc" for a in arms) + " |"
+    lines = [head, "|---|---|" + "---|---|" * len(arms)]
+    for name in names:
+        nfe = statistics.mean(r["settings"][name]["nfe"] for r in rows)
+        cells = []
+        for arm in arms:
+            fd, acc = _stats(rows, arm, name, METRIC), _stats(rows, arm, name, "classifier_accuracy")
+            cells.append(f"{fd[0]:.2f} ± {fd[1]:.2f} | {acc[0]:.3f}")
+        lines.append(f"| {name} | {nfe:.0f} | " + " | ".join(cells) + " |")
+    lines += ["", "Best setting per NFE budget (lowest mean FD):", "", "| NFE | " + " | ".join(arms) + " |"]
+    lines.append("|---|" + "---|" * len(arms))
+    for nfe in NFES:
+        cells = []
+        for arm in arms:
+            candidates = [n for n in names if n.split("-")[1:2] == [str(nfe)]]
+            best = min(candidates, key=lambda n, arm=arm: _stats(rows, arm, n, METRIC)[0])
+            fd = _stats(rows, arm, best, METRIC)[0]
+            ref = _stats(rows, arm, "euler-250", METRIC)[0]
+            cells.append(f"{best} ({fd:.2f}, {fd / ref - 1:+.0%} vs 250)")
+        lines.append(f"| {nfe} | " + " | ".join(cells) + " |")
+    seeds = sorted({r["seed"] for r in rows})
+    lines += [
+        "",
+        f"Mean ± sample standard deviation over the models of seeds {', '.join(map(str, seeds))} (one trained model "
+        "per arm and seed), FD-builtin-classifier (lower is better) and the built-in classifier's accuracy on the "
+        "same class-balanced noise and labels for every setting, no guidance. NFE: network evaluations per sample "
+        "(counted); `shift3` is the time grid warped by shift 3 (more steps near the noise). `-250` is the Euler "
+        "reference; percentages are against it.",
+        "",
+        f"Written by `{command}`.",
+    ]
+    return "\n".join(lines)
+
+
+def best_presets(rows: list[dict], arm: str = "spherical") -> dict[int, dict[str, Any]]:
+    """Per NFE budget, the fixed-step setting with the lowest mean FD of ``arm``'s models: its method and time
+    shift (what :data:`manifold_fm.sampler.NFE_PRESETS` holds), FD and FD relative to the 250-step reference."""
+    grid, ref = nfe_grid(), _stats(rows, arm, "euler-250", METRIC)[0]
+    out: dict[int, dict[str, Any]] = {}
+    for nfe in NFES:
+        candidates = [n for n in grid if n.split("-")[1:2] == [str(nfe)]]
+        best = min(candidates, key=lambda n: _stats(rows, arm, n, METRIC)[0])
+        fd = _stats(rows, arm, best, METRIC)
+        out[nfe] = {
+            "setting": best,
+            "method": grid[best]["method"],
+            "time_shift": grid[best]["time_shift"],
+            "fd": fd[0],
+            "fd_sd": fd[1],
+            "vs_250": fd[0] / ref - 1,
+        }
+    return out
+
+
+def presets_table(presets: dict[int, dict[str, Any]], command: str) -> str:
+    lines = [
+        "| `--nfe` | method | steps | time shift | spherical FD (mean ± sd) | vs 250 Euler steps |",
+        "|---|---|---|---|---|---|",
+        *(
+            f"| {nfe} | {p['method']} | {nfe // STAGES[p['method']]} | {p['time_shift']:g} | "
+            f"{p['fd']:.2f} ± {p['fd_sd']:.2f} | {p['vs_250']:+.0%} |"
+            for nfe, p in presets.items()
+        ),
+        "",
+        "The sampler `manifold-fm sample --nfe N` uses (`manifold_fm.sampler.NFE_PRESETS`, the row of the largest "
+        "budget <= N; steps = N / stages): per budget, the fixed-step setting with the lowest mean FD of the "
+        "spherical models in the NFE study (`sampling_nfe.md`).",
+        "",
+        f"Written by `{command}`.",
+    ]
+    return "\n".join(lines)
+
+
+def guidance_table(rows: list[dict], arms: list[str], command: str) -> str:
+    head = "| scale | interval | " + " | ".join(f"{a} FD | {a} acc" for a in arms) + " |"
+    lines = [head, "|---|---|" + "---|---|" * len(arms)]
+    for name in guidance_grid():
+        scale, interval = name.split("-", 1)
+        cells = []
+        for arm in arms:
+            fd, acc = _stats(rows, arm, name, METRIC), _stats(rows, arm, name, "classifier_accuracy")
+            cells.append(f"{fd[0]:.2f} ± {fd[1]:.2f} | {acc[0]:.3f} ± {acc[1]:.3f}")
+        lines.append(f"| {scale.removeprefix('cfg')} | {interval} | " + " | ".join(cells) + " |")
+    seeds = sorted({r["seed"] for r in rows})
+    lines += [
+        "",
+        f"Mean ± sample standard deviation over the models of seeds {', '.join(map(str, seeds))}; Euler, 20 steps, "
+        "classifier-free guidance at each scale, on the whole path (`none`) or only for t <= 0.7 / t >= 0.3 "
+        "(t = 0 is noise, t = 1 data).",
+        "",
+        f"Written by `{command}`.",
+    ]
+    return "\n".join(lines)
+
+
+def ot_table(rows: list[dict], arms: list[str], command: str) -> str:
+    names = list(ot_grid())
+    head = "| arm | coupling | " + " | ".join(f"FD at {n.split('-')[1]} NFE" for n in names) + " | straightness error |"
+    lines = [head, "|---|---|" + "---|" * (len(names) + 1)]
+    for arm in arms:
+        for coupling in ("independent", "ot"):
+            cells = [_stats(rows, arm, n, METRIC, coupling) for n in names]
+            err = _stats(rows, arm, names[0], "straightness_error", coupling)
+            text = " | ".join(f"{m:.2f} ± {sd:.2f}" for m, sd in cells)
+            lines.append(f"| {arm} | {coupling} | {text} | {err[0]:.3f} ± {err[1]:.3f} |")
+    seeds = sorted({r["seed"] for r in rows})
+    lines += [
+        "",
+        f"Mean ± sample standard deviation over the models of seeds {', '.join(map(str, seeds))}, each arm trained "
+        "with the independent coupling and with minibatch OT (`flow.coupling: ot`: exact assignment within each "
+        "class by the squared geodesic cost on the token spheres, squared Euclidean for linear), everything else "
+        "equal; FD-builtin-classifier after Euler with 250, 16, 8 and 1 steps from the same noise. Straightness "
+        "error: mean |z_1 - z_250| / mean |x_0 - z_250| (0: one Euler step lands where 250 do).",
+        "",
+        f"Written by `{command}`.",
+    ]
+    return "\n".join(lines)
+
+
+def plot_nfe(rows: list[dict], arms: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from manifold_fm.atomic import atomic_path
+
+    fig, axes = plt.subplots(1, len(arms), figsize=(4.2 * len(arms), 3.6), sharey=True, squeeze=False)
+    for ax, arm in zip(axes[0], arms, strict=True):
+        for i, method in enumerate(STAGES):
+            for shift, style in zip(SHIFTS, ("-", "--"), strict=True):
+                xs = [n for n in NFES if n % STAGES[method] == 0]
+                ys = [_stats(rows, arm, f"{method}-{n}-shift{shift:g}", METRIC)[0] for n in xs]
+                ax.plot(xs, ys, style, marker="o", ms=3, color=f"C{i}", label=f"{method}, shift {shift:g}")
+        ax.axhline(_stats(rows, arm, "euler-250", METRIC)[0], color="0.3", lw=1, label="euler, 250 NFE")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("network evaluations per sample")
+        ax.set_title(arm)
+    axes[0][0].set_ylabel("FD-builtin-classifier (lower is better)")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def plot_guidance(rows: list[dict], arms: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from manifold_fm.atomic import atomic_path
+
+    fig, (fd_ax, acc_ax) = plt.subplots(1, 2, figsize=(9, 3.6))
+    for i, arm in enumerate(arms):
+        for name, style in zip(CFG_INTERVALS, ("-", "--", ":"), strict=True):
+            scales = [s for s in CFG_SCALES if not (s == 1.0 and name != "none")]
+            keys = [f"cfg{s:g}-none" if s == 1.0 else f"cfg{s:g}-{name}" for s in scales]
+            fd_ax.plot(scales, [_stats(rows, arm, k, METRIC)[0] for k in keys], style, marker="o", ms=3, color=f"C{i}")
+            acc_ax.plot(
+                scales,
+                [_stats(rows, arm, k, "classifier_accuracy")[0] for k in keys],
+                style,
+                marker="o",
+                ms=3,
+                color=f"C{i}",
+                label=f"{arm}, interval {name}",
+            )
+    fd_ax.set_xlabel("CFG scale")
+    fd_ax.set_ylabel("FD-builtin-classifier (lower is better)")
+    acc_ax.set_xlabel("CFG scale")
+    acc_ax.set_ylabel("classifier accuracy")
+    acc_ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("study", choices=("nfe", "guidance", "ot"))
+    parser.add_argument("--runs", type=Path, default=Path("runs/ablation"), help="seed<N>/<arm> run folders")
+    parser.add_argument("--ot-runs", type=Path, default=Path("runs/ot"), help="the same, trained with flow.coupling=ot")
+    parser.add_argument("--arms", nargs="+", default=["linear", "spherical"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--samples", type=int, default=240, help="samples per setting and model")
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--report", action="store_true", help="only rebuild the table and plot from the saved json")
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT))
+    from manifold_fm.atomic import write_json_atomic, write_text_atomic
+
+    stem = f"sampling_{args.study}"
+    command = (
+        f"python benchmarks/sampling.py {args.study} --runs {args.runs} --arms {' '.join(args.arms)} "
+        f"--seeds {' '.join(map(str, args.seeds))} --samples {args.samples}"
+    ) + (f" --ot-runs {args.ot_runs}" if args.study == "ot" else "")
+    if args.report:
+        saved = json.loads((RESULTS / f"{stem}.json").read_text())
+        rows, command = saved["rows"], saved["command"]
+    else:
+        grid = {"nfe": nfe_grid, "guidance": guidance_grid, "ot": ot_grid}[args.study]()
+        folders = {"independent": args.runs, **({"ot": args.ot_runs} if args.study == "ot" else {})}
+        jobs = [
+            (str(folder / f"seed{seed}" / arm), arm, seed, grid, args.samples, args.cache_dir, coupling)
+            for coupling, folder in folders.items()
+            for seed in args.seeds
+            for arm in args.arms
+        ]
+        t0 = time.perf_counter()
+        rows = map_in_processes(__file__, "score", jobs, args.processes)
+        write_json_atomic(
+            RESULTS / f"{stem}.json",
+            {"command": command, "wall_s": round(time.perf_counter() - t0, 1), "samples": args.samples, "rows": rows},
+        )
+    table = {"nfe": nfe_table, "guidance": guidance_table, "ot": ot_table}[args.study](rows, args.arms, command)
+    write_text_atomic(RESULTS / f"{stem}.md", table + "\n")
+    if args.study == "nfe":
+        plot_nfe(rows, args.arms, RESULTS / f"{stem}.png")
+        if "spherical" in args.arms:
+            presets = best_presets(rows)
+            write_json_atomic(RESULTS / "sampler_presets.json", {"command": command, "presets": presets})
+            write_text_atomic(RESULTS / "sampler_presets.md", presets_table(presets, command) + "\n")
+    elif args.study == "guidance":
+        plot_guidance(rows, args.arms, RESULTS / f"{stem}.png")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
