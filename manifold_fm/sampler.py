@@ -16,6 +16,7 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from .config import Section
+from .errors import InputError
 from .flow import Flow
 from .guidance import guided_velocity
 from .solvers import TABLEAUS, adaptive_methods, integrate
@@ -86,6 +87,29 @@ def time_grid(spec: SamplerSpec) -> list[float] | None:
     return shift_time_grid(uniform, spec.time_shift).tolist()
 
 
+#: The fixed-step sampler recommended per budget of network evaluations per sample: budget -> (method, time_shift).
+#: Chosen by ``python benchmarks/sampling.py nfe`` on the built-in proxy (per budget, the setting with the lowest mean
+#: FD of the spherical models; ``benchmarks/results/sampler_presets.md``, which a test compares with this table).
+NFE_PRESETS: dict[int, tuple[str, float]] = {
+    4: ("midpoint", 1.0),
+    8: ("midpoint", 3.0),
+    16: ("midpoint", 3.0),
+    32: ("euler", 3.0),
+    64: ("euler", 3.0),
+}
+
+
+def sampler_for_nfe(nfe: int) -> dict[str, str | int | float]:
+    """``method``, ``steps`` and ``time_shift`` of the sampler for at most ``nfe`` network evaluations per sample:
+    the preset of the largest budget ``<= nfe`` (:data:`NFE_PRESETS`) with ``steps = nfe // stages`` of its
+    method; below the smallest budget, Euler with ``nfe`` uniform steps."""
+    if nfe < 1:
+        raise InputError(f"nfe must be >= 1 network evaluation per sample, got {nfe}")
+    budgets = [b for b in NFE_PRESETS if b <= nfe]
+    method, shift = NFE_PRESETS[max(budgets)] if budgets else ("euler", 1.0)
+    return {"method": method, "steps": nfe // len(TABLEAUS[method].c), "time_shift": shift}
+
+
 def network_evaluations(spec: SamplerSpec) -> int | None:
     """Velocity evaluations per sample of a fixed-step ``spec`` (stages x steps; classifier-free guidance doubles
     each evaluation's batch, not their number); ``None`` for adaptive methods (it depends on the tolerances)."""
@@ -131,4 +155,13 @@ def generate(
         model.train(was_training)
 
 
-__all__ = ["SamplerSpec", "Velocity", "generate", "model_velocity", "network_evaluations", "time_grid"]
+__all__ = [
+    "NFE_PRESETS",
+    "SamplerSpec",
+    "Velocity",
+    "generate",
+    "model_velocity",
+    "network_evaluations",
+    "sampler_for_nfe",
+    "time_grid",
+]

@@ -39,6 +39,19 @@ from ..threads import threads_option
 )
 @click.option("--method", default=None, help="Solver: euler, heun, midpoint, rk4, dopri5, ... (default: run config).")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Solver steps (default: run config).")
+@click.option(
+    "--nfe",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Budget of network evaluations per sample: the recommended solver, steps and time grid for it "
+    "(manifold_fm.sampler.NFE_PRESETS); instead of --method/--steps/--time-shift.",
+)
+@click.option(
+    "--time-shift",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Fixed-step solvers: time grid warped by this shift (> 1: more steps near the noise; 1: uniform).",
+)
 @click.option("--cfg-scale", type=float, default=None, help="Classifier-free guidance scale (1 = off).")
 @click.option("--cfg-interval", type=(float, float), default=None, help="Apply guidance only for t in [LO, HI].")
 @click.option("--class", "class_id", type=int, default=None, help="Sample only this class.")
@@ -57,6 +70,8 @@ def sample(
     out_dir: Path | None,
     method: str | None,
     steps: int | None,
+    nfe: int | None,
+    time_shift: float | None,
     cfg_scale: float | None,
     cfg_interval: tuple[float, float] | None,
     class_id: int | None,
@@ -77,11 +92,19 @@ def sample(
 
     if not (grid or npz):
         raise click.UsageError("nothing to write: pass --grid and/or --npz")
+    if nfe is not None:
+        if method is not None or steps is not None or time_shift is not None:
+            raise click.UsageError("--nfe chooses the method, steps and time shift: pass --nfe or those, not both")
+        from ..sampler import sampler_for_nfe
+
+        preset = sampler_for_nfe(nfe)
+        method, steps, time_shift = preset["method"], preset["steps"], preset["time_shift"]
     state = PartialState(cpu=cpu_only(device))
     options = {
         "num_samples": num_samples,
         "method": method,
         "steps": steps,
+        "time_shift": time_shift,
         "cfg_scale": cfg_scale,
         "cfg_interval": cfg_interval,
         "class_id": class_id,
@@ -121,6 +144,7 @@ def _sample_run(
     num_samples: int,
     method: str | None,
     steps: int | None,
+    time_shift: float | None,
     cfg_scale: float | None,
     cfg_interval: tuple[float, float] | None,
     class_id: int | None,
@@ -144,7 +168,13 @@ def _sample_run(
     dev = device or str(state.device)
     # User errors (missing run, checkpoint, sampler options) become one line in the CLI group (manifold_fm/cli.py).
     loaded = load_run(run, use_ema=ema, device=dev, progress=state.is_main_process)
-    chosen = {"method": method, "steps": steps, "cfg_scale": cfg_scale, "cfg_interval": cfg_interval}
+    chosen = {
+        "method": method,
+        "steps": steps,
+        "time_shift": time_shift,
+        "cfg_scale": cfg_scale,
+        "cfg_interval": cfg_interval,
+    }
     spec = validate(
         SamplerSpec,
         {
@@ -205,6 +235,7 @@ def _sample_run(
         "num_samples": int(arr.shape[0]),
         "method": spec.method,
         "steps": spec.steps,
+        "time_shift": spec.time_shift,
         "cfg_scale": spec.cfg_scale,
         "cfg_interval": spec.cfg_interval,
         "seed": seed,
