@@ -216,7 +216,9 @@ def test_ot_coupling_pairs_per_process_like_one_process_per_micro_batch(tmp_path
     one process at the whole batch pairs over all of it and trains differently."""
     ot = ["--set", "flow.coupling=ot"]
     _launch("train", *TRAIN, *ot, "--out", str(tmp_path / "two"))
-    accum = CliRunner().invoke(main, ["train", *TRAIN, *ot, "--set", "train.grad_accum=2", "--out", str(tmp_path / "a")])
+    accum = CliRunner().invoke(
+        main, ["train", *TRAIN, *ot, "--set", "train.grad_accum=2", "--out", str(tmp_path / "a")]
+    )
     assert accum.exit_code == 0, accum.output
     whole = CliRunner().invoke(main, ["train", *TRAIN, *ot, "--out", str(tmp_path / "w")])
     assert whole.exit_code == 0, whole.output
