@@ -152,14 +152,9 @@ def nfe_table(rows: list[dict], arms: list[str], command: str) -> str:
         lines.append(f"| {name} | {nfe:.0f} | " + " | ".join(cells) + " |")
     lines += ["", "Best setting per NFE budget (lowest mean FD):", "", "| NFE | " + " | ".join(arms) + " |"]
     lines.append("|---|" + "---|" * len(arms))
+    best = {arm: best_presets(rows, arm) for arm in arms}
     for nfe in NFES:
-        cells = []
-        for arm in arms:
-            candidates = [n for n in names if n.split("-")[1:2] == [str(nfe)]]
-            best = min(candidates, key=lambda n, arm=arm: _stats(rows, arm, n, METRIC)[0])
-            fd = _stats(rows, arm, best, METRIC)[0]
-            ref = _stats(rows, arm, "euler-250", METRIC)[0]
-            cells.append(f"{best} ({fd:.2f}, {fd / ref - 1:+.0%} vs 250)")
+        cells = [f"{b['setting']} ({b['fd']:.2f}, {b['vs_250']:+.0%} vs 250)" for b in (best[a][nfe] for a in arms)]
         lines.append(f"| {nfe} | " + " | ".join(cells) + " |")
     seeds = sorted({r["seed"] for r in rows})
     lines += [

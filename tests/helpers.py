@@ -135,3 +135,11 @@ def standin_extractor(
             return tuple(out[k] for k in self.features_list)
 
     return StandIn
+
+
+# ----------------------------------------------------------------------------------------------- CLI runs
+def tiny_image_run(*settings: str) -> list[str]:
+    """``manifold-fm train`` options of a seconds-long ``image-builtin`` run (2 images per class, batch 8, no sample
+    grids during training) followed by ``--set`` for each of ``settings``."""
+    base = ["data.per_class=2", "train.batch_size=8", "train.sample_every=null", *settings]
+    return ["--config", "image-builtin", *(arg for s in base for arg in ("--set", s))]

@@ -18,6 +18,8 @@ from manifold_fm.sampler import SamplerSpec, generate
 from manifold_fm.training.builders import latent_flow, preset_flow
 from manifold_fm.training.schema import FLOW_PRESETS, load_image_config
 
+from helpers import tiny_image_run
+
 C, R = 4, 2.0  # channels, radius sqrt(C)
 ARMS = list(FLOW_PRESETS)
 
@@ -113,20 +115,7 @@ def test_presets_and_settings_agree() -> None:
 
 def test_every_arm_trains_samples_and_resumes_from_the_cli(tmp_path: Path) -> None:
     runner = CliRunner()
-    base = [
-        "--config",
-        "image-builtin",
-        "--set",
-        "data.per_class=2",
-        "--set",
-        "train.batch_size=8",
-        "--set",
-        "train.sample_every=null",
-        "--set",
-        "train.checkpoint_every=2",
-        "--set",
-        "sample.steps=2",
-    ]
+    base = tiny_image_run("train.checkpoint_every=2", "sample.steps=2")
     for arm in ARMS:
         out = tmp_path / arm
         args = ["train", *base, "--set", f"flow.preset={arm}", "--out", str(out)]

@@ -11,19 +11,9 @@ from click.testing import CliRunner
 from manifold_fm.cli import main
 from manifold_fm.training.checkpoint import load_checkpoint
 
-BASE = [
-    "train",
-    "--config",
-    "image-builtin",
-    "--set",
-    "data.per_class=2",
-    "--set",
-    "train.batch_size=8",
-    "--set",
-    "train.sample_every=null",
-    "--set",
-    "train.checkpoint_every=2",
-]
+from helpers import tiny_image_run
+
+BASE = ["train", *tiny_image_run("train.checkpoint_every=2")]
 
 
 def _train(out: Path, steps: int, *extra: str) -> dict[str, torch.Tensor]:
