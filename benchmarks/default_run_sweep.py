@@ -39,6 +39,12 @@ CANDIDATES: dict[str, list[str]] = {
         "train.steps=1600",
         "train.eval_every=400",
     ],
+    "lr2e-3-logit-normal-steps2000": [
+        "optim.lr=2e-3",
+        "flow.time=logit_normal",
+        "train.steps=2000",
+        "train.eval_every=500",
+    ],
     "micro4-lr2e-3-logit-normal-steps3000": [
         "model.arch=SiT-Micro/4",
         "optim.lr=2e-3",
@@ -61,7 +67,7 @@ CANDIDATES: dict[str, list[str]] = {
 }
 # name -> sampler overrides (sample section) scored on every trained arm
 SAMPLERS: dict[str, dict[str, object]] = {
-    "euler20": {"method": "euler", "steps": 20},
+    "euler20": {"method": "euler", "steps": 20, "cfg_scale": 1.0},
     "euler20-cfg1.5": {"method": "euler", "steps": 20, "cfg_scale": 1.5},
     "euler20-cfg2": {"method": "euler", "steps": 20, "cfg_scale": 2.0},
     "euler20-cfg3": {"method": "euler", "steps": 20, "cfg_scale": 3.0},
