@@ -127,11 +127,9 @@ def table(rows: list[dict], command: str, arms: tuple[str, ...] = ARMS) -> str:
 
 
 def plot(rows: list[dict], path: Path, arms: tuple[str, ...] = ARMS) -> None:
-    import matplotlib
+    from manifold_fm.eval.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     for i, arm in enumerate(arms):
         values = [r["arms"][arm][METRIC] for r in rows]
@@ -152,12 +150,7 @@ def plot(rows: list[dict], path: Path, arms: tuple[str, ...] = ARMS) -> None:
     right.set_yscale("log")
     right.legend(fontsize=8)
     right.set_title("mean over seeds")
-    fig.tight_layout()
-    from manifold_fm.atomic import atomic_path
-
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

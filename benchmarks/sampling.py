@@ -256,13 +256,9 @@ def ot_table(rows: list[dict], arms: list[str], command: str) -> str:
 
 
 def plot_nfe(rows: list[dict], arms: list[str], path: Path) -> None:
-    import matplotlib
+    from manifold_fm.eval.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from manifold_fm.atomic import atomic_path
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(arms), figsize=(4.2 * len(arms), 3.6), sharey=True, squeeze=False)
     for ax, arm in zip(axes[0], arms, strict=True):
         for i, method in enumerate(STAGES):
@@ -277,20 +273,13 @@ def plot_nfe(rows: list[dict], arms: list[str], path: Path) -> None:
         ax.set_title(arm)
     axes[0][0].set_ylabel("FD-builtin-classifier (lower is better)")
     axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_guidance(rows: list[dict], arms: list[str], path: Path) -> None:
-    import matplotlib
+    from manifold_fm.eval.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from manifold_fm.atomic import atomic_path
-
+    plt = pyplot()
     fig, (fd_ax, acc_ax) = plt.subplots(1, 2, figsize=(9, 3.6))
     for i, arm in enumerate(arms):
         for name, style in zip(CFG_INTERVALS, ("-", "--", ":"), strict=True):
@@ -311,10 +300,7 @@ def plot_guidance(rows: list[dict], arms: list[str], path: Path) -> None:
     acc_ax.set_xlabel("CFG scale")
     acc_ax.set_ylabel("classifier accuracy")
     acc_ax.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

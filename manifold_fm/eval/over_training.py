@@ -67,9 +67,9 @@ def compare_runs(runs: Mapping[str, str | Path], metric: str, threshold: float |
 
 def plot_comparison(result: Mapping[str, Any], path: str | Path) -> Path:
     """The curves of :func:`compare_runs` with the threshold and each run's crossing marked."""
-    from .plots import _pyplot, _save
+    from .plots import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for name, curve in result["curves"].items():
         ax.plot([s for s, _ in curve], [v for _, v in curve], "o-", label=name, ms=3)
@@ -81,7 +81,7 @@ def plot_comparison(result: Mapping[str, Any], path: str | Path) -> Path:
     ax.set_ylabel(result["metric"])
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(plt, fig, path, dpi=110)
+    return save_figure(fig, path, dpi=110)
 
 
 __all__ = ["compare_runs", "metric_curve", "plot_comparison", "steps_to_threshold"]

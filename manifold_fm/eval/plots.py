@@ -12,7 +12,8 @@ from ..atomic import atomic_path
 from ..manifolds import Manifold
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the non-interactive Agg backend (files only, no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -21,13 +22,13 @@ def _pyplot() -> Any:
     return plt
 
 
-def _save(plt: Any, fig: Any, path: str | Path, dpi: int) -> Path:
-    """Lay out ``fig``, write it to ``path`` atomically and close it."""
+def save_figure(fig: Any, path: str | Path, dpi: int = 110) -> Path:
+    """Lay out ``fig``, write it to ``path`` atomically (format from the suffix) and close it; returns ``path``."""
     fig.tight_layout()
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi)
-    plt.close(fig)
+    pyplot().close(fig)
     return path
 
 
@@ -35,7 +36,7 @@ def plot_samples(data: Tensor, samples: Tensor, manifold: Manifold, path: str | 
     """Scatter data and model samples side by side in the manifold's plot chart (:meth:`Manifold.chart2d
     <manifold_fm.manifolds.Manifold.chart2d>`: longitude/latitude on ``S^2``, angles on the torus, the Poincare
     disk with its boundary)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.5), sharex=True, sharey=True)
     for ax, pts, label in zip(axes, (data, samples), ("data", "model samples"), strict=True):
         chart = manifold.chart2d(pts)
@@ -47,7 +48,7 @@ def plot_samples(data: Tensor, samples: Tensor, manifold: Manifold, path: str | 
             ax.add_patch(plt.Circle((0, 0), chart.disk_radius, fill=False, color="k", lw=0.8))
             ax.set_aspect("equal")
     fig.suptitle(title)
-    return _save(plt, fig, path, dpi=100)
+    return save_figure(fig, path, dpi=100)
 
 
 def plot_over_steps(
@@ -61,7 +62,7 @@ def plot_over_steps(
 ) -> Path:
     """One panel per ``(metric, title)``, one line per run of ``history`` (its ``metrics.jsonl`` records), against
     the training step."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(13, 3.6))
     for name, records in history.items():
         for ax, (key, _) in zip(axes, panels, strict=True):
@@ -73,7 +74,7 @@ def plot_over_steps(
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    return _save(plt, fig, path, dpi=110)
+    return save_figure(fig, path, dpi=110)
 
 
-__all__ = ["plot_over_steps", "plot_samples"]
+__all__ = ["plot_over_steps", "plot_samples", "pyplot", "save_figure"]

@@ -27,7 +27,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..atomic import atomic_path
 from ..tokenizers.base import Tokenizer
 from ..tokenizers.perceptual import GradientPyramidDistance, psnr
 
@@ -136,22 +135,15 @@ def plot_probe_report(report: dict[str, Any], norms: dict[str, Tensor], out_dir:
     ``report["shell_deviation"]`` when present; ``swap_distances.png`` from ``report["swap"]`` (one panel per
     distance).
     """
-    import matplotlib
+    from .plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
 
     def save(fig: Any, name: str) -> None:
-        path = out / name
-        fig.tight_layout()
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(save_figure(fig, out / name))
 
     d = report["paths"]["d"]
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
