@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from reporting import mean_sd
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 ARMS = ("linear", "shell", "spherical-linear", "spherical")
@@ -84,10 +86,6 @@ def summarise(run: Path, arms: tuple[str, ...] = ARMS) -> dict:
     }
 
 
-def _mean_sd(values: list[float]) -> tuple[float, float]:
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def table(rows: list[dict], command: str, arms: tuple[str, ...] = ARMS) -> str:
     lines = [
         "| arm | FD-builtin-classifier ↓ | classifier accuracy ↑ | (of reconstructions) | steps to linear's FD | "
@@ -95,8 +93,8 @@ def table(rows: list[dict], command: str, arms: tuple[str, ...] = ARMS) -> str:
         "|---|---|---|---|---|---|",
     ]
     for arm in arms:
-        fd = _mean_sd([r["arms"][arm][METRIC] for r in rows])
-        acc = _mean_sd([r["arms"][arm]["classifier_accuracy"] for r in rows])
+        fd = mean_sd([r["arms"][arm][METRIC] for r in rows])
+        acc = mean_sd([r["arms"][arm]["classifier_accuracy"] for r in rows])
         share = statistics.mean(r["arms"][arm]["of_reconstructions"] for r in rows)
         steps = [r["arms"][arm]["steps_to_threshold"] for r in rows]
         speed = [r["arms"][arm]["speedup_over_linear"] for r in rows]

@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from reporting import map_in_processes
+from reporting import map_in_processes, mean_sd
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -80,8 +80,8 @@ def table(rows: list[dict], arms: list[str], command: str) -> str:
         for d in DECODERS:
             fd = [r["decoders"][d][METRIC] for r in rows if r["arm"] == arm]
             acc = [r["decoders"][d]["classifier_accuracy"] for r in rows if r["arm"] == arm]
-            sd = statistics.stdev(fd) if len(fd) > 1 else 0.0
-            cells.append(f"{statistics.mean(fd):.2f} ± {sd:.2f} / {statistics.mean(acc):.3f}")
+            m, sd = mean_sd(fd)
+            cells.append(f"{m:.2f} ± {sd:.2f} / {statistics.mean(acc):.3f}")
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     seeds = sorted({r["seed"] for r in rows})
     lines += [

@@ -63,6 +63,13 @@ def written_by(cmd: str | None = None) -> str:
     return f"Written by `{cmd or command()}`."
 
 
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value) of per-seed figures."""
+    import statistics
+
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
 def map_in_processes(script: str, function: str, jobs: list, processes: int) -> list:
     """``[function(job) for job in jobs]`` in ``processes`` spawned processes (one job each at a time), where
     ``function`` is a top-level function of ``benchmarks/<script>.py``. It is looked up in that file imported by its
@@ -76,4 +83,4 @@ def map_in_processes(script: str, function: str, jobs: list, processes: int) -> 
         return pool.map(worker, jobs, chunksize=1)
 
 
-__all__ = ["RESULTS", "add_output_options", "command", "map_in_processes", "output_dir", "written_by"]
+__all__ = ["RESULTS", "add_output_options", "command", "map_in_processes", "mean_sd", "output_dir", "written_by"]

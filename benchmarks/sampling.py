@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from reporting import map_in_processes
+from reporting import map_in_processes, mean_sd
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -136,7 +136,7 @@ def _stats(rows: list[dict], arm: str, name: str, key: str, coupling: str | None
         for r in rows
         if r["arm"] == arm and coupling in (None, r.get("coupling"))
     ]
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+    return mean_sd(values)
 
 
 def nfe_table(rows: list[dict], arms: list[str], command: str) -> str:
