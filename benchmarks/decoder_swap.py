@@ -43,7 +43,6 @@ def score(job: tuple[str, str, int, int, str | None]) -> dict[str, Any]:
     from manifold_fm.eval.classifier import builtin_evaluator
     from manifold_fm.eval.sample_quality import SampleQuality
     from manifold_fm.tokenizers import SphericalTokenizer
-    from manifold_fm.training.image import load_tokenizer
     from manifold_fm.training.runs import load_run
 
     run = load_run(Path(run_dir))
@@ -51,8 +50,8 @@ def score(job: tuple[str, str, int, int, str | None]) -> dict[str, Any]:
     spec = run.cfg.sample
     quality = SampleQuality(run.flow, spec, run.decoder, run.latent_shape, run.num_classes, evaluator)
     z, own_images, labels, _ = quality.sample(run.model, samples, seed=20_000 + seed)
-    base = load_tokenizer(run.cfg, progress=False)
     spherical_latent = run.cfg.flow.resolved["latent"] == "spherical"
+    base = run.decoder.base if spherical_latent else run.decoder  # the run's own tokenizer: loaded once
     raw = z if spherical_latent else run.decoder.normalization.denormalize(z)
     state = Path(run_dir).parent / "spherical_decoder.safetensors"  # the default run's finetuned decoder
     plain, finetuned = SphericalTokenizer(base).eval(), SphericalTokenizer(base, decoder_state=state).eval()
