@@ -12,6 +12,8 @@ diffusers = pytest.importorskip("diffusers", reason="the diffusers adapters need
 from manifold_fm.tokenizers import SphericalTokenizer, load_tokenizer  # noqa: E402
 from manifold_fm.tokenizers.diffusers_adapter import DiffusersTokenizer  # noqa: E402
 
+from helpers import require_flux2_vae  # noqa: E402
+
 TINY = dict(
     block_out_channels=(8, 16),
     down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
@@ -34,9 +36,7 @@ def kl_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def flux2_dir(tmp_path_factory):
-    cls = getattr(diffusers, "AutoencoderKLFlux2", None)
-    if cls is None:
-        pytest.skip(f"diffusers {diffusers.__version__} has no AutoencoderKLFlux2")
+    cls = require_flux2_vae()
     torch.manual_seed(1)
     vae = cls(latent_channels=4, **TINY)
     # Non-trivial batch-norm statistics over the 4 * 4 patchified channels.
