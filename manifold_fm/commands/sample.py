@@ -100,13 +100,16 @@ def sample(
         preset = sampler_for_nfe(nfe)
         method, steps, time_shift = preset["method"], preset["steps"], preset["time_shift"]
     state = PartialState(cpu=cpu_only(device))
-    options = {
-        "num_samples": num_samples,
+    chosen = {
         "method": method,
         "steps": steps,
         "time_shift": time_shift,
         "cfg_scale": cfg_scale,
         "cfg_interval": cfg_interval,
+    }
+    options = {
+        "num_samples": num_samples,
+        "sampler": {k: v for k, v in chosen.items() if v is not None},
         "class_id": class_id,
         "seed": seed,
         "batch_size": batch_size,
@@ -142,11 +145,7 @@ def _sample_run(
     state: Any,
     *,
     num_samples: int,
-    method: str | None,
-    steps: int | None,
-    time_shift: float | None,
-    cfg_scale: float | None,
-    cfg_interval: tuple[float, float] | None,
+    sampler: dict[str, Any],
     class_id: int | None,
     seed: int,
     batch_size: int,
@@ -155,8 +154,8 @@ def _sample_run(
     ema: bool,
     device: str | None,
 ) -> list[Path]:
-    """Sample one image run as the command's options say; returns the files written (none on processes other
-    than the main one)."""
+    """Sample one image run as the command's options say (``sampler``: the sampler settings given, over the run's
+    own); returns the files written (none on processes other than the main one)."""
     import torch
 
     from ..config import validate
@@ -168,20 +167,7 @@ def _sample_run(
     dev = device or str(state.device)
     # User errors (missing run, checkpoint, sampler options) become one line in the CLI group (manifold_fm/cli.py).
     loaded = load_run(run, use_ema=ema, device=dev, progress=state.is_main_process)
-    chosen = {
-        "method": method,
-        "steps": steps,
-        "time_shift": time_shift,
-        "cfg_scale": cfg_scale,
-        "cfg_interval": cfg_interval,
-    }
-    spec = validate(
-        SamplerSpec,
-        {
-            **loaded.cfg.sample.model_dump(include=set(SamplerSpec.model_fields)),
-            **{k: v for k, v in chosen.items() if v is not None},
-        },
-    )
+    spec = validate(SamplerSpec, {**loaded.cfg.sample.model_dump(include=set(SamplerSpec.model_fields)), **sampler})
     labels = None
     if class_id is not None:
         if not 0 <= class_id < loaded.num_classes:
