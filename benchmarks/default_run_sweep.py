@@ -45,16 +45,7 @@ CANDIDATES: dict[str, list[str]] = {
         "train.steps=2000",
         "train.eval_every=500",
     ],
-    "micro4-lr2e-3-logit-normal-steps3000": [
-        "model.arch=SiT-Micro/4",
-        "optim.lr=2e-3",
-        "flow.time=logit_normal",
-        "train.steps=3000",
-        "train.eval_every=750",
-    ],
     "lr2e-3-cosine": ["optim.lr=2e-3", "optim.schedule=cosine"],
-    "lr4e-3-cosine": ["optim.lr=4e-3", "optim.schedule=cosine"],
-    "lr2e-3-steps2000": ["optim.lr=2e-3", "train.steps=2000", "train.eval_every=500"],
     # patch 4: 4 tokens of 4 x 4 x 16 instead of 16 of 2 x 2 x 16, a 2.4x cheaper step (same width) ...
     "micro4-lr2e-3-steps3000": [
         "model.arch=SiT-Micro/4",
