@@ -29,10 +29,11 @@ from __future__ import annotations
 
 import argparse
 import platform
-import shlex
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
+
+from reporting import add_output_options, command, output_dir, written_by
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,11 +42,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--b2-batch", type=int, default=4, help="batch at which SiT-B/2's step is measured")
-    parser.add_argument("--quick", action="store_true", help="tiny shapes and one repetition (a smoke run)")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    add_output_options(parser)
     parser.add_argument("--solver-batches", default="256,1024,4096", help="batches of the solver rows, comma-separated")
     parser.add_argument("--reg", type=float, default=0.05, help="Sinkhorn's relative regularisation (solver rows)")
     args = parser.parse_args()
+    out = output_dir(parser, args)
     sys.path.insert(0, str(ROOT))
     import numpy as np
     import torch
@@ -141,7 +142,7 @@ def main() -> None:
     meta = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__version__}, 1 thread",
-        "command": " ".join(["python benchmarks/bench_ot.py", *map(shlex.quote, sys.argv[1:])]),
+        "command": command(),
     }
     lines = [
         "| case | batch | OT, spherical cost | OT, linear cost | SiT step (fwd + bwd + AdamW) | OT share of the step |",
@@ -179,11 +180,10 @@ def main() -> None:
         "scaled linearly to the batch (a lower bound on its cost). CPU only: on a GPU the step shrinks by orders of "
         "magnitude and the exact assignment (scipy, on the CPU) does not, so the share there is unmeasured.",
         "",
-        f"Written by `{meta['command']}`.",
+        written_by(meta["command"]),
     ]
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(args.out / "ot_cost.json", {**meta, "rows": rows, "solver_rows": solver_rows})
-    write_text_atomic(args.out / "ot_cost.md", "\n".join(lines) + "\n")
+    write_json_atomic(out / "ot_cost.json", {**meta, "rows": rows, "solver_rows": solver_rows})
+    write_text_atomic(out / "ot_cost.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
