@@ -33,6 +33,7 @@ def _one_error_line(output: str) -> str:
         (["evaluate", "{tmp}/one.npz"], "holds 1 image(s); Fréchet distances need at least 2"),  # InputError
         (["evaluate", "{tmp}/bad.npz"], "has no arr_0 image array"),  # InputError from eval/fid.py
         (["sample", "{tmp}/no-run"], "does not exist"),
+        (["probe", "--tokenizer", "{tmp}/no-vae", "--out", "{tmp}/p"], "tokenizer folder"),  # not a hub id
         (["compare", "{tmp}/no-run"], "is not a folder"),
         (  # InputError from data/latents.py
             [
