@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any, TypeVar
@@ -37,19 +36,17 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from .base import Chart2D, Manifold
-from .numerics import broadcast_time, compute_dtype, safe_sqrt, upcast
+from .numerics import broadcast_time, compute_dtype, jit_script_deprecation_silenced, safe_sqrt, upcast
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 @functools.cache
 def import_geoopt() -> ModuleType:
-    """``geoopt``, imported on first use (it compiles TorchScript kernels on import) and without the
-    ``FutureWarning`` "torch.jit.script is deprecated" its import raises on recent torch: a third-party deprecation
-    no user of ours can act on. The filter covers this import only; every ``geoopt`` import in the package goes
-    through here (cached: later calls cost a dictionary lookup)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+    """``geoopt``, imported on first use (it compiles TorchScript kernels on import) without the ``FutureWarning``
+    that raises on recent torch (:func:`~manifold_fm.manifolds.numerics.jit_script_deprecation_silenced`, for this
+    import only). Every ``geoopt`` import in the package goes through here (cached: later calls cost a lookup)."""
+    with jit_script_deprecation_silenced():
         import geoopt
     return geoopt
 
