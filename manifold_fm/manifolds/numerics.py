@@ -82,6 +82,13 @@ def load_forward_ad() -> None:
         fwAD.make_dual(torch.zeros(()), torch.zeros(()))
 
 
+def branch_on_host(x: Tensor) -> bool:
+    """Whether code on ``x`` may read a flag on the host to skip work (a fallback no element needs, iterations after
+    convergence). On the CPU that read is free and the work is not; on an accelerator the read would stall the stream
+    on every call (a training step), so the work is done there, arranged to give the same values."""
+    return x.device.type == "cpu"
+
+
 def broadcast_time(t: float | Tensor, x: Tensor) -> Tensor:
     """Shape ``t`` to broadcast against ``x``.
 
