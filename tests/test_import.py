@@ -11,8 +11,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Every module of the package, then the three manifolds that import geoopt and the generic d(log) (forward AD), in a
-# fresh interpreter with Python's default warning filters (what a user sees).
+# Every module of the package, then the operations of the three manifolds that wrap geoopt (geoopt scripts its SPD
+# kernels on first use) and d(log) (forward AD), in a fresh interpreter with Python's default warning filters.
 SCRIPT = """
 import importlib, pkgutil
 import torch
@@ -20,11 +20,12 @@ import manifold_fm
 for info in pkgutil.walk_packages(manifold_fm.__path__, "manifold_fm."):
     importlib.import_module(info.name)
 from manifold_fm.manifolds import build_manifold
-for name in ("poincare_ball", "lorentz", "spd"):
-    build_manifold(name)
-m = build_manifold("poincare_ball")
-x, y = m.random_base((4, 2)), m.random_base((4, 2))
-m.dlogmap(x, y, m.proju(y, torch.randn(4, 2)))
+for name, shape in (("poincare_ball", (4, 2)), ("lorentz", (4, 3)), ("spd", (4, 2, 2))):
+    m = build_manifold(name)
+    x, y = m.random_base(shape), m.random_base(shape)
+    u = m.proju(x, torch.randn(shape))
+    m.dist(m.expmap(x, u), y), m.geodesic(x, y, 0.5), m.transp(x, y, u), m.logmap(x, y)
+    m.dlogmap(x, y, m.proju(y, torch.randn(shape)))
 """
 
 

@@ -45,9 +45,20 @@ F = TypeVar("F", bound=Callable[..., Any])
 def import_geoopt() -> ModuleType:
     """``geoopt``, imported on first use (it compiles TorchScript kernels on import) without the ``FutureWarning``
     that raises on recent torch (:func:`~manifold_fm.manifolds.numerics.jit_script_deprecation_silenced`, for this
-    import only). Every ``geoopt`` import in the package goes through here (cached: later calls cost a lookup)."""
+    import only). Every ``geoopt`` import in the package goes through here (cached: later calls cost a lookup).
+
+    geoopt's SPD matrix functions script their kernels on first use instead (``geoopt.linalg.sym_funcm``, cached per
+    function), which would raise the warning in the middle of a run; each SPD operation is run once here, on the
+    2x2 identity, so they are scripted now. (Silencing every call instead would reset Python's once-per-location
+    warning registry on each one.)"""
     with jit_script_deprecation_silenced():
         import geoopt
+
+        spd, x = geoopt.SymmetricPositiveDefinite(), torch.eye(2)[None]
+        u = torch.zeros_like(x)
+        spd.inner(spd.projx(x), spd.proju(x, u), u)
+        spd.logmap(spd.expmap(x, u), spd.retr(x, u))
+        spd.transp(x, x, u), spd.dist(x, x)
     return geoopt
 
 
