@@ -53,7 +53,7 @@ def hub_unreachable(timeout: float = PROBE_TIMEOUT_S) -> str | None:
         return "HF_HUB_OFFLINE is set"
     try:
         get_session().head(constants.ENDPOINT, timeout=timeout)
-    except Exception as exc:  # noqa: BLE001 - the transport's error types depend on huggingface_hub's version
+    except Exception as exc:  # any failure of this one request; its types depend on huggingface_hub's version
         return f"{constants.ENDPOINT} cannot be reached ({type(exc).__name__})"
     return None
 
