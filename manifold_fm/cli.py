@@ -3,10 +3,12 @@
 Subcommands are imported lazily so ``manifold-fm --help`` stays fast and a command's heavy dependencies (diffusers,
 torch-fidelity) load only when that command runs.
 
-Errors are reported in one place, :meth:`LazyGroup.invoke`: the library's user-error types (:func:`user_error_types`:
-config, manifold, checkpoint, training and input errors, missing or existing paths) become one ``Error: ...`` line
-and exit status 1; anything else is a bug and surfaces with its traceback, to which a line asking to report it is
-appended.
+Errors are reported in one place, :class:`LazyGroup`: a mistake in the command line itself (click's usage errors: an
+unknown command or option, a missing argument, a value of the wrong type, out of range or not among the choices,
+options that exclude each other) becomes one ``Error: ...`` line and exit status 2 (:data:`USAGE_EXIT`); the library's
+user-error types (:func:`user_error_types`: config, manifold, checkpoint, training and input errors, missing or
+existing paths) become one ``Error: ...`` line and exit status 1 (:data:`INPUT_EXIT`); anything else is a bug and
+surfaces with its traceback, to which a line asking to report it is appended.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
+from typing import Any
 
 import click
 
@@ -35,6 +38,11 @@ COMMANDS: dict[str, str] = {
     "compare": "manifold_fm.commands.compare:compare",
 }
 
+
+#: Exit status of a usage error (the command line itself is wrong; nothing ran), click's and POSIX's convention.
+USAGE_EXIT = 2
+#: Exit status of any other user error (a config, a file, a run folder: what the command line named is wrong).
+INPUT_EXIT = 1
 
 #: Appended to the traceback of an error that is not a user error.
 REPORT_LINE = (
@@ -73,14 +81,42 @@ def one_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+class OneLineUsageError(click.UsageError):
+    """A usage error shown as one ``Error: ...`` line, exit status :data:`USAGE_EXIT`: click's own prints the usage
+    and a ``--help`` hint above it, three lines where the command-line guide promises one."""
+
+    exit_code = USAGE_EXIT
+
+    def show(self, file: object = None) -> None:
+        click.echo(f"Error: {self.format_message()}", file=file, err=True)  # type: ignore[arg-type]
+
+
+def one_line_usage(exc: click.UsageError) -> click.UsageError:
+    """``exc`` as a :class:`OneLineUsageError` (its message formatted while its context is still attached, since
+    click's messages for parameters read it). Asking for help with no arguments stays as it is."""
+    if isinstance(exc, (OneLineUsageError, click.exceptions.NoArgsIsHelpError)):
+        return exc
+    return OneLineUsageError(one_line(exc.format_message()))
+
+
 class LazyGroup(click.Group):
     """A click group that imports each subcommand's module on first use, and reports errors in one place."""
 
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        """Parse the group's own options; a usage error there (``manifold-fm --bogus``) is one line too."""
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.UsageError as exc:
+            raise one_line_usage(exc) from None
+
     def invoke(self, ctx: click.Context) -> object:
-        """Run the subcommand; a user error becomes a one-line :class:`click.ClickException`, any other exception
-        propagates with :data:`REPORT_LINE` added to its traceback."""
+        """Run the subcommand; a usage error (parsing its options, or raised by it) becomes one line with exit status
+        :data:`USAGE_EXIT`, a user error a one-line :class:`click.ClickException` (exit status :data:`INPUT_EXIT`),
+        and any other exception propagates with :data:`REPORT_LINE` added to its traceback."""
         try:
             return super().invoke(ctx)
+        except click.UsageError as exc:
+            raise one_line_usage(exc) from None
         except (click.exceptions.ClickException, click.exceptions.Abort, click.exceptions.Exit):
             raise
         except Exception as exc:

@@ -13,6 +13,12 @@ With labels, OT is solved **within each class**: the noise rows are split (in th
 class with as many rows as the class has data rows, and each group is assigned to its class's data by OT. This is the
 conditional OT coupling ``pi(x0, x1 | y)``, whose noise marginal per class is still the prior (a global assignment
 would bias each class's noise toward that class's data).
+
+Host reads (``manifolds.numerics.branch_on_host``): on an accelerator, all classes are solved at once as one
+block-diagonal problem (data sorted by class, infinite cost between classes), so a step's only read is the exact
+solver's one transfer of the cost matrix to the CPU (scipy is the algorithm; the permutation comes back as an
+upload), and the Sinkhorn path reads nothing. On the CPU, where reads are free, classes are solved one by one (no
+cost computed between classes) and Sinkhorn stops as soon as it converges; the assignments are the same.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from torch import Tensor
 
 from .errors import InputError
 from .manifolds import Manifold
+from .manifolds.numerics import branch_on_host
 
 _SOLVERS = ("exact", "sinkhorn", "auto")
 # Epsilon scaling: the Sinkhorn iterations start at reg = 1 and shrink it by this factor per iteration down to the
@@ -66,15 +73,17 @@ def geodesic_cost_matrix(manifold: Manifold, x0: Tensor, x1: Tensor) -> Tensor:
     return manifold.pairwise_sq_dist(x0.to(dtype), x1.to(dtype))
 
 
-def _assign(cost: Tensor, max_exact: int) -> np.ndarray:
-    """Row permutation ``p`` with ``sum_j cost[p[j], j]`` minimal; blocks of ``max_exact`` beyond that size."""
-    c = cost.detach().to("cpu", torch.float64).numpy()
-    n = c.shape[0]
+def _assign(cost: np.ndarray, max_exact: int) -> np.ndarray:
+    """Row permutation ``p`` with ``sum_j cost[p[j], j]`` minimal, per diagonal block of finite costs (the classes:
+    ``+inf`` between them) and within each in consecutive pieces of ``max_exact`` rows beyond that size."""
+    n = cost.shape[0]
+    ends = np.flatnonzero(np.isposinf(cost[np.arange(1, n), np.arange(n - 1)])) + 1  # where a new class starts
     perm = np.arange(n)
-    for s in range(0, n, max_exact):
-        block = c[s : s + max_exact, s : s + max_exact]
-        rows, cols = linear_sum_assignment(block)
-        perm[s + cols] = s + rows
+    for lo, hi in zip(np.r_[0, ends], np.r_[ends, n], strict=True):
+        for s in range(lo, hi, max_exact):
+            e = min(s + max_exact, hi)
+            rows, cols = linear_sum_assignment(cost[s:e, s:e])
+            perm[s + cols] = s + rows
     return perm
 
 
@@ -99,9 +108,25 @@ def _check_sinkhorn_args(reg: float, max_iter: int, tol: float, check_every: int
         raise InputError(f"check_every must be >= 1, got {check_every}")
 
 
+def _check_groups(groups: Tensor | None, n: int, m: int) -> None:
+    if groups is not None and (n != m or groups.shape != (n,)):
+        raise InputError(f"groups split a square cost into blocks: got cost {(n, m)} and groups {tuple(groups.shape)}")
+
+
+def _group_sum(values: Tensor, groups: Tensor) -> Tensor:
+    """``out[k] = sum of values[i] over groups[i] == k``, shape ``(n,)`` (group ids are below ``n``)."""
+    return torch.zeros_like(values).scatter_add_(0, groups, values)
+
+
 @torch.no_grad()
 def sinkhorn_log_plan(
-    cost: Tensor, reg: float = 0.05, *, max_iter: int = 500, tol: float = 1e-3, check_every: int = 10
+    cost: Tensor,
+    reg: float = 0.05,
+    *,
+    groups: Tensor | None = None,
+    max_iter: int = 500,
+    tol: float = 1e-3,
+    check_every: int = 10,
 ) -> Tensor:
     """The log of the entropic OT plan between uniform marginals for ``cost`` ``(n, m)``: log-domain Sinkhorn on the
     cost's device, in its dtype promoted to float32 or better.
@@ -114,40 +139,65 @@ def sinkhorn_log_plan(
     their mean, so a mean-relative ``reg`` would have to shrink with the dimension.) ``reg -> 0`` tends to the exact
     OT plan, large ``reg`` to the independent one.
 
+    ``groups`` (square costs only): a nondecreasing ``(n,)`` group id per row, the same per column, splitting the
+    problem into independent diagonal blocks (classes) solved at once, each exactly as alone (its own marginals
+    ``1 / n_k``, ``eps`` and stopping); entries between blocks get ``log_plan = -inf``.
+
     Iterations alternate the two potential updates (the column marginals are then exact), starting at ``reg = 1``
     and shrinking it by ``_REG_DECAY`` per iteration to ``reg`` (epsilon scaling), for at most ``max_iter``
-    iterations. Every ``check_every`` iterations at the final ``reg`` (the only host synchronisations) the row-marginal
-    error ``sum_i |P_i. - 1/n|`` is read, and the solver stops once it is below ``tol``. Returns ``(n, m)``.
+    iterations. Every ``check_every`` iterations at the final ``reg`` the row-marginal error ``sum_i |P_i. - 1/n|``
+    of each block is computed, and a block whose error is below ``tol`` keeps its potentials from then on. On the CPU
+    the loop stops once every block has; elsewhere it runs on (the same values) rather than read the flags on the
+    host. Returns ``(n, m)``.
     """
     _check_sinkhorn_args(reg, max_iter, tol, check_every)
     if cost.ndim != 2 or 0 in cost.shape:
         raise InputError(f"cost must be a non-empty (n, m) matrix, got shape {tuple(cost.shape)}")
     c = cost.detach().to(torch.promote_types(cost.dtype, torch.float32))
     n, m = c.shape
-    c = c - c.mean(1, keepdim=True) - c.mean(0, keepdim=True) + c.mean()  # same plan, better conditioned
-    scale = c.std(correction=0)
+    _check_groups(groups, n, m)
+    if groups is None:
+        outside = None
+        c = c - c.mean(1, keepdim=True) - c.mean(0, keepdim=True) + c.mean()  # same plan, better conditioned
+        scale = c.std(correction=0)
+        log_a, log_b = c.new_tensor(-math.log(n)), c.new_tensor(-math.log(m))
+    else:  # the same per block: means, spread and marginals of each row's (= column's) block
+        outside = groups[:, None] != groups[None, :]
+        size = _group_sum(torch.ones_like(c[0]), groups)[groups]
+        inside = c.masked_fill(outside, 0.0)
+        row_mean, col_mean = inside.sum(1) / size, inside.sum(0) / size
+        block_mean = _group_sum(row_mean, groups)[groups] / size
+        c = (c - row_mean[:, None] - col_mean[None, :] + block_mean[:, None]).masked_fill_(outside, 0.0)
+        scale = (_group_sum(c.square().sum(1), groups)[groups] / size.square()).sqrt()
+        log_a = log_b = -size.log()
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # constant cost: any plan is optimal
-    log_a, log_b = -math.log(n), -math.log(m)
-    f = c.new_zeros(n)
-    g = c.new_zeros(m)
+    rows, cols = scale.reshape(-1, 1), scale.reshape(1, -1)  # eps of each row's and column's block, over reg
+    f, g = c.new_zeros(n), c.new_zeros(m)
+    done = torch.zeros(n if groups is not None else (), dtype=torch.bool, device=c.device)  # per block id
+    frozen = done
     r = max(reg, 1.0)
     work = torch.empty_like(c)  # one (n, m) buffer for every iteration: no allocation in the loop
     for it in range(1, max_iter + 1):
-        eps = scale * r
-        f_new = eps * (log_a - _lse(torch.sub(g[None, :], c, out=work).div_(eps), 1))
+        last = r  # the reg of this iteration's updates (the plan is returned with it)
+        torch.sub(g[None, :], c, out=work).div_(rows * r)
+        f_new = (scale * r) * (log_a - _lse(work if outside is None else work.masked_fill_(outside, -math.inf), 1))
         if r == reg and it % check_every == 0:
             # the row sums of the current plan (f, g) are a * exp((f - f_new) / eps): its marginal error, for free
-            err = ((f - f_new) / eps).exp().sub(1).abs().sum() * math.exp(log_a)
-            if float(err) < tol:
+            err = ((f - f_new) / (scale * r)).exp().sub(1).abs() * log_a.exp()
+            done = done | ((err.sum() if groups is None else _group_sum(err, groups)) < tol)
+            frozen = done if groups is None else done[groups]
+            if branch_on_host(c) and bool(done.all()):
                 break
-        f = f_new
-        g = eps * (log_b - _lse(torch.sub(f[:, None], c, out=work).div_(eps), 0))
+        f = torch.where(frozen, f, f_new)  # a converged block keeps f, and so g: the update below reproduces it
+        torch.sub(f[:, None], c, out=work).div_(cols * r)
+        g = (scale * r) * (log_b - _lse(work if outside is None else work.masked_fill_(outside, -math.inf), 0))
         r = max(reg, r * _REG_DECAY)
-    return (f[:, None] + g[None, :] - c) / eps  # eps of the last update: reg's unless max_iter ran out first
+    log_plan = (f[:, None] + g[None, :] - c) / (rows * last)  # reg's eps unless max_iter ran out first
+    return log_plan if outside is None else log_plan.masked_fill_(outside, -math.inf)
 
 
 @torch.no_grad()
-def plan_to_permutation(log_plan: Tensor) -> Tensor:
+def plan_to_permutation(log_plan: Tensor, *, groups: Tensor | None = None) -> Tensor:
     """A permutation ``p`` (``p[j]`` = the row paired with column ``j``) rounded from a square transport plan, given
     as its log (or any score increasing in the plan's mass): greedy by mass, on the plan's device.
 
@@ -155,7 +205,10 @@ def plan_to_permutation(log_plan: Tensor) -> Tensor:
     the one that puts the most mass on it (ties: lowest column index) and the others propose again in the next round.
     On a Sinkhorn plan a handful of rounds assign every column (each round assigns at least the free entry of largest
     mass); after ``_MAX_ROUNDS`` (reached only on a plan of ties, such as a constant cost's) the columns left take the
-    rows left in order.
+    rows left in order, within their block when ``groups`` (as for :func:`sinkhorn_log_plan`) is given. A column
+    whose free rows all have ``-inf`` is left to that last step. On the CPU each round looks at the columns left and
+    the loop stops once none is; elsewhere every round looks at all ``n`` (no shape depends on the values) and all
+    rounds run, rather than read anything on the host (the same result).
 
     Why greedy rounding: as ``reg -> 0`` the plan concentrates on the optimal permutation and the greedy rounding
     returns it, and elsewhere it keeps the plan's most confident pairs; it is deterministic (reproducible runs and
@@ -165,25 +218,36 @@ def plan_to_permutation(log_plan: Tensor) -> Tensor:
     if log_plan.ndim != 2 or log_plan.shape[0] != log_plan.shape[1]:
         raise InputError(f"the plan must be square to round to a permutation, got shape {tuple(log_plan.shape)}")
     n = log_plan.shape[0]
+    _check_groups(groups, n, n)
     device = log_plan.device
+    index = torch.arange(n, device=device)
     perm = torch.full((n,), -1, dtype=torch.long, device=device)
-    taken = torch.zeros(n, dtype=torch.bool, device=device)
-    cols = torch.arange(n, device=device)
-    neg_inf = torch.tensor(-math.inf, dtype=log_plan.dtype, device=device)
+    taken = torch.zeros(n, dtype=torch.bool, device=device)  # rows
+    free = torch.ones(n, dtype=torch.bool, device=device)  # columns
+    cols = index  # the columns a round looks at: all of them, or on the CPU only those left
     for _ in range(_MAX_ROUNDS):
-        if not cols.numel():
-            return perm
-        score, row = log_plan[:, cols].masked_fill(taken[:, None], -math.inf).max(0)
-        best = neg_inf.expand(n).clone().scatter_reduce_(0, row, score, "amax")
-        win = score == best[row]
-        pos = torch.arange(cols.numel(), device=device)
-        first = torch.full((n,), cols.numel(), device=device).scatter_reduce_(0, row[win], pos[win], "amin")
-        win &= first[row] == pos
-        perm[cols[win]] = row[win]
-        taken[row[win]] = True
-        cols = cols[~win]
-    perm[cols] = torch.nonzero(~taken).flatten()  # (near-)tied plans only, e.g. a constant cost: any order will do
-    return perm
+        if branch_on_host(log_plan):
+            cols = torch.nonzero(free).flatten()
+            if not cols.numel():
+                break
+        plan = log_plan if cols is index else log_plan[:, cols]
+        score, row = plan.masked_fill(taken[:, None], -math.inf).max(0)
+        open_ = free[cols]
+        score = score.masked_fill_(~open_, -math.inf)  # assigned columns propose nothing
+        best = torch.full((n,), -math.inf, dtype=score.dtype, device=device).scatter_reduce_(0, row, score, "amax")
+        win = open_ & (score > -math.inf) & (score == best[row])
+        first = torch.full_like(index, n).scatter_reduce_(0, row, torch.where(win, cols, n), "amin")
+        win &= first[row] == cols
+        perm[cols] = torch.where(win, row, perm[cols])
+        taken |= torch.zeros_like(index).scatter_reduce_(0, row, win.long(), "amax").bool()
+        free[cols] = open_ & ~win
+    # Columns left (tied plans only, e.g. a constant cost): the k-th free column of a block takes its k-th free row.
+    block = torch.zeros_like(index) if groups is None else groups
+    start = torch.full_like(index, n).scatter_reduce_(0, block, index, "amin")[block]  # first index of each block
+    rows_free_first = torch.sort(2 * block + taken.long(), stable=True).indices  # per block: free rows, in order
+    before = torch.cumsum(free.long(), 0) - free.long()  # free columns before each column
+    rank = before - before[start]
+    return torch.where(free, rows_free_first[(start + rank).clamp_max(n - 1)], perm)
 
 
 class OTCoupling:
@@ -192,11 +256,13 @@ class OTCoupling:
     Args:
         manifold: the manifold whose ``dist`` defines the cost (use ``Euclidean()`` for the straight-line baseline:
             squared Euclidean cost, as in torchcfm).
-        max_exact: largest assignment solved exactly under ``solver="auto"``; under ``"exact"``, larger batches are
-            solved exactly within consecutive blocks of this size (an approximation; scipy's solver is cubic).
-        solver: ``"exact"`` (scipy on the CPU), ``"sinkhorn"`` (entropic OT on the cost's device, rounded to a
-            permutation: :func:`sinkhorn_log_plan`, :func:`plan_to_permutation`) or ``"auto"``: exact for problems of
-            at most ``max_exact`` rows (with labels: per class), Sinkhorn above.
+        max_exact: largest batch solved exactly under ``solver="auto"``; under ``"exact"``, larger classes are solved
+            exactly within consecutive blocks of this size (an approximation; scipy's solver is cubic).
+        solver: ``"exact"`` (scipy on the CPU: one transfer of the cost matrix per call), ``"sinkhorn"`` (entropic OT
+            on the cost's device, rounded to a permutation: :func:`sinkhorn_log_plan`, :func:`plan_to_permutation`;
+            no host read on an accelerator) or ``"auto"``: exact for batches of at most ``max_exact`` rows, Sinkhorn
+            above (chosen from the batch size, which the host knows, not from the class sizes, which it would have to
+            read).
         reg: the Sinkhorn regularisation, relative to the spread of the cost (see :func:`sinkhorn_log_plan`).
     """
 
@@ -217,11 +283,16 @@ class OTCoupling:
     def __repr__(self) -> str:
         return f"OTCoupling({self.manifold!r}, max_exact={self.max_exact}, solver={self.solver!r}, reg={self.reg:g})"
 
-    def _perm(self, cost: Tensor) -> Tensor:
-        """The row permutation pairing the rows of ``cost`` with its columns, on ``cost``'s device."""
-        if self.solver == "exact" or (self.solver == "auto" and cost.shape[0] <= self.max_exact):
-            return torch.as_tensor(_assign(cost, self.max_exact), device=cost.device)
-        return plan_to_permutation(sinkhorn_log_plan(cost, self.reg))
+    def _perm(self, cost: Tensor, groups: Tensor | None, batch: int) -> Tensor:
+        """The row permutation pairing the rows of ``cost`` with its columns within each block of ``groups``, on
+        ``cost``'s device; ``batch`` rows in all choose the ``auto`` solver."""
+        if self.solver == "exact" or (self.solver == "auto" and batch <= self.max_exact):
+            if groups is not None:  # infinite between classes: the host finds the blocks in the one transfer
+                cost = cost.masked_fill(groups[:, None] != groups[None, :], math.inf)
+            # The one device-to-host transfer of an OT step: scipy's exact solver runs on the CPU.
+            perm = _assign(cost.detach().to("cpu", torch.float64).numpy(), self.max_exact)
+            return torch.as_tensor(perm, device=cost.device)
+        return plan_to_permutation(sinkhorn_log_plan(cost, self.reg, groups=groups), groups=groups)
 
     @torch.no_grad()
     def pair(self, x0: Tensor, x1: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -231,19 +302,27 @@ class OTCoupling:
             raise InputError(f"x0 has shape {tuple(x0.shape)} but x1 has shape {tuple(x1.shape)}; they must match")
         n = x0.shape[0]
         if y is None:
-            perm = self._perm(geodesic_cost_matrix(self.manifold, x0, x1))
+            perm = self._perm(geodesic_cost_matrix(self.manifold, x0, x1), None, n)
             return x0[perm.to(x0.device)], x1, y
         if y.shape[:1] != (n,):
             raise InputError(f"labels must have shape ({n},) to match the batch, got {tuple(y.shape)}")
-        src = torch.empty(n, dtype=torch.long)
-        y_cpu = y.detach().cpu()
-        start = 0
-        for cls in torch.unique(y_cpu):  # sorted classes: a deterministic split of the noise rows
-            idx = torch.nonzero(y_cpu == cls).flatten()
-            noise_rows = torch.arange(start, start + idx.numel())
-            start += idx.numel()
-            cost = geodesic_cost_matrix(self.manifold, x0[noise_rows.to(x0.device)], x1[idx.to(x1.device)])
-            src[idx] = noise_rows[self._perm(cost).cpu()]
+        # Data sorted by class (stably); noise row i goes with sorted position i, so class k, the k-th smallest, takes
+        # the next n_k noise rows in their given order. groups: the class's rank at each sorted position.
+        labels = y.detach().to(x1.device)
+        order = torch.sort(labels, stable=True).indices
+        ranked, x1_sorted = labels[order], x1[order]
+        groups = torch.cat([ranked.new_zeros(1, dtype=torch.long), torch.cumsum(ranked[1:] != ranked[:-1], 0)])
+        if branch_on_host(x1):
+            # On the CPU the class sizes are free to read, and solving class by class skips the costs between
+            # classes (the block-diagonal problem below computes all n^2: cheap on an accelerator, not here).
+            perm = torch.empty_like(order)
+            ends = torch.cumsum(torch.bincount(groups), 0).tolist()
+            for lo, hi in zip([0, *ends[:-1]], ends, strict=True):
+                cost = geodesic_cost_matrix(self.manifold, x0[lo:hi], x1_sorted[lo:hi])
+                perm[lo:hi] = lo + self._perm(cost, None, n)
+        else:
+            perm = self._perm(geodesic_cost_matrix(self.manifold, x0, x1_sorted), groups, n)
+        src = torch.empty_like(perm).scatter_(0, order, perm)  # data row order[j] takes noise row perm[j]
         return x0[src.to(x0.device)], x1, y
 
 

@@ -36,6 +36,7 @@ from huggingface_hub import ModelCard, ModelCardData, ModelHubMixin
 from torch import Tensor
 
 from manifold_fm.errors import InputError
+from manifold_fm.hub import looks_like_repo_id, offline_snapshot
 
 from .sampler import SamplerSpec
 from .training.runs import LoadedRun, build_run, checkpoint_run_folder, read_run_checkpoint, sample_run
@@ -107,10 +108,16 @@ class LatentImagePipeline(
         ``revision``, ``cache_dir``, ``token``, ``local_files_only``, ...). ``device`` (default ``"cpu"``) places
         the network and decoder; ``progress`` shows the tokenizer's loading progress."""
         name = str(pretrained_model_name_or_path)
-        if not os.path.isdir(name) and (os.path.exists(name) or not _looks_like_repo_id(name)):
+        if not os.path.isdir(name) and (os.path.exists(name) or not looks_like_repo_id(name)):
             raise FileNotFoundError(
                 f"{name} is not a folder; pass a folder written by manifold-fm export or a Hub repository id"
             )
+        if not os.path.isdir(name) and not kwargs.get("local_files_only"):
+            # With the Hub out of reach, its cached snapshot or one line, instead of retries (manifold_fm.hub).
+            cached = offline_snapshot(
+                name, "exported model", cache_dir=kwargs.get("cache_dir"), revision=kwargs.get("revision")
+            )
+            name = name if cached is None else str(cached)
         return super().from_pretrained(name, **kwargs)
 
     @classmethod
@@ -579,11 +586,6 @@ def _is_export(folder: Path) -> bool:
         return json.loads((folder / CONFIG_NAME).read_text()).get("format") == FORMAT
     except (OSError, ValueError, AttributeError):
         return False
-
-
-def _looks_like_repo_id(name: str) -> bool:
-    parts = name.split("/")
-    return 1 <= len(parts) <= 2 and all(p and not p.startswith(".") and " " not in p for p in parts)
 
 
 def _check_tokenizer(run: LoadedRun, recorded: str | None) -> None:

@@ -30,7 +30,15 @@ from hypothesis import HealthCheck, settings
 if str(Path(__file__).parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).parent))
 
+from manifold_fm.manifolds.geoopt_adapter import import_geoopt  # noqa: E402
+from manifold_fm.manifolds.numerics import load_forward_ad  # noqa: E402
+
 from helpers import CI_MAX_EXAMPLES, standin_extractor  # noqa: E402
+
+# Test modules `import geoopt` and call torch.func themselves; the first import of geoopt and first use of forward AD
+# go through the package's, which keep torch's FutureWarning (torch.jit.script) from users: no filter needed for it.
+import_geoopt()
+load_forward_ad()
 
 # Tiny models are dominated by per-op overhead: one intra-op thread is faster than two and immune to a busy
 # machine (measured: a tiny conv took 72 ms with 2 threads at load 9, 0.9 ms with 1).

@@ -1,5 +1,6 @@
-"""Errors that tell the truth: a user error is one ``Error:`` line (no traceback, exit status 1); a bug in our code
-surfaces with its traceback and one line asking to report it, from the one handler in ``manifold_fm/cli.py``."""
+"""Errors that tell the truth: a usage error is one ``Error:`` line with exit status 2, any other user error one
+``Error:`` line (no traceback) with exit status 1, as the command-line guide says; a bug in our code surfaces with its
+traceback and one line asking to report it, from the one handler in ``manifold_fm/cli.py``."""
 
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from manifold_fm.cli import REPORT_LINE, is_user_error, main
+from manifold_fm.cli import INPUT_EXIT, REPORT_LINE, USAGE_EXIT, is_user_error, main
+from manifold_fm.training.run_folder import OVERWRITE_AND_RESUME
+
+GUIDE = Path(__file__).resolve().parents[1] / "docs" / "guides" / "command-line.md"
 
 
 def _one_error_line(output: str) -> str:
@@ -29,6 +33,8 @@ def _one_error_line(output: str) -> str:
         (["evaluate", "{tmp}/one.npz"], "holds 1 image(s); Fréchet distances need at least 2"),  # InputError
         (["evaluate", "{tmp}/bad.npz"], "has no arr_0 image array"),  # InputError from eval/fid.py
         (["sample", "{tmp}/no-run"], "does not exist"),
+        (["probe", "--tokenizer", "{tmp}/no-vae", "--out", "{tmp}/p"], "tokenizer folder"),  # not a hub id
+        (["compare", "{tmp}/no-run"], "is not a folder"),
         (  # InputError from data/latents.py
             [
                 "train",
@@ -50,8 +56,39 @@ def test_user_errors_are_one_line_without_traceback(tmp_path: Path, args: list[s
     (tmp_path / "cache").mkdir()
     (tmp_path / "cache" / "manifest.json").write_text("{not json")
     result = CliRunner().invoke(main, [a.replace("{tmp}", str(tmp_path)) for a in args])
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == INPUT_EXIT == 1, result.output
     assert expected in _one_error_line(result.output) and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["train", "--steps", "-5"], "Invalid value for '--steps': -5 is not in the range x>=0."),  # out of range
+        (["train", "--threads", "0"], "Invalid value for '--threads'"),
+        (["sample", "{tmp}", "--threads", "two"], "Invalid value for '--threads'"),  # wrong type
+        (["train", "--path", "curved"], "Invalid value for '--path'"),  # not among the choices
+        (["train", "--overwrite", "--resume"], OVERWRITE_AND_RESUME),  # raised by the command
+        (["sample", "{tmp}", "--nfe", "4", "--steps", "3"], "pass --nfe or those, not both"),
+        (["probe", "--num", "1", "--out", "{tmp}/p"], "--num and --t-points must be at least 2"),
+        (["evaluate", "--bogus"], "No such option '--bogus'"),  # unknown option
+        (["evaluate"], "Missing argument 'SAMPLES'."),
+        (["train", "--set"], "Option '--set' requires an argument."),
+        (["trian"], "No such command 'trian'."),  # the group's own parsing
+        (["--bogus"], "No such option '--bogus'."),
+    ],
+)
+def test_usage_errors_are_one_line_with_the_usage_exit_status(tmp_path: Path, args: list[str], expected: str) -> None:
+    """click prints the usage, a --help hint and the error (three lines); the guide promises one ``Error:`` line."""
+    result = CliRunner().invoke(main, [a.replace("{tmp}", str(tmp_path)) for a in args])
+    assert result.exit_code == USAGE_EXIT == 2, result.output
+    assert expected in _one_error_line(result.output)
+    assert not (tmp_path / "p").exists()  # nothing ran
+
+
+def test_the_guide_states_the_exit_statuses_the_code_uses() -> None:
+    guide = " ".join(GUIDE.read_text().split())
+    assert f"one `Error: ...` line and exit status {USAGE_EXIT}" in guide
+    assert f"one `Error: ...` line and exit status {INPUT_EXIT}" in guide
 
 
 def test_an_injected_bug_keeps_its_exception_and_asks_for_a_report(monkeypatch: pytest.MonkeyPatch) -> None:

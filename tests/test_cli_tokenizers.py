@@ -35,7 +35,7 @@ def test_extract_latents_cli(tmp_path) -> None:
 
 def test_bad_inputs_give_one_line_errors(tmp_path) -> None:
     r = CliRunner().invoke(main, ["extract-latents", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
-    assert r.exit_code == 2 and "does not exist" in r.output and "Traceback" not in r.output
+    assert r.exit_code == 1 and "does not exist" in r.output and "Traceback" not in r.output
     r = CliRunner().invoke(main, ["probe", "--normalization", str(tmp_path / "missing.json"), "--out", str(tmp_path)])
     assert r.exit_code == 1 and "missing.json" in r.output
     r = CliRunner().invoke(main, ["finetune-decoder", "--lpips-vgg", "x.pth", "--out", str(tmp_path / "f")])

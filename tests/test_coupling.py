@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import itertools
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
+import manifold_fm.coupling as coupling_mod
 import manifold_fm.manifolds.base as base_mod
 import manifold_fm.manifolds.sphere as sphere_mod
 from manifold_fm.config import ConfigError
@@ -199,11 +202,107 @@ def test_auto_solver_is_exact_up_to_max_exact_and_sinkhorn_above() -> None:
     small = [OTCoupling(m, max_exact=39, solver=s, reg=0.2) for s in ("auto", "sinkhorn", "exact")]
     a, s, e = (c.pair(x0, x1)[0] for c in small)
     assert torch.equal(a, s) and not torch.equal(a, e)  # n > max_exact: Sinkhorn, not exact blocks
-    y = torch.tensor([0] * 30 + [1] * 10)  # per class: 30 rows > 20 (Sinkhorn), 10 rows <= 20 (exact)
-    per_class = [OTCoupling(m, max_exact=20, solver=s, reg=0.2).pair(x0, x1, y)[0] for s in ("auto", "sinkhorn")]
-    assert torch.equal(per_class[0][:30], per_class[1][:30])
-    assert torch.equal(per_class[0][30:], OTCoupling(m, solver="exact").pair(x0, x1, y)[0][30:])
+    # With labels the choice is the batch's too (its size is known on the host, the class sizes are not): a class of
+    # 10 rows in a batch of 40 > 20 is solved by Sinkhorn, and by the exact solver in a batch of 40 <= 40.
+    y = torch.tensor([0] * 30 + [1] * 10)
+    labelled = [OTCoupling(m, max_exact=20, solver=s, reg=0.2).pair(x0, x1, y)[0] for s in ("auto", "sinkhorn")]
+    assert torch.equal(labelled[0], labelled[1])
+    assert torch.equal(auto.pair(x0, x1, y)[0], exact.pair(x0, x1, y)[0])
     assert repr(small[0]) == f"OTCoupling({m!r}, max_exact=39, solver='auto', reg=0.2)"
+
+
+def test_labelled_sinkhorn_solves_each_class_as_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """All classes in one block-diagonal problem (the accelerator path, forced here) give what a loop over the
+    classes gives (the plain reference: each class's noise group and data, its own Sinkhorn plan and rounding), and
+    the plan is -inf between classes."""
+    m = TokenSpheres(4, axis=1)
+    g = torch.Generator().manual_seed(9)
+    x0, x1 = m.random_base((50, 4, 2, 2), g, dtype=D64), m.random_base((50, 4, 2, 2), g, dtype=D64)
+    y = torch.randint(3, 7, (50,), generator=g)
+    monkeypatch.setattr(coupling_mod, "branch_on_host", lambda x: False)
+    px0, _, _ = OTCoupling(m, solver="sinkhorn", reg=0.02).pair(x0, x1, y)
+    order = torch.sort(y, stable=True).indices
+    groups = torch.unique(y, return_inverse=True)[1][order]
+    log_plan = sinkhorn_log_plan(geodesic_cost_matrix(m, x0, x1[order]), 0.02, groups=groups)
+    start = 0
+    for cls in torch.unique(y):
+        idx = torch.nonzero(y == cls).flatten()
+        rows = slice(start, start + len(idx))
+        alone = sinkhorn_log_plan(geodesic_cost_matrix(m, x0[rows], x1[idx]), 0.02)
+        torch.testing.assert_close(log_plan[rows, rows], alone, rtol=1e-9, atol=1e-9)
+        assert torch.all(log_plan[rows, : rows.start] == -torch.inf) and torch.all(
+            log_plan[rows, rows.stop :] == -torch.inf
+        )
+        assert torch.equal(px0[idx], x0[rows][plan_to_permutation(alone)])
+        start += len(idx)
+
+
+def test_grouped_rounding_of_a_tied_plan_stays_within_each_block() -> None:
+    groups = torch.tensor([0] * 100 + [1] * 100)
+    tied = torch.zeros(200, 200).masked_fill(groups[:, None] != groups[None, :], -torch.inf)
+    p = plan_to_permutation(tied, groups=groups)  # 64 rounds assign 64 columns per block, the rest go in order
+    assert is_permutation(p, 200) and torch.equal(groups[p], groups)
+    assert torch.equal(p[64:100], torch.arange(64, 100)) and torch.equal(p[164:], torch.arange(164, 200))
+
+
+def test_the_accelerator_path_equals_the_cpu_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Off the CPU nothing is read on the host: converged Sinkhorn blocks keep their potentials, the rounding runs all
+    its rounds, and the classes are one block-diagonal problem. Forced here on the CPU, Sinkhorn and the rounding
+    give the same results to the bit, and the coupling the same pairs (exact and Sinkhorn, with labels)."""
+    g = torch.Generator().manual_seed(10)
+    cost = torch.rand(60, 60, generator=g)
+    groups = torch.tensor([0] * 25 + [1] * 5 + [2] * 30)
+    m = TokenSpheres(4, axis=1)
+    x0, x1 = m.random_base((60, 4, 2, 2), g, dtype=D64), m.random_base((60, 4, 2, 2), g, dtype=D64)
+    y = torch.randint(0, 4, (60,), generator=g)
+    runs = []
+    for host in (True, False):
+        monkeypatch.setattr(coupling_mod, "branch_on_host", lambda x, host=host: host)
+        plans = [sinkhorn_log_plan(cost, 0.05), sinkhorn_log_plan(cost, 0.05, groups=groups)]
+        pairs = [OTCoupling(m, solver=s).pair(x0, x1, y)[0] for s in ("exact", "sinkhorn")]
+        runs.append([*plans, plan_to_permutation(plans[0]), plan_to_permutation(plans[1], groups=groups), *pairs])
+    for on_host, on_device in zip(*runs, strict=True):
+        assert torch.equal(on_host, on_device)
+
+
+def test_sinkhorn_coupling_never_reads_data_on_the_host() -> None:
+    """On the meta device tensors have shapes and no values: any read of a value on the host (a convergence check,
+    the labels' classes, a mask's count) raises. The Sinkhorn path, with and without labels, runs through."""
+    m = TokenSpheres(4, axis=1)
+    g = torch.Generator().manual_seed(11)
+    x0, x1 = (m.random_base((96, 4, 3, 3), g).to("meta") for _ in range(2))
+    y = torch.randint(0, 5, (96,), generator=g).to("meta")
+    for coupling in (OTCoupling(m, solver="sinkhorn"), OTCoupling(m, max_exact=32)):  # auto above max_exact
+        for labels in (None, y):
+            px0, px1, py = coupling.pair(x0, x1, labels)
+            assert px0.device.type == "meta" and px0.shape == x0.shape and px1 is x1 and py is labels
+
+
+def test_the_exact_solver_reads_the_host_once_per_step_whatever_the_classes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On an accelerator (forced here), the exact solver's transfer of the cost to the CPU (scipy is the algorithm)
+    is the one host read of a step: not one per class, and no read of the labels."""
+    monkeypatch.setattr(coupling_mod, "branch_on_host", lambda x: False)
+    reads: list[str] = []
+
+    def spy(name: str):  # noqa: ANN202
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(self: torch.Tensor, *args: object, **kwargs: object):  # noqa: ANN202
+            if Path(sys._getframe(1).f_code.co_filename).name == "coupling.py":
+                reads.append(name)
+            return original(self, *args, **kwargs)
+
+        return wrapper
+
+    for name in ("numpy", "cpu", "item", "tolist", "__bool__", "__float__", "__int__", "__index__", "__iter__"):
+        monkeypatch.setattr(torch.Tensor, name, spy(name))
+    m = Sphere()
+    g = torch.Generator().manual_seed(12)
+    x0, x1 = m.random_base((40, 3), g), m.random_base((40, 3), g)
+    for labels in (None, torch.randint(0, 6, (40,), generator=g)):
+        reads.clear()
+        OTCoupling(m, solver="exact").pair(x0, x1, labels)
+        assert reads == ["numpy"], labels
 
 
 def test_ot_solver_arguments_and_config() -> None:

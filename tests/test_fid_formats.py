@@ -122,6 +122,46 @@ def test_adm_reference_batch_statistics_give_fid_and_its_images_give_precision_r
     assert m3["fd[standin6]"] == pytest.approx(frechet_distance(*feature_stats(fa), *feature_stats(fb)), rel=1e-6)
 
 
+def reference_inception_score(logits: np.ndarray, splits: int, seed: int = 2020) -> tuple[float, float]:
+    """Inception score in float64 with torch-fidelity's conventions (rows shuffled by
+    ``np.random.RandomState(seed).permutation``, split ``k`` is rows ``k N // splits`` to ``(k + 1) N // splits``,
+    mean and population standard deviation over splits), each split's score written as a mutual information,
+    ``exp(H(mean_x p(y|x)) - mean_x H(p(y|x)))``, which equals ``exp(E_x KL(p(y|x) || p(y)))``."""
+    z = logits[np.random.RandomState(seed).permutation(len(logits))]
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+
+    def entropy(q: np.ndarray) -> np.ndarray:
+        return -(q * np.log(q)).sum(axis=-1)
+
+    n = len(p)
+    scores = []
+    for k in range(splits):
+        chunk = p[k * n // splits : (k + 1) * n // splits]
+        scores.append(math.exp(entropy(chunk.mean(axis=0)) - entropy(chunk).mean()))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def test_inception_score_equals_an_independent_float64_computation(register_standin: Callable[..., type]) -> None:
+    """A classifier with known logits: images of four flat 16x16 blocks of random colours, so the stand-in's
+    ``pool=2`` features are exactly those colours over 255 (12 numbers per image, channel-major as torch flattens
+    ``(C, 2, 2)``), and its logits are the features times a fixed ``(12, 5)`` head. 37 images make splits of 3 and 4
+    (the boundaries matter) and a score far from 1."""
+    head = 6.0 * torch.randn(12, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    register_standin("standin_is", pool=2, logits=head)
+    colours = np.random.default_rng(4).integers(0, 256, size=(37, 2, 2, 3)).astype(np.uint8)  # (N, row, col, C)
+    samples = colours.repeat(16, axis=1).repeat(16, axis=2)  # (N, 32, 32, C)
+    m = fidelity_metrics(samples, samples, feature_extractor="standin_is", cuda=False, prc=False)
+    features = colours.transpose(0, 3, 1, 2).reshape(37, 12) / 255.0
+    mean, std = reference_inception_score(features @ head.numpy(), splits=10)
+    assert mean > 1.5 and std > 0.05  # not the degenerate value 1 of one image per split
+    # the reference itself on a closed form: confident predictions spread evenly over 5 classes score 5
+    confident = 50.0 * np.eye(5)[np.arange(40) % 5]
+    assert reference_inception_score(confident, splits=1) == pytest.approx((5.0, 0.0), abs=1e-9)
+    assert m["inception_score_mean"] == pytest.approx(mean, rel=1e-5)
+    assert m["inception_score_std"] == pytest.approx(std, rel=1e-4)
+
+
 def test_malformed_reference_files_are_one_line_input_errors(tmp_path: Path, standin: type) -> None:
     samples = images(6, 0)
     half = tmp_path / "half.npz"

@@ -40,7 +40,7 @@ def compare(runs: tuple[str, ...], metric: str, threshold: float | None, out_dir
         name, sep, path = item.partition("=")
         folder = Path(path if sep else item)
         if not folder.is_dir():
-            raise click.BadParameter(f"{folder} is not a run folder", param_hint="RUNS")
+            raise FileNotFoundError(f"{folder} is not a folder; pass run folders, as RUN or NAME=RUN")
         named[name if sep else folder.name] = folder
     result = compare_runs(named, metric, threshold)
     width = max(len(n) for n in named)

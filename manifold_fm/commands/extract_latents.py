@@ -111,10 +111,14 @@ def build_tokenizer(
 def build_dataset(data_spec: str, split: str, size: int, per_class: int | None) -> Any:
     from ..data.image_folder import image_dataset
 
+    # A missing folder is a problem with a file (exit status 1 from the CLI group); a size or count the dataset
+    # refuses is a bad option value, a usage error (exit status 2).
     try:
         return image_dataset(data_spec, split=split, size=size, per_class=per_class)  # type: ignore[arg-type]
-    except (FileNotFoundError, ValueError) as exc:
-        raise click.BadParameter(str(exc), param_hint="--data") from None
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"--data: {exc}") from None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--size/--per-class") from None
 
 
 @click.command("extract-latents")

@@ -81,10 +81,12 @@ def _rfid(collected: _RfidImages, weights: str | None, extractor: str) -> dict[s
 def _eval_dataset(eval_data: str, size: int) -> Any:
     from ..data.image_folder import image_dataset
 
-    try:
+    try:  # a missing folder is a problem with a file (exit status 1), a refused size a usage error (2)
         return image_dataset(eval_data, split="test", size=size)
-    except (FileNotFoundError, ValueError) as exc:
-        raise click.BadParameter(str(exc), param_hint="--eval-data") from None
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"--eval-data: {exc}") from None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--size") from None
 
 
 @click.command("finetune-decoder")

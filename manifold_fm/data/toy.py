@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ..manifolds import FlatTorus, GeooptManifold, Manifold, Sphere, TokenSpheres
-from ..manifolds.geoopt_adapter import spd_wrapped_normal_log_prob
+from ..manifolds.geoopt_adapter import import_geoopt, spd_wrapped_normal_log_prob
 
 _DT = torch.float64  # densities and samples are computed in float64 and returned in the requested dtype
 
@@ -244,8 +244,7 @@ class PoincareWrappedNormalMixture(ToyDataset):
         curvature: float = 1.0,
         base_std: float = 0.5,
     ) -> None:
-        import geoopt
-
+        geoopt = import_geoopt()
         self.c = float(curvature)
         mu = (
             torch.tensor([[0.5, 0.0], [-0.25, 0.43], [-0.25, -0.43]], dtype=_DT)
@@ -305,8 +304,7 @@ class LorentzWrappedNormalMixture(ToyDataset):
         curvature: float = 1.0,
         base_std: float = 1.0,
     ) -> None:
-        import geoopt
-
+        geoopt = import_geoopt()
         self.ball_mixture = PoincareWrappedNormalMixture(means, sigmas, weights, curvature)
         self.c = self.ball_mixture.c
         self.manifold = GeooptManifold(geoopt.Lorentz(k=1.0 / self.c), base_std=base_std)
@@ -349,8 +347,7 @@ class SPDWrappedNormalMixture(ToyDataset):
         weights: Sequence[float] | None = None,
         base_std: float = 0.5,
     ) -> None:
-        import geoopt
-
+        geoopt = import_geoopt()
         if log_means is None:
             logm = torch.tensor(
                 [[[0.9, 0.0], [0.0, -0.3]], [[-0.5, 0.6], [0.6, 0.2]], [[-0.2, -0.7], [-0.7, -0.6]]], dtype=_DT

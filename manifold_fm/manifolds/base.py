@@ -37,7 +37,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
-from .numerics import broadcast_time, compute_dtype, safe_sqrt, upcast
+from .numerics import broadcast_time, compute_dtype, load_forward_ad, safe_sqrt, upcast
 
 
 class ManifoldError(ValueError):
@@ -170,6 +170,7 @@ class Manifold(ABC):
         Default: the forward-mode JVP of :meth:`logmap` (one ``logmap`` with dual numbers). The primal is marked as
         requiring grad so that manifolds with an in-place no-autograd fast path take their differentiable one.
         """
+        load_forward_ad()  # torch's first use of forward AD would print a deprecation warning of its own
         with torch.enable_grad(), fwAD.dual_level():
             out = self.logmap(x, fwAD.make_dual(y.detach().requires_grad_(True), v))
             tangent = fwAD.unpack_dual(out).tangent

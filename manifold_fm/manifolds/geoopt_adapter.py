@@ -28,6 +28,7 @@ import contextlib
 import functools
 import math
 from collections.abc import Callable, Sequence
+from types import ModuleType
 from typing import Any, TypeVar
 
 import torch
@@ -35,9 +36,30 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from .base import Chart2D, Manifold
-from .numerics import broadcast_time, compute_dtype, safe_sqrt, upcast
+from .numerics import broadcast_time, compute_dtype, jit_script_deprecation_silenced, safe_sqrt, upcast
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+@functools.cache
+def import_geoopt() -> ModuleType:
+    """``geoopt``, imported on first use (it compiles TorchScript kernels on import) without the ``FutureWarning``
+    that raises on recent torch (:func:`~manifold_fm.manifolds.numerics.jit_script_deprecation_silenced`, for this
+    import only). Every ``geoopt`` import in the package goes through here (cached: later calls cost a lookup).
+
+    geoopt's SPD matrix functions script their kernels on first use instead (``geoopt.linalg.sym_funcm``, cached per
+    function), which would raise the warning in the middle of a run; each SPD operation is run once here, on the
+    2x2 identity, so they are scripted now. (Silencing every call instead would reset Python's once-per-location
+    warning registry on each one.)"""
+    with jit_script_deprecation_silenced():
+        import geoopt
+
+        spd, x = geoopt.SymmetricPositiveDefinite(), torch.eye(2)[None]
+        u = torch.zeros_like(x)
+        spd.inner(spd.projx(x), spd.proju(x, u), u)
+        spd.logmap(spd.expmap(x, u), spd.retr(x, u))
+        spd.transp(x, x, u), spd.dist(x, x)
+    return geoopt
 
 
 def _forward_ad_safe(fn: F) -> F:
@@ -118,8 +140,7 @@ class GeooptManifold(Manifold):
     # geoopt keeps curvatures as 0-d tensors, which follow the inputs' dtype under type promotion, so the wrapped
     # manifold is used as is (never moved or cast: it may be shared with the user's own code).
     def __init__(self, manifold: Any, base_std: float = 0.5) -> None:
-        import geoopt
-
+        geoopt = import_geoopt()
         if not isinstance(manifold, geoopt.manifolds.Manifold):
             raise ValueError(
                 f"GeooptManifold wraps a geoopt manifold instance (e.g. geoopt.PoincareBall()), got {manifold!r}"
@@ -158,8 +179,7 @@ class GeooptManifold(Manifold):
 
     def _lorentz_k(self) -> Tensor | None:
         """``k`` of a ``geoopt.Lorentz(k)`` hyperboloid (``<x, x>_L = -k``), else ``None``."""
-        import geoopt
-
+        geoopt = import_geoopt()
         return self.manifold.k if isinstance(self.manifold, geoopt.Lorentz) else None
 
     @_forward_ad_safe
@@ -222,8 +242,7 @@ class GeooptManifold(Manifold):
         W^T``, ``x_t = x0^1/2 W diag(e^{t l}) W^T x0^1/2`` and ``u_t = x0^1/2 W diag(l e^{t l}) W^T x0^1/2`` (two
         symmetric eigendecompositions; the generic construction takes eight: 4x the time on 256 2x2 matrices).
         """
-        import geoopt
-
+        geoopt = import_geoopt()
         geo = self.manifold
         if isinstance(geo, geoopt.SymmetricPositiveDefinite):
             return self._spd_geodesic(x0, x1, broadcast_time(t, x0))
@@ -273,8 +292,7 @@ class GeooptManifold(Manifold):
         cd = compute_dtype(dtype)
         e = torch.randn(tuple(shape), generator=generator, dtype=cd, device=device)
         geo = self.manifold
-        import geoopt
-
+        geoopt = import_geoopt()
         if isinstance(geo, geoopt.Stereographic):  # exp at the origin in closed form (~3x fewer ops, same values)
             return _plain(geo.expmap0(self.base_std * e)).to(dtype)
         origin = _plain(geo.origin(*e.shape, dtype=cd, device=e.device))
@@ -308,23 +326,20 @@ class GeooptManifold(Manifold):
         return (out + out.transpose(-1, -2)) / 2
 
     def _is_poincare(self) -> bool:
-        import geoopt
-
+        geoopt = import_geoopt()
         return isinstance(self.manifold, geoopt.PoincareBall)
 
     def orthogonal_proju(self, x: Tensor, u: Tensor) -> Tensor:
         """:meth:`proju` for the geoopt models whose projection is ambient-orthogonal (stereographic charts, SPD,
         spheres, Euclidean); the generic basis construction otherwise (the hyperboloid's Minkowski projection)."""
-        import geoopt
-
+        geoopt = import_geoopt()
         orthogonal = (geoopt.Stereographic, geoopt.SymmetricPositiveDefinite, geoopt.Sphere, geoopt.Euclidean)
         if isinstance(self.manifold, orthogonal):
             return self.proju(x, u)
         return super().orthogonal_proju(x, u)
 
     def _is_spd(self) -> bool:
-        import geoopt
-
+        geoopt = import_geoopt()
         return isinstance(self.manifold, geoopt.SymmetricPositiveDefinite)
 
     @upcast

@@ -5,9 +5,11 @@ Pure tensor math; nothing here holds state.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import torch
@@ -58,6 +60,33 @@ def upcast(fn: F) -> F:
         return _cast_out(out, in_dtype)
 
     return wrapper  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def jit_script_deprecation_silenced() -> Iterator[None]:
+    """Hide the ``FutureWarning`` "torch.jit.script is deprecated" inside the block: recent torch raises it from
+    code that is not ours and that no user of ours can change (geoopt's kernels on import, torch's own forward-AD
+    decompositions on first use). Wraps only those one-time loads, never user code."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+        yield
+
+
+@functools.cache
+def load_forward_ad() -> None:
+    """Load torch's forward-AD decompositions (done on the first ``make_dual`` of a process) with
+    :func:`jit_script_deprecation_silenced`; later calls do nothing."""
+    import torch.autograd.forward_ad as fwAD
+
+    with jit_script_deprecation_silenced(), fwAD.dual_level():
+        fwAD.make_dual(torch.zeros(()), torch.zeros(()))
+
+
+def branch_on_host(x: Tensor) -> bool:
+    """Whether code on ``x`` may read a flag on the host to skip work (a fallback no element needs, iterations after
+    convergence). On the CPU that read is free and the work is not; on an accelerator the read would stall the stream
+    on every call (a training step), so the work is done there, arranged to give the same values."""
+    return x.device.type == "cpu"
 
 
 def broadcast_time(t: float | Tensor, x: Tensor) -> Tensor:

@@ -13,25 +13,25 @@ from .torus import FlatTorus
 
 
 def _poincare_ball(c: float = 1.0, base_std: float = 0.5) -> Manifold:
-    import geoopt
+    from .geoopt_adapter import GeooptManifold, import_geoopt
 
-    from .geoopt_adapter import GeooptManifold
+    geoopt = import_geoopt()
 
     return GeooptManifold(geoopt.PoincareBall(c=c), base_std=base_std)
 
 
 def _lorentz(k: float = 1.0, base_std: float = 0.5) -> Manifold:
-    import geoopt
+    from .geoopt_adapter import GeooptManifold, import_geoopt
 
-    from .geoopt_adapter import GeooptManifold
+    geoopt = import_geoopt()
 
     return GeooptManifold(geoopt.Lorentz(k=k), base_std=base_std)
 
 
 def _spd(base_std: float = 0.5) -> Manifold:
-    import geoopt
+    from .geoopt_adapter import GeooptManifold, import_geoopt
 
-    from .geoopt_adapter import GeooptManifold
+    geoopt = import_geoopt()
 
     return GeooptManifold(geoopt.SymmetricPositiveDefinite(), base_std=base_std)
 

@@ -41,7 +41,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from .base import Chart2D, Manifold, ManifoldError
-from .numerics import angle_over_sine, broadcast_time, dlog_series, safe_sqrt, sinc, upcast
+from .numerics import angle_over_sine, branch_on_host, broadcast_time, dlog_series, safe_sqrt, sinc, upcast
 
 
 def _reuse_buffers(x: Tensor, *others: Tensor) -> bool:
@@ -59,13 +59,6 @@ def _reuse_buffers(x: Tensor, *others: Tensor) -> bool:
 
 # Elements materialised at once by the pairwise cost (tokens x pairs).
 _COST_CHUNK = 1 << 23
-
-
-def _branch_on_host(x: Tensor) -> bool:
-    """Whether to skip the antipodal fallback when no token needs it, at the price of reading a flag on the host.
-    On the CPU that read is free and the fallback is not; on an accelerator the read would stall the stream every
-    call (a training step), so the fallback is always blended in there (adding zeros: the same values)."""
-    return x.device.type == "cpu"
 
 
 class _Pair(NamedTuple):
@@ -151,7 +144,8 @@ class Sphere(Manifold):
     def _direction_terms(self, x: Tensor, p: _Pair) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(v, c, w, ratio)`` with the antipodal fallback applied: ``y_perp/s = (v - c x) * ratio / w``."""
         antipodal = (p.s <= torch.finfo(x.dtype).tiny) & (p.w > 1.0)
-        if _branch_on_host(x) and not bool(antipodal.any()):
+        # Skip the antipodal fallback when no token needs it where that read is free; else blend it in (adding zeros).
+        if branch_on_host(x) and not bool(antipodal.any()):
             return p.v, p.c, p.w, p.ratio
         # Replace the (zero) tangential part by R times a deterministic unit tangent direction.
         e = self._fallback_direction(x)

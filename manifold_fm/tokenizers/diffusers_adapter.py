@@ -14,6 +14,7 @@ Latents are the posterior mode ``encode(x).latent_dist.mode()`` at the VAE's own
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from manifold_fm.errors import InputError
+from manifold_fm.hub import local_or_repo_id, offline_snapshot
 
 from ..data.normalization import LatentNormalization
 from .base import Tokenizer
@@ -103,15 +105,18 @@ class DiffusersTokenizer(Tokenizer):
         **kwargs: Any,
     ) -> DiffusersTokenizer:
         """Load ``AutoencoderKL`` (``kind="kl"``) or ``AutoencoderKLFlux2`` (``kind="flux2"``) with
-        ``from_pretrained`` from a hub id or a local directory (optionally its ``subfolder``).
+        ``from_pretrained`` from a hub id or a local directory (optionally its ``subfolder``). A path that does not
+        exist is reported as a missing folder at once; a hub id while the Hub is unreachable is read from the Hugging
+        Face cache or fails at once (:mod:`manifold_fm.hub`).
 
         ``normalization`` overrides the VAE's own constants: a :class:`LatentNormalization` or a JSON file written by
         :meth:`LatentNormalization.save` (e.g. per-channel dataset statistics stored next to the tokenizer).
         ``slicing`` / ``tiling`` enable diffusers' memory savers. Extra keyword arguments go to ``from_pretrained``.
         """
-        classes = _vae_classes()
         if kind not in ("kl", "flux2"):
             raise InputError(f"diffusers tokenizer kind must be 'kl' or 'flux2', got {kind!r}")
+        source = local_or_repo_id(name_or_path, "tokenizer")  # a missing local folder fails here, not on the network
+        classes = _vae_classes()
         if kind not in classes:
             import diffusers
 
@@ -119,14 +124,21 @@ class DiffusersTokenizer(Tokenizer):
                 f"diffusers {diffusers.__version__} has no AutoencoderKLFlux2; upgrade diffusers to load FLUX.2's VAE"
             )
         vae_cls = classes[kind]
-        local = Path(name_or_path)
-        if local.exists() and not (local / (subfolder or "") / "config.json").is_file():
+        if isinstance(source, str) and not kwargs.get("local_files_only"):
+            # With the Hub out of reach, its cached snapshot (a local folder) or one line, instead of five retries.
+            cached = offline_snapshot(
+                source, "tokenizer", cache_dir=kwargs.get("cache_dir"), revision=kwargs.get("revision")
+            )
+            source = source if cached is None else cached
+        if isinstance(source, Path) and not (source / (subfolder or "") / "config.json").is_file():
             raise FileNotFoundError(
-                f"{local / (subfolder or '')} has no config.json; "
+                f"{source / (subfolder or '')} has no config.json; "
                 "pass the VAE directory (or its parent with subfolder=)"
             )
         try:
-            vae = vae_cls.from_pretrained(str(name_or_path), subfolder=subfolder, torch_dtype=dtype, **kwargs)
+            with warnings.catch_warnings():  # diffusers passes huggingface_hub an argument it has deprecated
+                warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks", category=UserWarning)
+                vae = vae_cls.from_pretrained(str(source), subfolder=subfolder, torch_dtype=dtype, **kwargs)
         except (OSError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise FileNotFoundError(f"cannot load {vae_cls.__name__} from {name_or_path!s}: {first}") from None

@@ -101,8 +101,9 @@ class FlowConfig(Section):
       geodesic path; the solver itself (Euler, Heun, RK4, ...) is ``sample.method``;
     - ``time``, ``time_mean``, ``time_std``, ``time_shift``: the distribution of training times (``uniform`` or
       ``logit_normal``, then the SD3 shift); ``coupling``: ``independent`` or minibatch ``ot``;
-    - ``ot_solver``, ``ot_reg``: how ``ot`` assigns: ``exact`` (scipy, on the CPU), ``sinkhorn`` (entropic OT on the
-      batch's device, rounded to a permutation) or ``auto`` (exact up to 1024 rows per assignment, Sinkhorn above);
+    - ``ot_solver``, ``ot_reg``: how ``ot`` assigns: ``exact`` (scipy, on the CPU: one transfer of the cost matrix
+      per step), ``sinkhorn`` (entropic OT on the batch's device, rounded to a permutation, with no host read on an
+      accelerator) or ``auto`` (exact for batches of up to 1024 rows per process, Sinkhorn above);
       ``ot_reg`` > 0 is Sinkhorn's regularisation relative to the spread of the cost (smaller: closer to exact OT,
       more iterations; see :func:`~manifold_fm.coupling.sinkhorn_log_plan`).
 
