@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from manifold_fm.cli import main
 from manifold_fm.errors import InputError
-from manifold_fm.eval.fid import feature_stats, fidelity_metrics, frechet_distance
+from manifold_fm.eval.fid import feature_stats, fidelity_metrics, frechet_distance, write_random_inception_weights
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 
@@ -30,29 +30,6 @@ def independent_fd(a: np.ndarray, mu2: np.ndarray, s2: np.ndarray) -> float:
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.clip(inner, 0, None)).sum())
 
 
-def write_inception_weights(path: Path) -> Path:
-    """A weights file in the format torch-fidelity loads for ``inception-v3-compat``: ``torch.save`` of the
-    ``state_dict()`` of its own ``FeatureExtractorInceptionV3`` (every key and shape from torch-fidelity's module
-    definition; it reads the file with ``torch.load`` and a strict ``load_state_dict``). Random weights, with batch-norm
-    statistics calibrated on random images so activations stay O(1) through the 94 convolutions."""
-    from torch_fidelity import feature_extractor_inceptionv3 as fe
-
-    torch.manual_seed(0)
-    with pytest.MonkeyPatch.context() as mp:  # build the module without the download / load at the end of __init__
-        mp.setattr(fe, "load_state_dict_from_url", lambda *a, **k: {})
-        mp.setattr(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None)
-        model = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average over the calibration batch
-    model.train()
-    with torch.no_grad():
-        model(torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8))
-    torch.save(model.eval().state_dict(), path)
-    return path
-
-
 def images(n: int, seed: int, shift: int = 0, size: int = 32) -> np.ndarray:
     rng = np.random.default_rng(seed)
     return np.clip(rng.integers(0, 200, size=(n, size, size, 3)) + shift, 0, 255).astype(np.uint8)
@@ -63,7 +40,7 @@ def test_fid_and_inception_score_through_a_local_inception_weights_file(tmp_path
     """~60 s on one core: three 2048-d matrix square roots (scipy's sqrtm, 20 s each) and Inception on 20 images."""
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-    weights = write_inception_weights(tmp_path / WEIGHTS_NAME)
+    weights = write_random_inception_weights(tmp_path / WEIGHTS_NAME)
     samples, ref = images(6, 0), images(8, 1, shift=40)
     # torch-fidelity's own loader on the file (strict load_state_dict: the format is right)
     ext = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(weights))

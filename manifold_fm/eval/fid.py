@@ -242,3 +242,35 @@ def fidelity_metrics(
             }
         )
     return out
+
+
+def write_random_inception_weights(path: str | Path, seed: int = 0, calibration_images: int = 4) -> Path:
+    """A weights file in the format torch-fidelity loads for ``inception-v3-compat`` (``torch.save`` of its
+    ``FeatureExtractorInceptionV3``'s ``state_dict()``; it reads the file with ``torch.load`` and a strict
+    ``load_state_dict``), with random weights: for timing FID and testing the real loading path where the real file
+    is not available. Nothing measured through it is FID. Batch-norm statistics are calibrated on
+    ``calibration_images`` random images, so activations stay O(1) through the network's 94 convolutions."""
+    from unittest import mock
+
+    from torch_fidelity import feature_extractor_inceptionv3 as fe
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        # build the module without the download and the strict load at the end of its __init__
+        with (
+            mock.patch.object(fe, "load_state_dict_from_url", lambda *a, **k: {}),
+            mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None),
+        ):
+            model = fe.FeatureExtractorInceptionV3(INCEPTION, ["2048"])
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.reset_running_stats()
+                m.momentum = None  # cumulative average over the calibration batch
+        model.train()
+        with torch.no_grad():
+            model(torch.randint(0, 256, (calibration_images, 3, 32, 32), dtype=torch.uint8))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        torch.save(model.eval().state_dict(), tmp)
+    return path

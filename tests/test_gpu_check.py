@@ -1,0 +1,266 @@
+"""The GPU check of the ImageNet recipe (experiments/imagenet_sfm/gpu_check.py) in its CPU mode, its runner (time
+slices, failures, child processes), its recipe estimate, and the wheels script that equips the GPU machine."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from helpers import require_flux2_vae
+
+ROOT = Path(__file__).resolve().parent.parent
+EXP = ROOT / "experiments" / "imagenet_sfm"
+
+
+def _load(path: Path, name: str) -> Any:
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def gc() -> Any:
+    return _load(EXP / "gpu_check.py", "imagenet_sfm_gpu_check")
+
+
+def _rate(units: float, t1: float, t2: float) -> Any:
+    """What the check must report for ``units`` more work taking ``t2 - t1`` longer: the rate, or None when the
+    larger run was not slower (timing noise on a busy CPU)."""
+    return pytest.approx(units / (t2 - t1), rel=1e-3) if t2 > t1 else None
+
+
+# ----------------------------------------------------------------------------- the CPU mode, every stage
+def test_gpu_check_cpu_mode_runs_every_stage(gc: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    require_flux2_vae()
+    out = tmp_path / "report.json"
+    assert gc.main(["--cpu", "--out", str(out), "--work", str(tmp_path / "work")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert json.loads(out.read_text()) == report
+    st = report["stages"]
+    assert {k: v["status"] for k, v in st.items()} == {
+        **dict.fromkeys(["wheels", "data", "weights", "extract", "finetune", "train", "train_fid"], "pass"),
+        **dict.fromkeys(["sample", "evaluate"], "pass"),
+        "multiprocess": "skipped",  # GPU mode only
+    }
+    assert report["mode"] == "cpu" and report["failed"] == [] and report["estimate_80ep_B2_pair"] is None
+    spec = gc.CPU
+    # data: the synthetic JPEGs went through prepare_imagenet.py; the folders hold N1 and N2 images
+    assert st["data"]["prepared"]["written"] == spec.classes * spec.raw_per_class
+    work = tmp_path / "work"
+    assert len(list((work / "imagenet256").rglob("*.png"))) == spec.images
+    assert len(list((work / "imagenet256-small").rglob("*.png"))) == spec.images_small
+    # extract-latents: each image and its flip, FLUX.2's 32 channels; the rate is the two-size difference
+    ext = st["extract"]
+    assert ext["latents"] == {"count": 2 * spec.images, "shape": [32, 16, 16], "dtype": "bfloat16"}
+    t1, t2 = ext["run_s"][str(spec.images_small)], ext["run_s"][str(spec.images)]
+    assert ext["images_per_s"] == _rate(spec.images - spec.images_small, t1, t2)
+    # finetune-decoder wrote the spherical decoder the spherical runs decode with
+    assert (work / "decoders" / "flux2" / "decoder.safetensors").is_file()
+    s1, s2 = spec.finetune_steps
+    ft = st["finetune"]
+    assert ft["images_per_s"] == _rate((s2 - s1) * spec.finetune_batch, ft["run_s"][str(s1)], ft["run_s"][str(s2)])
+    # training: the grid's configs on the latent cache, four runs, the trainer's own rates
+    tr = st["train"]
+    for run in ("linear-b4", "spherical-b4", "linear-b2", "spherical-b2"):
+        assert tr[run]["images_per_s"] > 0 and tr[run]["mfu"] is None  # no peak FLOPs known on a CPU
+        config = (work / "runs" / run / "config.yaml").read_text()
+        assert "source: latents" in config and str(work / "latents" / "flux2") in config
+    assert tr["spherical_over_linear_step_time_b4"] == pytest.approx(
+        tr["spherical-b4"]["step_s"] / tr["linear-b4"]["step_s"], rel=1e-3
+    )
+    # FID over training through the run's eval hook (the stand-in network under Inception's name)
+    assert math.isfinite(st["train_fid"]["evaluation"]["fid"])
+    # sample: the ADM .npz, the cost fit, and samples of trained weights on the spheres in bf16 and fp32
+    smp = st["sample"]
+    assert smp["npz"] == {"arr_0": [2 * spec.sample_batch, 32, 32, 3], "dtype": "uint8", "arr_1": [4]}
+    secs, (a, b) = smp["fp32"]["run_s"], spec.sample_steps
+    t_a, t_b = secs[f"2x{a}"], secs[f"2x{b}"]
+    expected_ms = 1e3 * (t_b - t_a) / ((b - a) * spec.sample_batch) if t_b > t_a else None
+    assert smp["fp32"]["step_ms_per_image"] == (expected_ms and pytest.approx(expected_ms, rel=1e-3))
+    for precision in ("bf16", "fp32"):
+        check = smp["on_sphere"][precision]
+        assert check["max_radius_error"] < 1e-5 and check["velocity_rms_t0"] > 1e-4  # not a zero output layer
+    assert st["evaluate"]["num_samples"] == 2 * spec.sample_batch and "fid" in st["evaluate"]["metrics"]
+    assert any("issue 19 item 2" in p for p in report["pending"])
+    assert any("issue 19 item 3" in p for p in report["pending"])
+    # the README rows of this report: one per figure, five columns, marked as no measurement
+    assert gc.main(["--rows", str(out)]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert len(rows) >= 8 and all(r.count(" | ") == 4 and "cpu mode: not a measurement" in r for r in rows)
+
+
+# ----------------------------------------------------------------------------- the runner
+def test_gpu_check_runner_reports_failures_and_continues(
+    gc: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A failing stage is reported with its error line; stages that do not need it still run, the others are
+    skipped with the reason; the exit status says a stage failed."""
+
+    def broken(ctx: Any) -> None:
+        ctx.record["partial"] = 1.5
+        raise RuntimeError("CUDA out of memory (simulated)\nsecond line")
+
+    def fine(ctx: Any) -> None:
+        ctx.record["images_per_s"] = 12.0
+
+    fakes = {"data": broken, "weights": fine}
+    stages = [
+        dataclasses.replace(st, fn=fakes.get(st.name, lambda ctx: pytest.fail("must be skipped"))) for st in gc.STAGES
+    ]
+    monkeypatch.setattr(gc, "STAGES", stages)
+    out = tmp_path / "r.json"
+    assert gc.main(["--cpu", "--out", str(out)]) == 1
+    report = json.loads(out.read_text())
+    st = report["stages"]
+    assert st["data"]["status"] == "fail" and st["data"]["error"] == "RuntimeError: CUDA out of memory (simulated)"
+    assert st["data"]["partial"] == 1.5  # figures written before the failure are kept
+    assert st["weights"]["status"] == "pass" and st["weights"]["images_per_s"] == 12.0
+    assert st["extract"] == {"slice_s": 120.0, "status": "skipped", "reason": "needs data"}
+    assert st["train"]["reason"] == "needs extract" and report["failed"] == ["data"]
+    capsys.readouterr()
+    assert gc.main(["--rows", str(out)]) == 0
+    assert any("stage data" in r and "fail: RuntimeError" in r for r in capsys.readouterr().out.splitlines())
+
+
+def test_gpu_check_stops_an_isolated_stage_at_its_slice(gc: Any, tmp_path: Path) -> None:
+    """With --isolate each stage is a child process; one over its time slice is stopped and reported as such.
+    (0.6 s cannot hold a training run: the child does not get past importing torch.)"""
+    out = tmp_path / "r.json"
+    t0 = time.perf_counter()
+    code = gc.main(["--cpu", "--isolate", "--only", "train", "--budget", "3", "--out", str(out)])
+    assert code == 1 and time.perf_counter() - t0 < 30
+    train = json.loads(out.read_text())["stages"]["train"]
+    assert train["status"] == "timeout" and train["slice_s"] == pytest.approx(0.6, abs=0.05)
+    assert "stopped at its time slice" in train["error"] and train["seconds"] < 15
+
+
+def test_gpu_check_child_process_runs_one_stage_from_its_command_line(gc: Any, tmp_path: Path) -> None:
+    """What a child gets (stage, work folder, the sizes as JSON, its deadline) runs that stage and leaves its
+    figures in work/stages/<name>.json."""
+    spec = json.dumps(dataclasses.asdict(gc.CPU))
+    args = ["--stage", "data", "--work", str(tmp_path), "--spec", spec, "--deadline", str(time.time() + 60)]
+    assert gc.main(args) == 0
+    figures = json.loads((tmp_path / "stages" / "data.json").read_text())
+    assert figures["image_folders"] == {"small": gc.CPU.images_small, "full": gc.CPU.images}
+    assert (tmp_path / "ref.npz").is_file()
+
+
+def test_killed_then_resumed_kills_once_ready_then_finishes(gc: Any, tmp_path: Path) -> None:
+    script = (
+        "import sys, time, pathlib; d = pathlib.Path(sys.argv[1])\n"
+        "if '--resume' in sys.argv: (d / 'done').write_text('ok'); sys.exit(0)\n"
+        "(d / 'latest').write_text('1'); time.sleep(60); (d / 'not-killed').write_text('!')\n"
+    )
+    cmd = [sys.executable, "-c", script, str(tmp_path)]
+    result = gc.killed_then_resumed(cmd, "--resume", lambda: (tmp_path / "latest").is_file(), timeout=30)
+    assert result["killed_after_s"] < 20 and (tmp_path / "done").read_text() == "ok"
+    time.sleep(0.2)
+    assert not (tmp_path / "not-killed").exists()
+    quick = [sys.executable, "-c", "pass"]
+    with pytest.raises(gc.StageError, match="ended .* before it could be killed"):
+        gc.killed_then_resumed(quick, "--resume", lambda: False, timeout=30)
+
+
+def test_gpu_check_shell_wrapper_runs_the_script(tmp_path: Path) -> None:
+    # From an unrelated directory, without relying on an installed package: the wrapper sets PYTHONPATH itself.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(PYTHON=sys.executable, OUT=str(tmp_path))
+    proc = subprocess.run(
+        ["bash", str(EXP / "gpu_check.sh"), "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--cpu" in proc.stdout and "--peak-tflops" in proc.stdout and "--budget" in proc.stdout
+
+
+# ----------------------------------------------------------------------------- peak table, MFU, the estimate
+def test_gpu_check_peak_flops_lookup(gc: Any) -> None:
+    assert gc.peak_flops("NVIDIA H100 80GB HBM3") == (989.4e12, "data sheet, dense bf16 (H100)")
+    assert gc.peak_flops(None, 100.0) == (100e12, "--peak-tflops")
+    assert gc.peak_flops(None)[0] is None and gc.peak_flops("Mystery GPU")[0] is None
+    assert gc.mfu(46.1e9, 1000.0, 989.4e12) == pytest.approx(3 * 46.1e9 * 1000.0 / 989.4e12, rel=1e-12)
+    assert gc.mfu(46.1e9, 1000.0, None) is None
+    from manifold_fm.models.sit import build_sit, sit_forward_flops
+
+    model = build_sit("SiT-B/2", input_size=32, in_channels=32, num_classes=1000, device="meta")
+    assert sit_forward_flops(model) == pytest.approx(46.1e9, rel=0.01)  # FLUX.2 latents at 256 px
+
+
+def test_recipe_estimate_from_hand_computed_rates(gc: Any) -> None:
+    """Round rates, so every hour figure is checkable by hand (8 GPUs)."""
+    stages = {
+        "extract": {"images_per_s": 1000.0},
+        "finetune": {"images_per_s": 64.0},
+        "train": {"linear-b32": {"images_per_s": 2000.0}, "spherical-b32": {"images_per_s": 1600.0}},
+        "sample": {"fp32": {"step_ms_per_image": 2.0, "other_ms_per_image": 10.0}},
+        "evaluate": {"inception_images_per_s": 2500.0, "wall_s": 20.0, "num_samples": 256},
+    }
+    est = gc.recipe_estimate(stages)
+    h = est["hours"]
+    assert h["extract_latents"] == round(1_281_167 / 8000 / 3600, 2)  # 0.04
+    # 2 decoders x 200,183 steps x 32 images at 64 img/s per GPU on 8 GPUs
+    assert est["recipe"]["finetune_steps"] == 200_183
+    assert h["decoder_finetunes"] == round(2 * 200_183 * 32 / (8 * 64) / 3600, 2)  # 6.95
+    assert h["train_linear"] == round(400_400 * 256 / (8 * 2000) / 3600, 2)  # 1.78
+    assert h["train_spherical"] == round(400_400 * 256 / (8 * 1600) / 3600, 2)  # 2.22
+    # per image: 250 steps x 2 ms x (0.5 + 1 + 1) + 3 x 10 ms = 1.28 s; 50,000 of them on 8 GPUs: 8000 s
+    assert h["fid50k_sampling_per_arm_fp32"] == round(8000 / 3600, 2) and h["fid50k_sampling_per_arm_bf16"] is None
+    # 3 x (20 s - 256 / 2500 s fixed + 50,000 / 2500 s)
+    assert h["fid50k_evaluate_per_arm"] == round(3 * (20 - 256 / 2500 + 20) / 3600, 2)
+    parts = [h["extract_latents"], h["decoder_finetunes"], h["train_linear"], h["train_spherical"]]
+    total = sum(parts) + 2 * h["fid50k_sampling_per_arm_fp32"] + 2 * h["fid50k_evaluate_per_arm"]
+    assert est["total_pair_hours"] == pytest.approx(total) and est["total_uses_sampling"] == "fp32"
+    assert "not a measurement" in est["label"]
+    del stages["train"]["spherical-b32"]  # a missing rate: no figure, no total
+    assert gc.recipe_estimate(stages)["total_pair_hours"] is None
+
+
+# ----------------------------------------------------------------------------- the wheels script
+def test_gpu_wheels_checks_each_wheels_requirements_against_the_folder_and_the_image() -> None:
+    gw = _load(EXP / "scripts" / "gpu_wheels.py", "imagenet_sfm_gpu_wheels")
+    metadata = "\n".join(
+        [
+            "Name: example",
+            "Requires-Dist: numpy",
+            "Requires-Dist: pydantic-core==2.46.4",
+            "Requires-Dist: typing-extensions>=3.6.4; python_version < '3.8'",  # not on 3.12
+            "Requires-Dist: pytest; extra == 'test'",  # an extra
+            "Requires-Dist: lazy-importer>=0.1; python_version < '3.15'",  # nowhere
+            "Requires-Dist: huggingface-hub>=1.34.0",  # the image has 1.33.0
+            "Requires-Dist: pydantic_core>=2.47",  # this folder has 2.46.4
+        ]
+    )
+    problems = gw.unmet_requirements(
+        metadata, {"pydantic_core": "2.46.4"}, {"numpy": None, "huggingface_hub": "1.33.0"}
+    )
+    assert len(problems) == 3
+    assert "neither this folder nor the GPU image holds lazy-importer" in problems[0]
+    assert "the GPU image has huggingface-hub 1.33.0" in problems[1]
+    assert "this folder has pydantic-core 2.46.4" in problems[2]
+    # what the check installs is what the script pins, and the folder it builds is git-ignored
+    assert {r.split("==")[0].replace("-", "_"): r.split("==")[1] for r in gw.REQUIREMENTS}.items() <= gw.MISSING.items()
+    gc = _load(EXP / "gpu_check.py", "imagenet_sfm_gpu_check")
+    assert gw.DEFAULT_OUT == gc.DEFAULT_WHEELS
+    ignored = subprocess.run(
+        ["git", "check-ignore", "-q", str(gw.DEFAULT_OUT / "x.whl")], cwd=ROOT, capture_output=True, timeout=30
+    )
+    assert ignored.returncode == 0
+    cmd = gw.download_command("geoopt", "0.5.1", Path("/tmp/w"))
+    assert cmd[-1] == "geoopt==0.5.1" and "--no-deps" in cmd and "--only-binary=:all:" in cmd
+    assert cmd[cmd.index("--python-version") + 1] == "3.12" and "manylinux2014_x86_64" in cmd
