@@ -156,6 +156,7 @@ from manifold_fm.data.sources import TensorSource
 from manifold_fm.models.sit import SiT
 from manifold_fm.training.builders import preset_flow
 from manifold_fm.training.schema import load_image_config
+from manifold_fm.training.flow_objective import FlowObjective
 from manifold_fm.training.trainer import Trainer, TrainingError
 
 rank = int(os.environ["RANK"])  # (set by the launcher)
@@ -165,8 +166,8 @@ torch.manual_seed(rank)  # a bug: each process builds different initial weights
 model = SiT(input_size=4, patch_size=2, in_channels=4, hidden_size=16, depth=1, num_heads=2, num_classes=3)
 data = TensorSource(torch.randn(8, 4, 4, 4), torch.arange(8) % 3)
 try:
-    Trainer(model, preset_flow("spherical", 4), data, cfg.train, cfg.optim, sys.argv[1], null_class=3,
-            device="cpu", progress=False).fit()
+    Trainer(FlowObjective(model, preset_flow("spherical", 4), cfg.optim, null_class=3), data, cfg.train,
+            sys.argv[1], device="cpu", progress=False).fit()
 except TrainingError as exc:
     print(f"rank {rank}: {exc}")
     sys.exit(3)

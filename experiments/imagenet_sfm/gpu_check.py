@@ -286,6 +286,7 @@ def check_training(
     from manifold_fm.data.sources import TensorSource
     from manifold_fm.models.sit import build_sit, count_parameters, sit_forward_flops
     from manifold_fm.training.builders import preset_flow
+    from manifold_fm.training.flow_objective import FlowObjective
     from manifold_fm.training.metrics_log import read_jsonl
     from manifold_fm.training.schema import FLOW_PRESETS, load_image_config
     from manifold_fm.training.trainer import Trainer
@@ -320,13 +321,10 @@ def check_training(
         params, fwd_flops = count_parameters(model), sit_forward_flops(model, batch=1)
         _reset_peak(device)
         trainer = Trainer(
-            model,
-            preset_flow(mode, channels),
+            FlowObjective(model, preset_flow(mode, channels), cfg.optim, null_class=spec.num_classes),
             TensorSource(latents, labels),
             cfg.train,
-            cfg.optim,
             work / mode,
-            null_class=spec.num_classes,
             device=spec.device,
             progress=False,
         )
