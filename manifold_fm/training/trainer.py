@@ -252,6 +252,7 @@ class Trainer:
             "config_digest": self.fingerprint,
             "loss_window": {"sum_count": self._window[:-1].cpu(), "start": self._window_start},
             "last_loss": self.last_loss,
+            "last_terms": dict(self.last_terms),
         }
         others = [name for name in self.modules if name != first]
         if others:
@@ -319,7 +320,12 @@ class Trainer:
         else:
             self._window_start = self.step
         self.last_loss = float(ckpt.state.get("last_loss", float("nan")))
+        self.last_terms = dict(ckpt.state.get("last_terms", {}))
         return True
+
+    def part_module(self, name: str) -> nn.Module:
+        """The unwrapped module of part ``name``, with its current weights."""
+        return self._raw[name]
 
     # ------------------------------------------------------------------ step
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
