@@ -104,6 +104,14 @@ ENTRIES["sampling_guidance"] = Entry(
 )
 ENTRIES["sampling_ot"] = Entry("sampling.py", ("ot",), outputs=("sampling_ot.json", "sampling_ot.md"), long=True)
 ENTRIES["decoder_swap"] = Entry("decoder_swap.py", outputs=("decoder_swap.json", "decoder_swap.md"), long=True)
+# the default run's decoder finetune on the one trainer against the loop it replaced (whose rows, --label before,
+# come from the package at commit c66244f: see the script's docstring)
+ENTRIES["finetune_equivalence"] = Entry(
+    "finetune_equivalence.py",
+    ("--label", "after"),
+    outputs=("finetune_equivalence.json", "finetune_equivalence.md"),
+    long=True,
+)
 
 
 def _load_text(load: float | None) -> str:

@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from manifold_fm.atomic import write_text_atomic
 from manifold_fm.data.sources import TensorSource
@@ -35,6 +35,7 @@ from manifold_fm.models.sit import build_sit, count_parameters
 from manifold_fm.sampler import SamplerSpec, generate
 from manifold_fm.timing import timed
 from manifold_fm.training.builders import preset_flow
+from manifold_fm.training.flow_objective import FlowObjective
 from manifold_fm.training.schema import FLOW_PRESETS, load_image_config
 from manifold_fm.training.trainer import Trainer
 
@@ -48,7 +49,7 @@ def bench_training(arch: str, shape: tuple[int, int, int], batch: int, steps: in
     g = torch.Generator().manual_seed(0)
     data = TensorSource(torch.randn(batch * 8, *shape, generator=g), torch.arange(batch * 8) % 12)
     with tempfile.TemporaryDirectory() as tmp:
-        trainers: dict[str, tuple[Trainer, nn.Module, nn.Module]] = {}
+        trainers: dict[str, Trainer] = {}
         for mode in MODES:
             overrides = [
                 "tokenizer.kind=none",
@@ -62,26 +63,24 @@ def bench_training(arch: str, shape: tuple[int, int, int], batch: int, steps: in
             torch.manual_seed(0)
             model = build_sit(arch, input_size=h, in_channels=c, num_classes=12)
             tr = Trainer(
-                model,
-                preset_flow(mode, c),
+                FlowObjective(model, preset_flow(mode, c), cfg.optim, null_class=12),
                 data,
                 cfg.train,
-                cfg.optim,
                 Path(tmp) / mode,
-                null_class=12,
                 device="cpu",
                 progress=False,
             )
-            trainers[mode] = (tr, *tr.prepare())
+            tr.prepare()
+            trainers[mode] = tr
         # The same batches for both modes (same plan), materialised before timing: the steps time the trainer only.
-        batches = list(data.batches(trainers["linear"][0].plan, 0, warmup + steps))
+        batches = list(data.batches(trainers["linear"].plan, 0, warmup + steps))
 
-        def stepper(tr: Trainer, forward: nn.Module, raw: nn.Module) -> Callable[[], object]:
+        def stepper(tr: Trainer) -> Callable[[], object]:
             stream: Iterator[tuple[Tensor, Tensor | None]] = iter(batches)
-            return lambda: tr.train_step(forward, raw, *next(stream))
+            return lambda: tr.train_step(next(stream))
 
-        times = timed({mode: stepper(*trainers[mode]) for mode in MODES}, steps, warmup=warmup)
-        params = count_parameters(trainers["linear"][2])
+        times = timed({mode: stepper(trainers[mode]) for mode in MODES}, steps, warmup=warmup)
+        params = count_parameters(trainers["linear"].model)
     out: dict = {"arch": arch, "latent_shape": list(shape), "batch": batch, "steps": steps, "params_M": params / 1e6}
     for mode, tm in times.items():
         out[mode] = {

@@ -104,6 +104,7 @@ def test_the_progress_bar_and_throughput_leave_evaluations_out(tmp_path: Path, m
     from manifold_fm.data.sources import SamplerSource
     from manifold_fm.training import trainer as trainer_module
     from manifold_fm.training.builders import build_flow
+    from manifold_fm.training.flow_objective import FlowObjective
     from manifold_fm.training.metrics_log import read_jsonl
     from manifold_fm.training.schema import load_toy_config
     from manifold_fm.training.toy import toy_dataset, toy_model
@@ -142,11 +143,9 @@ def test_the_progress_bar_and_throughput_leave_evaluations_out(tmp_path: Path, m
     cfg = load_toy_config("toy-sphere", ["train.steps=6", "model.hidden=8", "train.batch_size=8", "train.log_every=3"])
     data = toy_dataset(cfg)
     trainer = Trainer(
-        toy_model(cfg, data),
-        build_flow(cfg.flow, data.manifold),
+        FlowObjective(toy_model(cfg, data), build_flow(cfg.flow, data.manifold), cfg.optim),
         SamplerSource(data.sample),
         cfg.train,
-        cfg.optim,
         tmp_path / "run",
         hooks=[Hook(2, evaluation)],
         device="cpu",

@@ -43,24 +43,28 @@ def test_bad_inputs_give_one_line_errors(tmp_path) -> None:
 
 
 def test_finetune_decoder_cli_reports_three_decoders_on_held_out_images(tmp_path) -> None:
-    out = tmp_path / "ft"
-    r = _run(
-        "finetune-decoder",
-        "--per-class",
-        "1",
-        "--steps",
-        "2",
-        "--batch-size",
-        "4",
-        "--eval-items",
-        "8",
-        "--gan-start",
-        "0",
-        "--out",
-        str(out),
-    )
+    """One decoder per run folder: the spherical one, the FT-vanilla control (--latents raw) in another, then the
+    full side-by-side table from the finished spherical run with --resume --compare (which does not retrain it)."""
+    from safetensors.torch import load_file
+
+    from manifold_fm.training.checkpoint import load_checkpoint
+
+    base = ["finetune-decoder", "--per-class", "1", "--steps", "2", "--batch-size", "4", "--eval-items", "8"]
+    sph, raw = tmp_path / "sph", tmp_path / "raw"
+    r = _run(*base, "--gan-start", "0", "--out", str(sph))
     assert r.exit_code == 0, r.output
-    rep = json.loads((out / "report.json").read_text())
+    assert list(json.loads((sph / "report.json").read_text())["reconstruction"]) == ["original", "spherical"]
+    r = _run(*base, "--gan-start", "0", "--latents", "raw", "--out", str(raw))
+    assert r.exit_code == 0, r.output
+    trained = load_file(str(sph / "decoder.safetensors"))
+    refused = CliRunner().invoke(main, [*base, "--gan-start", "0", "--out", str(sph)])
+    assert refused.exit_code == 1 and "pass --resume" in refused.output
+    r = _run(*base, "--gan-start", "0", "--out", str(sph), "--resume", "--compare", str(raw))
+    assert r.exit_code == 0, r.output
+    ckpt = load_checkpoint(sph / "checkpoints")  # not retrained: still the first run's only checkpoint
+    assert ckpt.step == 2 and ckpt.meta["sessions"] == [{"start": 0, "steps": 2}]
+    assert all(torch.equal(v, load_file(str(sph / "decoder.safetensors"))[k]) for k, v in trained.items())
+    rep = json.loads((sph / "report.json").read_text())
     assert rep["eval"] == {"source": "built-in test split", "images": 8, "skipped": 0}
     assert list(rep["reconstruction"]) == ["original", "ft_vanilla", "spherical"]
     assert set(rep["metrics"]) == {
@@ -73,12 +77,21 @@ def test_finetune_decoder_cli_reports_three_decoders_on_held_out_images(tmp_path
     assert rep["reconstruction"]["ft_vanilla"] == rep["swap_control"]["raw_latents"]["ft_vanilla"]
     assert set(rep["swap_control"]["projected_latents"]) == {"original", "ft_vanilla", "spherical"}
     assert rep["perceptual_metric"] == "fallback:grad-pyramid-l1" and rep["rfid_metric"] is None
-    disc = rep["runs"]["projected"]["discriminator"]
+    disc = rep["runs"]["spherical"]["discriminator"]
     assert disc["layers"] == 3 and disc["base_channels"] == 64 and disc["parameters"] == 2_765_633
-    assert rep["runs"]["vanilla"]["project"] is False and rep["runs"]["projected"]["gan_start"] == 0
-    for f in ("decoder", "decoder_vanilla", "discriminator", "discriminator_vanilla"):
-        assert (out / f"{f}.safetensors").is_file(), f
-    assert "decoder-swap control" in r.output and not any(p.name.startswith(".rfid") for p in out.iterdir())
+    assert rep["runs"]["ft_vanilla"]["project"] is False and rep["runs"]["spherical"]["gan_start"] == 0
+    assert rep["decoders"]["ft_vanilla"] == str(raw / "decoder.safetensors")
+    for folder in (sph, raw):
+        for f in ("decoder", "discriminator"):
+            assert (folder / f"{f}.safetensors").is_file(), (folder, f)
+    assert "decoder-swap control" in r.output and not any(p.name.startswith(".rfid") for p in sph.iterdir())
+    for args, needle, code in [
+        (["--resume", "--out", str(tmp_path / "empty")], "holds no finetune run", 2),
+        (["--compare", str(tmp_path / "nowhere"), "--out", str(tmp_path / "c")], "holds no finished finetune", 2),
+        (["--compare", f"spherical={raw}", "--out", str(tmp_path / "c")], "named 'spherical'", 2),
+    ]:
+        bad = CliRunner().invoke(main, [*base, *args])
+        assert bad.exit_code == code and needle in bad.output and "Traceback" not in bad.output, (args, bad.output)
     # The finetuned decoder plugs into the spherical tokenizer used by extract-latents / probe.
     r = _run(
         "probe",
@@ -92,7 +105,7 @@ def test_finetune_decoder_cli_reports_three_decoders_on_held_out_images(tmp_path
         "4",
         "--spherical",
         "--decoder-state",
-        str(out / "decoder.safetensors"),
+        str(sph / "decoder.safetensors"),
         "--out",
         str(tmp_path / "probe_sph"),
     )
@@ -171,7 +184,6 @@ def test_finetune_decoder_rfid_with_a_stand_in_extractor(tmp_path, register_stan
         "4",
         "--eval-items",
         "24",
-        "--no-vanilla-control",
         "--fid-extractor",
         "standin_c",
         "--out",
@@ -207,12 +219,14 @@ def test_finetune_decoder_rfid_with_a_stand_in_extractor(tmp_path, register_stan
             "1",
             "--steps",
             "0",
+            "--batch-size",
+            "4",
             "--eval-items",
             "4",
             "--inception-weights",
             str(tmp_path / "nope.pth"),
             "--out",
-            str(out),
+            str(tmp_path / "nope"),
         ],
     )
     assert r.exit_code == 1 and "nope.pth" in r.output
@@ -226,10 +240,10 @@ def test_finetune_decoder_length_discriminator_checkpoint_and_errors(tmp_path) -
     ckpt = {"state_dict": {f"loss.discriminator.{k}": v for k, v in d0.state_dict().items()}}
     torch.save(ckpt, tmp_path / "ae.ckpt")
     out = tmp_path / "ft"
-    base = ["finetune-decoder", "--per-class", "1", "--batch-size", "4", "--eval-items", "4", "--no-vanilla-control"]
+    base = ["finetune-decoder", "--per-class", "1", "--batch-size", "4", "--eval-items", "4"]
     r = _run(*base, "--epochs", "2", "--disc-ckpt", str(tmp_path / "ae.ckpt"), "--out", str(out))
     assert r.exit_code == 0, r.output
-    run = json.loads((out / "report.json").read_text())["runs"]["projected"]
+    run = json.loads((out / "report.json").read_text())["runs"]["spherical"]
     assert run["steps"] == 6 and run["epochs"] == pytest.approx(2.0)  # ceil(2 * 12 / 4)
     assert run["disc_init"] == str(tmp_path / "ae.ckpt") and run["gan_start"] == 0
     assert run["discriminator"]["layers"] == 2 and run["discriminator"]["base_channels"] == 8
@@ -301,10 +315,9 @@ def test_probe_and_extract_on_an_image_folder_with_a_corrupt_file(tmp_path) -> N
         "2",
         "--eval-items",
         "3",
-        "--no-vanilla-control",
         "--out",
         str(tmp_path / "ft2"),
     )
     assert r.exit_code == 0, r.output
     rep = json.loads((tmp_path / "ft2" / "report.json").read_text())
-    assert rep["eval"]["source"].startswith("3 images held out") and rep["runs"]["projected"]["dataset_size"] == 4
+    assert rep["eval"]["source"].startswith("3 images held out") and rep["runs"]["spherical"]["dataset_size"] == 4

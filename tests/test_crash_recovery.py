@@ -208,3 +208,47 @@ def test_resume_from_a_latent_cache_read_by_dataloader_workers_is_exact(tmp_path
     train_image("image-builtin", over, tmp_path / "part", resume=True, progress=False)
     a, b = load_checkpoint(tmp_path / "whole" / "checkpoints"), load_checkpoint(tmp_path / "part" / "checkpoints")
     assert a.step == b.step == 6 and all(torch.equal(a.model[k], b.model[k]) for k in a.model)
+
+
+FINETUNE = [
+    "finetune-decoder",
+    "--per-class",
+    "2",
+    "--steps",
+    "12",
+    "--batch-size",
+    "4",
+    "--gan-start",
+    "2",
+    "--discriminator",
+    "patch",
+    "--eval-items",
+    "2",
+    "--checkpoint-every",
+    "3",
+    "--threads",
+    "1",
+    "--set",
+    "train.log_every=1",
+    "--set",
+    "train.keep_checkpoints=null",
+]
+
+
+def test_finetune_decoder_killed_mid_training_resumes_bit_for_bit(tmp_path: Path) -> None:
+    """A decoder finetune SIGKILLed between checkpoints and resumed: the resumed process starts at the checkpoint's
+    step and runs only the remaining steps (the sessions the checkpoints record), and the final decoder and
+    discriminator equal an uninterrupted run's bit for bit."""
+    whole, run = tmp_path / "whole", tmp_path / "run"
+    _invoke([*FINETUNE, "--out", str(whole)])
+    proc = _start([*FINETUNE, "--out", str(run)])
+    _kill_when(proc, lambda: max(_logged_steps(run), default=0) >= 7)  # after the step-6 checkpoint
+    killed_at = load_checkpoint(run / "checkpoints").step
+    assert killed_at in (6, 9) and not (run / "decoder.safetensors").exists()
+    _invoke([*FINETUNE, "--out", str(run), "--resume"])
+    sessions = load_checkpoint(run / "checkpoints").meta["sessions"]
+    assert sessions == [{"start": 0, "steps": killed_at}, {"start": killed_at, "steps": 12 - killed_at}]
+    for name in ("decoder", "discriminator"):
+        a, b = load_file(str(whole / f"{name}.safetensors")), load_file(str(run / f"{name}.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert _logged_steps(run) == list(range(1, 13))  # the resumed log reads like an uninterrupted one

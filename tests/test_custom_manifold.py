@@ -33,6 +33,7 @@ from manifold_fm.paths import GeodesicPath
 from manifold_fm.sampler import SamplerSpec, generate, model_velocity
 from manifold_fm.solvers import FIXED_METHODS, adaptive_methods, integrate
 from manifold_fm.training.checkpoint import load_checkpoint
+from manifold_fm.training.flow_objective import FlowObjective
 from manifold_fm.training.schema import OptimConfig, TrainConfig
 from manifold_fm.training.trainer import Trainer
 
@@ -157,11 +158,9 @@ def _train(out: Path, steps: int, coupling: object = None, stop_after: int | Non
     )
     optim = OptimConfig(lr=2e-3, schedule="cosine", warmup_steps=30, min_lr_ratio=0.05, grad_clip=None)
     return Trainer(
-        model,
-        flow,
+        FlowObjective(model, flow, optim),
         SamplerSource(sample_data),
         train,
-        optim,
         out,
         device="cpu",
         progress=False,
@@ -286,8 +285,9 @@ def test_every_solver_samples_on_so3(trained: Trainer, noise_and_reference: tupl
     noise, reference = noise_and_reference
     fixed = method in FIXED_METHODS
     spec = SamplerSpec(method=method, steps=20 if fixed else 2, atol=2e-4, rtol=2e-4)
-    out = generate(trained.ema.model, trained.flow, (8, 3, 3), spec, generator=torch.Generator().manual_seed(7))
-    assert torch.equal(trained.flow.prior((8, 3, 3), torch.Generator().manual_seed(7)), noise)  # the same noise
+    flow = trained.objective.flow
+    out = generate(trained.ema.model, flow, (8, 3, 3), spec, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(flow.prior((8, 3, 3), torch.Generator().manual_seed(7)), noise)  # the same noise
     assert so3_error(out) < 1e-5
     # a broken solver misses by O(1) (noise and data are ~2 apart); first-order euler and fehlberg2 are the loosest
     bound = {"euler": 0.2, "fehlberg2": 0.15}.get(method, 0.06)

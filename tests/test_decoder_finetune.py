@@ -1,5 +1,6 @@
 """Decoder finetuning on projected latents: it helps, leaves the tokenizer untouched, follows LDM's recipe (its
-PatchGAN, hinge loss, adaptive weight, discriminator trained alongside), and the default run's recipe is pinned."""
+PatchGAN, hinge loss, adaptive weight, discriminator trained alongside), trains through the one trainer exactly as a
+plain loop would (the default run's pinned recipe), and autocasts its forward passes in bf16."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from torch.utils.data import TensorDataset
 
 from manifold_fm.data.builtin_images import BuiltinImages
 from manifold_fm.data.guarded import load_image_batch
+from manifold_fm.data.sources import StepIndexer
 from manifold_fm.manifolds import TokenSpheres
 from manifold_fm.tokenizers import SphericalTokenizer, TinyVAE, TinyVAETokenizer, builtin_tokenizer
 from manifold_fm.tokenizers.discriminator import NLayerDiscriminator, load_nlayer_discriminator
@@ -19,11 +21,20 @@ from manifold_fm.tokenizers.finetune import (
     PatchDiscriminator,
     build_discriminator,
     compare_decoders,
-    finetune_decoder,
-    finetune_decoder_and_discriminator,
     spread_indices,
+    steps_for_epochs,
 )
 from manifold_fm.tokenizers.perceptual import GradientPyramidDistance, psnr
+from manifold_fm.training.decoder_finetune import finetune_decoder
+from manifold_fm.training.metrics_log import read_jsonl
+
+
+def _finetune(tok, ds, steps: int, batch: int, *sets: str, **kwargs):
+    """``finetune_decoder`` for ``steps`` at ``batch`` with ``key=value`` overrides, every step logged (so
+    ``final_losses`` are the last step's), no progress bar and no held-out report unless asked."""
+    kwargs.setdefault("eval_items", 0)
+    over = [f"train.steps={steps}", f"train.batch_size={batch}", "train.log_every=1", *sets]
+    return finetune_decoder(tok, ds, None, over, progress=False, device="cpu", **kwargs)
 
 
 def _tiny_tokenizer() -> TinyVAETokenizer:
@@ -35,9 +46,8 @@ def test_finetuned_decoder_beats_original_on_projected_latents() -> None:
     tok = builtin_tokenizer()
     before = {k: v.clone() for k, v in tok.vae.state_dict().items()}
     train, test = BuiltinImages("train", per_class=8), BuiltinImages("test", per_class=2)
-    state, rep = finetune_decoder(
-        tok, train, 16, batch_size=8, lr=3e-4, eval_dataset=test, eval_items=24, progress=False
-    )
+    res = _finetune(tok, train, 16, 8, "optim.lr=3e-4", eval_dataset=test, eval_items=24)
+    state, rep = res.decoder_state, res.report
     m = rep["metrics"]
     raw, proj = m["original_decoder/raw_latents"], m["original_decoder/projected_latents"]
     ft = m["finetuned_decoder/projected_latents"]
@@ -55,35 +65,30 @@ def test_finetuned_decoder_beats_original_on_projected_latents() -> None:
     assert float(psnr(rec, x).mean()) == pytest.approx(ft["psnr"], abs=1e-3)
 
 
-def test_vanilla_control_gan_warmup_and_determinism() -> None:
+def test_vanilla_control_gan_warmup_and_determinism(tmp_path) -> None:
     tok = _tiny_tokenizer()
     ds = BuiltinImages("train", per_class=1)
-    s1, r1 = finetune_decoder(
-        tok, ds, 4, batch_size=4, gan_start=2, gan_warmup=2, project=False, eval_items=8, progress=False
-    )
-    assert set(r1["metrics"]) == {
-        "original_decoder/raw_latents",
-        "original_decoder/projected_latents",
-        "finetuned_decoder/raw_latents",
+    r1 = _finetune(tok, ds, 4, 4, "finetune.gan_start=2", "finetune.gan_warmup=2", "finetune.latents=raw", eval_items=8)
+    assert set(r1.report["metrics"]) == {
+        f"{d}_decoder/{z}" for d in ("original", "finetuned") for z in ("raw_latents", "projected_latents")
     }
-    assert r1["final_losses"]["ramp"] == 1.0 and r1["final_losses"]["disc"] > 0
-    assert 0 < r1["final_losses"]["gan_scale"] != 1.0  # the adaptive (gradient-ratio) GAN weight is in use
-    _, fixed = finetune_decoder(
-        tok, ds, 3, batch_size=4, gan_start=1, adaptive_gan_weight=False, eval_items=4, progress=False
-    )
-    assert fixed["final_losses"]["gan_scale"] == 1.0
-    s2, _ = finetune_decoder(
-        tok, ds, 4, batch_size=4, gan_start=2, gan_warmup=2, project=False, eval_items=8, progress=False
-    )
-    assert all(torch.equal(s1[k], s2[k]) for k in s1)  # same seed, same result
-    _, r3 = finetune_decoder(tok, ds, 2, batch_size=4, gan_start=5, eval_items=8, progress=False)
-    assert r3["final_losses"]["ramp"] == 0.0 and r3["final_losses"]["disc"] == 0.0  # still warming up
-    # Ramp values along a linear warm-up of 4 steps from step 1: 0, 1/4, 2/4, 3/4, 1.
-    for steps, want in [(1, 0.0), (2, 0.25), (3, 0.5), (5, 1.0)]:
-        _, r = finetune_decoder(tok, ds, steps, batch_size=2, gan_start=1, gan_warmup=4, eval_items=0, progress=False)
-        assert r["final_losses"]["ramp"] == want
-    with pytest.raises(ValueError, match="steps"):
-        finetune_decoder(tok, ds, -1)
+    losses = r1.report["final_losses"]
+    assert losses["ramp"] == 1.0 and losses["disc"] > 0 and r1.report["project"] is False
+    assert 0 < losses["gan_scale"] != 1.0  # the adaptive (gradient-ratio) GAN weight is in use
+    fixed = _finetune(tok, ds, 3, 4, "finetune.gan_start=1", "finetune.adaptive_gan_weight=false")
+    assert fixed.report["final_losses"]["gan_scale"] == 1.0
+    r2 = _finetune(tok, ds, 4, 4, "finetune.gan_start=2", "finetune.gan_warmup=2", "finetune.latents=raw")
+    assert all(torch.equal(r1.decoder_state[k], r2.decoder_state[k]) for k in r1.decoder_state)  # same seed
+    # Along a linear warm-up of 4 steps from step 1 (0-based): ramp 0, 1/4, 2/4, 3/4, 1; the discriminator and the
+    # adversarial term are off before it.
+    _finetune(tok, ds, 5, 2, "finetune.gan_start=1", "finetune.gan_warmup=4", out_dir=tmp_path / "ramp")
+    log = read_jsonl(tmp_path / "ramp" / "metrics.jsonl")
+    assert [r["ramp"] for r in log] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert log[0]["disc"] == log[0]["adv"] == 0.0 and log[0]["gan_scale"] == 1.0 and log[1]["disc"] > 0
+    from manifold_fm.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.steps"):
+        _finetune(tok, ds, -1, 2)
 
 
 def _ldm_param_count(in_ch: int, base: int, layers: int, actnorm: bool) -> int:
@@ -183,13 +188,10 @@ def test_discriminator_trains_with_ldm_hinge_and_adaptive_weight(tmp_path) -> No
     torch.manual_seed(3)
     d0 = NLayerDiscriminator(3, 16, 2)
     torch.save({f"loss.discriminator.{k}": v for k, v in d0.state_dict().items()}, tmp_path / "d.pt")
-    res = finetune_decoder_and_discriminator(
-        tok, ds, 1, batch_size=6, disc_init=tmp_path / "d.pt", eval_items=0, progress=False, seed=4
-    )
+    res = _finetune(tok, ds, 1, 6, f"finetune.disc_init={tmp_path / 'd.pt'}", "train.seed=4")
     assert res.report["gan_start"] == 0  # a pretrained discriminator plays from the first step
-    # Recompute step 0 independently.
-    idx = torch.randint(0, len(ds), (6,), generator=torch.Generator().manual_seed(4)).tolist()
-    x = load_image_batch(ds, idx).float()
+    # Recompute step 0 independently: its images are the first batch of epoch 0's permutation.
+    x = load_image_batch(ds, StepIndexer(len(ds), 6, seed=4).indices(0).tolist()).float()
     dec = copy.deepcopy(tok.decoder_module()).float().train().requires_grad_(True)
     with torch.no_grad():
         z = TokenSpheres(4).projx(tok.encode_raw(x))
@@ -212,32 +214,30 @@ def test_discriminator_trains_with_ldm_hinge_and_adaptive_weight(tmp_path) -> No
         if k.endswith("weight") or k.endswith("running_mean"):
             assert not torch.equal(res.discriminator_state[k], v), k
     # Without the adversarial term the discriminator stays as loaded.
-    still = finetune_decoder_and_discriminator(
-        tok, ds, 2, batch_size=4, disc_init=tmp_path / "d.pt", gan_weight=0.0, eval_items=0, progress=False
-    )
+    still = _finetune(tok, ds, 2, 4, f"finetune.disc_init={tmp_path / 'd.pt'}", "finetune.gan_weight=0")
     assert all(torch.equal(still.discriminator_state[k], v) for k, v in d0.state_dict().items())
 
 
 def test_epochs_set_the_length_and_small_images_are_refused() -> None:
     tok = _tiny_tokenizer()
     ds = BuiltinImages("train", per_class=1)  # 12 images
-    _, rep = finetune_decoder(tok, ds, epochs=2, batch_size=5, gan_weight=0.0, eval_items=0, progress=False)
+    steps = steps_for_epochs(2, len(ds), 5)
+    rep = _finetune(tok, ds, steps, 5, "finetune.gan_weight=0").report
     assert rep["steps"] == math.ceil(2 * 12 / 5) == 5 and rep["epochs"] == pytest.approx(25 / 12)
-    with pytest.raises(ValueError, match="exactly one"):
-        finetune_decoder(tok, ds, 3, epochs=1.0, progress=False)
-    with pytest.raises(ValueError, match="exactly one"):
-        finetune_decoder(tok, ds, progress=False)
+    with pytest.raises(ValueError, match="positive"):
+        steps_for_epochs(0.0, 12, 5)
     small = BuiltinImages("train", per_class=1, size=16)
     with pytest.raises(ValueError, match=">= 24 px"):
-        finetune_decoder(tok, small, 2, batch_size=2, gan_start=0, eval_items=0, progress=False)
-    _, ok = finetune_decoder(tok, small, 1, batch_size=2, gan_start=0, disc_layers=1, eval_items=0, progress=False)
+        _finetune(tok, small, 2, 2, "finetune.gan_start=0")
+    ok = _finetune(tok, small, 1, 2, "finetune.gan_start=0", "finetune.disc_layers=1").report
     assert ok["discriminator"]["layers"] == 1
 
 
-def _legacy_finetune(tokenizer, dataset, steps: int, batch_size: int, seed: int) -> dict[str, torch.Tensor]:
-    """A frozen copy of the finetune loop the built-in default run used before LDM's discriminator became the
-    default (small PatchGAN from steps // 2, linear warm-up over steps // 10, GAN weight 0.1, adaptive weight,
-    decoder gradients clipped at 1, unscaled hinge loss; fallback perceptual distance; projected latents)."""
+def _plain_finetune(tokenizer, dataset, steps: int, batch_size: int, seed: int) -> dict[str, torch.Tensor]:
+    """The default run's recipe as one plain loop, written out independently of the trainer: small PatchGAN from
+    steps // 2, linear warm-up over steps // 10, GAN weight 0.1, adaptive weight, decoder gradients clipped at 1,
+    unscaled hinge loss; fallback perceptual distance; projected latents; step k's images the k-th batch of the
+    per-epoch permutation seeded by ``seed``."""
     manifold = TokenSpheres(tokenizer.latent_channels, axis=1)
     perceptual = GradientPyramidDistance()
     gan_start, gan_warmup = steps // 2, max(1, steps // 10)
@@ -248,10 +248,9 @@ def _legacy_finetune(tokenizer, dataset, steps: int, batch_size: int, seed: int)
         disc = PatchDiscriminator()
     opt_g = torch.optim.AdamW(decoder.parameters(), lr=1e-4, betas=(0.5, 0.9), weight_decay=0.0)
     opt_d = torch.optim.AdamW(disc.parameters(), lr=1e-4, betas=(0.5, 0.9), weight_decay=0.0)
-    g = torch.Generator().manual_seed(seed)
+    order = StepIndexer(len(dataset), batch_size, seed)
     for step in range(steps):
-        idx = torch.randint(0, len(dataset), (batch_size,), generator=g).tolist()
-        x = load_image_batch(dataset, idx).float()
+        x = torch.stack([dataset[i][0] for i in order.indices(step).tolist()]).float()
         with torch.no_grad():
             z = manifold.projx(tokenizer.encode_raw(x).float())
         rec = decoder(z)
@@ -262,7 +261,7 @@ def _legacy_finetune(tokenizer, dataset, steps: int, batch_size: int, seed: int)
             adv = -disc(rec).mean()
             g_rec = torch.autograd.grad(loss, last_conv, retain_graph=True)[0]
             g_adv = torch.autograd.grad(adv, last_conv, retain_graph=True)[0]
-            a = float((g_rec.norm() / (g_adv.norm() + 1e-4)).clamp(0.0, 1e4))
+            a = (g_rec.norm() / (g_adv.norm() + 1e-4)).clamp(0.0, 1e4).detach()
             loss = loss + ramp * 0.1 * a * adv
         opt_g.zero_grad(set_to_none=True)
         loss.backward()
@@ -281,10 +280,10 @@ class _Stop(Exception):
     pass
 
 
-def test_default_run_decoder_finetune_is_unchanged(tmp_path, monkeypatch) -> None:
-    """The built-in default run calls finetune_decoder with its recipe pinned: the decoder it gets equals the old
-    loop's, bit for bit (20 steps: GAN from step 10, a 2-step warm-up)."""
-    import manifold_fm.tokenizers.finetune as ft
+def test_default_run_decoder_finetune_equals_a_plain_loop(tmp_path, monkeypatch) -> None:
+    """The built-in default run's decoder finetune, on the one trainer with its recipe pinned, equals the same
+    recipe written as one plain loop (20 steps: GAN from step 10, a 2-step warm-up), bit for bit."""
+    import manifold_fm.training.decoder_finetune as ft
     from manifold_fm.training.default_run import run_default
 
     real = ft.finetune_decoder
@@ -292,7 +291,7 @@ def test_default_run_decoder_finetune_is_unchanged(tmp_path, monkeypatch) -> Non
 
     def capture(*args, **kwargs):
         seen["args"], seen["kwargs"] = args, kwargs
-        seen["state"], _ = real(*args, **kwargs)
+        seen["result"] = real(*args, **kwargs)
         raise _Stop
 
     monkeypatch.setattr(ft, "finetune_decoder", capture)
@@ -306,20 +305,23 @@ def test_default_run_decoder_finetune_is_unchanged(tmp_path, monkeypatch) -> Non
     ]
     with pytest.raises(_Stop):
         run_default(None, overrides, tmp_path / "run", progress=False, echo=lambda *a: None)
-    tok, data, steps = seen["args"]
-    assert isinstance(data, TensorDataset) and steps == 20 and seen["kwargs"]["batch_size"] == 4
-    ref = _legacy_finetune(tok, data, 20, 4, seen["kwargs"]["seed"])
-    assert set(ref) == set(seen["state"])
+    tok, data, cfg = seen["args"]
+    assert isinstance(data, TensorDataset) and cfg.train.steps == 20 and cfg.train.batch_size == 4
+    assert cfg.finetune.discriminator == "patch" and cfg.optim.grad_clip == 1.0
+    ref = _plain_finetune(tok, data, 20, 4, cfg.train.seed)
+    state = seen["result"].decoder_state
+    assert set(ref) == set(state)
     for k, v in ref.items():
-        assert torch.equal(seen["state"][k], v), k
+        assert torch.equal(state[k], v), k
+    assert seen["result"].out_dir == tmp_path / "run" / "decoder_finetune"
 
 
 def test_compare_decoders_matches_direct_decoding() -> None:
     """Each cell of the side-by-side report is the decoder applied to those latents, scored directly."""
     tok = _tiny_tokenizer()
     ds = BuiltinImages("train", per_class=1)
-    s_proj, _ = finetune_decoder(tok, ds, 2, batch_size=4, gan_weight=0.0, eval_items=0, progress=False)
-    s_raw, _ = finetune_decoder(tok, ds, 2, batch_size=4, gan_weight=0.0, project=False, eval_items=0, progress=False)
+    s_proj = _finetune(tok, ds, 2, 4, "finetune.gan_weight=0").decoder_state
+    s_raw = _finetune(tok, ds, 2, 4, "finetune.gan_weight=0", "finetune.latents=raw").decoder_state
     test = BuiltinImages("test", per_class=1)
     idx = spread_indices(len(test), 7)
     assert len(idx) == 7 and idx[0] == 0 and idx[-1] == len(test) - 1
@@ -341,3 +343,70 @@ def test_compare_decoders_matches_direct_decoding() -> None:
     assert out["reconstruction"]["spherical"] is out["metrics"]["spherical_decoder/projected_latents"]
     assert out["reconstruction"]["ft_vanilla"] is out["metrics"]["ft_vanilla_decoder/raw_latents"]
     assert list(out["swap_control"]["raw_latents"]) == ["original", "ft_vanilla", "spherical"]
+
+
+def test_a_bf16_finetune_step_autocasts_the_decoder_and_discriminator() -> None:
+    """train.mixed_precision bf16: the decoder's and discriminator's convolutions run in bfloat16 (the frozen encoder
+    in float32, outside autocast), the losses stay finite, the weights and the exported decoder stay float32, and the
+    result differs from the float32 finetune's (the precision took effect)."""
+    tok = _tiny_tokenizer()
+    ds = BuiltinImages("train", per_class=1)
+    encoder = {id(m) for m in tok.vae.encoder.modules()}
+    seen: dict[str, set] = {"encoder": set(), "trained": set()}
+
+    def record(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if isinstance(module, torch.nn.Conv2d):
+            seen["encoder" if id(module) in encoder else "trained"].add(output.dtype)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        bf16 = _finetune(tok, ds, 2, 4, "finetune.gan_start=0", "train.mixed_precision=bf16")
+    finally:
+        handle.remove()
+    assert seen == {"encoder": {torch.float32}, "trained": {torch.bfloat16}}
+    assert bf16.report["mixed_precision"] == "bf16"
+    assert all(math.isfinite(v) for v in bf16.report["final_losses"].values())
+    assert bf16.report["final_losses"]["disc"] > 0 and bf16.report["final_losses"]["adv"] != 0
+    weights = [*bf16.decoder_state.values(), *bf16.discriminator_state.values()]
+    assert all(v.dtype == torch.float32 for v in weights if v.is_floating_point())
+    fp32 = _finetune(tok, ds, 2, 4, "finetune.gan_start=0")
+    assert any(not torch.equal(bf16.decoder_state[k], v) for k, v in fp32.decoder_state.items())
+
+
+def test_a_finetune_step_never_reads_a_tensor_on_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inside a finetune step (GAN on, adaptive weight), code of the trainer, the objective and the finetune's losses
+    turns no tensor into a Python number: the losses are read every train.log_every steps, as for flows."""
+    import sys
+
+    from manifold_fm.training.trainer import Trainer
+
+    watched = {"trainer.py", "objective.py", "decoder_finetune.py", "finetune.py", "perceptual.py", "spherical.py"}
+    inside = {"step": False}
+    reads: list[str] = []
+
+    def spy(name: str):  # noqa: ANN202
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(self: torch.Tensor, *args: object):  # noqa: ANN202
+            caller = sys._getframe(1).f_code.co_filename
+            if inside["step"] and "manifold_fm" in caller and caller.rsplit("/", 1)[-1] in watched:
+                reads.append(f"{name} in {caller.rsplit('/', 1)[-1]}")
+            return original(self, *args)
+
+        return wrapper
+
+    for name in ("item", "__float__", "__bool__", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, spy(name))
+    original_step = Trainer.train_step
+
+    def traced(self: Trainer, *args: object, **kwargs: object):  # noqa: ANN202
+        inside["step"] = True
+        try:
+            return original_step(self, *args, **kwargs)
+        finally:
+            inside["step"] = False
+
+    monkeypatch.setattr(Trainer, "train_step", traced)
+    res = _finetune(_tiny_tokenizer(), BuiltinImages("train", per_class=1), 3, 4, "finetune.gan_start=1")
+    assert reads == []
+    assert res.report["final_losses"]["disc"] > 0 and res.report["final_losses"]["gan_scale"] != 1.0

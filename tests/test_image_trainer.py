@@ -16,6 +16,7 @@ from manifold_fm.data.sources import TensorSource
 from manifold_fm.models.sit import SiT
 from manifold_fm.seeding import seeded_generator
 from manifold_fm.training.builders import preset_flow
+from manifold_fm.training.flow_objective import FlowObjective
 from manifold_fm.training.image import train_image
 from manifold_fm.training.metrics_log import read_jsonl
 from manifold_fm.training.schema import load_image_config
@@ -59,30 +60,32 @@ class RadialModel(nn.Module):
 def _trainer(tmp_path: Path, model: nn.Module, mode: str, data: TensorSource, *extra: str) -> Trainer:
     cfg = load_image_config(None, [*LATENT_CFG, f"flow.path={PATH[mode]}", "train.batch_size=16", *extra])
     return Trainer(
-        model,
-        preset_flow(mode, data.data.shape[1]),
+        FlowObjective(model, preset_flow(mode, data.data.shape[1]), cfg.optim, null_class=3),
         data,
         cfg.train,
-        cfg.optim,
         tmp_path,
-        null_class=3,
         device="cpu",
         progress=False,
     )
 
 
+def _loss_on(trainer: Trainer, model: nn.Module, x1: Tensor, y: Tensor | None, step: int) -> Tensor:
+    """The flow-matching loss of ``model`` on ``(x1, y)`` with the draws of step ``step``."""
+    return trainer.objective.loss_on(trainer.context(step), model, x1, y)
+
+
 def test_spherical_loss_ignores_the_normal_component_and_linear_does_not(tmp_path: Path) -> None:
     data = TensorSource(torch.randn(32, 5, 3, 3, dtype=torch.float32), torch.arange(32) % 3)
     x1, y = data.data[:16], data.labels[:16]
-    sph = [
-        _trainer(tmp_path, RadialModel(a), "spherical", data).loss_on(RadialModel(a), x1, y, step=7) for a in (0.0, 2.5)
-    ]
+    alphas = (0.0, 2.5)
+    sph = [_loss_on(_trainer(tmp_path, RadialModel(a), "spherical", data), RadialModel(a), x1, y, 7) for a in alphas]
     # Independent reference: with a zero prediction the loss is the mean squared target |u_t|^2 = (R w)^2 per token.
     trainer = _trainer(tmp_path, RadialModel(0.0), "spherical", data)
     g = seeded_generator(trainer.train.seed, 7, 0)  # step 7's draws: the generator of (seed, step, 0)
     torch.rand(16, generator=g)  # the class-dropout draw comes first
-    trainer.flow.time_sampler.sample(16, generator=g, dtype=torch.float32)  # t: the spherical target speed is R w
-    x0 = trainer.flow.prior((16, 5, 3, 3), g, torch.device("cpu")).double()
+    flow = trainer.objective.flow
+    flow.time_sampler.sample(16, generator=g, dtype=torch.float32)  # t: the spherical target speed is R w
+    x0 = flow.prior((16, 5, 3, 3), g, torch.device("cpu")).double()
     xd = x1.double() / x1.double().norm(dim=1, keepdim=True) * 5**0.5
     x0 = x0 / x0.norm(dim=1, keepdim=True) * 5**0.5
     # angle between points of radius R: cos w = <x0, x1> / R^2, sin w = |x0 - <x0, x1> x1 / R^2| / R
@@ -91,7 +94,7 @@ def test_spherical_loss_ignores_the_normal_component_and_linear_does_not(tmp_pat
     assert torch.allclose(sph[0].double(), expected.mean(), rtol=1e-4)
     assert torch.allclose(sph[0], sph[1], rtol=1e-5)
     lin = [
-        _trainer(tmp_path, RadialModel(a), "linear", data).loss_on(RadialModel(a), x1, y, step=7) for a in (0.0, 2.5)
+        _loss_on(_trainer(tmp_path, RadialModel(a), "linear", data), RadialModel(a), x1, y, step=7) for a in (0.0, 2.5)
     ]
     assert abs(lin[0].item() - lin[1].item()) > 0.1
 
@@ -100,7 +103,7 @@ def test_class_dropout_rate_and_null_label(tmp_path: Path) -> None:
     data = TensorSource(torch.randn(4000, 2, 1, 1), torch.arange(4000) % 3)
     model = RadialModel(1.0)
     trainer = _trainer(tmp_path, model, "linear", data, "train.class_dropout=0.25")
-    trainer.loss_on(model, data.data, data.labels, step=0)
+    _loss_on(trainer, model, data.data, data.labels, step=0)
     y = model.seen_labels[-1]
     dropped = y == 3
     assert abs(dropped.float().mean().item() - 0.25) < 0.03
@@ -126,9 +129,8 @@ def test_training_lowers_the_loss(tmp_path: Path, mode: str) -> None:
             "train.checkpoint_every=1000",
         ],
     )
-    Trainer(
-        model, preset_flow(mode, 4), data, cfg.train, cfg.optim, tmp_path, null_class=2, device="cpu", progress=False
-    ).fit()
+    objective = FlowObjective(model, preset_flow(mode, 4), cfg.optim, null_class=2)
+    Trainer(objective, data, cfg.train, tmp_path, device="cpu", progress=False).fit()
     losses = [r["loss"] for r in read_jsonl(tmp_path / "metrics.jsonl")]
     assert len(losses) == 80
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10

@@ -147,25 +147,25 @@ def test_recipe_end_to_end_on_cpu(
     vae = ["--tokenizer", "weights/flux2-vae", "--kind", "flux2"]
     data = ["--data", "data/imagenet256", "--size", "32"]
 
-    # 2. decoder finetuning for projected latents (+ the FT-vanilla control) and its reconstruction report
+    # 2. decoder finetuning for projected latents, the FT-vanilla control in its own folder, and the side-by-side
+    #    reconstruction report (the control's run compares the finished spherical one)
+    ft = ["--steps", "2", "--batch-size", "4", "--gan-start", "1", "--eval-items", "4"]
+    cli("finetune-decoder", *vae, *data, *ft, "--out", "runs/decoders/flux2")
     cli(
         "finetune-decoder",
         *vae,
         *data,
+        *ft,
+        "--latents",
+        "raw",
         "--out",
+        "runs/decoders/flux2-raw",
+        "--compare",
         "runs/decoders/flux2",
-        "--steps",
-        "2",
-        "--batch-size",
-        "4",
-        "--gan-start",
-        "1",
-        "--eval-items",
-        "4",
-        "--vanilla-control",
     )
-    report = json.loads((tmp_path / "runs/decoders/flux2/report.json").read_text())
-    assert len(report["metrics"]) >= 3 and all(math.isfinite(m["psnr"]) for m in report["metrics"].values())
+    report = json.loads((tmp_path / "runs/decoders/flux2-raw/report.json").read_text())
+    assert list(report["reconstruction"]) == ["original", "ft_vanilla", "spherical"]
+    assert len(report["metrics"]) == 6 and all(math.isfinite(m["psnr"]) for m in report["metrics"].values())
     assert load_file("runs/decoders/flux2/decoder.safetensors")
 
     # 3. one latent cache with horizontal flips (the tokenizer's own batch-norm normalisation) serves both runs

@@ -12,6 +12,7 @@ from manifold_fm.data.sources import StepIndexer, TensorSource
 from manifold_fm.models.sit import SiT
 from manifold_fm.training.builders import preset_flow
 from manifold_fm.training.checkpoint import load_checkpoint
+from manifold_fm.training.flow_objective import FlowObjective
 from manifold_fm.training.metrics_log import read_jsonl
 from manifold_fm.training.schema import load_image_config
 from manifold_fm.training.trainer import Hook, Trainer, TrainingError
@@ -55,13 +56,10 @@ def _trainer(out: Path, steps: int, mode: str, hooks: list[Hook] | None = None) 
     plain = to_dict(cfg)
     torch.manual_seed(0)  # the same initial weights in every run (as train_image seeds before building)
     return Trainer(
-        _model(),
-        preset_flow(mode, 4),
+        FlowObjective(_model(), preset_flow(mode, 4), cfg.optim, null_class=3),
         _data(),
         cfg.train,
-        cfg.optim,
         out,
-        null_class=3,
         device="cpu",
         hooks=hooks or [],
         fingerprint={k: plain[k] for k in ("model", "flow", "data", "optim")},

@@ -120,12 +120,14 @@ def test_decoder_finetune_and_cli_on_a_diffusers_vae(kl_dir, tmp_path) -> None:
 
     from manifold_fm.cli import main
     from manifold_fm.data.builtin_images import BuiltinImages
-    from manifold_fm.tokenizers.finetune import finetune_decoder
+    from manifold_fm.training.decoder_finetune import finetune_decoder
 
     tok = DiffusersTokenizer.from_pretrained(kl_dir, subfolder="vae")
     ds = BuiltinImages("train", size=16, per_class=1)
     # 16 px images: LDM's PatchGAN with 2 layers (3 need >= 24 px)
-    state, rep = finetune_decoder(tok, ds, 2, batch_size=4, gan_start=0, disc_layers=2, eval_items=8, progress=False)
+    over = ["train.steps=2", "train.batch_size=4", "finetune.gan_start=0", "finetune.disc_layers=2"]
+    res = finetune_decoder(tok, ds, None, over, eval_items=8, device="cpu", progress=False)
+    state, rep = res.decoder_state, res.report
     assert {k.split(".")[0] for k in state} == {"post_quant_conv", "decoder"}
     assert rep["final_losses"]["gan_scale"] > 0
     sph = SphericalTokenizer(tok, state)

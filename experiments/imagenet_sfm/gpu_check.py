@@ -98,7 +98,7 @@ DEFAULT_WHEELS = HERE / "wheels"
 #: When it lands: the options that make the run checkpoint within the check's few steps (e.g.
 #: ``["--checkpoint-every", "8"]``); the check then kills the first run once a checkpoint exists and finishes it
 #: with ``--resume`` (:func:`killed_then_resumed`).
-FINETUNE_CHECKPOINT_ARGS: list[str] | None = None
+FINETUNE_CHECKPOINT_ARGS: list[str] | None = ["--checkpoint-every", "8"]
 #: Issue 19 item 3 (``manifold-fm sample/evaluate --precision bf16|tf32|fp32``). ``False``: today's commands, which
 #: run in float32 only: the check times fp32 sampling (TF32 off) and reports bf16 sampling as pending. When it
 #: lands: ``True``; both figures then come from ``sample --precision``, and ``evaluate`` runs ``--precision bf16``.
@@ -612,7 +612,7 @@ def stage_finetune(ctx: Context) -> None:
     s, rec = ctx.spec, ctx.record
     base = ["finetune-decoder", "--tokenizer", str(ctx.vae), "--kind", "flux2", "--device", s.device]
     base += ["--data", str(ctx.images()), "--size", str(s.image_size), "--batch-size", str(s.finetune_batch)]
-    base += ["--gan-start", "0", "--eval-items", str(s.eval_items), "--no-vanilla-control", "--seed", "0"]
+    base += ["--gan-start", "0", "--eval-items", str(s.eval_items), "--seed", "0"]
     base += ["--workers", str(s.workers)]
     s1, s2 = s.finetune_steps
     out = ctx.decoder.parent

@@ -1,5 +1,11 @@
 """``manifold-fm finetune-decoder``: finetune a tokenizer's decoder (and its discriminator) to decode per-token
-projected latents, with the FT-vanilla control, and compare the decoders on held-out images."""
+projected latents (or raw ones: the FT-vanilla control), one decoder per run folder, and compare decoders on held-out
+images.
+
+The training is :func:`~manifold_fm.training.decoder_finetune.finetune_decoder` on the one trainer (checkpoints,
+exact ``--resume``, several processes with ``accelerate launch``, ``--mixed-precision``); the held-out report is
+:func:`~manifold_fm.tokenizers.finetune.compare_decoders` over the original decoder, this run's and those of finished
+runs named with ``--compare``."""
 
 from __future__ import annotations
 
@@ -9,16 +15,9 @@ from typing import Any
 
 import click
 
-from ..atomic import atomic_path, write_json_atomic
+from ..atomic import write_json_atomic
 from ..threads import threads_option
 from .extract_latents import build_dataset, build_tokenizer, data_options, tokenizer_options
-
-
-def _save_state(state: dict, path: Path) -> None:
-    from safetensors.torch import save_file
-
-    with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
 
 
 class _RfidImages:
@@ -89,6 +88,55 @@ def _eval_dataset(eval_data: str, size: int) -> Any:
         raise click.BadParameter(str(exc), param_hint="--size") from None
 
 
+#: The report's name of a decoder trained on each kind of latents (the rows of the paper's table).
+_DECODER_NAME = {"projected": "spherical", "raw": "ft_vanilla"}
+_LATENTS_KEY = {"projected": "projected_latents", "raw": "raw_latents"}
+
+
+def _compared_runs(specs: tuple[str, ...], own: str, source: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``--compare [NAME=]DIR``: each finished finetune folder's decoder, its latents and its run report, by name
+    (default ``spherical`` / ``ft_vanilla`` from the folder's ``finetune.latents``)."""
+    from ..training.decoder_finetune import DECODER_STATE, finetune_config
+
+    runs: dict[str, dict[str, Any]] = {}
+    for spec in specs:
+        name, sep, folder = spec.partition("=")
+        if not sep:
+            name, folder = "", spec
+        path = Path(folder)
+        if not (path / "config.yaml").is_file() or not (path / DECODER_STATE).is_file():
+            raise click.BadParameter(
+                f"{path} holds no finished finetune (config.yaml and {DECODER_STATE}); pass a finetune-decoder --out "
+                "folder whose run has ended",
+                param_hint="--compare",
+            )
+        cfg = finetune_config(path / "config.yaml")
+        name = name or _DECODER_NAME[cfg.finetune.latents]
+        if name in runs or name in ("original", own):
+            raise click.BadParameter(
+                f"two decoders are named {name!r}; name them: --compare NAME=DIR", param_hint="--compare"
+            )
+        theirs = {k: cfg.source.get(k) for k in ("tokenizer", "subfolder", "kind", "dtype", "normalization")}
+        ours = {k: source.get(k) for k in theirs}
+        if theirs != ours:
+            raise click.BadParameter(
+                f"{path} finetuned another tokenizer ({theirs}, here {ours})", param_hint="--compare"
+            )
+        report_file = path / "report.json"
+        run_report = None
+        if report_file.is_file():
+            import json
+
+            run_report = json.loads(report_file.read_text()).get("runs", {}).get(_DECODER_NAME[cfg.finetune.latents])
+        runs[name] = {
+            "dir": path,
+            "file": path / DECODER_STATE,
+            "latents": _LATENTS_KEY[cfg.finetune.latents],
+            "report": run_report,
+        }
+    return runs
+
+
 @click.command("finetune-decoder")
 @tokenizer_options
 @data_options
@@ -97,17 +145,26 @@ def _eval_dataset(eval_data: str, size: int) -> Any:
     "out_dir",
     type=click.Path(file_okay=False, path_type=Path),
     required=True,
-    help="Output directory: decoder.safetensors (spherical), decoder_vanilla.safetensors (FT-vanilla), their "
-    "discriminators, report.json.",
+    help="Run folder: config.yaml, checkpoints/, metrics.jsonl, then decoder.safetensors, discriminator.safetensors "
+    "and report.json.",
 )
-@click.option("--steps", type=int, default=None, help="Optimisation steps per finetune (default 500 without --epochs).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out exactly (a finished run is only reported).")
+@click.option("--overwrite", is_flag=True, help="Replace the run in --out (not with --resume).")
+@click.option(
+    "--latents",
+    type=click.Choice(["projected", "raw"]),
+    default="projected",
+    show_default=True,
+    help="Train on projected latents (the spherical decoder) or raw ones (the paper's FT-vanilla control).",
+)
+@click.option("--steps", type=int, default=None, help="Optimisation steps (default 500 without --epochs).")
 @click.option(
     "--epochs",
     type=float,
     default=None,
     help="Length in passes over --data instead of --steps: ceil(epochs * images / batch) steps (the paper: 5).",
 )
-@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Global batch (split over processes).")
 @click.option("--lr", type=float, default=1e-4, show_default=True, help="Adam lr of the decoder (betas 0.5, 0.9).")
 @click.option("--disc-lr", type=float, default=None, help="Adam lr of the discriminator (default: --lr).")
 @click.option("--l1-weight", type=float, default=1.0, show_default=True)
@@ -133,6 +190,13 @@ def _eval_dataset(eval_data: str, size: int) -> Any:
     help="Scale the GAN term by the LDM gradient-norm ratio at the decoder's last convolution.",
 )
 @click.option("--grad-clip", type=float, default=None, help="Clip the decoder's gradient norm (LDM: no clipping).")
+@click.option(
+    "--discriminator",
+    type=click.Choice(["nlayer", "patch"]),
+    default="nlayer",
+    show_default=True,
+    help="LDM's PatchGAN (BatchNorm) or the small GroupNorm one of the built-in default run.",
+)
 @click.option(
     "--disc-layers", type=int, default=None, help="PatchGAN layers (default 3, or the --disc-ckpt architecture)."
 )
@@ -170,10 +234,20 @@ def _eval_dataset(eval_data: str, size: int) -> Any:
     help="Local LPIPS v0.1 linear heads (vgg.pth). Without both files a named fallback distance is used.",
 )
 @click.option(
-    "--vanilla-control/--no-vanilla-control",
-    default=True,
+    "--mixed-precision",
+    type=click.Choice(["no", "bf16", "fp16", "auto"]),
+    default="no",
     show_default=True,
-    help="Also finetune on raw latents with the same recipe (the paper's FT-vanilla control).",
+    help="Autocast of the decoder, discriminator and perceptual forward passes (auto: bf16 on GPUs that have it).",
+)
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a key of the run's config (kind: finetune), e.g. --set train.log_every=1, --set "
+    "train.ema_decay=0.999, --set train.log_with=[tensorboard] (repeatable; applied after the options above).",
 )
 @click.option(
     "--eval-data",
@@ -187,6 +261,14 @@ def _eval_dataset(eval_data: str, size: int) -> Any:
     default=64,
     show_default=True,
     help="Held-out images in the report (spread over the set), rFID included.",
+)
+@click.option(
+    "--compare",
+    "compare",
+    multiple=True,
+    metavar="[NAME=]DIR",
+    help="Also report the decoder of a finished finetune-decoder --out folder (same tokenizer), named NAME (default "
+    "from its latents: spherical or ft_vanilla); repeatable. With --resume on a finished run: the full table.",
 )
 @click.option("--workers", type=int, default=0, show_default=True, help="Image-reading worker processes.")
 @click.option(
@@ -218,6 +300,9 @@ def finetune_decoder(
     size: int,
     per_class: int | None,
     out_dir: Path,
+    resume: bool,
+    overwrite: bool,
+    latents: str,
     steps: int | None,
     epochs: float | None,
     batch_size: int,
@@ -230,6 +315,7 @@ def finetune_decoder(
     gan_warmup: int,
     adaptive_gan: bool,
     grad_clip: float | None,
+    discriminator: str,
     disc_layers: int | None,
     disc_channels: int | None,
     disc_norm: str | None,
@@ -237,23 +323,38 @@ def finetune_decoder(
     trust_pickle: bool,
     lpips_vgg: str | None,
     lpips_lin: str | None,
-    vanilla_control: bool,
+    mixed_precision: str,
+    checkpoint_every: int,
+    overrides: tuple[str, ...],
     eval_data: str | None,
     eval_items: int,
+    compare: tuple[str, ...],
     workers: int,
     inception_weights: str | None,
     fid_extractor: str,
     seed: int,
+    threads: int | None,
 ) -> None:
     """Encoder frozen, KL dropped: L1 + LPIPS + LDM's patch discriminator (hinge, adaptive weight), decoder and
-    discriminator trained; reports original, FT-vanilla and spherical decoders side by side on held-out images
-    (PSNR / SSIM / LPIPS or the named fallback, rFID with Inception weights) plus the decoder-swap control."""
+    discriminator trained on projected latents (--latents raw: the FT-vanilla control), one decoder per --out run
+    folder (checkpoints, --resume; several GPUs with accelerate launch -m manifold_fm.cli finetune-decoder ...). Then
+    the held-out report: the original decoder, this one and those of --compare folders side by side (PSNR / SSIM /
+    LPIPS or the named fallback, rFID with Inception weights) plus the decoder-swap control."""
+    import torch
     from torch.utils.data import Subset
 
     from ..data.builtin_images import BuiltinImages
-    from ..tokenizers.finetune import compare_decoders, finetune_decoder_and_discriminator, spread_indices
+    from ..tokenizers.finetune import compare_decoders, spread_indices, steps_for_epochs
     from ..tokenizers.perceptual import perceptual_distance
+    from ..training.checkpoint import latest_checkpoint
+    from ..training.decoder_finetune import DECODER_STATE, finetune_config
+    from ..training.decoder_finetune import finetune_decoder as run_finetune
+    from ..training.run_folder import OVERWRITE_AND_RESUME
 
+    if overwrite and resume:
+        raise click.UsageError(OVERWRITE_AND_RESUME)
+    if resume and latest_checkpoint(out_dir / "checkpoints") is None:
+        raise click.UsageError(f"--resume: {out_dir} holds no finetune run to continue; run without --resume")
     if steps is not None and epochs is not None:
         raise click.BadParameter("give --steps or --epochs, not both", param_hint="--steps/--epochs")
     if steps is None and epochs is None:
@@ -262,7 +363,24 @@ def finetune_decoder(
         raise click.BadParameter("steps must be >= 0, epochs > 0 and batch size >= 1")
     if eval_items < 1:
         raise click.BadParameter("--eval-items must be at least 1", param_hint="--eval-items")
-    tok = build_tokenizer(tokenizer_spec, subfolder, kind, dtype, device, normalization, vae_slicing, vae_tiling)
+    if device != "cpu" and not torch.cuda.is_available():
+        raise click.BadParameter(f"{device}: no CUDA device is visible here; use --device cpu", param_hint="--device")
+    source = {
+        "tokenizer": tokenizer_spec,
+        "subfolder": subfolder,
+        "kind": kind,
+        "dtype": dtype,
+        "normalization": normalization,
+        "data": data_spec,
+        "split": split,
+        "size": size,
+        "per_class": per_class,
+        "held_out_of_data": None,
+    }
+    own = _DECODER_NAME[latents]
+    compared = _compared_runs(compare, own, source)
+    # On the CPU until the trainer moves it to this process's device (each process of a multi-GPU run its own).
+    tok = build_tokenizer(tokenizer_spec, subfolder, kind, dtype, "cpu", normalization, vae_slicing, vae_tiling)
     dataset = build_dataset(data_spec, split, size, per_class)
     if eval_data is not None:
         eval_set, eval_source = _eval_dataset(eval_data, size), f"--eval-data {eval_data}"
@@ -282,74 +400,91 @@ def finetune_decoder(
         keep = sorted(set(range(len(dataset))) - set(held))
         dataset = Subset(dataset, keep)
         eval_source = f"{len(held)} images held out of --data (excluded from training)"
+        source["held_out_of_data"] = eval_items  # which images train depends on it
+    if epochs is not None:
+        steps = steps_for_epochs(epochs, len(dataset), batch_size)
+    cfg = finetune_config(
+        {
+            "name": out_dir.name,
+            "source": source,
+            "train": {
+                "steps": steps,
+                "batch_size": batch_size,
+                "seed": seed,
+                "mixed_precision": mixed_precision,
+                "checkpoint_every": checkpoint_every,
+                "threads": threads,
+            },
+            "optim": {"lr": lr, "grad_clip": grad_clip},
+            "finetune": {
+                "latents": latents,
+                "l1_weight": l1_weight,
+                "perceptual_weight": perceptual_weight,
+                "gan_weight": gan_weight,
+                "gan_start": gan_start,
+                "gan_warmup": gan_warmup,
+                "adaptive_gan_weight": adaptive_gan,
+                "disc_lr": disc_lr,
+                "discriminator": discriminator,
+                "disc_layers": disc_layers,
+                "disc_channels": disc_channels,
+                "disc_norm": disc_norm,
+                "disc_init": disc_ckpt,
+            },
+        },
+        overrides,
+    )
     try:
         perceptual = perceptual_distance(lpips_vgg, lpips_lin)
     except (FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
-    out_dir.mkdir(parents=True, exist_ok=True)
-    states: dict[str, Any] = {"original": None}
-    files: dict[str, str | None] = {"original": None}
-    runs: dict[str, Any] = {}
-    for project in [True, False] if vanilla_control else [True]:
-        name = "spherical" if project else "ft_vanilla"
-        try:
-            result = finetune_decoder_and_discriminator(
-                tok,
-                dataset,
-                steps,
-                epochs=epochs,
-                batch_size=batch_size,
-                lr=lr,
-                disc_lr=disc_lr,
-                project=project,
-                perceptual=perceptual,
-                l1_weight=l1_weight,
-                perceptual_weight=perceptual_weight,
-                gan_weight=gan_weight,
-                gan_start=gan_start,
-                gan_warmup=gan_warmup,
-                adaptive_gan_weight=adaptive_gan,
-                grad_clip=grad_clip,
-                disc_layers=disc_layers,
-                disc_channels=disc_channels,
-                disc_norm=disc_norm,  # type: ignore[arg-type]
-                disc_init=disc_ckpt,
-                trust_pickle=trust_pickle,
-                eval_items=0,  # the side-by-side report below replaces the per-run one
-                seed=seed,
-                num_workers=workers,
-            )
-        except (FileNotFoundError, ValueError, FloatingPointError) as exc:
-            raise click.ClickException(str(exc)) from None
-        suffix = "" if project else "_vanilla"
-        _save_state(result.decoder_state, out_dir / f"decoder{suffix}.safetensors")
-        _save_state(result.discriminator_state, out_dir / f"discriminator{suffix}.safetensors")
-        states[name], files[name] = result.decoder_state, f"decoder{suffix}.safetensors"
-        rep = result.report
-        for key in ("metrics", "rfid", "rfid_note", "eval_items"):  # the side-by-side report below replaces them
-            rep.pop(key)
-        runs["projected" if project else "vanilla"] = {
-            **rep,
-            "decoder_state": f"decoder{suffix}.safetensors",
-            "discriminator_state": f"discriminator{suffix}.safetensors",
-        }
-    states = {k: states[k] for k in ("original", "ft_vanilla", "spherical") if k in states}
+    result = run_finetune(
+        tok,
+        dataset,
+        cfg,
+        out_dir=out_dir,
+        resume=resume,
+        overwrite=overwrite,
+        perceptual=perceptual,
+        trust_pickle=trust_pickle,
+        num_workers=workers,
+        eval_items=0,  # the side-by-side report below
+        device="cpu" if device == "cpu" else None,
+    )
+    if not result.is_main_process:
+        return
+    from safetensors.torch import load_file
+
+    states: dict[str, Any] = {"original": None, own: result.decoder_state}
+    files: dict[str, str | None] = {"original": None, own: str(out_dir / DECODER_STATE)}
+    latents_of = {own: _LATENTS_KEY[latents]}
+    for name, run in compared.items():
+        states[name], files[name], latents_of[name] = load_file(str(run["file"])), str(run["file"]), run["latents"]
+    order = [k for k in ("original", "ft_vanilla", "spherical") if k in states]
+    states = {k: states[k] for k in [*order, *(k for k in states if k not in order)]}
     # Side-by-side held-out report; rFID images go to memory-mapped files in a temporary folder under --out.
     want_rfid = inception_weights is not None or fid_extractor != "inception-v3-compat"
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".rfid-") as tmp:
         collect = _RfidImages(Path(tmp), len(eval_idx)) if want_rfid else None
-        try:
-            cmp = compare_decoders(
-                tok, states, eval_set, eval_idx, perceptual=perceptual, num_workers=workers, on_batch=collect
-            )
-            rfid = _rfid(collect, inception_weights, fid_extractor) if collect is not None else {}
-        except (FileNotFoundError, ValueError) as exc:
-            raise click.ClickException(str(exc)) from None
+        cmp = compare_decoders(
+            tok,
+            states,
+            eval_set,
+            eval_idx,
+            perceptual=perceptual,
+            num_workers=workers,
+            on_batch=collect,
+            own_latents=latents_of,
+        )
+        rfid = _rfid(collect, inception_weights, fid_extractor) if collect is not None else {}
     rfid_metric = None
     if want_rfid:
         rfid_metric = "fid" if fid_extractor == "inception-v3-compat" else f"fd[{fid_extractor}]"
         for key, value in rfid.items():
             cmp["metrics"][key]["rfid"] = value  # the reconstruction / swap views share these dicts
+    run_report = {k: v for k, v in result.report.items() if k not in ("metrics", "eval_items")}
+    runs = {own: {**run_report, "decoder_state": DECODER_STATE, "discriminator_state": "discriminator.safetensors"}}
+    runs.update({name: run["report"] for name, run in compared.items()})
     report: dict[str, Any] = {
         "tokenizer": tok.describe(),
         "data": str(data_spec),
@@ -366,7 +501,7 @@ def finetune_decoder(
     path = out_dir / "report.json"
     write_json_atomic(path, report, indent=1)
     _print_report(report)
-    click.echo(f"wrote {out_dir / 'decoder.safetensors'} and {path}")
+    click.echo(f"wrote {out_dir / DECODER_STATE} and {path}")
 
 
 def _print_report(report: dict[str, Any]) -> None:

@@ -63,7 +63,8 @@ def train(
     `kind: image` configs train a SiT on latents; the default run trains both flows of the paper on the built-in
     images and compares them. --threads is a shortcut for --set train.threads=N (a config's train.threads applies
     without it)."""
-    from ..training.schema import DefaultRunConfig, ImageRunConfig, load_run_config
+    from ..config import ConfigError
+    from ..training.schema import DefaultRunConfig, FinetuneRunConfig, ImageRunConfig, load_run_config
 
     if overwrite and resume:
         from ..training.run_folder import OVERWRITE_AND_RESUME
@@ -78,6 +79,8 @@ def train(
     if threads is not None:
         extra.append(f"train.threads={threads}")
     cfg = load_run_config(config or "default", extra)  # validated before --overwrite deletes anything
+    if isinstance(cfg, FinetuneRunConfig):
+        raise ConfigError("kind: a 'finetune' run is trained by manifold-fm finetune-decoder, not train")
     metrics = None
     if isinstance(cfg, DefaultRunConfig):
         from ..training.default_run import run_default

@@ -6,8 +6,9 @@ batches an uninterrupted run would have seen from step ``k`` on.
 
 - :class:`TensorSource`: tensors held in memory (``(N, *shape)`` plus optional integer labels), in a per-epoch
   shuffled order (:class:`StepIndexer`).
-- :class:`DatasetSource`: a map-style dataset (e.g. a latent cache) read by a ``DataLoader`` in that same order, so
-  worker processes do not change which items a step sees.
+- :class:`DatasetSource`: a map-style dataset (e.g. a latent cache, or images for the decoder finetune, unreadable
+  ones left out) read by a ``DataLoader`` in that same order, so worker processes do not change which items a step
+  sees.
 - :class:`SamplerSource`: a distribution to draw from (a toy dataset's ``sample(n, generator)``), with a generator
   seeded by ``(seed, step, rank)``.
 """
@@ -127,24 +128,59 @@ class _StepBatchSampler:
 
 class DatasetSource:
     """A map-style dataset of ``(sample, label)`` read with a ``DataLoader`` whose batch order is the
-    :class:`StepIndexer`'s (``num_workers`` worker processes)."""
+    :class:`StepIndexer`'s (``num_workers`` worker processes).
 
-    def __init__(self, dataset: Dataset, num_workers: int = 0) -> None:
-        self.dataset, self.num_workers = dataset, num_workers
+    ``skip_unreadable``: an image dataset whose unreadable files raise
+    :class:`~manifold_fm.data.image_folder.ImageReadError` is read through
+    :class:`~manifold_fm.data.guarded.GuardedItems`: such images are left out of their batch (which is then smaller),
+    and a batch with none readable stops the run with a message naming a file. A dataset with a
+    ``render(indices)`` method (the built-in images) renders each batch at once when read in this process.
+    """
+
+    def __init__(self, dataset: Dataset, num_workers: int = 0, skip_unreadable: bool = False) -> None:
+        self.dataset, self.num_workers, self.skip_unreadable = dataset, num_workers, skip_unreadable
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
     def batches(self, plan: BatchPlan, start: int, end: int) -> Iterator[Batch]:
         indexer = StepIndexer(len(self), plan.batch_size, plan.seed, plan.world_size)
+        sampler = _StepBatchSampler(indexer, start, end, plan.rank)
+        if self.skip_unreadable:
+            yield from self._guarded(sampler)
+            return
         loader = DataLoader(
             self.dataset,
-            batch_sampler=_StepBatchSampler(indexer, start, end, plan.rank),
+            batch_sampler=sampler,
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
         )
         for x, y in loader:
             yield x, torch.as_tensor(y).long()
+
+    def _guarded(self, sampler: _StepBatchSampler) -> Iterator[Batch]:
+        from .guarded import GuardedItems, collate_guarded
+
+        render = getattr(self.dataset, "render", None)
+        if self.num_workers == 0 and callable(render):
+            for indices in sampler:
+                x, y = render(indices)
+                yield x, torch.as_tensor(y).long()
+            return
+        loader = DataLoader(
+            GuardedItems(self.dataset, range(len(self))),
+            batch_sampler=sampler,
+            num_workers=self.num_workers,
+            collate_fn=collate_guarded,
+            pin_memory=torch.cuda.is_available(),
+        )
+        for images, labels, _, bad in loader:
+            if not images:
+                raise InputError(
+                    f"none of the {len(bad)} images of a batch could be read (e.g. {bad[0][1]}); "
+                    "remove or repair the unreadable files"
+                )
+            yield torch.stack(images), torch.as_tensor(labels).long()
 
 
 class SamplerSource:

@@ -1,6 +1,8 @@
-"""Tokenizers: the interface, diffusers adapters, the built-in tiny VAE, spherical projection, decoder finetuning.
+"""Tokenizers: the interface, diffusers adapters, the built-in tiny VAE, spherical projection, the decoder finetune's
+losses, discriminators and held-out report (its training is
+:func:`manifold_fm.training.decoder_finetune.finetune_decoder`, on the one trainer).
 
-``DiffusersTokenizer`` and ``finetune_decoder`` are imported lazily (diffusers is heavy and optional).
+``DiffusersTokenizer`` is imported lazily (diffusers is heavy and optional).
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ __all__ = [
     "Tokenizer",
     "builtin_tokenizer",
     "compute_channel_stats",
-    "finetune_decoder",
     "load_decoder_state",
     "load_tiny_vae",
     "load_tokenizer",
@@ -35,10 +36,6 @@ def __getattr__(name: str) -> Any:
         from .diffusers_adapter import DiffusersTokenizer
 
         return DiffusersTokenizer
-    if name == "finetune_decoder":
-        from .finetune import finetune_decoder
-
-        return finetune_decoder
     raise AttributeError(f"module 'manifold_fm.tokenizers' has no attribute {name!r}")
 
 

@@ -1,7 +1,8 @@
 """The built-in default run: ``manifold-fm train`` with no arguments runs the whole method at small scale on a CPU.
 
 1. the built-in tiny VAE (shipped weights, or trained once and cached) and the built-in 12-class images;
-2. spherical projection of its latents and a decoder finetune on projected latents (encoder frozen);
+2. spherical projection of its latents and a decoder finetune on projected latents (encoder frozen), on the one
+   trainer (:func:`~manifold_fm.training.decoder_finetune.finetune_decoder`, run folder ``decoder_finetune/``);
 3. a tiny SiT trained with spherical flow matching (TokenSpheres prior, slerp path, tangent loss, exp-map sampler)
    and, with the same steps, batch, optimiser and seed, the linear baseline (Gaussian prior, straight path, the
    tokenizer's own per-channel normalisation);
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import Tensor
 
 from ..atomic import atomic_path, write_json_atomic
@@ -45,11 +47,13 @@ from .default_report import write_report
 from .image import eval_hook, image_model, image_trainer
 from .metrics_log import read_jsonl
 from .run_folder import replace_run_folder
-from .schema import FLOW_PRESETS, DefaultRunConfig, image_run_config, load_run_config
+from .schema import FLOW_PRESETS, DefaultRunConfig, default_finetune_config, image_run_config, load_run_config
 from .trainer import TrainingError
 
 #: The finetuned decoder of the spherical-latent modes, in the default run's folder (next to the modes' folders).
 DECODER_FILE = "spherical_decoder.safetensors"
+#: The run folder of the decoder finetune (checkpoints, so a stopped default run resumes it), in the default run's.
+FINETUNE_DIR = "decoder_finetune"
 
 
 @dataclass
@@ -148,7 +152,8 @@ def _check_run_folder(out: Path, cfg: DefaultRunConfig, resume: bool, overwrite:
     if overwrite:
         replace_run_folder(out, resume=resume)
         return
-    done = [p for p in (out / "results.json", *(out / m / "checkpoints" for m in cfg.modes)) if p.exists()]
+    folders = (FINETUNE_DIR, *cfg.modes)
+    done = [p for p in (out / "results.json", *(out / f / "checkpoints" for f in folders)) if p.exists()]
     if not resume:
         if done:
             raise TrainingError(
@@ -204,7 +209,7 @@ def _run_default(cfg: DefaultRunConfig, out: Path, resume: bool, progress: bool,
     from ..data.builtin_images import BuiltinImages
     from ..eval.classifier import builtin_evaluator
     from ..tokenizers import SphericalTokenizer, builtin_tokenizer
-    from ..tokenizers.finetune import finetune_decoder
+    from .decoder_finetune import finetune_decoder
     from .image import encode_dataset
 
     t_start = time.perf_counter()
@@ -246,30 +251,25 @@ def _run_default(cfg: DefaultRunConfig, out: Path, resume: bool, progress: bool,
         decoder_path = out / DECODER_FILE
         report_path = out / "spherical_decoder.json"
         if resume and decoder_path.is_file() and report_path.is_file():
-            finetune_report = json.loads(report_path.read_text())  # the finetune is deterministic: reuse it
+            finetune_report = json.loads(report_path.read_text())  # finished: reuse it
         else:
-            from safetensors.torch import save_file
             from torch.utils.data import TensorDataset
 
-            state, finetune_report = finetune_decoder(
+            # the one trainer, with the built-in run's recipe pinned (default_finetune_config); a stopped run's
+            # finetune resumes from its checkpoint
+            result = finetune_decoder(
                 tokenizer,
                 TensorDataset(train_x, train_y),
-                cfg.finetune.steps,
-                batch_size=cfg.finetune.batch_size,
-                project=True,
-                # the built-in run's recipe, pinned: the small PatchGAN from halfway, warm-up, clipping
-                discriminator="patch",
-                gan_weight=0.1,
-                gan_start=cfg.finetune.steps // 2,
-                gan_warmup=max(1, cfg.finetune.steps // 10),
-                grad_clip=1.0,
-                disc_loss_scale=1.0,
+                default_finetune_config(cfg),
+                out_dir=out / FINETUNE_DIR,
+                resume=resume,
                 eval_dataset=TensorDataset(test_x, test_y),
-                seed=cfg.train.seed,
+                device="cpu",
                 progress=progress,
             )
+            finetune_report = result.report
             with atomic_path(decoder_path) as tmp:
-                save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+                save_file(result.decoder_state, str(tmp))
             write_json_atomic(report_path, finetune_report)
         lap("decoder finetune", t0)
 
@@ -363,4 +363,4 @@ def _run_default(cfg: DefaultRunConfig, out: Path, resume: bool, progress: bool,
     return out
 
 
-__all__ = ["DECODER_FILE", "ModeJob", "run_default"]
+__all__ = ["DECODER_FILE", "FINETUNE_DIR", "ModeJob", "run_default"]

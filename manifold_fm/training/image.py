@@ -31,6 +31,7 @@ from ..flow import Flow
 from ..threads import using_threads
 from .builders import build_model, latent_flow
 from .checkpoint import CheckpointError
+from .flow_objective import FlowObjective
 from .run_folder import recorded_path
 from .schema import RESUME_SECTIONS, ImageRunConfig, load_image_config
 from .trainer import Hook, Trainer
@@ -301,13 +302,10 @@ def image_trainer(
     (latent shape, classes, tokenizer, the generated latents' normalisation)."""
     plain = to_dict(cfg)
     return Trainer(
-        model,
-        flow,
+        FlowObjective(model, flow, cfg.optim, null_class=num_classes),
         data,
         cfg.train,
-        cfg.optim,
         out,
-        null_class=num_classes,
         hooks=hooks,
         fingerprint={k: plain[k] for k in RESUME_SECTIONS},
         config=plain,

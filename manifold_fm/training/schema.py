@@ -1,6 +1,6 @@
 """The run configuration: one schema for toy, image and default runs, with the sections they share.
 
-Every run is a YAML file with a top-level ``kind`` (``toy``, ``image`` or ``default``) and sections::
+Every run is a YAML file with a top-level ``kind`` (``toy``, ``image``, ``default`` or ``finetune``) and sections::
 
     model    the velocity network (an MLP for toy manifolds, a SiT for latents)      ModelConfig
     flow     path, latent space, training-time distribution, coupling                FlowConfig
@@ -10,6 +10,9 @@ Every run is a YAML file with a top-level ``kind`` (``toy``, ``image`` or ``defa
     data     toy: a toy dataset; image: built-in images or a latent cache; default: the built-in split sizes
     eval     toy: the likelihood evaluation; default: the sample-quality evaluation
     tokenizer, finetune, modes, parallel: latent-image runs and the default run
+
+A ``kind: finetune`` run (a decoder finetune, ``manifold-fm finetune-decoder``) has ``train`` and ``optim`` (the same
+classes with the finetune's defaults), its own ``finetune`` section and a ``source`` record.
 
 ``model``, ``flow``, ``optim``, ``train`` and ``sample`` are the same classes in every kind, so a key means the same
 everywhere (``train.steps``, ``sample.method``...). Load any run with :func:`load_run_config`; an unknown key, a
@@ -412,7 +415,8 @@ class DefaultDataConfig(Section):
 
 
 class FinetuneConfig(Section):
-    """The spherical decoder finetune (encoder frozen): ``steps`` at ``batch_size``."""
+    """The default run's spherical decoder finetune (encoder frozen): ``steps`` at ``batch_size``, with the recipe
+    :func:`default_finetune_config` pins."""
 
     steps: int = Field(200, ge=0)
     batch_size: int = Field(16, ge=1)
@@ -498,13 +502,150 @@ def image_run_config(cfg: DefaultRunConfig, mode: str, decoder_state: Path | Non
     )
 
 
+# -------------------------------------------------------------------------------------------------- finetune
+
+
+class DecoderFinetuneConfig(Section):
+    """The decoder finetune's own settings (``manifold-fm finetune-decoder``; the math in
+    :mod:`manifold_fm.tokenizers.finetune`):
+
+    - ``latents``: train the decoder on ``projected`` latents (the spherical decoder) or ``raw`` ones (the paper's
+      FT-vanilla control);
+    - ``l1_weight``, ``perceptual_weight``, ``gan_weight`` (LDM's ``disc_weight``): the loss weights;
+    - ``gan_start``: the first step of the adversarial terms (``null``: 0 with ``disc_init``, else ``steps // 2``);
+      ``gan_warmup``: steps over which the generator's GAN weight rises linearly from there (0: at once, as LDM);
+      ``adaptive_gan_weight``: LDM's gradient-norm ratio at the decoder's last convolution (else 1);
+    - ``disc_loss_scale``: ``s_D`` of the hinge loss (LDM: 0.5); ``disc_lr``: the discriminator's learning rate
+      (``null``: ``optim.lr``; its other AdamW settings are ``optim``'s, without clipping);
+    - ``discriminator``: LDM's ``nlayer`` PatchGAN (``disc_layers`` x ``disc_channels``, ``disc_norm``; default
+      3 x 64 with BatchNorm, or the architecture of ``disc_init``, a local checkpoint to start from) or the small
+      GroupNorm ``patch`` one of the built-in default run.
+    """
+
+    latents: Literal["projected", "raw"] = "projected"
+    l1_weight: float = Field(1.0, ge=0)
+    perceptual_weight: float = Field(1.0, ge=0)
+    gan_weight: float = Field(0.5, ge=0)
+    gan_start: int | None = Field(None, ge=0)
+    gan_warmup: int = Field(0, ge=0)
+    adaptive_gan_weight: StrictBool = True
+    disc_loss_scale: float = Field(0.5, gt=0)
+    disc_lr: float | None = Field(None, gt=0)
+    discriminator: Literal["nlayer", "patch"] = "nlayer"
+    disc_layers: int | None = Field(None, ge=1)
+    disc_channels: int | None = Field(None, ge=1)
+    disc_norm: Literal["batch", "actnorm"] | None = None
+    disc_init: Path | None = None
+
+    @model_validator(mode="after")
+    def _patch_is_fixed(self) -> DecoderFinetuneConfig:
+        if self.discriminator == "patch":
+            given = [k for k in ("disc_layers", "disc_channels", "disc_norm", "disc_init") if getattr(self, k)]
+            if given:
+                raise ValueError(f"{given[0]}: the 'patch' discriminator has a fixed architecture; use 'nlayer'")
+        return self
+
+    def resolved(self, steps: int) -> DecoderFinetuneConfig:
+        """These settings with ``gan_start`` filled in for a run of ``steps`` steps."""
+        if self.gan_start is not None:
+            return self
+        return self.model_copy(update={"gan_start": 0 if self.disc_init is not None else steps // 2})
+
+
+class FinetuneOptimConfig(OptimConfig):
+    """:class:`OptimConfig` with LDM's autoencoder defaults: Adam betas ``(0.5, 0.9)``, no weight decay, no
+    gradient clipping, a constant learning rate of 1e-4."""
+
+    betas: tuple[float, float] = (0.5, 0.9)
+    grad_clip: float | None = Field(None, gt=0)
+
+
+class FinetuneTrainConfig(TrainConfig):
+    """:class:`TrainConfig` with the finetune's defaults: 500 steps at batch 16, full precision, no EMA (the exported
+    decoder is then the raw one), a checkpoint every 1000 steps. ``grad_accum`` must stay 1 and the hooks
+    (``sample_every``, ``eval_every``) unset; ``class_dropout`` does not apply."""
+
+    steps: int = Field(500, ge=0)
+    batch_size: int = Field(16, ge=1)
+    class_dropout: float = Field(0.0, ge=0, lt=1)
+    ema_decay: float = Field(0.0, ge=0, lt=1)
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "no"
+    checkpoint_every: int = Field(1000, ge=1)
+
+    @model_validator(mode="after")
+    def _fits_the_finetune(self) -> FinetuneTrainConfig:
+        if self.grad_accum != 1:
+            raise ValueError("grad_accum: the decoder finetune takes one batch per step; set it to 1")
+        hooks = [k for k in ("sample_every", "eval_every") if getattr(self, k) is not None]
+        if hooks:
+            raise ValueError(f"{hooks[0]}: the decoder finetune has no sample grids or evaluations during training")
+        return self
+
+
+class FinetuneRunConfig(Section):
+    """``kind: finetune``: one decoder finetune (``manifold-fm finetune-decoder`` writes it to its run folder's
+    ``config.yaml``): ``train`` and ``optim`` (the shared classes, with the finetune's defaults), ``finetune`` (its own
+    settings) and ``source``, a record of what it read (tokenizer, data, held-out split) that a resumed run must
+    share."""
+
+    kind: Literal["finetune"] = "finetune"
+    name: str = "finetune"
+    source: dict[str, Any] = Field(default_factory=dict)
+    optim: FinetuneOptimConfig = _section(FinetuneOptimConfig)
+    train: FinetuneTrainConfig = _section(FinetuneTrainConfig)
+    finetune: DecoderFinetuneConfig = _section(DecoderFinetuneConfig)
+
+
+#: The sections a resumed finetune must share with its checkpoint (besides the batch size and seed).
+FINETUNE_RESUME_SECTIONS = ("source", "finetune", "optim")
+
+
+def default_finetune_config(cfg: DefaultRunConfig) -> FinetuneRunConfig:
+    """The decoder finetune of the default run: ``finetune.steps`` at ``finetune.batch_size`` on projected latents of
+    the built-in training images, with the built-in run's pinned recipe (the small ``patch`` PatchGAN from half-way,
+    a linear warm-up over a tenth of the steps, GAN weight 0.1, unscaled hinge loss, decoder gradients clipped at 1),
+    seed ``train.seed``, on the CPU in full precision, one checkpoint at the end."""
+    steps = cfg.finetune.steps
+    return validate(
+        FinetuneRunConfig,
+        {
+            "kind": "finetune",
+            "name": f"{cfg.name}-decoder",
+            "source": {"tokenizer": "builtin", "data": f"builtin train split, {cfg.data.per_class} per class"},
+            "optim": {"lr": 1e-4, "grad_clip": 1.0},
+            "train": {
+                "steps": steps,
+                "batch_size": cfg.finetune.batch_size,
+                "seed": cfg.train.seed,
+                "threads": cfg.train.threads,
+                "checkpoint_every": max(1, min(cfg.train.checkpoint_every, steps)),
+                "keep_checkpoints": 1,
+                "log_every": max(1, min(25, steps // 4)),
+            },
+            "finetune": {
+                "latents": "projected",
+                "discriminator": "patch",
+                "gan_weight": 0.1,
+                "gan_start": steps // 2,
+                "gan_warmup": max(1, steps // 10),
+                "disc_loss_scale": 1.0,
+            },
+        },
+    )
+
+
 # ------------------------------------------------------------------------------------------------------ load
 
 #: The sections a resumed run must share with its checkpoint (``train.steps`` may grow, logging may change).
 RESUME_SECTIONS = ("model", "flow", "data", "optim")
 
-RunConfig = ToyRunConfig | ImageRunConfig | DefaultRunConfig
-KINDS: dict[str, type[RunBase]] = {"toy": ToyRunConfig, "image": ImageRunConfig, "default": DefaultRunConfig}
+RunConfig = ToyRunConfig | ImageRunConfig | DefaultRunConfig | FinetuneRunConfig
+KINDS: dict[str, type[Section]] = {
+    "toy": ToyRunConfig,
+    "image": ImageRunConfig,
+    "default": DefaultRunConfig,
+    "finetune": FinetuneRunConfig,
+}
 
 
 def load_run_config(
@@ -542,8 +683,13 @@ __all__ = [
     "TRACKERS",
     "DefaultDataConfig",
     "DefaultEvalConfig",
+    "DecoderFinetuneConfig",
     "DefaultRunConfig",
+    "FINETUNE_RESUME_SECTIONS",
     "FinetuneConfig",
+    "FinetuneOptimConfig",
+    "FinetuneRunConfig",
+    "FinetuneTrainConfig",
     "FlowConfig",
     "ImageDataConfig",
     "ImageEvalConfig",
@@ -558,6 +704,7 @@ __all__ = [
     "ToyRunConfig",
     "TokenizerConfig",
     "TrainConfig",
+    "default_finetune_config",
     "image_run_config",
     "load_image_config",
     "load_run_config",

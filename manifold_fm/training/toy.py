@@ -35,6 +35,7 @@ from ..likelihood import log_likelihood
 from ..sampler import generate, model_velocity
 from ..solvers import IntegrationStats
 from .builders import build_flow, build_model
+from .flow_objective import FlowObjective
 from .schema import RESUME_SECTIONS, ToyRunConfig, load_toy_config
 from .trainer import Trainer
 
@@ -76,11 +77,9 @@ def train_toy(
     flow = build_flow(cfg.flow, dataset.manifold)
     plain = to_dict(cfg)
     trainer = Trainer(
-        toy_model(cfg, dataset),
-        flow,
+        FlowObjective(toy_model(cfg, dataset), flow, cfg.optim),
         SamplerSource(dataset.sample),
         cfg.train,
-        cfg.optim,
         out,
         fingerprint={k: plain[k] for k in RESUME_SECTIONS},
         config=plain,

@@ -1,38 +1,40 @@
-"""The flow-matching training loop, on accelerate (CPU, one GPU, several GPUs, several machines): toy, image and
-default runs all train through :class:`Trainer`.
+"""The one training loop, on accelerate (CPU, one GPU, several GPUs, several machines): toy, image and default runs
+and decoder finetuning all train through :class:`Trainer`.
 
-It takes a model ``v(x, t[, y])``, a :class:`~manifold_fm.flow.Flow`, a :class:`~manifold_fm.data.sources.DataSource`
-and the shared ``train`` and ``optim`` config sections, and knows nothing of images or of any one run schema. One
-step, for a global batch ``x1`` (this process's share) with optional labels ``y``:
+It takes an :class:`~manifold_fm.training.objective.Objective` (what one step optimises: its trainable parts, their
+``optim`` settings, the step's losses, backward passes and updates), a :class:`~manifold_fm.data.sources.DataSource`
+and the shared ``train`` config section, and knows nothing of flows, images or any one run schema. The objectives are
+:class:`~manifold_fm.training.flow_objective.FlowObjective` (flow matching) and
+:class:`~manifold_fm.training.decoder_finetune.DecoderObjective` (decoder + discriminator finetuning). Each part is
+trained by AdamW (fused on GPUs) with its ``optim`` learning rate, betas, weight decay, gradient clipping and
+learning-rate schedule (advanced by that part's own updates); the first part is *the model*, with an EMA copy.
 
-1. labels are replaced by the null class with probability ``train.class_dropout`` (classifier-free guidance);
-2. ``t ~ p(t)``, ``x0 ~`` the prior, coupled with the data (:meth:`Flow.pair_and_sample
-   <manifold_fm.flow.Flow.pair_and_sample>`), ``(x_t, u_t)`` from the path;
-3. the loss ``mean |P_{x_t} (v(x_t, t, y) - u_t)|^2`` (:meth:`Flow.loss <manifold_fm.flow.Flow.loss>`), over
-   ``train.grad_accum`` micro-batches;
-4. AdamW with gradient clipping and the learning-rate schedule, then an EMA update.
-
-**One stream, any number of processes.** Every random number of step ``k`` (dropout, times, prior) is drawn for the
-*global* batch from a generator seeded by ``(seed, k)`` and each process takes its slice; the data sources slice
-the global batch the same way. So 1 process at batch ``B`` and ``N`` processes at global batch ``B`` train on the
+**One stream, any number of processes.** The data of step ``k`` are the global batch's (each process reads its slice)
+and the objective draws every random number of step ``k`` for the global batch from a generator seeded by
+``(seed, k, 0)``, taking its slice. So 1 process at batch ``B`` and ``N`` processes at global batch ``B`` train on the
 same examples with the same noise, and differ only in the order gradients are summed (DDP's all-reduce, float
-rounding: ~1e-7 relative per step in float32). Gradient accumulation slices the same draws into micro-batches.
+rounding: ~1e-7 relative per step in float32). On GPUs with several processes, BatchNorm layers of every part become
+``SyncBatchNorm`` (batch statistics over the global batch, as in one process); on CPU (gloo) they keep per-process
+statistics, so a BatchNorm network trained on several CPU processes differs from one process by more than rounding.
 
 **Exact resume.** The data of step ``k`` are a pure function of ``k`` (the data source's contract), so the stream
-does not depend on where a run started. A checkpoint stores weights, EMA, optimizer, LR schedule, gradient scaler,
+does not depend on where a run started. A checkpoint stores every part's weights (the model's in
+``model.safetensors``, the others' in ``state.pt``), the EMA, every optimizer and LR schedule, the gradient scaler,
 the global RNG states and the open loss window, and a run interrupted at step ``k`` and resumed reaches bitwise the
 same weights at step ``n`` (same machine, torch build, thread and process count; a different process count continues
-the same stream up to summation order). ``fingerprint`` sections (model, flow, data, optim) of the run's config are
-stored and must match to resume. Before training, parameters, buffers and EMA weights are checked equal on every
-process (as edm2 does): a mismatch stops the run with a message instead of being papered over by DDP's broadcast.
+the same stream up to summation order). Its ``meta.json`` lists the training sessions (``sessions``: the step each
+started at and the steps it ran), so a resume is proven by the step it started at. ``fingerprint`` sections of the
+run's config are stored and must match to resume. Before training, parameters, buffers and EMA weights are checked
+equal on every process (as edm2 does): a mismatch stops the run with a message instead of being papered over by
+DDP's broadcast.
 
-**No per-step host sync.** The loss and its finiteness accumulate on the device and are read every
-``train.log_every`` steps, at checkpoints and at the end; a non-finite loss stops the run with a message naming the
-step range, before any checkpoint of those steps is written.
+**No per-step host sync.** The objective's logged values and their finiteness accumulate on the device and are read
+every ``train.log_every`` steps, at checkpoints and at the end; a non-finite value stops the run with a message
+naming the step range, before any checkpoint of those steps is written.
 
-**Mixed precision** (``train.mixed_precision``): ``bf16`` or ``fp16`` autocast of the network's forward pass on any
-device (``auto``: bf16 on GPUs that support it, full precision on CPU), with a gradient scaler for ``fp16``; the
-geometry always runs in float32 (it switches autocast off), and the loss is computed in float32.
+**Mixed precision** (``train.mixed_precision``): ``bf16`` or ``fp16`` autocast of the forward passes on any device
+(``auto``: bf16 on GPUs that support it, full precision on CPU), with a gradient scaler for ``fp16`` (one for all
+parts, updated once per step); objectives compute their losses in float32.
 
 **Hooks** (``Hook(every, fn)``) run on the main process every ``every`` steps and at the end, with the EMA model;
 the global RNGs are saved around them, so a hook never changes the training stream; metrics they return are logged.
@@ -60,12 +62,11 @@ from tqdm.auto import tqdm
 
 from ..atomic import write_text_atomic
 from ..data.sources import BatchPlan, DataSource
-from ..flow import Flow
-from ..seeding import seeded_generator
 from ..threads import using_threads
 from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .ema import EMA
 from .metrics_log import RunLogger
+from .objective import Objective, StepContext
 from .run_folder import replace_run_folder
 from .schema import OptimConfig, TrainConfig
 
@@ -143,17 +144,17 @@ def _flat_config(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 class Trainer:
-    """Trains ``model`` on ``data`` with ``flow``; checkpoints and logs under ``out_dir`` (see the module docstring).
+    """Trains ``objective`` on ``data``; checkpoints and logs under ``out_dir`` (see the module docstring).
 
     Args:
-        model: ``model(x_t, t)`` or, with labels, ``model(x_t, t, y)``, returning ambient velocities.
-        flow: manifold, path, time sampler and coupling.
+        objective: what one step optimises (:class:`~manifold_fm.training.objective.Objective`), e.g.
+            ``FlowObjective(model, flow, optim, null_class=...)``.
         data: the training batches (:class:`~manifold_fm.data.sources.DataSource`).
-        train, optim: the ``train`` and ``optim`` config sections.
+        train: the ``train`` config section.
         out_dir: run folder (``checkpoints/``, ``metrics.jsonl``).
-        null_class: the label classifier-free guidance drops to (labelled data only).
         hooks: :class:`Hook` s (sample grids, evaluations).
-        meta: stored in every checkpoint's ``meta.json`` (with ``flow``, ``null_class`` and ``train_seconds``).
+        meta: stored in every checkpoint's ``meta.json`` (with the objective's ``meta()``, ``train_seconds``,
+            ``processes`` and ``sessions``).
         fingerprint: config sections (plain data) a resumed run must share with its checkpoint.
         config: the run's config (plain data), written to ``out_dir/config.yaml`` when training starts.
         device: ``"cpu"`` to force the CPU; default accelerate's choice.
@@ -161,14 +162,11 @@ class Trainer:
 
     def __init__(
         self,
-        model: nn.Module,
-        flow: Flow,
+        objective: Objective,
         data: DataSource,
         train: TrainConfig,
-        optim: OptimConfig,
         out_dir: str | Path,
         *,
-        null_class: int | None = None,
         hooks: Sequence[Hook] = (),
         meta: Mapping[str, Any] | None = None,
         fingerprint: Mapping[str, Any] | None = None,
@@ -177,10 +175,9 @@ class Trainer:
         progress: bool = True,
         progress_position: int = 0,
     ) -> None:
-        self.train, self.optim, self.flow, self.data = train, optim, flow, data
+        self.objective, self.train, self.data = objective, train, data
         self.out_dir = Path(out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
-        self.null_class = null_class
         self.hooks = list(hooks)
         self.meta = dict(meta or {})
         self.fingerprint = config_fingerprint(fingerprint or {})
@@ -190,18 +187,37 @@ class Trainer:
         self.device = self.accelerator.device
         self.autocast_dtype = _autocast_dtype(train.mixed_precision, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.autocast_dtype == torch.float16 else None
-        self.model = model.to(self.device)
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(),
-            lr=optim.lr,
-            betas=tuple(optim.betas),
-            eps=optim.eps,
-            weight_decay=optim.weight_decay,
-            fused=self.device.type == "cuda" or None,  # one kernel per step on GPUs; CPU keeps the default
-        )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(optim, train.steps))
-        self.ema = EMA(self.model, decay=train.ema_decay, warmup=train.ema_warmup)
         acc = self.accelerator
+        objective.setup(train, self.device)
+        parts = objective.parts()
+        names = [p.name for p in parts]
+        if not parts or len(set(names)) != len(names):
+            raise ValueError(f"an objective needs at least one part, with distinct names; got {names}")
+        self.parts = {p.name: p for p in parts}
+        self.modules: dict[str, nn.Module] = {}
+        self.optimizers: dict[str, Any] = {}
+        self.schedulers: dict[str, Any] = {}
+        for part in parts:
+            module = part.module.to(self.device)
+            if self.device.type == "cuda" and acc.num_processes > 1:
+                # batch statistics over the global batch, as one process computes them (a no-op without BatchNorm)
+                module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+            self.modules[part.name] = module
+            o = part.optim
+            self.optimizers[part.name] = torch.optim.AdamW(
+                module.parameters(),
+                lr=o.lr,
+                betas=tuple(o.betas),
+                eps=o.eps,
+                weight_decay=o.weight_decay,
+                fused=self.device.type == "cuda" or None,  # one kernel per step on GPUs; CPU keeps the default
+            )
+            self.schedulers[part.name] = torch.optim.lr_scheduler.LambdaLR(
+                self.optimizers[part.name], lr_lambda(o, train.steps)
+            )
+        self.model_name = names[0]
+        self.model = self.modules[self.model_name]
+        self.ema = EMA(self.model, decay=train.ema_decay, warmup=train.ema_warmup)
         per_process = train.batch_size // acc.num_processes if train.batch_size % acc.num_processes == 0 else 0
         if per_process == 0 or per_process % train.grad_accum:
             raise TrainingError(
@@ -209,40 +225,59 @@ class Trainer:
                 f"then into train.grad_accum = {train.grad_accum} micro-batches"
             )
         self.plan = BatchPlan(train.batch_size, train.seed, acc.process_index, acc.num_processes)
+        # the modules steps run through: wrapped for data parallelism by prepare(), compiled with train.compile
+        self._prepared: dict[str, nn.Module] = dict(self.modules)
+        self._forward: dict[str, nn.Module] = dict(self.modules)
+        self._raw: dict[str, nn.Module] = dict(self.modules)
         self.step = 0
         self.train_seconds = 0.0  # wall time spent in training steps, accumulated across resumes
-        self.last_loss = float("nan")  # the mean loss of the last logged window (all processes)
-        # the open loss window, on the device: sum, number of steps, non-finite flag; its first step
-        self._window = torch.zeros(3, dtype=torch.float64, device=self.device)
+        self.terms = tuple(objective.terms)
+        self.last_terms: dict[str, float] = {}  # the mean of each term over the last logged window (all processes)
+        self.last_loss = float("nan")  # the first term's (the loss)
+        self.sessions: list[dict[str, int]] = []  # per fit(): the step it started at and the steps it ran
+        # the open window, on the device: the sum of each term, the number of steps, a non-finite flag; its first step
+        self._window = torch.zeros(len(self.terms) + 2, dtype=torch.float64, device=self.device)
         self._window_start = 0
 
     # ------------------------------------------------------------------ state
     def state(self) -> dict[str, Any]:
-        return {
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+        first = self.model_name
+        state: dict[str, Any] = {
+            "optimizer": self.optimizers[first].state_dict(),
+            "scheduler": self.schedulers[first].state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "ema_updates": self.ema.updates,
             "rng": rng_state(),
             "seed": self.train.seed,
             "config_digest": self.fingerprint,
-            "loss_window": {"sum_count": self._window[:2].cpu(), "start": self._window_start},
+            "loss_window": {"sum_count": self._window[:-1].cpu(), "start": self._window_start},
             "last_loss": self.last_loss,
+            "last_terms": dict(self.last_terms),
         }
+        others = [name for name in self.modules if name != first]
+        if others:
+            state["parts"] = {
+                name: {
+                    "module": {k: v.detach().cpu() for k, v in self._raw[name].state_dict().items()},
+                    "optimizer": self.optimizers[name].state_dict(),
+                    "scheduler": self.schedulers[name].state_dict(),
+                }
+                for name in others
+            }
+        return state
 
     def save(self) -> Path:
-        model = self.accelerator.unwrap_model(self.model)
         meta = {
-            "flow": self.flow.name,
-            "null_class": self.null_class,
+            **self.objective.meta(),
             "train_seconds": self.train_seconds,
             "processes": self.accelerator.num_processes,
+            "sessions": [dict(s) for s in self.sessions],
             **self.meta,
         }
         return save_checkpoint(
             self.ckpt_dir,
             self.step,
-            model.state_dict(),
+            self._raw[self.model_name].state_dict(),
             ema=self.ema.state_dict(),
             state=self.state(),
             meta=meta,
@@ -262,131 +297,131 @@ class Trainer:
                 f"cannot resume {path}: config section(s) {', '.join(changed)} differ from the checkpoint's; "
                 "use the run's config.yaml or a new --out folder"
             )
-        self.model.load_state_dict(ckpt.model)
+        first = self.model_name
+        self._raw[first].load_state_dict(ckpt.model)
         if ckpt.ema is not None:
             self.ema.load_state_dict(ckpt.ema, updates=int(ckpt.state.get("ema_updates", 0)))
-        self.optimizer.load_state_dict(ckpt.state["optimizer"])
-        self.scheduler.load_state_dict(ckpt.state["scheduler"])
+        self.optimizers[first].load_state_dict(ckpt.state["optimizer"])
+        self.schedulers[first].load_state_dict(ckpt.state["scheduler"])
+        for name, saved in ckpt.state.get("parts", {}).items():
+            self._raw[name].load_state_dict(saved["module"])
+            self.optimizers[name].load_state_dict(saved["optimizer"])
+            self.schedulers[name].load_state_dict(saved["scheduler"])
         if self.scaler is not None and ckpt.state.get("scaler") is not None:
             self.scaler.load_state_dict(ckpt.state["scaler"])
         set_rng_state(ckpt.state["rng"])
         self.step = ckpt.step
         self.train_seconds = float(ckpt.meta.get("train_seconds", 0.0))
+        self.sessions = [dict(s) for s in ckpt.meta.get("sessions", [])]
         window = ckpt.state.get("loss_window")
         if window is not None:
-            self._window[:2] = window["sum_count"].to(self._window)
+            self._window[:-1] = window["sum_count"].to(self._window)
             self._window_start = int(window["start"])
         else:
             self._window_start = self.step
         self.last_loss = float(ckpt.state.get("last_loss", float("nan")))
+        self.last_terms = dict(ckpt.state.get("last_terms", {}))
         return True
 
+    def part_module(self, name: str) -> nn.Module:
+        """The unwrapped module of part ``name``, with its current weights."""
+        return self._raw[name]
+
     # ------------------------------------------------------------------ step
-    def _draws(self, n_local: int, shape: Sequence[int], step: int, labelled: bool) -> tuple[Tensor | None, ...]:
-        """This process's slice of step ``step``'s random draws for the global batch (``n_local`` x processes), in
-        the order dropout mask, times, prior. The generator is seeded by ``(seed, step, 0)`` on every process."""
-        acc = self.accelerator
-        n = n_local * acc.num_processes
-        g = seeded_generator(self.train.seed, step, 0, device=self.device)
-        drop = None
-        if labelled and self.train.class_dropout > 0:
-            drop = torch.rand(n, generator=g, device=self.device) < self.train.class_dropout
-        t, x0 = self.flow.draw(n, shape, g, self.device, torch.float32)
-        mine = slice(acc.process_index * n_local, (acc.process_index + 1) * n_local)
-        return (None if drop is None else drop[mine]), t[mine], x0[mine]
-
-    def _loss(
-        self, model: nn.Module, x1: Tensor, y: Tensor | None, drop: Tensor | None, t: Tensor, x0: Tensor
-    ) -> Tensor:
-        x1 = self.flow.prepare_data(x1.to(self.device, torch.float32))
-        if y is not None:
-            y = y.to(self.device)
-        sample, y = self.flow.pair_and_sample(x0, x1, t, y)
-        if drop is not None and y is not None:
-            if self.null_class is None:
-                raise ValueError("class dropout needs the model's null_class; pass null_class= or class_dropout 0")
-            y = torch.where(drop, torch.full_like(y, self.null_class), y)
-        with self.autocast():
-            pred = model(sample.x_t, sample.t) if y is None else model(sample.x_t, sample.t, y)
-        return self.flow.loss(pred.float(), sample)
-
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
-        """Autocast of the forward pass in ``train.mixed_precision`` (a no-op in full precision)."""
+        """Autocast of the forward passes in ``train.mixed_precision`` (a no-op in full precision)."""
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def loss_on(self, model: nn.Module, x1: Tensor, y: Tensor | None, step: int) -> Tensor:
-        """The flow-matching loss of this process's batch at step ``step`` (its slice of the step's draws)."""
-        drop, t, x0 = self._draws(x1.shape[0], x1.shape[1:], step, y is not None)
-        return self._loss(model, x1, y, drop, t, x0)
+    def context(self, step: int | None = None) -> StepContext:
+        """What the objective sees of the trainer for step ``step`` (default: the next step)."""
+        acc = self.accelerator
+        return StepContext(
+            step=self.step if step is None else step,
+            seed=self.train.seed,
+            device=self.device,
+            process_index=acc.process_index,
+            num_processes=acc.num_processes,
+            grad_accum=self.train.grad_accum,
+            modules=self._forward,
+            raw=self._raw,
+            autocast=self.autocast,
+            backward=self._backward,
+            no_sync=self._no_sync,
+            update=self._update,
+            all_reduce_mean=self._all_reduce_mean,
+        )
 
-    def train_step(self, forward: nn.Module, raw: nn.Module, x1: Tensor, y: Tensor | None) -> tuple[Tensor, Any]:
-        """One optimisation step on this process's batch (``train.grad_accum`` micro-batches of the step's draws,
-        backward, clip, AdamW, LR schedule, EMA); advances ``step``. Returns the batch's mean loss (on the device,
-        not synchronised) and the gradient norm (``None`` without clipping)."""
-        self.model.train()
-        drop, t, x0 = self._draws(x1.shape[0], x1.shape[1:], self.step, y is not None)
-        k = self.train.grad_accum
-        m = x1.shape[0] // k
-        total: Tensor | None = None
-        for i in range(k):
-            mine = slice(i * m, (i + 1) * m)
-            last = i == k - 1
-            with contextlib.nullcontext() if last else self.accelerator.no_sync(self.model):
-                loss = self._loss(
-                    forward,
-                    x1[mine],
-                    None if y is None else y[mine],
-                    None if drop is None else drop[mine],
-                    t[mine],
-                    x0[mine],
-                )
-                if k > 1:
-                    loss = loss / k
-                self.accelerator.backward(self.scaler.scale(loss) if self.scaler is not None else loss)
-            total = loss.detach() if total is None else total + loss.detach()
+    def _backward(self, loss: Tensor) -> None:
+        self.accelerator.backward(self.scaler.scale(loss) if self.scaler is not None else loss)
+
+    def _no_sync(self, name: str) -> contextlib.AbstractContextManager[Any]:
+        return self.accelerator.no_sync(self._prepared[name])
+
+    def _update(self, name: str) -> Tensor | None:
+        optimizer, clip = self.optimizers[name], self.parts[name].optim.grad_clip
         grad_norm = None
         if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        if self.optim.grad_clip is not None:
-            grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.optim.grad_clip)
+            self.scaler.unscale_(optimizer)
+        if clip is not None:
+            grad_norm = self.accelerator.clip_grad_norm_(self._prepared[name].parameters(), clip)
         if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+            self.scaler.step(optimizer)  # the scaler's update() follows the step's last update (train_step)
         else:
-            self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.ema.update(raw)
-        self.step += 1
-        assert total is not None
-        self._window += torch.stack(
-            [total.double(), total.new_ones((), dtype=torch.float64), (~torch.isfinite(total)).double()]
-        )
-        return total, grad_norm
+            optimizer.step()
+        self.schedulers[name].step()
+        optimizer.zero_grad(set_to_none=True)
+        return grad_norm
 
-    def _read_window(self) -> float:
-        """Close the loss window: the mean loss over its steps and processes (one host sync). Raises
-        :class:`TrainingError` if any loss in it was not finite."""
+    def _all_reduce_mean(self, tensor: Tensor) -> Tensor:
+        if self.accelerator.num_processes == 1:
+            return tensor
+        return self.accelerator.reduce(tensor, reduction="mean")
+
+    def train_step(self, batch: Any) -> tuple[Tensor, Tensor | None]:
+        """One optimisation step on this process's ``batch`` (the objective's step, then the gradient scaler's
+        update and the EMA update); advances ``step``. Returns the objective's terms (on the device, not
+        synchronised) and the model's gradient norm (``None`` without clipping)."""
+        for module in self._prepared.values():
+            module.train()
+        terms, grad_norm = self.objective.step(self.context(), batch)
+        if self.scaler is not None:
+            self.scaler.update()
+        self.ema.update(self._raw[self.model_name])
+        self.step += 1
+        if self.sessions:
+            self.sessions[-1]["steps"] += 1
+        terms = terms.detach().double()
+        self._window += torch.cat([terms, terms.new_ones(1), (~torch.isfinite(terms)).any().double().reshape(1)])
+        return terms, grad_norm
+
+    def _read_window(self) -> dict[str, float]:
+        """Close the window: the mean of each term over its steps and processes (one host sync). Raises
+        :class:`TrainingError` if any value in it was not finite."""
         totals = self.accelerator.reduce(self._window.clone(), reduction="sum")
         first, last = self._window_start + 1, self.step
         self._window.zero_()
         self._window_start = self.step
-        loss_sum, count, bad = (float(v) for v in totals.cpu())
+        *sums, count, bad = (float(v) for v in totals.cpu())
         if bad > 0:
             raise TrainingError(
                 f"the loss was not finite in steps {first}..{last} (no checkpoint after step {first - 1} was "
                 "written); lower optim.lr or enable optim.grad_clip, then --resume from the last checkpoint"
             )
-        return loss_sum / max(count, 1.0)
+        return {name: value / max(count, 1.0) for name, value in zip(self.terms, sums, strict=True)}
 
-    def prepare(self) -> tuple[nn.Module, nn.Module]:
-        """Wrap model/optimizer with accelerate; returns ``(forward module, unwrapped model)``."""
-        self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
-        raw = self.accelerator.unwrap_model(self.model)
-        forward = torch.compile(self.model) if self.train.compile else self.model
-        return forward, raw
+    def prepare(self) -> None:
+        """Wrap every part's module and optimizer with accelerate (data parallelism), then compile the forward
+        modules with ``train.compile``."""
+        names = list(self.modules)
+        prepared = self.accelerator.prepare(*(self.modules[n] for n in names), *(self.optimizers[n] for n in names))
+        for i, name in enumerate(names):
+            module, self.optimizers[name] = prepared[i], prepared[len(names) + i]
+            self._prepared[name] = module
+            self._raw[name] = self.accelerator.unwrap_model(module)
+            self._forward[name] = torch.compile(module) if self.train.compile else module
+        self.model = self._prepared[self.model_name]
 
     def check_replicas(self, when: str) -> None:
         """Raise :class:`TrainingError` unless every process holds the same parameters, buffers and EMA weights
@@ -396,11 +431,11 @@ class Trainer:
             return
         import torch.distributed as dist
 
-        named = [
-            *self.model.named_parameters(),
-            *self.model.named_buffers(),
-            *(("ema." + k, v) for k, v in self.ema.model.state_dict().items()),
-        ]
+        named: list[tuple[str, Tensor]] = []
+        for name, module in self.modules.items():
+            prefix = "" if name == self.model_name else f"{name}."
+            named += [(prefix + k, v) for k, v in (*module.named_parameters(), *module.named_buffers())]
+        named += [("ema." + k, v) for k, v in self.ema.model.state_dict().items()]
         differ = [name for name, tensor in named if not _same_as_main(tensor.detach())]
         flag = torch.tensor([float(len(differ))], device=self.device)
         dist.all_reduce(flag)
@@ -445,7 +480,8 @@ class Trainer:
         acc, total = self.accelerator, self.train.steps
         resumed = self.restore() if resume else False
         self.check_replicas("after resuming" if resumed else "at the start")
-        forward, raw = self.prepare()
+        self.prepare()
+        self.sessions.append({"start": self.step, "steps": 0})
         logger = RunLogger(
             self.out_dir,
             resume_step=self.step if resumed else None,
@@ -457,7 +493,7 @@ class Trainer:
         bar = tqdm(
             total=total,
             initial=self.step,
-            desc=f"train {self.flow.name}",
+            desc=f"train {self.objective.name}",
             unit="step",
             disable=not (self.progress and acc.is_main_process),
             dynamic_ncols=True,
@@ -469,19 +505,21 @@ class Trainer:
         last_path: Path | None = None
         try:
             t_fit = time.perf_counter()
-            for x1, y in self.data.batches(self.plan, self.step, total):
-                _, grad_norm = self.train_step(forward, raw, x1, y)
+            for batch in self.data.batches(self.plan, self.step, total):
+                _, grad_norm = self.train_step(batch)
                 now = time.perf_counter()
                 self.train_seconds += now - t_fit
                 t_fit = now
-                seen += x1.shape[0] * acc.num_processes
+                seen += batch[0].shape[0] * acc.num_processes
                 bar.update(1)
                 log = self.step % self.train.log_every == 0 or self.step == total
                 checkpoint = self.step % self.train.checkpoint_every == 0 or self.step == total
                 if log:
-                    self.last_loss = self._read_window()
+                    self.last_terms = self._read_window()
+                    self.last_loss = self.last_terms[self.terms[0]]
                     ips = seen / max(time.perf_counter() - t_window, 1e-9)
-                    record = {"loss": self.last_loss, "samples_per_s": ips, "lr": self.scheduler.get_last_lr()[0]}
+                    lr = self.schedulers[self.model_name].get_last_lr()[0]
+                    record = {**self.last_terms, "samples_per_s": ips, "lr": lr}
                     if grad_norm is not None:
                         record["grad_norm"] = float(grad_norm)
                     logger.log(self.step, record)
@@ -510,8 +548,8 @@ class Trainer:
         return last_path or latest_checkpoint(self.ckpt_dir) or self.ckpt_dir
 
     def _check_window(self) -> None:
-        """Raise if a loss of the open window was not finite (one host sync), keeping the window open."""
-        bad = self.accelerator.reduce(self._window[2:].clone(), reduction="sum")
+        """Raise if a value of the open window was not finite (one host sync), keeping the window open."""
+        bad = self.accelerator.reduce(self._window[-1:].clone(), reduction="sum")
         if float(bad) > 0:
             self._read_window()  # raises, naming the steps
 
