@@ -13,6 +13,11 @@ Both have no deadline (a shared machine's timings are noise) and the same health
 
 Shared helpers that are not fixtures are in ``helpers.py`` (this file puts ``tests/`` on ``sys.path``, whatever
 pytest's import mode).
+
+Devices: the suite runs on the CPU on any machine, one with a GPU included (``python -m pytest`` there is supported):
+every test sees no CUDA in-process (``helpers.cpu_only``) and every process a test starts gets CUDA hidden
+(``helpers.cpu_env``), so bitwise and cross-process comparisons run on the CPU kernels they were written for. Tests
+marked ``gpu`` run on the real GPU instead and are skipped, with the reason, where there is none.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from hypothesis import HealthCheck, settings
 if str(Path(__file__).parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).parent))
 
-from helpers import CI_MAX_EXAMPLES, standin_extractor  # noqa: E402
+from helpers import CI_MAX_EXAMPLES, cpu_only, standin_extractor  # noqa: E402
 
 # Tiny models are dominated by per-op overhead: one intra-op thread is faster than two and immune to a busy
 # machine (measured: a tiny conv took 72 ms with 2 threads at load 9, 0.9 ms with 1).
@@ -53,6 +58,25 @@ settings.register_profile(
     print_blob=True,
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+_HAS_GPU = torch.cuda.is_available()  # read once, before any test hides CUDA
+
+
+@pytest.fixture(autouse=True)
+def _devices(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every test on the CPU (see the module docstring), except those marked ``gpu``: on the GPU, or skipped."""
+    if request.node.get_closest_marker("gpu") is None:
+        with cpu_only():
+            yield
+        return
+    if not _HAS_GPU:
+        pytest.skip("needs a CUDA GPU; none is visible to torch here")
+    from helpers import reset_accelerate
+
+    reset_accelerate()
+    yield
+    reset_accelerate()
 
 
 @pytest.fixture(autouse=True)

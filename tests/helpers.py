@@ -6,8 +6,9 @@ The module is deliberately not ``tests/__init__.py``-based: torch-fidelity insta
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -143,3 +144,84 @@ def tiny_image_run(*settings: str) -> list[str]:
     grids during training) followed by ``--set`` for each of ``settings``."""
     base = ["data.per_class=2", "train.batch_size=8", "train.sample_every=null", *settings]
     return ["--config", "image-builtin", *(arg for s in base for arg in ("--set", s))]
+
+
+# ----------------------------------------------------------------------------------------------- processes, CPU
+# The suite runs on the CPU on every machine, a GPU machine included: results compared bit for bit or across
+# processes must come from the same kernels, and two gloo ranks must not become two NCCL ranks on one GPU. Launched
+# processes get an environment that hides CUDA (cpu_env: every subprocess call in tests/ passes env=cpu_env(...),
+# test_gpu_machine.py checks it); in-process code sees no CUDA through cpu_only() (conftest.py applies it to every
+# test not marked ``gpu``).
+
+
+def cpu_env(*, drop: Sequence[str] = (), **extra: str) -> dict[str, str]:
+    """The environment of a process a test starts: this one's with CUDA hidden (``CUDA_VISIBLE_DEVICES=""``) and one
+    OpenMP thread, plus ``extra``, without the variables in ``drop``."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    return {**env, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", **extra}
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (for a launcher's rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accelerate_command(*args: str, processes: int = 2) -> list[str]:
+    """``accelerate launch`` of ``processes`` CPU processes (gloo ranks) running ``args`` (``-m module ...`` or a
+    script path and its arguments); run it with ``env=cpu_env()``."""
+    import sys
+
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        *(["--multi_gpu"] if processes > 1 else ["--cpu"]),
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        *args,
+    ]
+
+
+@contextlib.contextmanager
+def cpu_only() -> Iterator[None]:
+    """In-process code sees no CUDA (``torch.cuda.is_available()`` is false), so the library, accelerate and
+    torch-fidelity choose the CPU as on a machine without a GPU; accelerate's process state is rebuilt on entry and
+    on exit, so no device choice leaks into or out of the block."""
+    from unittest import mock
+
+    reset_accelerate()
+    try:
+        with mock.patch("torch.cuda.is_available", _no_cuda), mock.patch("torch.cuda.device_count", _no_devices):
+            yield
+    finally:
+        reset_accelerate()
+
+
+def _no_cuda() -> bool:
+    return False
+
+
+def _no_devices() -> int:
+    return 0
+
+
+def reset_accelerate() -> None:
+    """Forget accelerate's process-wide state (its device is chosen once per state); a no-op before any."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    if PartialState._shared_state and not torch.distributed.is_initialized():
+        AcceleratorState._reset_state(reset_partial_state=True)

@@ -14,6 +14,8 @@ from click.testing import CliRunner
 
 from manifold_fm.cli import REPORT_LINE, is_user_error, main
 
+from helpers import cpu_env
+
 
 def _one_error_line(output: str) -> str:
     lines = [line for line in output.splitlines() if line.strip()]
@@ -85,7 +87,9 @@ def test_an_injected_bug_prints_its_traceback_then_the_report_line(tmp_path: Pat
         main(["configs"])
         """
     )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path, env=cpu_env()
+    )
     assert proc.returncode == 1
     err = proc.stderr.strip().splitlines()
     assert any(line.startswith("Traceback") for line in err), proc.stderr

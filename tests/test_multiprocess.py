@@ -12,9 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,6 +23,8 @@ from click.testing import CliRunner
 
 from manifold_fm.cli import main
 from manifold_fm.training.checkpoint import latest_checkpoint, load_checkpoint
+
+from helpers import accelerate_command, cpu_env
 
 pytestmark = pytest.mark.slow
 
@@ -51,46 +51,29 @@ TRAIN = [
 ROUNDING = 1e-6
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(*args: str, wait: bool = True, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    """``accelerate launch`` with 2 processes of ``python -m manifold_fm.cli ARGS`` (its own process group)."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(_free_port()),
-        "-m",
-        "manifold_fm.cli",
-        *args,
-    ]
+    """``accelerate launch`` with 2 CPU processes of ``python -m manifold_fm.cli ARGS`` (its own process group)."""
     proc = subprocess.Popen(
-        cmd,
+        accelerate_command("-m", "manifold_fm.cli", *args),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+        env=cpu_env(**(env or {})),
     )
     if wait:
         out, _ = proc.communicate(timeout=600)
         proc.stdout_text = out  # type: ignore[attr-defined]
         assert proc.returncode == 0, out[-3000:]
     return proc
+
+
+def _records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _column(records: list[dict], key: str) -> list[float]:
+    return [r[key] for r in records if key in r]
 
 
 def _weights(run: Path, ema: bool = False) -> dict[str, torch.Tensor]:
@@ -116,9 +99,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def test_two_processes_train_like_one_at_the_same_global_batch(runs: dict) -> None:
     assert _max_diff(_weights(runs["two"]), _weights(runs["one"])) < ROUNDING
     assert _max_diff(_weights(runs["two"], ema=True), _weights(runs["one"], ema=True)) < ROUNDING
-    two = [json.loads(line)["loss"] for line in (runs["two"] / "metrics.jsonl").read_text().splitlines()]
-    one = [json.loads(line)["loss"] for line in (runs["one"] / "metrics.jsonl").read_text().splitlines()]
-    np.testing.assert_allclose(two, one, rtol=1e-6)  # the logged loss is the global batch's mean
+    two, one = _records(runs["two"]), _records(runs["one"])
+    np.testing.assert_allclose(_column(two, "loss"), _column(one, "loss"), rtol=1e-6)  # the global batch's mean
     # exactly one checkpoint per save, written by the main process; one "run folder" line
     names = sorted(p.name for p in (runs["two"] / "checkpoints").iterdir())
     assert names == ["latest", "step_00000004", "step_00000008"]  # keep_checkpoints: 2; no second writer's files
@@ -176,25 +158,8 @@ except TrainingError as exc:
 def test_replicas_that_disagree_stop_the_run_with_a_message(tmp_path: Path) -> None:
     script = tmp_path / "mismatch.py"
     script.write_text(_MISMATCH)
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(_free_port()),
-        str(script),
-        str(tmp_path / "run"),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = accelerate_command(str(script), str(tmp_path / "run"))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=cpu_env())
     assert proc.returncode != 0
     assert "2 processes hold different weights at the start" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert not (tmp_path / "run" / "checkpoints").exists()
