@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -225,3 +226,205 @@ def reset_accelerate() -> None:
 
     if PartialState._shared_state and not torch.distributed.is_initialized():
         AcceleratorState._reset_state(reset_partial_state=True)
+
+
+# ----------------------------------------------------------------------------------------------- devices
+#: The device a simulated GPU reports (:func:`simulated_cuda`).
+SIM_CUDA = torch.device("cuda", 0)
+
+
+class DeviceMismatchError(RuntimeError):
+    """What :func:`simulated_cuda` raises where a real GPU would refuse to mix devices (the messages follow
+    PyTorch's)."""
+
+
+def _sim_device(value: Any) -> torch.device | None:
+    """``value`` as a device (``"cuda"`` and ``cuda`` without an index mean ``cuda:0``), ``None`` if it is none."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int):
+        return torch.device("cuda", value)
+    if isinstance(value, str):
+        try:
+            value = torch.device(value)
+        except RuntimeError:
+            return None
+    if isinstance(value, torch.device):
+        return SIM_CUDA if value.type == "cuda" else value
+    return None
+
+
+_REAL_GENERATOR = torch.Generator
+
+
+class _GeneratorType(type(_REAL_GENERATOR)):
+    def __instancecheck__(cls, obj: object) -> bool:  # real generators made before the simulation still count
+        return isinstance(obj, _REAL_GENERATOR)
+
+
+class SimGenerator(_REAL_GENERATOR, metaclass=_GeneratorType):
+    """A CPU generator that reports the device it was asked for (``torch.Generator(device="cuda")`` needs a driver)."""
+
+    def __new__(cls, device: Any = None) -> SimGenerator:
+        self = super().__new__(cls)
+        self._sim_device = _sim_device(device) or torch.device("cpu")
+        return self
+
+    def __init__(self, device: Any = None) -> None:
+        pass
+
+    @property
+    def device(self) -> torch.device:  # type: ignore[override]
+        return self._sim_device
+
+
+# Tensor properties the simulation answers (their descriptors; compared with a getter's ``__self__``)
+_DEVICE, _IS_CUDA, _IS_CPU, _GRAD = (torch._C.TensorBase.__dict__[n] for n in ("device", "is_cuda", "is_cpu", "grad"))
+
+
+class _SimulatedCuda(torch.overrides.TorchFunctionMode):
+    """Tensors on the simulated GPU are real CPU tensors whose storage is tagged; the mode reports their device as
+    ``cuda:0``, tags what they produce, and raises :class:`DeviceMismatchError` where CUDA would refuse."""
+
+    # functions that take tensors on different devices on a real GPU: indexing with host indices, copies, printing
+    _MIXING = {"__getitem__", "copy_", "__repr__", "__format__", "__str__", "_has_compatible_shallow_copy_type"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torch.multiprocessing.reductions import StorageWeakRef
+
+        self._ref = StorageWeakRef
+        self._tags: dict[int, Any] = {}
+
+    def on_gpu(self, t: Tensor) -> bool:
+        storage = t.untyped_storage()
+        ref = self._tags.get(storage._cdata)
+        if ref is not None and ref.expired():  # freed: its address may be reused by a host tensor
+            del self._tags[storage._cdata]
+            return False
+        return ref is not None
+
+    def tag(self, t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        self._tags[storage._cdata] = self._ref(storage)
+        return t
+
+    def device_of(self, t: Tensor) -> torch.device:
+        return SIM_CUDA if self.on_gpu(t) else t.device
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        from torch.utils._pytree import tree_flatten
+
+        kwargs = dict(kwargs or {})
+        name = getattr(func, "__name__", "")
+        owner = getattr(func, "__self__", None)
+        if name in ("__get__", "__set__", "__delete__"):
+            if owner is _DEVICE:
+                return self.device_of(args[0])
+            if owner is _IS_CUDA:
+                return self.on_gpu(args[0])
+            if owner is _IS_CPU:
+                return not self.on_gpu(args[0])
+            out = func(*args, **kwargs)
+            if owner is _GRAD and out is not None and self.on_gpu(args[0]):
+                self.tag(out)  # gradients, made by the autograd engine, follow their tensor
+            return out
+        if func in (Tensor.numpy, Tensor.__array__) and self.on_gpu(args[0]):
+            raise TypeError(
+                "can't convert cuda:0 device type tensor to numpy. Use Tensor.cpu() to copy the tensor to host memory "
+                "first."
+            )
+        # explicit moves
+        if func in (Tensor.to, Tensor.cuda, Tensor.cpu):
+            src = args[0]
+            if func is Tensor.cuda:
+                target, args, kwargs = SIM_CUDA, (src,), {}
+            elif func is Tensor.cpu:
+                target = torch.device("cpu")
+            else:
+                target = None
+                rest = []
+                for a in args[1:]:
+                    if isinstance(a, Tensor):  # .to(other): its device and dtype
+                        target, a = self.device_of(a), a.dtype
+                    elif _sim_device(a) is not None:
+                        target, a = _sim_device(a), torch.device("cpu")
+                    rest.append(a)
+                if "device" in kwargs:
+                    target, kwargs["device"] = _sim_device(kwargs["device"]), torch.device("cpu")
+                args = (src, *rest)
+                target = target or self.device_of(src)
+                func = Tensor.to
+            out = func(*args, **kwargs)
+            same = out.untyped_storage()._cdata == src.untyped_storage()._cdata
+            if target.type == "cuda":
+                if same and not self.on_gpu(src):
+                    out = self.tag(src.detach().clone())
+                elif not same:
+                    self.tag(out)
+            elif same and self.on_gpu(src):
+                out = src.detach().clone()
+            return out
+        tensors = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, Tensor)]
+        if "device" in kwargs and kwargs["device"] is not None:  # factories
+            out_device = _sim_device(kwargs["device"]) or torch.device("cpu")
+            kwargs["device"] = torch.device("cpu")
+        else:
+            on = {self.device_of(t).type for t in tensors if t.dim() > 0 or self.on_gpu(t)}
+            if name == "__setitem__":  # host indices are fine, a value tensor must sit with the target
+                on = {self.device_of(t).type for t in (args[0], args[2]) if isinstance(t, Tensor) and t.dim() > 0}
+            if len(on) > 1 and name not in self._MIXING:
+                raise DeviceMismatchError(
+                    f"{name}: Expected all tensors to be on the same device, but found at least two devices, cuda:0 "
+                    "and cpu!"
+                )
+            out_device = SIM_CUDA if any(self.on_gpu(t) for t in tensors) else torch.device("cpu")
+        generator = kwargs.get("generator")
+        if generator is not None and generator.device.type != out_device.type:
+            raise DeviceMismatchError(
+                f"{name}: Expected a '{out_device.type}' device type for generator but found '{generator.device.type}'"
+            )
+        out = func(*args, **kwargs)
+        if out_device.type == "cuda" and name not in self._MIXING - {"__getitem__"}:
+            for o in tree_flatten(out)[0]:
+                if isinstance(o, Tensor):
+                    self.tag(o)
+        return out
+
+
+@contextlib.contextmanager
+def simulated_cuda(accelerate: bool = False) -> Iterator[Any]:
+    """A GPU for device-discipline tests on a machine without one: inside, ``device="cuda"`` (and ``.to("cuda")``,
+    ``.cuda()``, ``torch.Generator(device="cuda")``) give tensors that report ``cuda:0`` and compute on the CPU,
+    with the same values a CPU run gets; mixing them with host tensors the way a real GPU refuses raises
+    :class:`DeviceMismatchError`: an op on tensors of both devices (0-dim host tensors excepted, as on CUDA; indexing
+    with host indices and ``copy_`` allowed), a generator of the other device, ``.numpy()`` of a GPU tensor.
+    ``accelerate``: accelerate's ``Accelerator.device`` is the simulated GPU too (for the trainer).
+
+    Build modules and real tensors outside or inside; move them in with ``.to("cuda")`` inside. Gradients follow
+    their tensors (read through ``.grad`` or returned by ``torch.autograd.grad``). ``torch.cuda.is_available()`` stays
+    false (nothing real is there).
+    """
+    from unittest import mock
+
+    mode = _SimulatedCuda()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch("torch.Generator", SimGenerator))
+        real_grad = torch.autograd.grad
+
+        def grad(outputs: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:  # made by the engine, like .grad
+            out = real_grad(outputs, inputs, *args, **kwargs)
+            for g, x in zip(out, [inputs] if isinstance(inputs, Tensor) else inputs, strict=False):
+                if g is not None and mode.on_gpu(x):
+                    mode.tag(g)
+            return out
+
+        stack.enter_context(mock.patch("torch.autograd.grad", grad))
+        if accelerate:
+            from accelerate import Accelerator
+
+            stack.enter_context(mock.patch.object(Accelerator, "device", property(lambda self: SIM_CUDA)))
+        stack.enter_context(warnings.catch_warnings())
+        warnings.filterwarnings("ignore", message=".*CUDA is not available.*")  # torch.autocast("cuda") there
+        stack.enter_context(mode)
+        yield mode

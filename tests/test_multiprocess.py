@@ -45,6 +45,17 @@ TRAIN = [
     "train.log_every=1",
     "--set",
     "train.threads=1",
+    # one evaluation, at the end: every process samples and scores its share (12 samples in chunks of 4)
+    "--set",
+    "train.eval_every=8",
+    "--set",
+    "eval.samples=12",
+    "--set",
+    "eval.batch_size=4",
+    "--set",
+    "eval.classifier_steps=3",
+    "--set",
+    "sample.steps=2",
 ]
 # summation order only: observed ~1.5e-8 on these weights (magnitude ~0.2); the bound leaves room, a different
 # stream of examples or noise would differ by ~1e-3
@@ -101,6 +112,12 @@ def test_two_processes_train_like_one_at_the_same_global_batch(runs: dict) -> No
     assert _max_diff(_weights(runs["two"], ema=True), _weights(runs["one"], ema=True)) < ROUNDING
     two, one = _records(runs["two"]), _records(runs["one"])
     np.testing.assert_allclose(_column(two, "loss"), _column(one, "loss"), rtol=1e-6)  # the global batch's mean
+    # the evaluation at step 8 ran on both processes (each its share) and was logged once, by the main process;
+    # it scores the EMA weights, equal to rounding, so the metrics agree to rounding
+    (ev2,), (ev1,) = ([r for r in recs if "fd_builtin_classifier" in r] for recs in (two, one))
+    assert ev2["step"] == ev1["step"] == 8
+    for key in ("fd_builtin_classifier", "classifier_accuracy", "on_sphere_error_max"):
+        assert ev2[key] == pytest.approx(ev1[key], rel=1e-4, abs=1e-7), key
     # exactly one checkpoint per save, written by the main process; one "run folder" line
     names = sorted(p.name for p in (runs["two"] / "checkpoints").iterdir())
     assert names == ["latest", "step_00000004", "step_00000008"]  # keep_checkpoints: 2; no second writer's files
@@ -189,3 +206,66 @@ def test_ot_coupling_pairs_per_process_like_one_process_per_micro_batch(tmp_path
     assert whole.exit_code == 0, whole.output
     assert _max_diff(_weights(tmp_path / "two"), _weights(tmp_path / "a")) < ROUNDING
     assert _max_diff(_weights(tmp_path / "two"), _weights(tmp_path / "w")) > 100 * ROUNDING
+
+
+_EVAL = """
+import json, sys
+from pathlib import Path
+import torch
+from manifold_fm.eval.classifier import builtin_evaluator
+from manifold_fm.tokenizers import builtin_tokenizer
+from manifold_fm.training.builders import latent_flow
+from manifold_fm.training.image import eval_hook, image_model, run_decoder
+from manifold_fm.training.schema import load_image_config
+
+torch.set_num_threads(1)
+cfg = load_image_config("image-builtin", ["sample.steps=2", "eval.samples=10", "eval.batch_size=4"])
+model = image_model(cfg, 16, 8, 12)
+evaluator = builtin_evaluator(sys.argv[1], per_class=6, test_per_class=4, steps=40, progress=False)
+chunks = []  # the batches this process decodes
+decoder = run_decoder(cfg, builtin_tokenizer(progress=False))
+decode = decoder.decode
+decoder.decode = lambda z: chunks.append(z.shape[0]) or decode(z)
+hook = eval_hook(cfg, latent_flow(cfg.flow, 16), decoder, (16, 8, 8), 12, evaluator)
+import accelerate  # the launcher's process group (gloo on CPU)
+accelerate.PartialState()
+metrics = hook.fn(2, model)
+rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+Path(sys.argv[2], f"rank{rank}.json").write_text(json.dumps({"world": world, "chunks": chunks, "metrics": metrics}))
+"""
+
+
+def test_the_evaluation_hook_on_two_processes_equals_one_process(tmp_path: Path) -> None:
+    """The evaluation hook's metrics under 2 processes (each sampling, decoding and scoring its share of the chunks;
+    the features gathered) equal one process's, and both processes did work: 10 samples in chunks of 4 are chunks of
+    4, 4 and 2; process 0 does chunks 0 and 2, process 1 chunk 1."""
+    from manifold_fm.eval.classifier import builtin_evaluator
+    from manifold_fm.tokenizers import builtin_tokenizer
+    from manifold_fm.training.builders import latent_flow
+    from manifold_fm.training.image import eval_hook, image_model, run_decoder
+    from manifold_fm.training.schema import load_image_config
+
+    cache = tmp_path / "clf"
+    evaluator = builtin_evaluator(cache, per_class=6, test_per_class=4, steps=40, progress=False)  # cached for both
+    cfg = load_image_config("image-builtin", ["sample.steps=2", "eval.samples=10", "eval.batch_size=4"])
+    decoder = run_decoder(cfg, builtin_tokenizer(progress=False))
+    one = eval_hook(cfg, latent_flow(cfg.flow, 16), decoder, (16, 8, 8), 12, evaluator).fn(
+        2, image_model(cfg, 16, 8, 12)
+    )
+    script = tmp_path / "evaluate.py"
+    script.write_text(_EVAL)
+    proc = subprocess.run(
+        accelerate_command(str(script), str(cache), str(tmp_path)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=cpu_env(),
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    assert [r["chunks"] for r in ranks] == [[4, 2], [4]]
+    for r in ranks:
+        assert set(r["metrics"]) == set(one)
+        for key in set(one) - {"sample_s_per_image"}:
+            assert r["metrics"][key] == pytest.approx(one[key], rel=1e-9, abs=1e-12), key
