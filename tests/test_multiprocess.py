@@ -269,3 +269,56 @@ def test_the_evaluation_hook_on_two_processes_equals_one_process(tmp_path: Path)
         assert set(r["metrics"]) == set(one)
         for key in set(one) - {"sample_s_per_image"}:
             assert r["metrics"][key] == pytest.approx(one[key], rel=1e-9, abs=1e-12), key
+
+
+def _cache_files(folder: Path) -> dict[str, object]:
+    from safetensors.torch import load_file
+
+    out: dict[str, object] = {"manifest": json.loads((folder / "manifest.json").read_text())}
+    for shard in sorted(folder.glob("shard-*.safetensors")):
+        out.update({f"{shard.name}/{k}": v for k, v in load_file(str(shard)).items()})
+    return out
+
+
+def _writers(folder: Path) -> list[list[int]]:
+    """The process that wrote each shard (from the record in its metadata)."""
+    from safetensors import safe_open
+
+    out = []
+    for shard in sorted(folder.glob("shard-*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            out.append(json.loads(f.metadata()["record"])["process"])
+    return out
+
+
+def _same_cache(a: dict[str, object], b: dict[str, object]) -> bool:
+    return a.keys() == b.keys() and all(
+        torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a
+    )
+
+
+def test_extract_latents_on_two_processes_writes_the_one_process_cache(tmp_path: Path) -> None:
+    """Each process encodes its shards (0, 2, 4, ... and 1, 3, 5, ...); the main process writes the manifest: the
+    cache equals one process's, file for file. A cache stopped after some shards resumes with another process count
+    and redoes only the missing shards."""
+    args = ["extract-latents", "--per-class", "5", "--shard-size", "9", "--batch-size", "4", "--split", "test"]
+    one = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "one")])
+    assert one.exit_code == 0, one.output
+    two = _launch(*args, "--out", str(tmp_path / "two"))
+    assert two.stdout_text.count("latents of shape") == 1  # one summary, from the main process
+    reference = _cache_files(tmp_path / "one")
+    assert len(reference["manifest"]["shards"]) == 7  # 60 images in shards of 9
+    assert _same_cache(_cache_files(tmp_path / "two"), reference)
+    assert _writers(tmp_path / "two") == [[k % 2, 2] for k in range(7)]
+    # stopped after shards 0-2 (one process), resumed by two
+    import shutil
+
+    part = tmp_path / "part"
+    shutil.copytree(tmp_path / "one", part)
+    for k in range(3, 7):
+        (part / f"shard-{k:05d}.safetensors").unlink()
+    kept = (part / "shard-00001.safetensors").stat().st_mtime_ns
+    _launch(*args, "--out", str(part))
+    assert (part / "shard-00001.safetensors").stat().st_mtime_ns == kept
+    assert _same_cache(_cache_files(part), reference)
+    assert _writers(part) == [[0, 1]] * 3 + [[1, 2], [0, 2], [1, 2], [0, 2]]  # shards 3-6 split over the two
