@@ -253,6 +253,7 @@ class Trainer:
             state=self.state(),
             meta=meta,
             keep=self.train.keep_checkpoints,
+            keep_every=self.train.keep_every,
         )
 
     def restore(self) -> bool:
