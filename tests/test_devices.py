@@ -242,3 +242,22 @@ def test_sampling_a_trained_run_on_a_gpu_gives_the_cpu_images(tmp_path: Path) ->
     for a, b in zip(gpu, cpu, strict=True):
         assert a.device.type == "cpu"  # handed back to the host
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_the_evaluation_hook_on_a_real_gpu(evaluator) -> None:  # noqa: ANN001
+    """The same evaluation as the simulated one, on CUDA (fp32, TF32 off): the GPU's kernels round differently, so
+    the metrics agree with the CPU's to a tolerance; the samples stay on the spheres."""
+    cfg, model, flow = _run("eval.samples=10", "eval.batch_size=4", "sample.precision=fp32")
+    from manifold_fm.tokenizers import builtin_tokenizer
+
+    cpu = eval_hook(cfg, flow, run_decoder(cfg, builtin_tokenizer(progress=False)), SHAPE, CLASSES, evaluator).fn(
+        2, model
+    )
+    decoder = run_decoder(cfg, builtin_tokenizer(progress=False))
+    gpu = eval_hook(cfg, flow, decoder, SHAPE, CLASSES, evaluator).fn(2, model.to("cuda"))
+    assert decoder.device.type == "cuda" and next(evaluator.model.parameters()).device.type == "cuda"
+    evaluator.model.cpu()
+    assert gpu["fd_builtin_classifier"] == pytest.approx(cpu["fd_builtin_classifier"], rel=1e-3)
+    assert abs(gpu["classifier_accuracy"] - cpu["classifier_accuracy"]) <= 0.1  # one of 10 samples at most
+    assert gpu["on_sphere_error_max"] < 1e-5

@@ -119,6 +119,8 @@ PUBLIC_MODULES = [
     "manifold_fm.eval.over_training",
     "manifold_fm.eval.plots",
     "manifold_fm.eval.sample_quality",
+    "manifold_fm.precision",
+    "manifold_fm.distributed",
     "manifold_fm.training.schema",
     "manifold_fm.training.trainer",
     "manifold_fm.training.builders",

@@ -389,7 +389,8 @@ def check_sampling(spec: CheckSpec, tokenizer: Any, channels: int, size: int, de
     model = build_sit(spec.sit, input_size=size, in_channels=channels, num_classes=spec.num_classes).to(device)
     model.eval().requires_grad_(False)
     labels = torch.randint(0, spec.num_classes, (spec.sample_batch,), device=device)
-    sampler = SamplerSpec(method="euler", steps=spec.sample_steps, cfg_scale=spec.cfg_scale)
+    # fp32 here: IEEE float32 with TF32 off for the fp32 row; the bf16 row autocasts the network itself (autocast_net)
+    sampler = SamplerSpec(method="euler", steps=spec.sample_steps, cfg_scale=spec.cfg_scale, precision="fp32")
     results: dict[str, Any] = {}
     for mode in ("linear", "spherical"):
         flow = preset_flow(mode, channels)
