@@ -103,6 +103,10 @@ ENTRIES["sampling_guidance"] = Entry(
     long=True,
 )
 ENTRIES["sampling_ot"] = Entry("sampling.py", ("ot",), outputs=("sampling_ot.json", "sampling_ot.md"), long=True)
+# bf16 against fp32 sampling: on the ablation's models when present, else trains its own (runs/precision)
+ENTRIES["sampling_precision"] = Entry(
+    "sampling.py", ("precision",), outputs=("sampling_precision.json", "sampling_precision.md"), long=True
+)
 ENTRIES["decoder_swap"] = Entry("decoder_swap.py", outputs=("decoder_swap.json", "decoder_swap.md"), long=True)
 # the default run's decoder finetune on the one trainer against the loop it replaced (whose rows, --label before,
 # come from the package at commit c66244f: see the script's docstring)

@@ -7,15 +7,20 @@ solver (dopri5) and the 250-NFE Euler reference; each scored by the built-in cla
 accuracy on the same class-balanced noise and labels. ``guidance``: Euler 20 steps at CFG scales 1 to 4, without and
 with a guidance interval. ``ot``: the linear and spherical models trained with the independent coupling and with
 minibatch OT (``python benchmarks/ablation.py --work runs/ot --arms linear spherical --name ablation_ot --set
-flow.coupling=ot``) at 250, 16, 8 and 1 Euler steps, and the straightness of their flows.
+flow.coupling=ot``) at 250, 16, 8 and 1 Euler steps, and the straightness of their flows. ``precision``: every model
+sampled at ``sample.precision`` fp32 and bf16 (Euler 20 steps, CFG 3: the default run's sampler) from the same
+noise: FD and accuracy per seed, how far the bf16 latents land from the fp32 ones, and the rule that sets ``auto``
+on GPUs (:data:`manifold_fm.precision.AUTO_ON_CUDA`) applied to them.
 
     python benchmarks/sampling.py nfe       # -> results/sampling_nfe.{json,md,png}, sampler_presets.{json,md}
     python benchmarks/sampling.py guidance             # -> results/sampling_guidance.{json,md,png}
     python benchmarks/sampling.py ot --ot-runs runs/ot # -> results/sampling_ot.{json,md}
     python benchmarks/sampling.py nfe --report         # rebuild the table and plot from the saved json
+    python benchmarks/sampling.py precision            # -> results/sampling_precision.{json,md}
 
 Runs: ``--runs runs/ablation`` holds ``seed<N>/<arm>`` folders (``python benchmarks/ablation.py``). The (arm, seed)
-models are scored in parallel processes, one thread each.
+models are scored in parallel processes, one thread each. The ``precision`` study trains the models it lacks (a
+default run with the linear and spherical arms per seed, as the ablation trains them, into ``--train-dir``).
 """
 
 from __future__ import annotations
@@ -108,7 +113,10 @@ def score(job: tuple[str, str, int, dict[str, dict[str, Any]], int, str | None, 
     for name, overrides in grid.items():
         spec = validate(SamplerSpec, {**base, "cfg_scale": 1.0, "cfg_interval": None, "time_shift": 1.0, **overrides})
         counted = _Counted(run.model)
-        quality = SampleQuality(run.flow, spec, run.decoder, run.latent_shape, run.num_classes, evaluator)
+        # one chunk of all the samples, so the forward calls counted are the NFE per sample
+        quality = SampleQuality(
+            run.flow, spec, run.decoder, run.latent_shape, run.num_classes, evaluator, batch_size=samples
+        )
         t0 = time.perf_counter()
         z, images, labels, _ = quality.sample(counted, samples, seed=noise_seed)
         r = evaluator.evaluate(images, labels)
@@ -122,12 +130,133 @@ def score(job: tuple[str, str, int, dict[str, dict[str, Any]], int, str | None, 
             latents[name] = z.flatten(1).double()
     row: dict[str, Any] = {"arm": arm, "seed": seed, "coupling": coupling, "settings": out}
     if len(latents) == 2:
-        g = torch.Generator().manual_seed(noise_seed)
+        from manifold_fm.seeding import seeded_generator
+
+        g = seeded_generator(noise_seed, 0, "sample")  # the noise of SampleQuality's one chunk
         x0 = run.flow.prior((samples, *run.latent_shape), g, "cpu", dtype=torch.float32).flatten(1).double()
         full = latents["euler-250"]
         miss = (latents["euler-1"] - full).norm(dim=1).mean()
         row["straightness_error"] = float(miss / (x0 - full).norm(dim=1).mean())
     return row
+
+
+#: The sampler of the precision study: the default run's (``manifold_fm/configs/default.yaml``).
+PRECISION_SAMPLER = {"method": "euler", "steps": 20, "cfg_scale": 3.0}
+#: The arms whose latents are projected to the token spheres (their on-sphere error is float rounding).
+SPHERICAL_ARMS = ("spherical-linear", "spherical")
+
+
+def score_precision(job: tuple[str, str, int, int, str | None]) -> dict[str, Any]:
+    """One trained model sampled at fp32 and bf16 from the same noise and labels: FD, accuracy and seconds of
+    each (CPU: bf16 autocast there, timings are this machine's), and the largest and mean ``|z_bf16 - z_fp32|`` of
+    the latents."""
+    run_dir, arm, seed, samples, cache_dir = job
+    import torch
+
+    torch.set_num_threads(1)
+    from manifold_fm.config import validate
+    from manifold_fm.eval.classifier import builtin_evaluator
+    from manifold_fm.eval.sample_quality import SampleQuality, token_norm_error
+    from manifold_fm.sampler import SamplerSpec
+    from manifold_fm.training.runs import load_run
+
+    evaluator = builtin_evaluator(cache_dir, progress=False)
+    run = load_run(run_dir)
+    base = run.cfg.sample.model_dump(include=set(SamplerSpec.model_fields))
+    out: dict[str, Any] = {"arm": arm, "seed": seed, "run": run_dir}
+    latents = {}
+    for precision in ("fp32", "bf16"):
+        spec = validate(SamplerSpec, {**base, **PRECISION_SAMPLER, "cfg_interval": None, "precision": precision})
+        quality = SampleQuality(run.flow, spec, run.decoder, run.latent_shape, run.num_classes, evaluator)
+        t0 = time.perf_counter()
+        z, images, labels, _ = quality.sample(run.model, samples, seed=30_000 + seed)
+        r = evaluator.evaluate(images, labels)
+        out[precision] = {
+            METRIC: r[METRIC],
+            "classifier_accuracy": r["classifier_accuracy"],
+            "seconds": time.perf_counter() - t0,
+            "on_sphere_error_max": token_norm_error(z)["max"],
+        }
+        latents[precision] = z.double()
+    diff = (latents["bf16"] - latents["fp32"]).abs()
+    out["latent_max_abs_diff"] = float(diff.max())
+    out["latent_mean_abs_diff"] = float(diff.mean())
+    out["latent_rms"] = float(latents["fp32"].square().mean().sqrt())
+    return out
+
+
+def precision_choice(rows: list[dict], arms: list[str]) -> dict[str, Any]:
+    """The rule behind ``auto`` on GPUs: bf16 when, for every arm, the change of the mean FD from fp32 to bf16 is
+    within the sample standard deviation of the fp32 FD over seeds; else tf32 (float32 tensors, TF32 matmuls)."""
+    per_arm = {}
+    for arm in arms:
+        mine = [r for r in rows if r["arm"] == arm]
+        fp32 = mean_sd([r["fp32"][METRIC] for r in mine])
+        bf16 = mean_sd([r["bf16"][METRIC] for r in mine])
+        per_arm[arm] = {
+            "fd_change": bf16[0] - fp32[0],
+            "fd_seed_sd": fp32[1],
+            "within": abs(bf16[0] - fp32[0]) <= fp32[1],
+        }
+    return {"arms": per_arm, "choice": "bf16" if all(a["within"] for a in per_arm.values()) else "tf32"}
+
+
+def precision_table(rows: list[dict], arms: list[str], command: str, samples: int) -> str:
+    lines = [
+        "| arm | seed | FD fp32 | FD bf16 | accuracy fp32 | accuracy bf16 | max abs latent difference | "
+        "mean abs latent difference | on-sphere error (max), fp32 | bf16 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for arm in arms:
+        mine = sorted((r for r in rows if r["arm"] == arm), key=lambda r: r["seed"])
+
+        def sphere(r: dict, p: str, arm: str = arm) -> str:
+            text = f"{r[p]['on_sphere_error_max']:.1e}"
+            return text if arm in SPHERICAL_ARMS else f"({text})"
+
+        for r in mine:
+            lines.append(
+                f"| {arm} | {r['seed']} | {r['fp32'][METRIC]:.3f} | {r['bf16'][METRIC]:.3f} | "
+                f"{r['fp32']['classifier_accuracy']:.3f} | {r['bf16']['classifier_accuracy']:.3f} | "
+                f"{r['latent_max_abs_diff']:.2e} | {r['latent_mean_abs_diff']:.2e} | {sphere(r, 'fp32')} | "
+                f"{sphere(r, 'bf16')} |"
+            )
+        fd = {p: mean_sd([r[p][METRIC] for r in mine]) for p in ("fp32", "bf16")}
+        acc = {p: mean_sd([r[p]["classifier_accuracy"] for r in mine]) for p in ("fp32", "bf16")}
+        lines.append(
+            f"| {arm} | mean ± sd | {fd['fp32'][0]:.3f} ± {fd['fp32'][1]:.3f} | {fd['bf16'][0]:.3f} ± "
+            f"{fd['bf16'][1]:.3f} | {acc['fp32'][0]:.3f} ± {acc['fp32'][1]:.3f} | {acc['bf16'][0]:.3f} ± "
+            f"{acc['bf16'][1]:.3f} | {max(r['latent_max_abs_diff'] for r in mine):.2e} (max) | | | |"
+        )
+    choice = precision_choice(rows, arms)
+    seeds = sorted({r["seed"] for r in rows})
+    rms = statistics.mean(r["latent_rms"] for r in rows)
+    lines += [
+        "",
+        "Rule: bf16 is the GPU default (`sample.precision: auto`) when, for every arm, the change of the mean FD from "
+        "fp32 to bf16 is within the sample standard deviation of the fp32 FD over seeds; otherwise tf32.",
+        "",
+        "| arm | FD change bf16 - fp32 | sd of FD over seeds (fp32) | within |",
+        "|---|---|---|---|",
+        *(
+            f"| {arm} | {c['fd_change']:+.4f} | {c['fd_seed_sd']:.4f} | {'yes' if c['within'] else 'no'} |"
+            for arm, c in choice["arms"].items()
+        ),
+        "",
+        f"Choice: **{choice['choice']}**.",
+        "",
+        f"One trained model per arm and seed (seeds {', '.join(map(str, seeds))}), {samples} samples each, "
+        "drawn with Euler 20 steps and CFG 3 at `--precision fp32` (IEEE float32) and `--precision bf16` (network "
+        "and decoder under bfloat16 autocast; the exp-map steps stay float32) from the same noise and labels, "
+        "decoded and scored by the built-in classifier (FD-builtin-classifier: lower is better). Latent "
+        f"differences: over every element of every sample (the fp32 latents' RMS is {rms:.2f}). On-sphere error: "
+        "the largest | |z| / sqrt(d) - 1 | over the generated tokens, in parentheses for arms whose latents are not "
+        "projected to the spheres (shown for reference). Run on the CPU, where bfloat16 autocast rounds as on a "
+        "GPU (bfloat16 inputs, float32 accumulation); timings are in the JSON and are this CPU's, not a GPU's.",
+        "",
+        f"Written by `{command}`.",
+    ]
+    return "\n".join(lines)
 
 
 def _stats(rows: list[dict], arm: str, name: str, key: str, coupling: str | None = None) -> tuple[float, float]:
@@ -305,12 +434,18 @@ def plot_guidance(rows: list[dict], arms: list[str], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("study", choices=("nfe", "guidance", "ot"))
+    parser.add_argument("study", choices=("nfe", "guidance", "ot", "precision"))
     parser.add_argument("--runs", type=Path, default=Path("runs/ablation"), help="seed<N>/<arm> run folders")
     parser.add_argument("--ot-runs", type=Path, default=Path("runs/ot"), help="the same, trained with flow.coupling=ot")
     parser.add_argument("--arms", nargs="+", default=["linear", "spherical"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--samples", type=int, default=240, help="samples per setting and model")
+    parser.add_argument("--samples", type=int, default=None, help="samples per setting and model (240; precision 600)")
+    parser.add_argument(
+        "--train-dir",
+        type=Path,
+        default=Path("runs/precision"),
+        help="precision: where the models missing from --runs are trained (seed<N>/<arm>)",
+    )
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--report", action="store_true", help="only rebuild the table and plot from the saved json")
@@ -318,7 +453,12 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     from manifold_fm.atomic import write_json_atomic, write_text_atomic
 
+    if args.samples is None:
+        args.samples = 600 if args.study == "precision" else 240
     stem = f"sampling_{args.study}"
+    if args.study == "precision":
+        _precision_study(args, stem)
+        return
     command = (
         f"python benchmarks/sampling.py {args.study} --runs {args.runs} --arms {' '.join(args.arms)} "
         f"--seeds {' '.join(map(str, args.seeds))} --samples {args.samples}"
@@ -351,6 +491,48 @@ def main() -> None:
             write_text_atomic(RESULTS / "sampler_presets.md", presets_table(presets, command) + "\n")
     elif args.study == "guidance":
         plot_guidance(rows, args.arms, RESULTS / f"{stem}.png")
+    print(table)
+
+
+def _precision_study(args: argparse.Namespace, stem: str) -> None:
+    from manifold_fm.atomic import write_json_atomic, write_text_atomic
+
+    command = (
+        f"python benchmarks/sampling.py precision --runs {args.runs} --train-dir {args.train_dir} --arms "
+        f"{' '.join(args.arms)} --seeds {' '.join(map(str, args.seeds))} --samples {args.samples}"
+    )
+    samples = args.samples
+    if args.report:
+        saved = json.loads((RESULTS / f"{stem}.json").read_text())
+        rows, command, samples = saved["rows"], saved["command"], saved["samples"]
+    else:
+        from ablation import run_seed
+
+        t0 = time.perf_counter()
+        folders = {}
+        for seed in args.seeds:
+            have = all((args.runs / f"seed{seed}" / arm / "checkpoints").is_dir() for arm in args.arms)
+            trained = args.runs / f"seed{seed}"
+            folders[seed] = trained if have else run_seed(seed, args.train_dir, [], tuple(args.arms))
+        jobs = [
+            (str(folders[seed] / arm), arm, seed, args.samples, args.cache_dir)
+            for seed in args.seeds
+            for arm in args.arms
+        ]
+        rows = map_in_processes(__file__, "score_precision", jobs, args.processes)
+        write_json_atomic(
+            RESULTS / f"{stem}.json",
+            {
+                "command": command,
+                "wall_s": round(time.perf_counter() - t0, 1),
+                "samples": args.samples,
+                "sampler": PRECISION_SAMPLER,
+                "choice": precision_choice(rows, args.arms),
+                "rows": rows,
+            },
+        )
+    table = precision_table(rows, args.arms, command, samples)
+    write_text_atomic(RESULTS / f"{stem}.md", table + "\n")
     print(table)
 
 

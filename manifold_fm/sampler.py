@@ -19,6 +19,7 @@ from .config import Section
 from .errors import InputError
 from .flow import Flow
 from .guidance import guided_velocity
+from .precision import Precision, precision_scope
 from .solvers import TABLEAUS, adaptive_methods, integrate
 from .time import shift_time_grid
 
@@ -37,6 +38,8 @@ class SamplerSpec(Section):
         cfg_scale: classifier-free guidance scale (1 = conditional only).
         cfg_interval: apply guidance only for ``t`` in ``[lo, hi]``.
         atol, rtol: tolerances of adaptive methods.
+        precision: ``auto``, ``bf16``, ``tf32`` or ``fp32``: the arithmetic of the network (and of decoding) while
+            sampling (:mod:`manifold_fm.precision`; ``auto``: bf16 on CUDA GPUs, fp32 elsewhere).
     """
 
     method: str = "euler"
@@ -47,6 +50,7 @@ class SamplerSpec(Section):
     cfg_interval: tuple[float, float] | None = None
     atol: float = Field(1e-5, gt=0)
     rtol: float = Field(1e-5, gt=0)
+    precision: Precision = "auto"
 
     @model_validator(mode="after")
     def _known_method(self) -> SamplerSpec:
@@ -130,26 +134,35 @@ def generate(
 ) -> Tensor:
     """Samples of shape ``shape`` (batch first): prior noise from ``generator`` (drawn in float32, then cast to the
     model's dtype), integrated with ``spec`` on ``flow.sampling_manifold`` and finished as the flow's data
-    (:meth:`Flow.finish <manifold_fm.flow.Flow.finish>`); labels (if any) condition the model. The model runs in
-    eval mode and gets its previous mode back."""
+    (:meth:`Flow.finish <manifold_fm.flow.Flow.finish>`); labels (if any) condition the model. Everything is made on
+    the model's device (the labels are moved there; ``generator`` must live there too); the network runs in
+    ``spec.precision``. The model runs in eval mode and gets its previous mode back."""
     param = next(model.parameters())
-    device = labels.device if labels is not None else param.device
+    device = param.device
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(
+            f"the noise generator is on {generator.device} but the model on {device}; "
+            "create it with torch.Generator(device=<the model's device>)"
+        )
+    if labels is not None:
+        labels = labels.to(device)
     was_training = model.training
     model.eval()
     try:
         x0 = flow.prior(tuple(shape), generator, device, dtype=torch.float32).to(param.dtype)
         velocity = model_velocity(model, spec, labels, null_class)
-        samples = integrate(
-            velocity,
-            x0,
-            flow.sampling_manifold,
-            steps=spec.steps,
-            time_grid=time_grid(spec),
-            method=spec.method,
-            transport=spec.transport,
-            atol=spec.atol,
-            rtol=spec.rtol,
-        )
+        with precision_scope(spec.precision, device):
+            samples = integrate(
+                velocity,
+                x0,
+                flow.sampling_manifold,
+                steps=spec.steps,
+                time_grid=time_grid(spec),
+                method=spec.method,
+                transport=spec.transport,
+                atol=spec.atol,
+                rtol=spec.rtol,
+            )
         return flow.finish(samples)
     finally:
         model.train(was_training)

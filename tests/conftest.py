@@ -13,6 +13,11 @@ Both have no deadline (a shared machine's timings are noise) and the same health
 
 Shared helpers that are not fixtures are in ``helpers.py`` (this file puts ``tests/`` on ``sys.path``, whatever
 pytest's import mode).
+
+Devices: the suite runs on the CPU on any machine, one with a GPU included (``python -m pytest`` there is supported):
+every test sees no CUDA in-process (``helpers.cpu_only``) and every process a test starts gets CUDA hidden
+(``helpers.cpu_env``), so bitwise and cross-process comparisons run on the CPU kernels they were written for. Tests
+marked ``gpu`` run on the real GPU instead and are skipped, with the reason, where there is none.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ if str(Path(__file__).parent) not in sys.path:
 from manifold_fm.manifolds.geoopt_adapter import import_geoopt  # noqa: E402
 from manifold_fm.manifolds.numerics import load_forward_ad  # noqa: E402
 
-from helpers import CI_MAX_EXAMPLES, standin_extractor  # noqa: E402
+from helpers import CI_MAX_EXAMPLES, cpu_only, standin_extractor  # noqa: E402
 
 # Test modules `import geoopt` and call torch.func themselves; the first import of geoopt and first use of forward AD
 # go through the package's, which keep torch's FutureWarning (torch.jit.script) from users: no filter needed for it.
@@ -61,6 +66,25 @@ settings.register_profile(
     print_blob=True,
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+_HAS_GPU = torch.cuda.is_available()  # read once, before any test hides CUDA
+
+
+@pytest.fixture(autouse=True)
+def _devices(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every test on the CPU (see the module docstring), except those marked ``gpu``: on the GPU, or skipped."""
+    if request.node.get_closest_marker("gpu") is None:
+        with cpu_only():
+            yield
+        return
+    if not _HAS_GPU:
+        pytest.skip("needs a CUDA GPU; none is visible to torch here")
+    from helpers import reset_accelerate
+
+    reset_accelerate()
+    yield
+    reset_accelerate()
 
 
 @pytest.fixture(autouse=True)

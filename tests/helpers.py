@@ -6,8 +6,10 @@ The module is deliberately not ``tests/__init__.py``-based: torch-fidelity insta
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -143,3 +145,286 @@ def tiny_image_run(*settings: str) -> list[str]:
     grids during training) followed by ``--set`` for each of ``settings``."""
     base = ["data.per_class=2", "train.batch_size=8", "train.sample_every=null", *settings]
     return ["--config", "image-builtin", *(arg for s in base for arg in ("--set", s))]
+
+
+# ----------------------------------------------------------------------------------------------- processes, CPU
+# The suite runs on the CPU on every machine, a GPU machine included: results compared bit for bit or across
+# processes must come from the same kernels, and two gloo ranks must not become two NCCL ranks on one GPU. Launched
+# processes get an environment that hides CUDA (cpu_env: every subprocess call in tests/ passes env=cpu_env(...),
+# test_gpu_machine.py checks it); in-process code sees no CUDA through cpu_only() (conftest.py applies it to every
+# test not marked ``gpu``).
+
+
+def cpu_env(*, drop: Sequence[str] = (), **extra: str) -> dict[str, str]:
+    """The environment of a process a test starts: this one's with CUDA hidden (``CUDA_VISIBLE_DEVICES=""``) and one
+    OpenMP thread, plus ``extra``, without the variables in ``drop``."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    return {**env, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", **extra}
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (for a launcher's rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accelerate_command(*args: str, processes: int = 2) -> list[str]:
+    """``accelerate launch`` of ``processes`` CPU processes (gloo ranks) running ``args`` (``-m module ...`` or a
+    script path and its arguments); run it with ``env=cpu_env()``."""
+    import sys
+
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        *(["--multi_gpu"] if processes > 1 else ["--cpu"]),
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        *args,
+    ]
+
+
+@contextlib.contextmanager
+def cpu_only() -> Iterator[None]:
+    """In-process code sees no CUDA (``torch.cuda.is_available()`` is false), so the library, accelerate and
+    torch-fidelity choose the CPU as on a machine without a GPU; accelerate's process state is rebuilt on entry and
+    on exit, so no device choice leaks into or out of the block."""
+    from unittest import mock
+
+    reset_accelerate()
+    try:
+        with mock.patch("torch.cuda.is_available", _no_cuda), mock.patch("torch.cuda.device_count", _no_devices):
+            yield
+    finally:
+        reset_accelerate()
+
+
+def _no_cuda() -> bool:
+    return False
+
+
+def _no_devices() -> int:
+    return 0
+
+
+def reset_accelerate() -> None:
+    """Forget accelerate's process-wide state (its device is chosen once per state); a no-op before any."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    if PartialState._shared_state and not torch.distributed.is_initialized():
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+# ----------------------------------------------------------------------------------------------- devices
+#: The device a simulated GPU reports (:func:`simulated_cuda`).
+SIM_CUDA = torch.device("cuda", 0)
+
+
+class DeviceMismatchError(RuntimeError):
+    """What :func:`simulated_cuda` raises where a real GPU would refuse to mix devices (the messages follow
+    PyTorch's)."""
+
+
+def _sim_device(value: Any) -> torch.device | None:
+    """``value`` as a device (``"cuda"`` and ``cuda`` without an index mean ``cuda:0``), ``None`` if it is none."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int):
+        return torch.device("cuda", value)
+    if isinstance(value, str):
+        try:
+            value = torch.device(value)
+        except RuntimeError:
+            return None
+    if isinstance(value, torch.device):
+        return SIM_CUDA if value.type == "cuda" else value
+    return None
+
+
+_REAL_GENERATOR = torch.Generator
+
+
+class _GeneratorType(type(_REAL_GENERATOR)):
+    def __instancecheck__(cls, obj: object) -> bool:  # real generators made before the simulation still count
+        return isinstance(obj, _REAL_GENERATOR)
+
+
+class SimGenerator(_REAL_GENERATOR, metaclass=_GeneratorType):
+    """A CPU generator that reports the device it was asked for (``torch.Generator(device="cuda")`` needs a driver)."""
+
+    def __new__(cls, device: Any = None) -> SimGenerator:
+        self = super().__new__(cls)
+        self._sim_device = _sim_device(device) or torch.device("cpu")
+        return self
+
+    def __init__(self, device: Any = None) -> None:
+        pass
+
+    @property
+    def device(self) -> torch.device:  # type: ignore[override]
+        return self._sim_device
+
+
+# Tensor properties the simulation answers (their descriptors; compared with a getter's ``__self__``)
+_DEVICE, _IS_CUDA, _IS_CPU, _GRAD = (torch._C.TensorBase.__dict__[n] for n in ("device", "is_cuda", "is_cpu", "grad"))
+
+
+class _SimulatedCuda(torch.overrides.TorchFunctionMode):
+    """Tensors on the simulated GPU are real CPU tensors whose storage is tagged; the mode reports their device as
+    ``cuda:0``, tags what they produce, and raises :class:`DeviceMismatchError` where CUDA would refuse."""
+
+    # functions that take tensors on different devices on a real GPU: indexing with host indices, copies, printing
+    _MIXING = {"__getitem__", "copy_", "__repr__", "__format__", "__str__", "_has_compatible_shallow_copy_type"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torch.multiprocessing.reductions import StorageWeakRef
+
+        self._ref = StorageWeakRef
+        self._tags: dict[int, Any] = {}
+
+    def on_gpu(self, t: Tensor) -> bool:
+        storage = t.untyped_storage()
+        ref = self._tags.get(storage._cdata)
+        if ref is not None and ref.expired():  # freed: its address may be reused by a host tensor
+            del self._tags[storage._cdata]
+            return False
+        return ref is not None
+
+    def tag(self, t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        self._tags[storage._cdata] = self._ref(storage)
+        return t
+
+    def device_of(self, t: Tensor) -> torch.device:
+        return SIM_CUDA if self.on_gpu(t) else t.device
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        from torch.utils._pytree import tree_flatten
+
+        kwargs = dict(kwargs or {})
+        name = getattr(func, "__name__", "")
+        owner = getattr(func, "__self__", None)
+        if name in ("__get__", "__set__", "__delete__"):
+            if owner is _DEVICE:
+                return self.device_of(args[0])
+            if owner is _IS_CUDA:
+                return self.on_gpu(args[0])
+            if owner is _IS_CPU:
+                return not self.on_gpu(args[0])
+            out = func(*args, **kwargs)
+            if owner is _GRAD and out is not None and self.on_gpu(args[0]):
+                self.tag(out)  # gradients, made by the autograd engine, follow their tensor
+            return out
+        if func in (Tensor.numpy, Tensor.__array__) and self.on_gpu(args[0]):
+            raise TypeError(
+                "can't convert cuda:0 device type tensor to numpy. Use Tensor.cpu() to copy the tensor to host memory "
+                "first."
+            )
+        # explicit moves
+        if func in (Tensor.to, Tensor.cuda, Tensor.cpu):
+            src = args[0]
+            if func is Tensor.cuda:
+                target, args, kwargs = SIM_CUDA, (src,), {}
+            elif func is Tensor.cpu:
+                target = torch.device("cpu")
+            else:
+                target = None
+                rest = []
+                for a in args[1:]:
+                    if isinstance(a, Tensor):  # .to(other): its device and dtype
+                        target, a = self.device_of(a), a.dtype
+                    elif _sim_device(a) is not None:
+                        target, a = _sim_device(a), torch.device("cpu")
+                    rest.append(a)
+                if "device" in kwargs:
+                    target, kwargs["device"] = _sim_device(kwargs["device"]), torch.device("cpu")
+                args = (src, *rest)
+                target = target or self.device_of(src)
+                func = Tensor.to
+            out = func(*args, **kwargs)
+            same = out.untyped_storage()._cdata == src.untyped_storage()._cdata
+            if target.type == "cuda":
+                if same and not self.on_gpu(src):
+                    out = self.tag(src.detach().clone())
+                elif not same:
+                    self.tag(out)
+            elif same and self.on_gpu(src):
+                out = src.detach().clone()
+            return out
+        tensors = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, Tensor)]
+        if "device" in kwargs and kwargs["device"] is not None:  # factories
+            out_device = _sim_device(kwargs["device"]) or torch.device("cpu")
+            kwargs["device"] = torch.device("cpu")
+        else:
+            on = {self.device_of(t).type for t in tensors if t.dim() > 0 or self.on_gpu(t)}
+            if name == "__setitem__":  # host indices are fine, a value tensor must sit with the target
+                on = {self.device_of(t).type for t in (args[0], args[2]) if isinstance(t, Tensor) and t.dim() > 0}
+            if len(on) > 1 and name not in self._MIXING:
+                raise DeviceMismatchError(
+                    f"{name}: Expected all tensors to be on the same device, but found at least two devices, cuda:0 "
+                    "and cpu!"
+                )
+            out_device = SIM_CUDA if any(self.on_gpu(t) for t in tensors) else torch.device("cpu")
+        generator = kwargs.get("generator")
+        if generator is not None and generator.device.type != out_device.type:
+            raise DeviceMismatchError(
+                f"{name}: Expected a '{out_device.type}' device type for generator but found '{generator.device.type}'"
+            )
+        out = func(*args, **kwargs)
+        if out_device.type == "cuda" and name not in self._MIXING - {"__getitem__"}:
+            for o in tree_flatten(out)[0]:
+                if isinstance(o, Tensor):
+                    self.tag(o)
+        return out
+
+
+@contextlib.contextmanager
+def simulated_cuda(accelerate: bool = False) -> Iterator[Any]:
+    """A GPU for device-discipline tests on a machine without one: inside, ``device="cuda"`` (and ``.to("cuda")``,
+    ``.cuda()``, ``torch.Generator(device="cuda")``) give tensors that report ``cuda:0`` and compute on the CPU,
+    with the same values a CPU run gets; mixing them with host tensors the way a real GPU refuses raises
+    :class:`DeviceMismatchError`: an op on tensors of both devices (0-dim host tensors excepted, as on CUDA; indexing
+    with host indices and ``copy_`` allowed), a generator of the other device, ``.numpy()`` of a GPU tensor.
+    ``accelerate``: accelerate's ``Accelerator.device`` is the simulated GPU too (for the trainer).
+
+    Build modules and real tensors outside or inside; move them in with ``.to("cuda")`` inside. Gradients follow
+    their tensors (read through ``.grad`` or returned by ``torch.autograd.grad``). ``torch.cuda.is_available()`` stays
+    false (nothing real is there).
+    """
+    from unittest import mock
+
+    mode = _SimulatedCuda()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch("torch.Generator", SimGenerator))
+        real_grad = torch.autograd.grad
+
+        def grad(outputs: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:  # made by the engine, like .grad
+            out = real_grad(outputs, inputs, *args, **kwargs)
+            for g, x in zip(out, [inputs] if isinstance(inputs, Tensor) else inputs, strict=False):
+                if g is not None and mode.on_gpu(x):
+                    mode.tag(g)
+            return out
+
+        stack.enter_context(mock.patch("torch.autograd.grad", grad))
+        if accelerate:
+            from accelerate import Accelerator
+
+            stack.enter_context(mock.patch.object(Accelerator, "device", property(lambda self: SIM_CUDA)))
+        stack.enter_context(warnings.catch_warnings())
+        warnings.filterwarnings("ignore", message=".*CUDA is not available.*")  # torch.autocast("cuda") there
+        stack.enter_context(mode)
+        yield mode

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import cpu_env
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -126,6 +128,7 @@ def test_benchmarks_all_quick_writes_every_report(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         timeout=600,
+        env=cpu_env(),
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     for script, outputs in CPU.items():
@@ -149,6 +152,7 @@ def test_a_script_still_runs_on_its_own(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         timeout=300,
+        env=cpu_env(),
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert (tmp_path / "compute_budget.md").is_file()

@@ -19,6 +19,7 @@ from manifold_fm.training.checkpoint import (
     set_rng_state,
 )
 from manifold_fm.training.ema import EMA
+from manifold_fm.training.trainer import load_step
 
 
 def test_roundtrip_weights_state_and_rng(tmp_path):
@@ -57,6 +58,35 @@ def test_latest_pointer_keep_and_leftover_tmp(tmp_path):
     (tmp_path / "step_00000004.tmp-999").mkdir()
     assert latest_checkpoint(tmp_path).name == "step_00000003"
     assert load_checkpoint(tmp_path).step == 3
+
+
+def test_keep_every_spares_the_multiples_from_pruning(tmp_path):
+    """keep=1 with keep_every=4 after steps 1..10: the newest (10) and the multiples of 4 (4, 8)."""
+    sd = {"w": torch.ones(2)}
+    for step in range(1, 11):
+        save_checkpoint(tmp_path, step, sd, keep=1, keep_every=4)
+    assert [load_step(p) for p in list_checkpoints(tmp_path)] == [4, 8, 10]
+    save_checkpoint(tmp_path, 12, sd, keep=1, keep_every=4)
+    assert [load_step(p) for p in list_checkpoints(tmp_path)] == [4, 8, 12]
+
+
+def test_the_trainer_keeps_every_keep_every_th_checkpoint(tmp_path):
+    """train.keep_every reaches the trainer's saves: a checkpoint every step, the newest and every 3rd kept."""
+    from manifold_fm.data.sources import TensorSource
+    from manifold_fm.models.sit import SiT
+    from manifold_fm.training.builders import preset_flow
+    from manifold_fm.training.schema import load_image_config
+    from manifold_fm.training.trainer import Trainer
+
+    overrides = ["tokenizer.kind=none", "data.source=latents", "data.latents=x", "train.batch_size=4", "train.steps=7"]
+    keep = ["train.checkpoint_every=1", "train.keep_checkpoints=1", "train.keep_every=3"]
+    cfg = load_image_config(None, [*overrides, *keep])
+    model = SiT(input_size=4, patch_size=2, in_channels=4, hidden_size=16, depth=1, num_heads=2, num_classes=3)
+    data = TensorSource(torch.randn(8, 4, 4, 4), torch.arange(8) % 3)
+    trainer = Trainer(model, preset_flow("spherical", 4), data, cfg.train, cfg.optim, tmp_path, null_class=3,
+                      device="cpu", progress=False)  # fmt: skip
+    trainer.fit()
+    assert [load_step(p) for p in list_checkpoints(tmp_path / "checkpoints")] == [3, 6, 7]
 
 
 def test_missing_checkpoint_is_one_clear_error(tmp_path):

@@ -16,6 +16,8 @@ from click.testing import CliRunner
 from manifold_fm.cli import INPUT_EXIT, REPORT_LINE, USAGE_EXIT, is_user_error, main
 from manifold_fm.training.run_folder import OVERWRITE_AND_RESUME
 
+from helpers import cpu_env
+
 GUIDE = Path(__file__).resolve().parents[1] / "docs" / "guides" / "command-line.md"
 
 
@@ -122,7 +124,9 @@ def test_an_injected_bug_prints_its_traceback_then_the_report_line(tmp_path: Pat
         main(["configs"])
         """
     )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path, env=cpu_env()
+    )
     assert proc.returncode == 1
     err = proc.stderr.strip().splitlines()
     assert any(line.startswith("Traceback") for line in err), proc.stderr

@@ -10,7 +10,6 @@ uninterrupted in this process with the same settings (one torch thread).
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -26,6 +25,8 @@ from safetensors.torch import load_file
 
 from manifold_fm.cli import main
 from manifold_fm.training.checkpoint import latest_checkpoint, load_checkpoint
+
+from helpers import cpu_env
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +58,7 @@ def _start(args: list[str], env: dict[str, str] | None = None) -> subprocess.Pop
         [sys.executable, "-m", "manifold_fm.cli", *args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+        env=cpu_env(**(env or {})),
     )
 
 

@@ -7,7 +7,6 @@ static analysis, nothing heavy is imported).
 from __future__ import annotations
 
 import importlib
-import os
 import re
 import shutil
 import subprocess
@@ -18,16 +17,17 @@ import click
 import pytest
 import yaml
 
+from helpers import cpu_env
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 
 
 def _build(config_dir: Path, site_dir: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
     return subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(site_dir)],
         cwd=config_dir,
-        env=env,
+        env=cpu_env(NO_MKDOCS_2_WARNING="1"),
         capture_output=True,
         text=True,
         timeout=180,
@@ -119,6 +119,8 @@ PUBLIC_MODULES = [
     "manifold_fm.eval.over_training",
     "manifold_fm.eval.plots",
     "manifold_fm.eval.sample_quality",
+    "manifold_fm.precision",
+    "manifold_fm.distributed",
     "manifold_fm.training.schema",
     "manifold_fm.training.trainer",
     "manifold_fm.training.builders",

@@ -182,26 +182,38 @@ def test_train_image_end_to_end_through_the_cli(tmp_path: Path) -> None:
     assert again.exit_code == 1 and "already holds a run" in again.output and "Traceback" not in again.output
 
 
-def test_train_image_on_a_latent_cache(tmp_path: Path) -> None:
+def test_train_image_on_a_latent_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Training from a latent cache loads no tokenizer unless something decodes: without grids or evaluations none
+    at all (the checkpoint still names it), with sample grids once, at the first grid."""
     from manifold_fm.data.builtin_images import BuiltinImages
     from manifold_fm.data.latents import extract_latents
     from manifold_fm.tokenizers import builtin_tokenizer
+    from manifold_fm.training import image
 
     extract_latents(
         builtin_tokenizer(), BuiltinImages("train", per_class=1), tmp_path / "cache", batch_size=12, progress=False
     )
-    ckpt = train_image(
-        "image-builtin",
-        [
-            "data.source=latents",
-            f"data.latents={tmp_path / 'cache'}",
-            "train.steps=2",
-            "train.batch_size=8",
-            "train.sample_every=null",
-            "flow.path=linear",
-        ],
-        tmp_path / "run",
-        progress=False,
-    )
+    loads: list[int] = []
+    real = image.load_tokenizer
+    monkeypatch.setattr(image, "load_tokenizer", lambda *a, **k: loads.append(1) or real(*a, **k))
+    settings = [
+        "data.source=latents",
+        f"data.latents={tmp_path / 'cache'}",
+        "train.steps=2",
+        "train.batch_size=8",
+        "train.sample_every=null",
+        "flow.path=linear",
+    ]
+    ckpt = train_image("image-builtin", settings, tmp_path / "run", progress=False)
     meta = json.loads((ckpt / "meta.json").read_text())
     assert meta["latent_shape"] == [16, 8, 8] and meta["num_classes"] == 12 and meta["step"] == 2
+    assert loads == [] and meta["tokenizer"] == builtin_tokenizer().name
+    train_image("image-builtin", [*settings, "train.sample_every=1"], tmp_path / "grids", progress=False)
+    assert loads == [1] and len(list((tmp_path / "grids" / "samples").glob("*.png"))) == 2
+
+
+def test_the_tokenizer_name_is_known_without_loading_it() -> None:
+    from manifold_fm.training.image import load_tokenizer, tokenizer_name
+
+    cfg = load_image_config("image-builtin", [])
+    assert tokenizer_name(cfg) == load_tokenizer(cfg).name

@@ -206,3 +206,12 @@ def test_readme_commands_match_the_cli_and_scripts() -> None:
         "sample_eval.sh",
         "gpu_check.sh",
     } <= seen
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_a_crash_loses_at_most_an_epoch_and_every_tenth_epoch_is_kept(path: Path) -> None:
+    cfg = load_image_config(path)
+    epoch = math.ceil(IMAGENET_TRAIN_IMAGES / 256)
+    assert cfg.train.checkpoint_every == epoch
+    assert cfg.train.keep_every == 10 * epoch and cfg.train.steps % cfg.train.keep_every == 0
+    assert cfg.train.keep_checkpoints == 1  # the newest, besides the kept multiples

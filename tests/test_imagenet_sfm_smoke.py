@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import shlex
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import require_flux2_vae
+from helpers import cpu_env, require_flux2_vae
 
 ROOT = Path(__file__).resolve().parent.parent
 EXP = ROOT / "experiments" / "imagenet_sfm"
@@ -269,12 +268,17 @@ def test_train_script_builds_the_accelerate_command(tmp_path: Path) -> None:
     log = tmp_path / "calls.log"
     stub = _stub(tmp_path / "accelerate", f'printf "%q " "$@" >> {log}; echo >> {log}\n')
     script = str(EXP / "scripts" / "train.sh")
-    base = {**os.environ, "ACCELERATE": str(stub), "GPUS_PER_NODE": "1"}
+    base = {"ACCELERATE": str(stub), "GPUS_PER_NODE": "1"}
     config = str((EXP / "configs" / "flux2-B2-spherical-80ep.yaml").resolve())
 
     def run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            ["bash", script, *args], capture_output=True, text=True, cwd=tmp_path, env={**base, **env}, timeout=60
+            ["bash", script, *args],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            env=cpu_env(**{**base, **env}),
+            timeout=60,
         )
 
     assert run("flux2-B2-spherical-80ep", "--set", "train.compile=true").returncode == 0
@@ -339,7 +343,6 @@ def test_sample_eval_script_samples_each_scale_then_evaluates(tmp_path: Path) ->
     (run_dir / "fid50000-cfg2.0").mkdir()
     (run_dir / "fid50000-cfg2.0" / "samples.npz").write_bytes(b"x")  # already sampled: reused, not redone
     env = {
-        **os.environ,
         "ACCELERATE": str(accelerate),
         "MANIFOLD_FM": str(cli),
         "GPUS_PER_NODE": "8",
@@ -351,7 +354,7 @@ def test_sample_eval_script_samples_each_scale_then_evaluates(tmp_path: Path) ->
         capture_output=True,
         text=True,
         cwd=tmp_path,
-        env=env,
+        env=cpu_env(**env),
         timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
@@ -400,7 +403,7 @@ def test_sample_eval_script_samples_each_scale_then_evaluates(tmp_path: Path) ->
         capture_output=True,
         text=True,
         cwd=tmp_path,
-        env=env2,
+        env=cpu_env(**env2),
         timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
@@ -425,7 +428,7 @@ def test_sample_eval_script_samples_each_scale_then_evaluates(tmp_path: Path) ->
         capture_output=True,
         text=True,
         cwd=tmp_path,
-        env=env,
+        env=cpu_env(**env),
         timeout=60,
     )
     assert missing.returncode == 2 and "nope.npz does not exist" in missing.stderr

@@ -142,3 +142,71 @@ def test_cache_errors(tmp_path, tok) -> None:
         LatentCache(tmp_path)
     with pytest.raises(ValueError, match="dtype"):
         extract_latents(tok, BuiltinImages(per_class=1), tmp_path / "x", dtype="int8")
+
+
+def _folder(root, classes: int = 2, per_class: int = 5):  # noqa: ANN001, ANN202
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(root / f"c{c}" / f"{i}.png")
+    return ImageFolderDataset(root, size=16)
+
+
+def test_one_loader_reads_every_shard(tmp_path, tok, monkeypatch) -> None:
+    """With reader worker processes, one DataLoader (one set of workers) serves all shards, and the cache is the
+    one read in this process."""
+    import torch.utils.data
+
+    ds = _folder(tmp_path / "img")  # 10 images: 4 shards of 3
+    made = []
+
+    class Counted(torch.utils.data.DataLoader):
+        def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+            made.append(kwargs.get("num_workers"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.data, "DataLoader", Counted)
+    extract_latents(tok, ds, tmp_path / "w", batch_size=2, shard_size=3, progress=False, num_workers=1)
+    assert made == [1]
+    extract_latents(tok, ds, tmp_path / "p", batch_size=2, shard_size=3, progress=False)
+    a, b = LatentCache(tmp_path / "w"), LatentCache(tmp_path / "p")
+    assert a.manifest == b.manifest and len(a.manifest["shards"]) == 4
+    assert torch.equal(a.load_all()[0], b.load_all()[0])
+
+
+def test_a_partial_cache_of_the_previous_format_resumes(tmp_path, tok) -> None:
+    """Shards written before shard files carried their records (listed only in the manifest) count as done."""
+    from safetensors.torch import load_file, save_file
+
+    ds = BuiltinImages("test", per_class=2)  # 24 images: 3 shards of 10
+    whole = extract_latents(tok, ds, tmp_path / "whole", batch_size=5, shard_size=10, progress=False)
+    part = tmp_path / "part"
+    part.mkdir()
+    m = json.loads(whole.read_text())
+    labels = []
+    for s in m["shards"][:2]:  # the old layout: no metadata in the files, the manifest listing the shards done
+        tensors = load_file(str(tmp_path / "whole" / s["file"]))
+        save_file(tensors, str(part / s["file"]))
+        labels.append(tensors["labels"])
+    counts = torch.bincount(torch.cat(labels))
+    m.update(shards=m["shards"][:2], complete=False, count=sum(len(y) for y in labels))
+    m["class_counts"] = {str(c): int(n) for c, n in enumerate(counts) if n > 0}
+    (part / "manifest.json").write_text(json.dumps(m))
+    before = (part / "shard-00000.safetensors").stat().st_mtime_ns
+    extract_latents(tok, ds, part, batch_size=5, shard_size=10, progress=False)
+    assert (part / "shard-00000.safetensors").stat().st_mtime_ns == before  # kept, not redone
+    assert LatentCache(part).manifest == LatentCache(tmp_path / "whole").manifest
+    assert torch.equal(LatentCache(part).load_all()[0], LatentCache(tmp_path / "whole").load_all()[0])
+
+
+def test_resume_refuses_a_different_normalisation(tmp_path, tok) -> None:
+    import copy
+
+    from manifold_fm.tokenizers import LatentNormalization
+
+    ds = BuiltinImages("test", per_class=1)
+    extract_latents(tok, ds, tmp_path, batch_size=12, shard_size=6, progress=False)
+    other = copy.copy(tok).with_normalization(LatentNormalization(shift=0.5, scale=2.0))
+    with pytest.raises(ValueError, match="normalised differently"):
+        extract_latents(other, ds, tmp_path, batch_size=12, shard_size=6, progress=False)

@@ -393,7 +393,11 @@ def test_geoopt_logmap_forward_ad_survives_torchscript_optimisation() -> None:
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-c", _FORWARD_AD_SCRIPT], capture_output=True, text=True, check=True)
+    from helpers import cpu_env
+
+    out = subprocess.run(
+        [sys.executable, "-c", _FORWARD_AD_SCRIPT], capture_output=True, text=True, check=True, env=cpu_env()
+    )
     errors = {line.split()[0]: float(line.split()[1]) for line in out.stdout.strip().splitlines()}
     assert set(errors) == {"PoincareBall", "Lorentz"}
     assert max(errors.values()) < 1e-6, errors

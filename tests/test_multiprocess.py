@@ -12,9 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,6 +23,8 @@ from click.testing import CliRunner
 
 from manifold_fm.cli import main
 from manifold_fm.training.checkpoint import latest_checkpoint, load_checkpoint
+
+from helpers import accelerate_command, cpu_env
 
 pytestmark = pytest.mark.slow
 
@@ -45,52 +45,46 @@ TRAIN = [
     "train.log_every=1",
     "--set",
     "train.threads=1",
+    # one evaluation, at the end: every process samples and scores its share (12 samples in chunks of 4)
+    "--set",
+    "train.eval_every=8",
+    "--set",
+    "eval.samples=12",
+    "--set",
+    "eval.batch_size=4",
+    "--set",
+    "eval.classifier_steps=3",
+    "--set",
+    "sample.steps=2",
 ]
 # summation order only: observed ~1.5e-8 on these weights (magnitude ~0.2); the bound leaves room, a different
 # stream of examples or noise would differ by ~1e-3
 ROUNDING = 1e-6
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(*args: str, wait: bool = True, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    """``accelerate launch`` with 2 processes of ``python -m manifold_fm.cli ARGS`` (its own process group)."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(_free_port()),
-        "-m",
-        "manifold_fm.cli",
-        *args,
-    ]
+    """``accelerate launch`` with 2 CPU processes of ``python -m manifold_fm.cli ARGS`` (its own process group)."""
     proc = subprocess.Popen(
-        cmd,
+        accelerate_command("-m", "manifold_fm.cli", *args),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+        env=cpu_env(**(env or {})),
     )
     if wait:
         out, _ = proc.communicate(timeout=600)
         proc.stdout_text = out  # type: ignore[attr-defined]
         assert proc.returncode == 0, out[-3000:]
     return proc
+
+
+def _records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _column(records: list[dict], key: str) -> list[float]:
+    return [r[key] for r in records if key in r]
 
 
 def _weights(run: Path, ema: bool = False) -> dict[str, torch.Tensor]:
@@ -116,9 +110,14 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def test_two_processes_train_like_one_at_the_same_global_batch(runs: dict) -> None:
     assert _max_diff(_weights(runs["two"]), _weights(runs["one"])) < ROUNDING
     assert _max_diff(_weights(runs["two"], ema=True), _weights(runs["one"], ema=True)) < ROUNDING
-    two = [json.loads(line)["loss"] for line in (runs["two"] / "metrics.jsonl").read_text().splitlines()]
-    one = [json.loads(line)["loss"] for line in (runs["one"] / "metrics.jsonl").read_text().splitlines()]
-    np.testing.assert_allclose(two, one, rtol=1e-6)  # the logged loss is the global batch's mean
+    two, one = _records(runs["two"]), _records(runs["one"])
+    np.testing.assert_allclose(_column(two, "loss"), _column(one, "loss"), rtol=1e-6)  # the global batch's mean
+    # the evaluation at step 8 ran on both processes (each its share) and was logged once, by the main process;
+    # it scores the EMA weights, equal to rounding, so the metrics agree to rounding
+    (ev2,), (ev1,) = ([r for r in recs if "fd_builtin_classifier" in r] for recs in (two, one))
+    assert ev2["step"] == ev1["step"] == 8
+    for key in ("fd_builtin_classifier", "classifier_accuracy", "on_sphere_error_max"):
+        assert ev2[key] == pytest.approx(ev1[key], rel=1e-4, abs=1e-7), key
     # exactly one checkpoint per save, written by the main process; one "run folder" line
     names = sorted(p.name for p in (runs["two"] / "checkpoints").iterdir())
     assert names == ["latest", "step_00000004", "step_00000008"]  # keep_checkpoints: 2; no second writer's files
@@ -177,25 +176,8 @@ except TrainingError as exc:
 def test_replicas_that_disagree_stop_the_run_with_a_message(tmp_path: Path) -> None:
     script = tmp_path / "mismatch.py"
     script.write_text(_MISMATCH)
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(_free_port()),
-        str(script),
-        str(tmp_path / "run"),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = accelerate_command(str(script), str(tmp_path / "run"))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=cpu_env())
     assert proc.returncode != 0
     assert "2 processes hold different weights at the start" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert not (tmp_path / "run" / "checkpoints").exists()
@@ -276,3 +258,119 @@ def test_two_processes_finetune_a_decoder_like_one_at_the_same_global_batch(tmp_
     assert [r["gan_scale"] for r in logs["one"]][:2] == [1.0, 1.0] and logs["one"][-1]["gan_scale"] != 1.0
     assert load_checkpoint(tmp_path / "two" / "checkpoints").meta["processes"] == 2
     assert two.stdout_text.count("decoder-swap control") == 1  # the report: main process only
+
+
+_EVAL = """
+import json, sys
+from pathlib import Path
+import torch
+from manifold_fm.eval.classifier import builtin_evaluator
+from manifold_fm.tokenizers import builtin_tokenizer
+from manifold_fm.training.builders import latent_flow
+from manifold_fm.training.image import eval_hook, image_model, run_decoder
+from manifold_fm.training.schema import load_image_config
+
+torch.set_num_threads(1)
+cfg = load_image_config("image-builtin", ["sample.steps=2", "eval.samples=10", "eval.batch_size=4"])
+model = image_model(cfg, 16, 8, 12)
+evaluator = builtin_evaluator(sys.argv[1], per_class=6, test_per_class=4, steps=40, progress=False)
+chunks = []  # the batches this process decodes
+decoder = run_decoder(cfg, builtin_tokenizer(progress=False))
+decode = decoder.decode
+decoder.decode = lambda z: chunks.append(z.shape[0]) or decode(z)
+hook = eval_hook(cfg, latent_flow(cfg.flow, 16), decoder, (16, 8, 8), 12, evaluator)
+import accelerate  # the launcher's process group (gloo on CPU)
+accelerate.PartialState()
+metrics = hook.fn(2, model)
+rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+Path(sys.argv[2], f"rank{rank}.json").write_text(json.dumps({"world": world, "chunks": chunks, "metrics": metrics}))
+"""
+
+
+def test_the_evaluation_hook_on_two_processes_equals_one_process(tmp_path: Path) -> None:
+    """The evaluation hook's metrics under 2 processes (each sampling, decoding and scoring its share of the chunks;
+    the features gathered) equal one process's, and both processes did work: 10 samples in chunks of 4 are chunks of
+    4, 4 and 2; process 0 does chunks 0 and 2, process 1 chunk 1."""
+    from manifold_fm.eval.classifier import builtin_evaluator
+    from manifold_fm.tokenizers import builtin_tokenizer
+    from manifold_fm.training.builders import latent_flow
+    from manifold_fm.training.image import eval_hook, image_model, run_decoder
+    from manifold_fm.training.schema import load_image_config
+
+    cache = tmp_path / "clf"
+    evaluator = builtin_evaluator(cache, per_class=6, test_per_class=4, steps=40, progress=False)  # cached for both
+    cfg = load_image_config("image-builtin", ["sample.steps=2", "eval.samples=10", "eval.batch_size=4"])
+    decoder = run_decoder(cfg, builtin_tokenizer(progress=False))
+    one = eval_hook(cfg, latent_flow(cfg.flow, 16), decoder, (16, 8, 8), 12, evaluator).fn(
+        2, image_model(cfg, 16, 8, 12)
+    )
+    script = tmp_path / "evaluate.py"
+    script.write_text(_EVAL)
+    proc = subprocess.run(
+        accelerate_command(str(script), str(cache), str(tmp_path)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=cpu_env(),
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    assert [r["chunks"] for r in ranks] == [[4, 2], [4]]
+    for r in ranks:
+        assert set(r["metrics"]) == set(one)
+        for key in set(one) - {"sample_s_per_image"}:
+            assert r["metrics"][key] == pytest.approx(one[key], rel=1e-9, abs=1e-12), key
+
+
+def _cache_files(folder: Path) -> dict[str, object]:
+    from safetensors.torch import load_file
+
+    out: dict[str, object] = {"manifest": json.loads((folder / "manifest.json").read_text())}
+    for shard in sorted(folder.glob("shard-*.safetensors")):
+        out.update({f"{shard.name}/{k}": v for k, v in load_file(str(shard)).items()})
+    return out
+
+
+def _writers(folder: Path) -> list[list[int]]:
+    """The process that wrote each shard (from the record in its metadata)."""
+    from safetensors import safe_open
+
+    out = []
+    for shard in sorted(folder.glob("shard-*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            out.append(json.loads(f.metadata()["record"])["process"])
+    return out
+
+
+def _same_cache(a: dict[str, object], b: dict[str, object]) -> bool:
+    return a.keys() == b.keys() and all(
+        torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a
+    )
+
+
+def test_extract_latents_on_two_processes_writes_the_one_process_cache(tmp_path: Path) -> None:
+    """Each process encodes its shards (0, 2, 4, ... and 1, 3, 5, ...); the main process writes the manifest: the
+    cache equals one process's, file for file. A cache stopped after some shards resumes with another process count
+    and redoes only the missing shards."""
+    args = ["extract-latents", "--per-class", "5", "--shard-size", "9", "--batch-size", "4", "--split", "test"]
+    one = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "one")])
+    assert one.exit_code == 0, one.output
+    two = _launch(*args, "--out", str(tmp_path / "two"))
+    assert two.stdout_text.count("latents of shape") == 1  # one summary, from the main process
+    reference = _cache_files(tmp_path / "one")
+    assert len(reference["manifest"]["shards"]) == 7  # 60 images in shards of 9
+    assert _same_cache(_cache_files(tmp_path / "two"), reference)
+    assert _writers(tmp_path / "two") == [[k % 2, 2] for k in range(7)]
+    # stopped after shards 0-2 (one process), resumed by two
+    import shutil
+
+    part = tmp_path / "part"
+    shutil.copytree(tmp_path / "one", part)
+    for k in range(3, 7):
+        (part / f"shard-{k:05d}.safetensors").unlink()
+    kept = (part / "shard-00001.safetensors").stat().st_mtime_ns
+    _launch(*args, "--out", str(part))
+    assert (part / "shard-00001.safetensors").stat().st_mtime_ns == kept
+    assert _same_cache(_cache_files(part), reference)
+    assert _writers(part) == [[0, 1]] * 3 + [[1, 2], [0, 2], [1, 2], [0, 2]]  # shards 3-6 split over the two

@@ -210,3 +210,63 @@ def test_tensorboard_tracker_through_accelerate_logs_what_the_jsonl_logs(tmp_pat
     jsonl = [(r["step"], r["loss"]) for r in read_jsonl(tmp_path / "tb" / "metrics.jsonl")]
     assert [s for s, _ in logged] == [s for s, _ in jsonl] == [2, 4]
     np.testing.assert_allclose([v for _, v in logged], [v for _, v in jsonl], rtol=1e-6)  # float32 in the file
+
+
+# ----------------------------------------------------------------------------------------------- sampling precision
+@pytest.mark.parametrize(
+    ("precision", "device", "tf32", "autocast"),
+    [
+        ("fp32", "cpu", False, False),
+        ("tf32", "cpu", True, False),  # TF32 has no CPU kernels: numerically fp32 there
+        ("bf16", "cpu", True, True),
+        ("auto", "cpu", False, False),  # auto is fp32 off CUDA
+        ("fp32", "cuda", False, False),
+        ("auto", "cuda", None, None),  # auto on CUDA: AUTO_ON_CUDA
+    ],
+)
+@pytest.mark.filterwarnings("ignore:CUDA is not available")
+def test_precision_scope_sets_tf32_and_autocast_and_restores_them(
+    precision: str, device: str, tf32: bool | None, autocast: bool | None
+) -> None:
+    from manifold_fm.precision import AUTO_ON_CUDA, precision_scope
+
+    if tf32 is None:
+        tf32, autocast = AUTO_ON_CUDA != "fp32", AUTO_ON_CUDA == "bf16"
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    for outer in (False, True):  # fp32 and tf32 also switch off an enclosing autocast
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not tf32
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=outer), precision_scope(precision, device):
+            assert torch.backends.cuda.matmul.allow_tf32 is tf32 and torch.backends.cudnn.allow_tf32 is tf32
+            if device == "cpu":  # (autocast cannot switch on for CUDA on a machine without it)
+                assert torch.is_autocast_enabled("cpu") is autocast
+                dtype = (torch.ones(2, 2) @ torch.ones(2, 2)).dtype
+                assert dtype == (torch.bfloat16 if autocast else torch.float32)
+        assert torch.backends.cuda.matmul.allow_tf32 is (not tf32)
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+    with pytest.raises(ValueError, match="precision must be one of"):
+        with precision_scope("fp16", "cpu"):
+            pass
+
+
+def test_bf16_sampling_keeps_the_samples_on_the_spheres() -> None:
+    """sample.precision: bf16 runs the network in bfloat16 (the samples differ from fp32's by bf16 rounding) while
+    the exp-map steps stay float32: every token on its sphere to float32 rounding, as in fp32."""
+    from manifold_fm.eval.sample_quality import token_norm_error
+    from manifold_fm.sampler import SamplerSpec, generate
+
+    torch.manual_seed(0)
+    model = SiT(input_size=4, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=3)
+    with torch.no_grad():  # a non-trivial velocity (SiT's zero-initialised output layer would give zero)
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    flow, labels = preset_flow("spherical", 4), torch.arange(6) % 3
+    out = {}
+    for precision in ("fp32", "bf16"):
+        spec = SamplerSpec(method="euler", steps=8, cfg_scale=2.0, precision=precision)
+        g = torch.Generator().manual_seed(0)
+        out[precision] = generate(model, flow, (6, 4, 4, 4), spec, generator=g, labels=labels, null_class=3)
+    assert out["bf16"].dtype == torch.float32
+    diff = float((out["bf16"] - out["fp32"]).abs().max())
+    assert 1e-4 < diff < 0.5  # bf16 rounding of the velocity, not a different sample
+    for z in out.values():
+        assert token_norm_error(z)["max"] < 5e-7  # float32 rounding of |z| = 2 (1e-7 seen; bf16 steps: 1e-2)

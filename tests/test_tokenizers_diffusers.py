@@ -164,3 +164,15 @@ def test_load_errors(tmp_path, kl_dir) -> None:
     with pytest.raises(FileNotFoundError, match="cannot load"):  # a hub id that is not cached (offline here)
         DiffusersTokenizer.from_pretrained("no-such-org/no-such-vae", local_files_only=True)
     assert load_tokenizer(str(kl_dir), subfolder="vae").latent_channels == 4
+
+
+def test_an_image_run_names_its_diffusers_tokenizer_without_loading_it(kl_dir) -> None:
+    """The checkpoint's tokenizer name of a run that never decodes is the name loading would give."""
+    from manifold_fm.training.image import load_tokenizer as load_run_tokenizer
+    from manifold_fm.training.image import tokenizer_name
+    from manifold_fm.training.schema import load_image_config
+
+    cfg = load_image_config(
+        "image-builtin", ["tokenizer.kind=diffusers", f"tokenizer.name_or_path={kl_dir}", "tokenizer.subfolder=vae"]
+    )
+    assert tokenizer_name(cfg) == load_run_tokenizer(cfg).name

@@ -41,6 +41,14 @@ from ..threads import threads_option
 @click.option("--no-isc", is_flag=True, default=False, help="Skip the Inception Score.")
 @click.option("--no-prc", is_flag=True, default=False, help="Skip precision/recall.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "bf16", "tf32", "fp32"]),
+    default="fp32",
+    show_default=True,
+    help="Arithmetic of the feature network (fp32: IEEE float32, TF32 off, as the reference statistics were made; "
+    "tf32: TF32 matmuls on GPUs; bf16: bf16 autocast; auto: bf16 on CUDA GPUs, fp32 elsewhere).",
+)
 @click.option("--out", "out_path", type=click.Path(path_type=Path), default=None, help="Write the metrics as JSON.")
 @click.option(
     "--progress/--no-progress", default=True, show_default=True, help="Progress bars (on stderr) while it works."
@@ -55,6 +63,7 @@ def evaluate(
     no_isc: bool,
     no_prc: bool,
     batch_size: int,
+    precision: str,
     out_path: Path | None,
     progress: bool,
 ) -> None:
@@ -64,6 +73,7 @@ def evaluate(
 
     from ..errors import InputError
     from ..eval.fid import fidelity_metrics, load_images
+    from ..precision import precision_scope
 
     # User errors (missing or malformed files, weights) become one line in the CLI group (manifold_fm/cli.py).
     images = load_images(samples, progress)
@@ -75,9 +85,10 @@ def evaluate(
     if images.shape[0] < 2:
         raise InputError(f"{samples} holds {images.shape[0]} image(s); Fréchet distances need at least 2")
     metrics: dict[str, float] = {}
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # where torch-fidelity runs the feature network
     if reference is not None:
-        metrics.update(
-            fidelity_metrics(
+        with precision_scope(precision, device):
+            found = fidelity_metrics(
                 images,
                 reference,
                 inception_weights=inception_weights,
@@ -87,13 +98,14 @@ def evaluate(
                 batch_size=batch_size,
                 progress=progress,
             )
-        )
+        metrics.update(found)
     if builtin or reference is None:
         from ..eval.classifier import FD_NAME, builtin_evaluator
 
         ev = builtin_evaluator(progress=progress)
         x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-        res = ev.evaluate(x, labels if labels is not None and labels.shape[0] == x.shape[0] else None, progress)
+        with precision_scope(precision, "cpu"):  # the built-in classifier runs on the CPU
+            res = ev.evaluate(x, labels if labels is not None and labels.shape[0] == x.shape[0] else None, progress)
         metrics[FD_NAME] = res["fd_builtin_classifier"]
         if "classifier_accuracy" in res:
             metrics["classifier_accuracy"] = res["classifier_accuracy"]

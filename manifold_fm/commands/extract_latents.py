@@ -1,4 +1,10 @@
-"""``manifold-fm extract-latents``: encode an image folder or the built-in images into a sharded latent cache."""
+"""``manifold-fm extract-latents``: encode an image folder or the built-in images into a sharded latent cache.
+
+Shard across processes with accelerate: ``accelerate launch -m manifold_fm.cli extract-latents ...``; each process
+encodes its shards (``k = rank, rank + processes, ...``) on its own device and the main process writes the manifest
+once all are done (:func:`manifold_fm.data.latents.extract_latents`). A stopped run resumes with any number of
+processes: rerun the same command.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +19,13 @@ from ..threads import threads_option
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
-def tokenizer_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """The tokenizer-selection options shared by extract-latents, finetune-decoder and probe."""
+def tokenizer_options(
+    fn: Callable[..., Any] | None = None, *, device_default: str = "cpu", device_help: str | None = None
+) -> Any:
+    """The tokenizer-selection options shared by extract-latents, finetune-decoder and probe (as ``@tokenizer_options``
+    or ``@tokenizer_options(device_default=..., device_help=...)``)."""
+    if fn is None:
+        return lambda f: tokenizer_options(f, device_default=device_default, device_help=device_help)
     options = [
         click.option(
             "--tokenizer",
@@ -32,7 +43,7 @@ def tokenizer_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             help="diffusers class: AutoencoderKL or AutoencoderKLFlux2.",
         ),
         click.option("--dtype", type=click.Choice(_DTYPES), default="float32", show_default=True),
-        click.option("--device", default="cpu", show_default=True),
+        click.option("--device", default=device_default, show_default=True, help=device_help),
         click.option(
             "--normalization",
             type=click.Path(dir_okay=False),
@@ -122,7 +133,11 @@ def build_dataset(data_spec: str, split: str, size: int, per_class: int | None) 
 
 
 @click.command("extract-latents")
-@tokenizer_options
+@tokenizer_options(
+    device_default="auto",
+    device_help="cpu, cuda, cuda:1; auto: this process's accelerate device (under accelerate launch each process "
+    "its own GPU; cuda means the process's own GPU too).",
+)
 @data_options
 @click.option(
     "--spherical",
@@ -178,26 +193,33 @@ def extract_latents(
 ) -> None:
     """Encode images once into sharded safetensors latents plus a manifest (resumable; bad images are counted)."""
     import torch
+    from accelerate import PartialState
 
     from ..data.latents import extract_latents as run
+    from ..training.trainer import cpu_only
 
+    if dataset_stats and spherical:
+        raise click.BadParameter("spherical latents are not renormalised", param_hint="--dataset-stats")
+    state = PartialState(cpu=cpu_only(None if device in ("auto", "cuda") else device))
+    if device == "auto" or (device == "cuda" and state.device.type == "cuda"):
+        device = str(state.device)  # this process's own device
     tok = build_tokenizer(
         tokenizer_spec, subfolder, kind, dtype, device, normalization, vae_slicing, vae_tiling, spherical=spherical
     )
     dataset = build_dataset(data_spec, split, size, per_class)
     if dataset_stats:
-        from ..tokenizers import LatentNormalization, compute_channel_stats
+        from ..tokenizers import LatentNormalization
 
-        if spherical:
-            raise click.BadParameter("spherical latents are not renormalised", param_hint="--dataset-stats")
         stats_path = out_dir / "latent_stats.json"
-        if stats_path.is_file() and resume:
-            norm = LatentNormalization.load(stats_path)
-        else:
+        if state.is_main_process and not (stats_path.is_file() and resume):
+            from ..tokenizers import compute_channel_stats
+
+            # the main process alone (bounded by --stats-items); the others wait for the file
             norm = compute_channel_stats(tok, dataset, max_items=stats_items, progress=True)
             out_dir.mkdir(parents=True, exist_ok=True)
             norm.save(stats_path)
-        tok.with_normalization(norm)
+        state.wait_for_everyone()
+        tok.with_normalization(LatentNormalization.load(stats_path))
     # User errors (a cache that does not match, unreadable statistics) become one line in the CLI group.
     with torch.no_grad():
         manifest = run(
@@ -209,8 +231,14 @@ def extract_latents(
             shard_size=shard_size,
             resume=resume,
             dtype=store_dtype,
+            progress=state.is_main_process,
             num_workers=workers,
+            rank=state.process_index,
+            world_size=state.num_processes,
+            barrier=state.wait_for_everyone,
         )
+    if not state.is_main_process:
+        return
     import json
 
     info = json.loads(manifest.read_text())

@@ -54,6 +54,13 @@ from ..threads import threads_option
 )
 @click.option("--cfg-scale", type=float, default=None, help="Classifier-free guidance scale (1 = off).")
 @click.option("--cfg-interval", type=(float, float), default=None, help="Apply guidance only for t in [LO, HI].")
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "bf16", "tf32", "fp32"]),
+    default=None,
+    help="Arithmetic of the network and decoder: bf16 autocast, TF32 matmuls, or IEEE fp32 (TF32 off); auto: bf16 on "
+    "CUDA GPUs, fp32 elsewhere (default: run config's sample.precision).",
+)
 @click.option("--class", "class_id", type=int, default=None, help="Sample only this class.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
@@ -74,6 +81,7 @@ def sample(
     time_shift: float | None,
     cfg_scale: float | None,
     cfg_interval: tuple[float, float] | None,
+    precision: str | None,
     class_id: int | None,
     seed: int,
     batch_size: int,
@@ -106,6 +114,7 @@ def sample(
         "time_shift": time_shift,
         "cfg_scale": cfg_scale,
         "cfg_interval": cfg_interval,
+        "precision": precision,
     }
     options = {
         "num_samples": num_samples,
@@ -224,6 +233,7 @@ def _sample_run(
         "time_shift": spec.time_shift,
         "cfg_scale": spec.cfg_scale,
         "cfg_interval": spec.cfg_interval,
+        "precision": spec.precision,
         "seed": seed,
         "ema": ema,
         "flow": loaded.flow.name,

@@ -17,7 +17,7 @@ written but not recorded (an interruption) is redone. Unreadable images are skip
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,26 +66,91 @@ def _load_items(dataset: Dataset, indices: Sequence[int]) -> tuple[list[Tensor],
     return images, labels, kept, skipped
 
 
-def _batches(
-    dataset: Dataset, lo: int, hi: int, batch_size: int, workers: int
-) -> Iterator[tuple[list[Tensor], list[int], list[int], list[dict], int]]:
-    """Yield ``(images, labels, kept indices, skipped records, batch length)`` over source items ``[lo, hi)``."""
+def _shard_batches(
+    dataset: Dataset, ranges: Sequence[tuple[int, int, int]], batch_size: int, workers: int
+) -> Iterator[tuple[int, bool, list[Tensor], list[int], list[int], list[dict], int]]:
+    """``(shard, last, images, labels, kept indices, skipped records, batch length)`` over the source items of every
+    shard ``(shard, lo, hi)`` in ``ranges``, in order, batches never crossing a shard (``last``: the shard's last
+    batch). With ``workers`` one DataLoader (one set of worker processes) reads every shard; datasets that render
+    batches (``render``) load in this process."""
+    batches = [(k, list(range(s, min(hi, s + batch_size)))) for k, lo, hi in ranges for s in range(lo, hi, batch_size)]
+    last = [i + 1 == len(batches) or batches[i + 1][0] != k for i, (k, _) in enumerate(batches)]
     render = getattr(dataset, "render", None)
     if callable(render) or workers == 0:
-        for start in range(lo, hi, batch_size):
-            indices = list(range(start, min(hi, start + batch_size)))
+        for (k, indices), end in zip(batches, last, strict=True):
             images, labels, kept, bad = _load_items(dataset, indices)
-            yield images, labels, kept, bad, len(indices)
+            yield k, end, images, labels, kept, bad, len(indices)
         return
     from torch.utils.data import DataLoader
 
     path = getattr(dataset, "path", None)
+    items = [i for _, indices in batches for i in indices]
+    positions, at = [], 0
+    for _, indices in batches:
+        positions.append(list(range(at, at + len(indices))))
+        at += len(indices)
     loader = DataLoader(
-        GuardedItems(dataset, range(lo, hi)), batch_size=batch_size, num_workers=workers, collate_fn=collate_guarded
+        GuardedItems(dataset, items), batch_sampler=positions, num_workers=workers, collate_fn=collate_guarded
     )
-    for images, labels, kept, bad in loader:
+    for (k, _), end, (images, labels, kept, bad) in zip(batches, last, loader, strict=True):
         records = [{"index": i, "path": str(path(i)) if callable(path) else None, "reason": r} for i, r in bad]
-        yield images, labels, kept, records, len(images) + len(bad)
+        yield k, end, images, labels, kept, records, len(images) + len(bad)
+
+
+def _shard_record(out: Path, k: int, setup: dict[str, Any], legacy: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The record of shard ``k`` if it is complete for ``setup``: stored in the shard file's metadata (written with
+    it, atomically); a shard listed in a manifest written before records existed (``legacy``) is rebuilt from that
+    manifest and the file's labels. ``None``: the shard is to be (re)done."""
+    from safetensors import SafetensorError, safe_open
+
+    path = out / f"shard-{k:05d}.safetensors"
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            labels = f.get_tensor("labels") if "record" not in meta and legacy is not None else None
+    except (SafetensorError, OSError):
+        return None
+    if "record" in meta:
+        record = json.loads(meta["record"])
+        return record if record.get("setup") == setup else None
+    if legacy is None or labels is None:
+        return None
+    entry = legacy["shards"][k]
+    lo, hi = entry["source_range"]
+    values, counts = torch.unique(labels, return_counts=True)
+    return {
+        "setup": setup,
+        "count": int(entry["count"]),
+        "source_range": [lo, hi],
+        "class_counts": {str(int(v)): int(c) for v, c in zip(values, counts, strict=True)},
+        "skipped_items": [s for s in legacy.get("skipped_items", []) if lo <= int(s["index"]) < hi],
+        "latent_shape": legacy.get("latent_shape"),
+    }
+
+
+def _assemble(manifest: dict[str, Any], records: dict[int, dict[str, Any]], num_shards: int) -> dict[str, Any]:
+    """``manifest`` with the shards ``0 .. m-1`` of the longest run of recorded shards from 0 (counts, classes,
+    skipped items, latent shape); complete when that is every shard."""
+    out = {**manifest, "shards": [], "count": 0, "class_counts": {}, "skipped": 0, "skipped_items": []}
+    for k in range(num_shards):
+        rec = records.get(k)
+        if rec is None:
+            break
+        out["shards"].append(
+            {"file": f"shard-{k:05d}.safetensors", "count": rec["count"], "source_range": rec["source_range"]}
+        )
+        out["count"] += rec["count"]
+        for label, c in rec["class_counts"].items():
+            out["class_counts"][label] = out["class_counts"].get(label, 0) + c
+        out["skipped"] += len(rec["skipped_items"])
+        out["skipped_items"] += rec["skipped_items"]
+        if out["latent_shape"] is None and rec["latent_shape"] is not None:
+            out["latent_shape"] = rec["latent_shape"]
+    out["class_counts"] = dict(sorted(out["class_counts"].items(), key=lambda kv: int(kv[0])))
+    out["complete"] = len(out["shards"]) == num_shards
+    return out
 
 
 @torch.no_grad()
@@ -100,8 +165,18 @@ def extract_latents(
     dtype: str = "float32",
     progress: bool = True,
     num_workers: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    barrier: Callable[[], None] | None = None,
 ) -> Path:
     """Encode ``dataset`` with ``tokenizer.encode`` (normalised latents) into a cache; returns the manifest path.
+
+    Several processes share the work when each calls this with its ``rank`` of ``world_size`` and a ``barrier``
+    (e.g. accelerate's ``wait_for_everyone``): process ``r`` encodes shards ``r, r + world_size, ...`` on its
+    tokenizer's device; the main process (rank 0) writes the manifest, which lists the shards done so far in order,
+    and completes it once every process has finished. A shard file carries its own record (counts, classes, skipped
+    items, the setup it was made with) in its metadata, so a stopped run, with any number of processes, redoes only
+    the shards that are not complete.
 
     Args:
         tokenizer: a :class:`~manifold_fm.tokenizers.Tokenizer` (its ``name`` and normalisation go in the manifest).
@@ -112,7 +187,8 @@ def extract_latents(
         resume: continue a partial cache; ``False`` starts over (existing shards are overwritten).
         dtype: storage dtype, ``float32`` / ``float16`` / ``bfloat16``.
         num_workers: DataLoader worker processes that read and crop images (image folders; the built-in dataset
-            renders in the main process).
+            renders in the main process); one loader serves all of this process's shards.
+        rank, world_size, barrier: this process's share (see above).
     """
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
@@ -121,6 +197,8 @@ def extract_latents(
         raise InputError(f"latent cache dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
     if shard_size < 1 or batch_size < 1:
         raise InputError("shard_size and batch_size must be positive")
+    wait = barrier or (lambda: None)
+    main = rank == 0
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     n = len(dataset)  # type: ignore[arg-type]
@@ -135,94 +213,132 @@ def extract_latents(
         "dtype": dtype,
     }
     manifest_path = out / MANIFEST
-    manifest: dict[str, Any] | None = None
-    if resume and manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
-        differs = {k: (manifest.get(k), v) for k, v in setup.items() if manifest.get(k) != v}
+    previous: dict[str, Any] | None = None
+    if resume and manifest_path.is_file():  # every process checks, so all stop together
+        previous = json.loads(manifest_path.read_text())
+        differs = {k: (previous.get(k), v) for k, v in setup.items() if previous.get(k) != v}
         if differs:
             key, (old, new) = next(iter(differs.items()))
             raise InputError(
                 f"{out} holds a cache with {key}={old!r}, not {new!r}; use another directory or resume=False"
             )
-    if manifest is None:
-        manifest = {
-            "format": FORMAT,
-            **setup,
-            "tokenizer_info": tokenizer.describe(),
-            "normalization": tokenizer.normalization.to_dict(),
-            "num_classes": int(getattr(dataset, "num_classes", 0)) or None,
-            "class_names": list(getattr(dataset, "class_names", []) or []),
-            "class_ids": {str(c): i for i, c in enumerate(getattr(dataset, "class_names", []) or [])},
-            "class_counts": {},
-            "source_items": n,
-            "num_shards": num_shards,
-            "shards": [],
-            "count": 0,
-            "skipped": 0,
-            "skipped_items": [],
-            "latent_shape": None,
-            "complete": False,
-        }
-        _write_json(manifest_path, manifest)
-    done = len(manifest["shards"])
+        if previous.get("normalization", tokenizer.normalization.to_dict()) != tokenizer.normalization.to_dict():
+            raise InputError(
+                f"{out} holds latents normalised differently from this tokenizer's normalisation (see its "
+                "manifest.json); resume with the same statistics, or use another directory or resume=False"
+            )
+    manifest = {
+        "format": FORMAT,
+        **setup,
+        "tokenizer_info": tokenizer.describe(),
+        "normalization": tokenizer.normalization.to_dict(),
+        "num_classes": int(getattr(dataset, "num_classes", 0)) or None,
+        "class_names": list(getattr(dataset, "class_names", []) or []),
+        "class_ids": {str(c): i for i, c in enumerate(getattr(dataset, "class_names", []) or [])},
+        "class_counts": {},
+        "source_items": n,
+        "num_shards": num_shards,
+        "shards": [],
+        "count": 0,
+        "skipped": 0,
+        "skipped_items": [],
+        "latent_shape": None,
+        "complete": False,
+    }
+    if previous is not None:  # what the cache was started with stays (its normalisation among them)
+        manifest = {**manifest, **{k: previous[k] for k in manifest if k in previous}}
+    # a shard is done if it was made with this setup and normalisation (a stale shard of another setup is redone)
+    shard_setup = {**setup, "normalization": manifest["normalization"]}
+    records: dict[int, dict[str, Any]] = {}
+    if previous is not None:
+        legacy = previous if previous.get("shards") else None
+        for k in range(num_shards):
+            rec = _shard_record(out, k, shard_setup, legacy if legacy and k < len(legacy["shards"]) else None)
+            if rec is not None:
+                records[k] = rec
+    if main:
+        _write_json(manifest_path, _assemble(manifest, records, num_shards))
+    wait()  # nobody writes a shard before the manifest is there
+    mine = [(k, k * shard_size, min(n, (k + 1) * shard_size)) for k in range(rank, num_shards, world_size)]
+    todo = [r for r in mine if r[0] not in records]
     tdtype = _DTYPES[dtype]
-    bar = tqdm(total=n, initial=min(n, done * shard_size), disable=not progress, desc="extract latents")
-    for k in range(done, num_shards):
-        lo, hi = k * shard_size, min(n, (k + 1) * shard_size)
-        lat, lab, src, flp, skipped = [], [], [], [], []
-        for images, labels, kept, bad, count in _batches(dataset, lo, hi, batch_size, num_workers):
-            skipped += bad
-            bar.update(count)
-            if not images:
-                continue
-            x = torch.stack(images).to(tokenizer.device)
-            z = tokenizer.encode(x).float().cpu()
-            y = torch.tensor(labels, dtype=torch.long)
-            s = torch.tensor(kept, dtype=torch.long)
-            lat.append(z)
-            lab.append(y)
-            src.append(s)
-            flp.append(torch.zeros(len(kept), dtype=torch.uint8))
-            if flip:
-                lat.append(tokenizer.encode(x.flip(-1)).float().cpu())
-                lab.append(y)
-                src.append(s)
-                flp.append(torch.ones(len(kept), dtype=torch.uint8))
-        if lat:
-            latents = torch.cat(lat).to(tdtype).contiguous()
-            if manifest["latent_shape"] is None:
-                manifest["latent_shape"] = list(latents.shape[1:])
+    bar = tqdm(
+        total=sum(hi - lo for _, lo, hi in mine),
+        initial=sum(hi - lo for k, lo, hi in mine if k in records),
+        disable=not (progress and main),
+        desc="extract latents" + (f" (process 0 of {world_size})" if world_size > 1 else ""),
+    )
+    known_shape = manifest["latent_shape"]
+
+    def write(k: int, lo: int, hi: int, parts: dict[str, list[Tensor]], skipped: list[dict]) -> None:
+        nonlocal known_shape
+        if parts["latents"]:
+            latents = torch.cat(parts["latents"]).to(tdtype).contiguous()
+            known_shape = known_shape or list(latents.shape[1:])
             tensors = {
                 "latents": latents,
-                "labels": torch.cat(lab),
-                "source_index": torch.cat(src),
-                "flipped": torch.cat(flp),
+                **{key: torch.cat(parts[key]) for key in ("labels", "source_index", "flipped")},
             }
         else:
-            shape = manifest["latent_shape"] or [0]
             tensors = {
-                "latents": torch.zeros(0, *shape, dtype=tdtype),
+                "latents": torch.zeros(0, *(known_shape or [0]), dtype=tdtype),
                 "labels": torch.zeros(0, dtype=torch.long),
                 "source_index": torch.zeros(0, dtype=torch.long),
                 "flipped": torch.zeros(0, dtype=torch.uint8),
             }
-        name = f"shard-{k:05d}.safetensors"
-        with atomic_path(out / name) as tmp:
-            save_file(tensors, str(tmp))
-        count = int(tensors["labels"].shape[0])
-        manifest["shards"].append({"file": name, "count": count, "source_range": [lo, hi]})
-        manifest["count"] += count
-        for label, c in zip(*torch.unique(tensors["labels"], return_counts=True), strict=True):
-            key = str(int(label))
-            manifest["class_counts"][key] = manifest["class_counts"].get(key, 0) + int(c)
-        manifest["skipped"] += len(skipped)
-        manifest["skipped_items"] += skipped
-        manifest["complete"] = k + 1 == num_shards
-        _write_json(manifest_path, manifest)
+        values, counts = torch.unique(tensors["labels"], return_counts=True)
+        record = {
+            "setup": shard_setup,
+            "count": int(tensors["labels"].shape[0]),
+            "source_range": [lo, hi],
+            "class_counts": {str(int(v)): int(c) for v, c in zip(values, counts, strict=True)},
+            "skipped_items": skipped,
+            "latent_shape": list(tensors["latents"].shape[1:]) if parts["latents"] else None,
+            "process": [rank, world_size],  # which process of how many wrote it (provenance only)
+        }
+        with atomic_path(out / f"shard-{k:05d}.safetensors") as tmp:
+            save_file(tensors, str(tmp), metadata={"record": json.dumps(record)})
+        records[k] = record
+        if main:  # the manifest lists the shards done so far (other processes' too), in order
+            for j in range(num_shards):
+                if j not in records:
+                    rec = _shard_record(out, j, shard_setup, None)
+                    if rec is not None:
+                        records[j] = rec
+            _write_json(manifest_path, _assemble(manifest, records, num_shards))
+
+    ranges = {k: (lo, hi) for k, lo, hi in todo}
+    parts: dict[str, list[Tensor]] = {"latents": [], "labels": [], "source_index": [], "flipped": []}
+    skipped: list[dict] = []
+    for k, last, images, labels, kept, bad, count in _shard_batches(dataset, todo, batch_size, num_workers):
+        skipped += bad
+        bar.update(count)
+        if images:
+            x = torch.stack(images).to(tokenizer.device)
+            y = torch.tensor(labels, dtype=torch.long)
+            src = torch.tensor(kept, dtype=torch.long)
+            for mirrored in (False, True) if flip else (False,):
+                parts["latents"].append(tokenizer.encode(x.flip(-1) if mirrored else x).float().cpu())
+                parts["labels"].append(y)
+                parts["source_index"].append(src)
+                parts["flipped"].append(torch.full((len(kept),), int(mirrored), dtype=torch.uint8))
+        if last:  # written as soon as it is complete
+            write(k, *ranges[k], parts, skipped)
+            parts, skipped = {key: [] for key in parts}, []
     bar.close()
-    if not manifest["complete"]:
-        manifest["complete"] = True
-        _write_json(manifest_path, manifest)
+    wait()  # every process's shards are written
+    if main:
+        for k in range(num_shards):
+            if k not in records:
+                rec = _shard_record(out, k, shard_setup, None)
+                if rec is not None:
+                    records[k] = rec
+        final = _assemble(manifest, records, num_shards)
+        if not final["complete"]:
+            missing = [k for k in range(num_shards) if k not in records]
+            raise RuntimeError(f"latent cache {out}: shards {missing[:5]} were not written by their processes")
+        _write_json(manifest_path, final)
+    wait()  # the complete manifest is there for every process
     return manifest_path
 
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..atomic import atomic_path, write_json_atomic
+from ..errors import InputError
 from .fid import feature_stats, frechet_distance
 
 CACHE_NAME = "builtin_classifier-v3"
@@ -138,16 +139,22 @@ def _cache_dir(cache_dir: str | Path | None) -> Path:
 
 @dataclass
 class BuiltinEvaluator:
-    """The cached classifier plus the reference feature statistics of the built-in test split."""
+    """The cached classifier plus the reference feature statistics of the built-in test split.
+
+    It scores in two parts (:class:`~manifold_fm.eval.sample_quality.Evaluator`): :meth:`features` gives per-image
+    rows on the images' device (the classifier follows them there), :meth:`metrics` the FD and accuracy of every
+    image's rows (e.g. gathered from several processes); :meth:`evaluate` is both at once."""
 
     model: SmallClassifier
     mu: np.ndarray
     sigma: np.ndarray
     info: dict[str, Any]
 
-    def evaluate(self, images: Tensor, labels: Tensor | None = None, progress: bool = False) -> dict[str, float]:
-        """``fd_builtin_classifier`` of ``images`` (``(N, 3, H, W)`` in [-1, 1]) and, given labels, the accuracy
-        (``progress``: a progress bar on stderr)."""
+    @torch.no_grad()
+    def features(self, images: Tensor, labels: Tensor | None = None, batch_size: int = 256) -> dict[str, Tensor]:
+        """``{"features": (N, 128)}`` of ``images`` (``(N, 3, H, W)`` in [-1, 1], resized to the classifier's
+        size) and, given labels, ``{"correct": (N,)}`` (1 where the classifier predicts the label), on the images'
+        device."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images (N, 3, H, W) in [-1, 1], got shape {tuple(images.shape)}")
         size = self.info["size"]
@@ -155,12 +162,37 @@ class BuiltinEvaluator:
             images = F.interpolate(
                 images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False
             )
-        feats, preds = predict(self.model, images.float().cpu(), progress=progress)
-        mu, sigma = feature_stats(feats)
-        out = {"fd_builtin_classifier": frechet_distance(mu, sigma, self.mu, self.sigma)}
+        if next(self.model.parameters()).device != images.device:
+            self.model.to(images.device)
+        feats, preds = predict(self.model, images.float(), batch_size=batch_size)
+        rows = {"features": feats.float()}
         if labels is not None:
-            out["classifier_accuracy"] = float((preds == labels.cpu()).float().mean())
+            rows["correct"] = (preds == labels.to(preds.device)).float()
+        return rows
+
+    def metrics(self, rows: dict[str, Tensor]) -> dict[str, float]:
+        """``fd_builtin_classifier`` of the rows' features against the test split's, and ``classifier_accuracy``
+        when the rows have ``correct``."""
+        mu, sigma = feature_stats(rows["features"].cpu())
+        out = {"fd_builtin_classifier": frechet_distance(mu, sigma, self.mu, self.sigma)}
+        if "correct" in rows:
+            out["classifier_accuracy"] = float(rows["correct"].double().mean())
         return out
+
+    def evaluate(self, images: Tensor, labels: Tensor | None = None, progress: bool = False) -> dict[str, float]:
+        """``fd_builtin_classifier`` of ``images`` (``(N, 3, H, W)`` in [-1, 1]) and, given labels, the accuracy
+        (``progress``: a progress bar on stderr), computed on the images' device."""
+        from tqdm.auto import tqdm
+
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images (N, 3, H, W) in [-1, 1], got shape {tuple(images.shape)}")
+        if images.shape[0] < 2:
+            raise InputError(f"need at least 2 images for feature statistics, got {images.shape[0]}")
+        parts: list[dict[str, Tensor]] = []
+        step = 256
+        for i in tqdm(range(0, images.shape[0], step), desc="classifier features", unit="batch", disable=not progress):
+            parts.append(self.features(images[i : i + step], None if labels is None else labels[i : i + step]))
+        return self.metrics({k: torch.cat([p[k] for p in parts]) for k in parts[0]})
 
 
 def builtin_evaluator(

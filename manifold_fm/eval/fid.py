@@ -274,3 +274,103 @@ def write_random_inception_weights(path: str | Path, seed: int = 0, calibration_
     with atomic_path(path) as tmp:
         torch.save(model.eval().state_dict(), tmp)
     return path
+
+
+# ----------------------------------------------------------------------------- evaluator on any device
+def images_to_uint8(images: Tensor) -> Tensor:
+    """``(N, 3, H, W)`` in [-1, 1] -> ``(N, 3, H, W)`` uint8 on the same device, rounding as ADM does
+    (``round((x + 1) * 127.5)``; :func:`~manifold_fm.eval.image_io.to_uint8` is the NHWC array on the host)."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+class FidelityEvaluator:
+    """FID (and the Inception Score) of generated images through torch-fidelity's feature extractor, run directly on
+    the images' device, in two parts (:class:`~manifold_fm.eval.sample_quality.Evaluator`): :meth:`features` gives
+    per-image rows (the FD layer's features and, with ``isc``, the IS layer's logits), :meth:`metrics` the FID and IS
+    of every image's rows (e.g. gathered from several processes). The reference is what :func:`fidelity_metrics`
+    takes: a statistics ``.npz`` or images (whose features are computed once, on the extractor's device).
+
+    Args:
+        reference: ``mu``/``sigma`` statistics ``.npz``, an ``.npz`` of images (``arr_0``) or an image folder.
+        inception_weights: the local Inception weight file (:func:`fidelity_metrics`).
+        feature_extractor: a torch-fidelity extractor name (anything but Inception is keyed ``fd[<name>]``).
+        isc: also the Inception Score.
+        batch_size: images per forward pass of the extractor.
+    """
+
+    def __init__(
+        self,
+        reference: str | Path,
+        *,
+        inception_weights: str | Path | None = None,
+        feature_extractor: str = INCEPTION,
+        isc: bool = True,
+        batch_size: int = 64,
+    ) -> None:
+        from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+        if feature_extractor not in FEATURE_EXTRACTORS_REGISTRY:
+            raise InputError(
+                f"unknown torch-fidelity feature extractor '{feature_extractor}'; "
+                f"registered: {', '.join(FEATURE_EXTRACTORS_REGISTRY)}"
+            )
+        cls = FEATURE_EXTRACTORS_REGISTRY[feature_extractor]
+        self.fd_layer = cls.get_default_feature_layer_for_metric("fid")
+        self.isc_layer = cls.get_default_feature_layer_for_metric("isc") if isc else None
+        layers = [self.fd_layer] + ([self.isc_layer] if isc and self.isc_layer != self.fd_layer else [])
+        self.extractor = _extractor(feature_extractor, layers, inception_weights, cuda=False).eval()
+        self.reference, self.batch_size = reference, batch_size
+        self.key = "fid" if feature_extractor == INCEPTION else f"fd[{feature_extractor}]"
+        self._ref: tuple[np.ndarray, np.ndarray] | None = None
+        self._device = torch.device("cpu")
+
+    @torch.no_grad()
+    def _extract(self, images_u8: Tensor) -> dict[str, Tensor]:
+        """The extractor's layers for uint8 ``(N, 3, H, W)`` images, in batches, on the images' device."""
+        if self._device != images_u8.device:  # follows the images (moved once)
+            self.extractor.to(images_u8.device)
+            self._device = images_u8.device
+        parts = []
+        for i in range(0, images_u8.shape[0], self.batch_size):
+            out = self.extractor(images_u8[i : i + self.batch_size])
+            parts.append(self.extractor.convert_features_tuple_to_dict(out))
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+    def features(self, images: Tensor, labels: Tensor | None = None) -> dict[str, Tensor]:
+        """``{"fd": (N, D)}`` and, with ``isc``, ``{"isc": (N, K)}`` of ``images`` (``(N, 3, H, W)`` in [-1, 1]) on
+        their device (the labels are not used)."""
+        feats = self._extract(images_to_uint8(images))
+        rows = {"fd": feats[self.fd_layer].float()}
+        if self.isc_layer is not None:
+            rows["isc"] = feats[self.isc_layer].float()
+        return rows
+
+    def _reference_stats(self, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+        if self._ref is None:
+            stats = load_reference_stats(self.reference)
+            if stats is None:
+                arr = load_images(self.reference)
+                u8 = torch.from_numpy(np.ascontiguousarray(arr.transpose(0, 3, 1, 2)))
+                feats = torch.cat(
+                    [self._extract(u8[i : i + 1024].to(device))[self.fd_layer].cpu() for i in range(0, len(u8), 1024)]
+                )
+                stats = feature_stats(feats)
+            self._ref = stats
+        return self._ref
+
+    def metrics(self, rows: dict[str, Tensor]) -> dict[str, float]:
+        """FID (``fid``, or ``fd[<name>]`` for another extractor) of the rows against the reference and, with
+        ``isc``, ``inception_score_mean`` / ``inception_score_std`` (torch-fidelity's, 10 splits)."""
+        mu, sigma = feature_stats(rows["fd"].cpu())
+        out = {self.key: frechet_distance(mu, sigma, *self._reference_stats(rows["fd"].device))}
+        if self.isc_layer is not None:
+            from torch_fidelity.metric_isc import isc_featuresdict_to_metric
+
+            logits = rows["isc"].cpu()
+            m = isc_featuresdict_to_metric(
+                {self.isc_layer: logits}, self.isc_layer, isc_splits=min(10, logits.shape[0]), rng_seed=2020,
+                verbose=False,
+            )  # fmt: skip
+            out["inception_score_mean"] = float(m["inception_score_mean"])
+            out["inception_score_std"] = float(m["inception_score_std"])
+        return out

@@ -48,7 +48,11 @@ def token_norm_stats(latents: Tensor, axis: int = 1) -> dict[str, float]:
     d = latents.shape[axis]
     mean = float(r.mean())
     std = float(r.std(unbiased=False)) if r.numel() > 1 else 0.0
-    q = torch.quantile(r, torch.tensor([0.01, 0.5, 0.99], dtype=r.dtype)).tolist() if r.numel() else [0.0] * 3
+    q = (
+        torch.quantile(r, torch.tensor([0.01, 0.5, 0.99], dtype=r.dtype, device=r.device)).tolist()
+        if r.numel()
+        else [0.0] * 3
+    )
     return {
         "d": int(d),
         "sqrt_d": d**0.5,
@@ -124,7 +128,7 @@ def path_diagnostics(
             )
         }
         for t in t_list:
-            s = path.sample(a, b, torch.full((a.shape[0],), t, dtype=a.dtype))
+            s = path.sample(a, b, torch.full((a.shape[0],), t, dtype=a.dtype, device=a.device))
             r = torch.linalg.vector_norm(s.x_t, dim=axis, keepdim=True)
             dev = torch.minimum(*[(r - m).abs() / sd for m, sd in shells])
             unit = s.x_t / r.clamp_min(1e-300)

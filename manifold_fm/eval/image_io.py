@@ -145,9 +145,9 @@ def merge_shards(shards: str | Path, expected: int | None = None) -> tuple[np.nd
     return np.concatenate(images)[order], index[order, 1]
 
 
-def balanced_labels(n: int, num_classes: int) -> Tensor:
-    """``i % num_classes``: every class equally often (up to one)."""
-    return torch.arange(n) % num_classes
+def balanced_labels(n: int, num_classes: int, device: torch.device | str | None = None) -> Tensor:
+    """``i % num_classes`` for ``i < n`` on ``device``: every class equally often (up to one)."""
+    return torch.arange(n, device=device) % num_classes
 
 
 __all__ = ["balanced_labels", "class_grid", "merge_shards", "save_image_grid", "save_npz", "to_uint8"]

@@ -72,6 +72,12 @@ def own_normalization(vae: nn.Module, kind: str) -> LatentNormalization:
     return LatentNormalization(shift=shift, scale=scaling, kind="constants")
 
 
+def diffusers_tokenizer_name(name_or_path: str | Path, subfolder: str | None = None, kind: str = "kl") -> str:
+    """The ``name`` of the tokenizer :meth:`DiffusersTokenizer.from_pretrained` loads with these arguments (known
+    without loading it): ``diffusers-<kind>:<name_or_path>[/<subfolder>]``."""
+    return f"diffusers-{kind}:{name_or_path}" + (f"/{subfolder}" if subfolder else "")
+
+
 class DiffusersTokenizer(Tokenizer):
     """A diffusers VAE behind the :class:`Tokenizer` interface (deterministic posterior mode)."""
 
@@ -149,8 +155,9 @@ class DiffusersTokenizer(Tokenizer):
             vae.enable_tiling()
         if isinstance(normalization, (str, Path)):
             normalization = LatentNormalization.load(normalization)
-        name = f"diffusers-{kind}:{name_or_path}" + (f"/{subfolder}" if subfolder else "")
-        return cls(vae, kind=kind, name=name, normalization=normalization)
+        return cls(
+            vae, kind=kind, name=diffusers_tokenizer_name(name_or_path, subfolder, kind), normalization=normalization
+        )
 
     def encode_raw(self, images: Tensor) -> Tensor:
         return self.vae.encode(images).latent_dist.mode()

@@ -184,8 +184,13 @@ def load_tiny_vae(path: str | Path) -> TinyVAETokenizer:
     vae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("vae.")})
     vae.eval().requires_grad_(False)
     norm = LatentNormalization(shift=tensors["norm.shift"], scale=tensors["norm.scale"], kind="dataset")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:10]
-    return TinyVAETokenizer(vae, norm, name=f"builtin-tiny-vae-{digest}")
+    return TinyVAETokenizer(vae, norm, name=tiny_vae_name(path))
+
+
+def tiny_vae_name(path: str | Path) -> str:
+    """The ``name`` of the tokenizer :func:`load_tiny_vae` loads from ``path``: ``builtin-tiny-vae-<digest>``, the
+    first 10 hex digits of the file's SHA-256 (known without building the model)."""
+    return f"builtin-tiny-vae-{hashlib.sha256(Path(path).read_bytes()).hexdigest()[:10]}"
 
 
 # ------------------------------------------------------------------ training
@@ -271,6 +276,15 @@ def default_cache_dir() -> Path:
     """``$MANIFOLD_FM_CACHE`` or ``~/.cache/manifold-fm``."""
     env = os.environ.get("MANIFOLD_FM_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "manifold-fm"
+
+
+def builtin_tokenizer_file(cache_dir: str | Path | None = None) -> Path | None:
+    """The weight file :func:`builtin_tokenizer` loads: the shipped one, else the cached copy; ``None`` if neither
+    exists yet (it would train one)."""
+    if ASSET_PATH.is_file():
+        return ASSET_PATH
+    path = (Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()) / CACHE_NAME
+    return path if path.is_file() else None
 
 
 def builtin_tokenizer(

@@ -85,10 +85,12 @@ def save_checkpoint(
     state: Mapping[str, Any] | None = None,
     meta: Mapping[str, Any] | None = None,
     keep: int | None = None,
+    keep_every: int | None = None,
 ) -> Path:
     """Write checkpoint ``step`` under ``root`` atomically and point ``root/latest`` at it.
 
-    ``keep``: if given, delete all but the newest ``keep`` complete checkpoints afterwards.
+    ``keep``: if given, delete all but the newest ``keep`` complete checkpoints afterwards, except those whose step
+    is a multiple of ``keep_every`` (e.g. a checkpoint every epoch for crashes, every 10th kept for evaluations).
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -114,6 +116,8 @@ def save_checkpoint(
     os.replace(pointer, root / LATEST)
     if keep is not None and keep > 0:
         for old in list_checkpoints(root)[:-keep]:
+            if keep_every and int(old.name.split("_")[-1]) % keep_every == 0:
+                continue
             shutil.rmtree(old, ignore_errors=True)
     return final
 

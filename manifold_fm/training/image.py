@@ -15,7 +15,7 @@ generated latents' normalisation (``latent_normalization``), which grids and ``m
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,61 @@ def load_tokenizer(cfg: ImageRunConfig, progress: bool = True) -> Any:
     return DiffusersTokenizer.from_pretrained(tc.name_or_path, subfolder=tc.subfolder, kind=tc.vae_kind).eval()
 
 
+def tokenizer_name(cfg: ImageRunConfig) -> str | None:
+    """The ``name`` of the tokenizer :func:`load_tokenizer` loads (recorded in checkpoints), without loading its
+    weights (``None`` for ``kind: none``)."""
+    tc = cfg.tokenizer
+    if tc.kind == "none":
+        return None
+    if tc.kind == "builtin":
+        from ..tokenizers.tiny_vae import builtin_tokenizer_file, tiny_vae_name
+
+        path = builtin_tokenizer_file(tc.cache_dir)
+        return tiny_vae_name(path) if path is not None else load_tokenizer(cfg, progress=False).name
+    from ..tokenizers.diffusers_adapter import diffusers_tokenizer_name
+
+    if not tc.name_or_path:
+        raise InputError("tokenizer.name_or_path: required for a diffusers tokenizer (hub id or local folder)")
+    return diffusers_tokenizer_name(tc.name_or_path, tc.subfolder, tc.vae_kind)
+
+
+class LazyDecoder:
+    """A decoder loaded on first use: ``load()`` builds it (e.g. :func:`run_decoder` of a freshly loaded tokenizer)
+    when it first decodes (or its dtype is asked), on the device it was last moved to with :meth:`to`. A process
+    that never decodes never loads the tokenizer's weights; one that does holds them on its own device."""
+
+    def __init__(self, load: Callable[[], Any], device: torch.device | str = "cpu") -> None:
+        self._load, self._decoder, self._device = load, None, torch.device(device)
+
+    @property
+    def loaded(self) -> bool:
+        return self._decoder is not None
+
+    def get(self) -> Any:
+        """The decoder (loaded now if it was not), on this object's device."""
+        if self._decoder is None:
+            self._decoder = self._load().to(self._device)
+        return self._decoder
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.get().dtype
+
+    def to(self, device: torch.device | str) -> LazyDecoder:
+        """Decode on ``device`` from now on (moves the weights if they are loaded); returns ``self``."""
+        self._device = torch.device(device)
+        if self._decoder is not None:
+            self._decoder.to(self._device)
+        return self
+
+    def decode(self, latents: Tensor) -> Tensor:
+        return self.get().decode(latents)
+
+
 def sample_decoder(cfg: ImageRunConfig, base: Any) -> Any:
     """What decodes generated latents: spherical-latent runs use ``SphericalTokenizer(base, decoder_state)``."""
     if base is None or not _spherical(cfg):
@@ -65,13 +120,21 @@ def sample_decoder(cfg: ImageRunConfig, base: Any) -> Any:
 
     state = None
     if cfg.tokenizer.decoder_state is not None:
-        path = Path(cfg.tokenizer.decoder_state)
-        if not path.is_file():
-            raise FileNotFoundError(f"tokenizer.decoder_state: {path} does not exist (run finetune-decoder first)")
+        path = _check_decoder_state(cfg)
         from safetensors.torch import load_file
 
         state = load_file(str(path)) if path.suffix == ".safetensors" else torch.load(path, weights_only=True)
     return SphericalTokenizer(base, decoder_state=state).eval()
+
+
+def _check_decoder_state(cfg: ImageRunConfig) -> Path | None:
+    """``tokenizer.decoder_state`` as a path (``None`` if unset); ``FileNotFoundError`` if it is not a file."""
+    if cfg.tokenizer.decoder_state is None:
+        return None
+    path = Path(cfg.tokenizer.decoder_state)
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer.decoder_state: {path} does not exist (run finetune-decoder first)")
+    return path
 
 
 @torch.no_grad()
@@ -202,24 +265,27 @@ def image_model(cfg: ImageRunConfig, channels: int, side: int, num_classes: int)
 def grid_hook(
     cfg: ImageRunConfig, flow: Flow, decoder: Any, out_dir: Path, shape: tuple[int, int, int], num_classes: int
 ) -> Hook:
-    """A PNG grid every ``train.sample_every`` steps: one row per class (named), fixed noise, the EMA model."""
+    """A PNG grid every ``train.sample_every`` steps (main process): one row per class (named), fixed noise, the
+    EMA model; sampled and decoded on the model's device in ``sample.precision``. Without a decoder: no grid."""
     from ..eval.image_io import save_image_grid
+    from ..precision import precision_scope
     from ..sampler import generate
 
     names = class_names(cfg, num_classes)
 
     def grid(step: int, model: nn.Module) -> None:
+        if decoder is None:
+            return
         per = cfg.sample.grid_per_class
         device = next(model.parameters()).device
-        labels = torch.arange(num_classes).repeat_interleave(per).to(device)
+        labels = torch.arange(num_classes, device=device).repeat_interleave(per)
         g = torch.Generator(device=device).manual_seed(cfg.sample.seed)
         z = generate(
             model, flow, (labels.shape[0], *shape), cfg.sample, generator=g, labels=labels, null_class=num_classes
         )
-        if decoder is None:
-            return
-        with torch.no_grad():
-            images = decoder.decode(z.to(decoder.device, decoder.dtype)).float().cpu()
+        dec = decoder.to(device)
+        with torch.no_grad(), precision_scope(cfg.sample.precision, device):
+            images = dec.decode(z.to(dtype=dec.dtype)).float().cpu()
         save_image_grid(
             images,
             out_dir / "samples" / f"step_{step:08d}.png",
@@ -240,45 +306,35 @@ def eval_hook(
     evaluator: Any = None,
     skip_step: int | None = None,
 ) -> Hook:
-    """Evaluations every ``train.eval_every`` steps on ``eval.samples`` samples with fixed noise (``eval.seed``):
-    the built-in classifier's FD and accuracy on the built-in data (``evaluator``, default the cached built-in one),
-    FID against ``eval.reference`` (local Inception weights) on a latent cache. ``skip_step``: a step left to the
-    caller (e.g. a final evaluation with more samples)."""
+    """Evaluations every ``train.eval_every`` steps on ``eval.samples`` samples with fixed noise (``eval.seed``), in
+    chunks of ``eval.batch_size``: the built-in classifier's FD and accuracy on the built-in data (``evaluator``,
+    default the cached built-in one), FID (and IS) against ``eval.reference`` (local Inception weights) on a latent
+    cache. The hook runs on every process: each samples, decodes and scores its share of the chunks on its own device
+    and the features are gathered (:class:`~manifold_fm.eval.sample_quality.SampleQuality`), so the numbers do not
+    depend on the process count. ``skip_step``: a step left to the caller (e.g. a final evaluation with more
+    samples)."""
     from ..eval.sample_quality import SampleQuality
 
-    if cfg.data.source == "builtin":
-        if evaluator is None:
+    if evaluator is None:
+        if cfg.data.source == "builtin":
             from ..eval.classifier import builtin_evaluator
 
             evaluator = builtin_evaluator(
                 cfg.tokenizer.cache_dir, progress=False, size=cfg.data.size, steps=cfg.eval.classifier_steps
             )
-    else:
-        evaluator = _FidEvaluator(cfg)
-    quality = SampleQuality(flow, cfg.sample, decoder, shape, num_classes, evaluator)
+        else:
+            from ..eval.fid import FidelityEvaluator
+
+            e = cfg.eval
+            evaluator = FidelityEvaluator(e.reference, inception_weights=e.inception_weights, batch_size=e.batch_size)
+    quality = SampleQuality(flow, cfg.sample, decoder, shape, num_classes, evaluator, batch_size=cfg.eval.batch_size)
 
     def evaluate(step: int, model: nn.Module) -> dict[str, float]:
         if step == skip_step:
             return {}
-        return quality(model, cfg.eval.samples, seed=cfg.eval.seed)
+        return quality(model, cfg.eval.samples, seed=cfg.eval.seed, distributed=True)
 
-    return Hook(cfg.train.eval_every, evaluate)
-
-
-class _FidEvaluator:
-    """``evaluate(images, labels)`` -> FID (and IS) of decoded samples against ``eval.reference``."""
-
-    def __init__(self, cfg: ImageRunConfig) -> None:
-        self.cfg = cfg
-
-    def evaluate(self, images: Tensor, labels: Tensor | None = None) -> dict[str, float]:
-        from ..eval.fid import fidelity_metrics
-        from ..eval.image_io import to_uint8
-
-        e = self.cfg.eval
-        return fidelity_metrics(
-            to_uint8(images), e.reference, inception_weights=e.inception_weights, prc=False, batch_size=e.batch_size
-        )
+    return Hook(cfg.train.eval_every, evaluate, all_processes=True)
 
 
 def image_trainer(
@@ -353,15 +409,24 @@ def _train_image(
     hooks: Sequence[Hook],
     device: str | None,
 ) -> Path:
-    tokenizer = load_tokenizer(cfg, progress=progress)
+    # the tokenizer is loaded where it is used: by every process to encode the built-in images, else only by the
+    # processes that decode (grids: the main process; evaluations: every process, each on its own device)
+    tokenizer = load_tokenizer(cfg, progress=progress) if cfg.data.source == "builtin" else None
     lat = build_latents(cfg, tokenizer, progress=progress)
     channels, side, num_classes = lat.channels, lat.side, lat.num_classes
     flow = latent_flow(cfg.flow, channels)
     model = image_model(cfg, channels, side, num_classes)
     all_hooks = []
-    decoder = (
-        run_decoder(cfg, tokenizer, lat.normalization) if (cfg.train.sample_every or cfg.train.eval_every) else None
-    )
+    decoder = None
+    if (cfg.train.sample_every or cfg.train.eval_every) and cfg.tokenizer.kind != "none":
+        if _spherical(cfg):
+            _check_decoder_state(cfg)  # now, not at the first grid
+
+        def load() -> Any:
+            base = tokenizer if tokenizer is not None else load_tokenizer(cfg, progress=False)
+            return run_decoder(cfg, base, lat.normalization)
+
+        decoder = LazyDecoder(load)
     if cfg.train.sample_every:
         all_hooks.append(grid_hook(cfg, flow, decoder, out, (channels, side, side), num_classes))
     if cfg.train.eval_every:
@@ -376,7 +441,7 @@ def _train_image(
         out,
         shape=(channels, side, side),
         num_classes=num_classes,
-        tokenizer_name=getattr(tokenizer, "name", None),
+        tokenizer_name=tokenizer.name if tokenizer is not None else tokenizer_name(cfg),
         latent_normalization=lat.normalization,
         hooks=[*all_hooks, *hooks],
         device=device,

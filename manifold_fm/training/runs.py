@@ -1,9 +1,10 @@
 """Trained latent-image runs: load one from its folder and sample it. The one place the ``sample`` command,
 evaluations and the default run load and sample runs.
 
-Sampling is sharded deterministically: chunk ``j`` of ``batch_size`` global sample indices has its noise seeded by
-``(seed, j, "sample")`` and is produced by process ``j % world_size``, so the samples do not depend on how many
-processes share the work, and a chunk written to disk never needs sampling again (:func:`sample_to_shards`).
+Sampling is sharded deterministically (:mod:`manifold_fm.distributed`): chunk ``j`` of ``batch_size`` global sample
+indices has its noise seeded by ``(seed, j, "sample")`` and is produced by process ``j % world_size``, so the samples
+do not depend on how many processes share the work, and a chunk written to disk never needs sampling again
+(:func:`sample_to_shards`). Sampling and decoding run in the sampler's ``precision`` (:mod:`manifold_fm.precision`).
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ from tqdm.auto import tqdm
 
 from manifold_fm.errors import InputError
 
+from ..distributed import process_chunks
 from ..eval.image_io import balanced_labels
 from ..flow import Flow
+from ..precision import precision_scope
 from ..sampler import SamplerSpec, generate
-from ..seeding import derive_seed
+from ..seeding import seeded_generator
 from .builders import build_model, latent_flow
 from .checkpoint import Checkpoint, load_checkpoint
 from .image import class_names, load_tokenizer, run_decoder
@@ -159,11 +162,11 @@ def sample_chunks(
     the sharding)."""
     labels = _check_labels(run, num_samples, labels)
     device = next(run.model.parameters()).device
-    chunks = [j for j in range(rank, -(-num_samples // batch_size), world_size) if not skip(j)]
-    for j in tqdm(chunks, desc="sample", disable=not progress, unit="batch"):
-        idx = torch.arange(j * batch_size, min((j + 1) * batch_size, num_samples))
+    chunks = [c for c in process_chunks(num_samples, batch_size, rank, world_size) if not skip(c[0])]
+    for j, start, stop in tqdm(chunks, desc="sample", disable=not progress, unit="batch"):
+        idx = torch.arange(start, stop)
         y = labels[idx].to(device)
-        g = torch.Generator(device=device).manual_seed(derive_seed(seed, j, "sample"))
+        g = seeded_generator(seed, j, "sample", device=device)
         z = generate(
             run.model,
             run.flow,
@@ -174,7 +177,8 @@ def sample_chunks(
             null_class=run.num_classes,
         )
         if decode and run.decoder is not None:
-            z = run.decoder.decode(z.to(run.decoder.device, run.decoder.dtype)).float()
+            with precision_scope(spec.precision, device):
+                z = run.decoder.decode(z.to(run.decoder.device, run.decoder.dtype)).float()
         yield j, idx, y.cpu(), z.float().cpu()
 
 

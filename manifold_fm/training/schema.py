@@ -206,10 +206,12 @@ TRACKERS = ("tensorboard", "wandb", "comet_ml", "mlflow", "aim", "clearml", "dvc
 class TrainConfig(Section):
     """The training loop. ``batch_size`` is the global batch (split across processes, then into ``grad_accum``
     micro-batches per process); ``ema_decay: 0`` keeps the EMA equal to the raw weights; ``mixed_precision`` is the
-    forward pass's autocast (``auto``: bf16 on GPUs that support it, full precision on CPU); ``threads`` sets torch's
-    intra-op threads (``null``: leave as is); hooks run every ``sample_every`` / ``eval_every`` steps (``null``:
-    never); ``log_with`` adds accelerate trackers (``tensorboard``, ``wandb``, ...) to the always-written
-    ``metrics.jsonl``."""
+    forward pass's autocast (``auto``: bf16 on GPUs that support it, full precision on CPU); a checkpoint is written
+    every ``checkpoint_every`` steps and the newest ``keep_checkpoints`` are kept (``null``: all), plus every one
+    whose step is a multiple of ``keep_every`` (e.g. one each epoch for crashes, every 10th kept for evaluations);
+    ``threads`` sets torch's intra-op threads (``null``: leave as is); hooks run every ``sample_every`` /
+    ``eval_every`` steps (``null``: never); ``log_with`` adds accelerate trackers (``tensorboard``, ``wandb``, ...)
+    to the always-written ``metrics.jsonl``."""
 
     steps: int = Field(1000, ge=0)
     batch_size: int = Field(64, ge=1)
@@ -223,6 +225,7 @@ class TrainConfig(Section):
     compile: StrictBool = False
     checkpoint_every: int = Field(500, ge=1)
     keep_checkpoints: int | None = Field(2, ge=1)
+    keep_every: int | None = Field(None, ge=1)
     log_every: int = Field(10, ge=1)
     sample_every: int | None = Field(None, ge=1)
     eval_every: int | None = Field(None, ge=1)

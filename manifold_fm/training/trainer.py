@@ -36,7 +36,8 @@ naming the step range, before any checkpoint of those steps is written.
 (``auto``: bf16 on GPUs that support it, full precision on CPU), with a gradient scaler for ``fp16`` (one for all
 parts, updated once per step); objectives compute their losses in float32.
 
-**Hooks** (``Hook(every, fn)``) run on the main process every ``every`` steps and at the end, with the EMA model;
+**Hooks** (``Hook(every, fn)``) run on the main process (``all_processes``: on every process) every ``every`` steps
+and at the end, with the EMA model;
 the global RNGs are saved around them, so a hook never changes the training stream; metrics they return are logged.
 Time spent outside training steps (hooks such as evaluations, checkpoints) is left out of the progress bar's rate
 and ETA, of the logged ``samples_per_s`` and of ``train_seconds``.
@@ -78,10 +79,15 @@ class TrainingError(ValueError):
 
 @dataclass
 class Hook:
-    """``fn(step, ema_model) -> metrics or None``, run every ``every`` steps (``None``: never) and at the end."""
+    """``fn(step, ema_model) -> metrics or None``, run every ``every`` steps (``None``: never) and at the end.
+
+    ``all_processes``: run it on every process (work split across ranks, e.g. a distributed evaluation whose
+    collectives every rank must join); otherwise on the main process only. Only the main process's metrics are
+    logged."""
 
     every: int | None
     fn: Callable[[int, nn.Module], Mapping[str, float] | None]
+    all_processes: bool = False
 
 
 def config_fingerprint(sections: Mapping[str, Any]) -> dict[str, str]:
@@ -282,6 +288,7 @@ class Trainer:
             state=self.state(),
             meta=meta,
             keep=self.train.keep_checkpoints,
+            keep_every=self.train.keep_every,
         )
 
     def restore(self) -> bool:
@@ -554,13 +561,12 @@ class Trainer:
             self._read_window()  # raises, naming the steps
 
     def _run_hooks(self, logger: RunLogger, final: bool) -> None:
-        if not self.accelerator.is_main_process:
-            return
+        main = self.accelerator.is_main_process
         for hook in self.hooks:
-            if hook.every and (self.step % hook.every == 0 or final):
+            if hook.every and (self.step % hook.every == 0 or final) and (main or hook.all_processes):
                 with _preserve_rng():
                     metrics = hook.fn(self.step, self.ema.model)
-                if metrics:
+                if metrics and main:
                     logger.log(self.step, metrics)
 
 

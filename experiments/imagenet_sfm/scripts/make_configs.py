@@ -135,12 +135,15 @@ def make_config(tok: str, scale: str, mode: str, epochs: int) -> dict[str, Any]:
             "ema_warmup": 0,
             "mixed_precision": "bf16",
             "compile": False,
-            "checkpoint_every": 10 * STEPS_PER_EPOCH,
-            "keep_checkpoints": None,
+            # A checkpoint every epoch, so a crash loses at most one; of those only the newest is kept, besides every
+            # 10th epoch's (kept for FID over training: `manifold-fm sample` on each).
+            "checkpoint_every": STEPS_PER_EPOCH,
+            "keep_checkpoints": 1,
+            "keep_every": 10 * STEPS_PER_EPOCH,
             "log_every": 100,
             # No grids during training: the trainer's grid hook draws num_classes x grid_per_class samples (1000
-            # here) and decodes them where the tokenizer was loaded (the CPU). Use `manifold-fm sample RUN --num 64`
-            # on any checkpoint instead.
+            # here) on the main process alone while the others wait. Use `manifold-fm sample RUN --num 64` on any
+            # checkpoint instead.
             "sample_every": None,
             "eval_every": None,
             "threads": None,
