@@ -7,7 +7,6 @@ import dataclasses
 import importlib.util
 import json
 import math
-import os
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from helpers import require_flux2_vae
+from helpers import cpu_env, require_flux2_vae
 
 ROOT = Path(__file__).resolve().parent.parent
 EXP = ROOT / "experiments" / "imagenet_sfm"
@@ -66,11 +65,22 @@ def test_gpu_check_cpu_mode_runs_every_stage(gc: Any, tmp_path: Path, capsys: py
     assert ext["latents"] == {"count": 2 * spec.images, "shape": [32, 16, 16], "dtype": "bfloat16"}
     t1, t2 = ext["run_s"][str(spec.images_small)], ext["run_s"][str(spec.images)]
     assert ext["images_per_s"] == _rate(spec.images - spec.images_small, t1, t2)
-    # finetune-decoder wrote the spherical decoder the spherical runs decode with
-    assert (work / "decoders" / "flux2" / "decoder.safetensors").is_file()
-    s1, s2 = spec.finetune_steps
-    ft = st["finetune"]
-    assert ft["images_per_s"] == _rate((s2 - s1) * spec.finetune_batch, ft["run_s"][str(s1)], ft["run_s"][str(s2)])
+    # finetune-decoder, killed (SIGKILL) while writing checkpoint 2 and resumed: the run's own record shows the second
+    # session starting at checkpoint 1 (the last complete one) and running only the remaining steps
+    ft, steps = st["finetune"], spec.finetune_steps
+    assert spec.finetune_checkpoint_every == 1 and steps == 3
+    kr = ft["kill_resume"]
+    assert kr["killed_in_checkpoint"] == 2 and kr["at_kill"]["latest"] == "step_00000001"
+    assert kr["at_kill"]["sessions"] == [{"start": 0, "steps": 1}]
+    assert len(kr["at_kill"]["half_written"]) == 1 and kr["at_kill"]["half_written"][0].startswith("step_00000002.tmp-")
+    run = work / "decoders" / "flux2"
+    meta = json.loads((run / "checkpoints" / "step_00000003" / "meta.json").read_text())
+    assert meta["sessions"] == kr["sessions"] == [{"start": 0, "steps": 1}, {"start": 1, "steps": 2}]
+    assert not list((run / "checkpoints").glob("*.tmp-*")) and (run / "decoder.safetensors").is_file()
+    # its rate: the logged windows but each session's first (step 1: the first session's, step 2: the resumed one's)
+    rows = {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    assert sorted(rows) == [1, 2, 3]
+    assert ft["images_per_s"] == pytest.approx(rows[3]["samples_per_s"], abs=1e-4)
     # training: the grid's configs on the latent cache, four runs, the trainer's own rates
     tr = st["train"]
     for run in ("linear-b4", "spherical-b4", "linear-b2", "spherical-b2"):
@@ -82,23 +92,37 @@ def test_gpu_check_cpu_mode_runs_every_stage(gc: Any, tmp_path: Path, capsys: py
     )
     # FID over training through the run's eval hook (the stand-in network under Inception's name)
     assert math.isfinite(st["train_fid"]["evaluation"]["fid"])
-    # sample: the ADM .npz, the cost fit, and samples of trained weights on the spheres in bf16 and fp32
+    # sample: the ADM .npz, the cost fit per precision, and samples of trained weights on the spheres in bf16 and fp32
     smp = st["sample"]
     assert smp["npz"] == {"arr_0": [2 * spec.sample_batch, 32, 32, 3], "dtype": "uint8", "arr_1": [4]}
-    secs, (a, b) = smp["fp32"]["run_s"], spec.sample_steps
-    t_a, t_b = secs[f"2x{a}"], secs[f"2x{b}"]
-    expected_ms = 1e3 * (t_b - t_a) / ((b - a) * spec.sample_batch) if t_b > t_a else None
-    assert smp["fp32"]["step_ms_per_image"] == (expected_ms and pytest.approx(expected_ms, rel=1e-3))
+    a, b = spec.sample_steps
+    for precision in ("fp32", "bf16"):
+        info = json.loads((work / "samples" / f"{precision}-a" / "sample_info.json").read_text())
+        assert info["precision"] == precision  # sample --precision, as recorded by the command
+        secs = smp[precision]["run_s"]
+        t_a, t_b = secs[f"2x{a}"], secs[f"2x{b}"]
+        expected_ms = 1e3 * (t_b - t_a) / ((b - a) * spec.sample_batch) if t_b > t_a else None
+        ms = expected_ms and pytest.approx(expected_ms, rel=1e-3, abs=1e-4)  # reported to 4 decimals
+        assert smp[precision]["step_ms_per_image"] == ms
     for precision in ("bf16", "fp32"):
         check = smp["on_sphere"][precision]
         assert check["max_radius_error"] < 1e-5 and check["velocity_rms_t0"] > 1e-4  # not a zero output layer
-    assert st["evaluate"]["num_samples"] == 2 * spec.sample_batch and "fid" in st["evaluate"]["metrics"]
-    assert any("issue 19 item 2" in p for p in report["pending"])
-    assert any("issue 19 item 3" in p for p in report["pending"])
-    # the README rows of this report: one per figure, five columns, marked as no measurement
+    # the library's bf16 took effect (the same network and input give another output than in fp32)
+    assert smp["on_sphere"]["bf16"]["velocity_rms_t0"] != smp["on_sphere"]["fp32"]["velocity_rms_t0"]
+    ev = st["evaluate"]
+    assert ev["num_samples"] == 2 * spec.sample_batch and "fid" in ev["metrics"] and ev["precision"] == "bf16"
+    assert set(ev["inception_images_per_s"]) == {"fp32", "bf16"}
+    assert "pending" not in report and not any("pending" in str(v) for v in st.values())
+    # the README rows of this report: one per figure it holds (a timing fit lost in a busy CPU's noise has none),
+    # five columns, marked as no measurement
     assert gc.main(["--rows", str(out)]) == 0
     rows = capsys.readouterr().out.splitlines()
-    assert len(rows) >= 8 and all(r.count(" | ") == 4 and "cpu mode: not a measurement" in r for r in rows)
+    s = report["summary"]
+    figures = [s["extract_images_per_s"], s["finetune_images_per_s"], *s["train_images_per_s"].values()]
+    figures += [s["spherical_over_linear_step_time"], *s["sample_images_per_s_250_steps"].values()]
+    assert s["finetune_images_per_s"] == ft["images_per_s"] and None not in s["train_images_per_s"].values()
+    assert len(rows) == sum(f is not None for f in figures) >= 6
+    assert all(r.count(" | ") == 4 and "cpu mode: not a measurement" in r for r in rows)
 
 
 # ----------------------------------------------------------------------------- the runner
@@ -164,24 +188,30 @@ def test_killed_then_resumed_kills_once_ready_then_finishes(gc: Any, tmp_path: P
         "(d / 'latest').write_text('1'); time.sleep(60); (d / 'not-killed').write_text('!')\n"
     )
     cmd = [sys.executable, "-c", script, str(tmp_path)]
-    result = gc.killed_then_resumed(cmd, "--resume", lambda: (tmp_path / "latest").is_file(), timeout=30)
+    seen = []
+
+    def on_killed() -> str:  # between the kill and the resume: the killed run's files, not the resumed one's
+        seen.append(sorted(p.name for p in tmp_path.iterdir()))
+        return "looked"
+
+    ready = lambda: (tmp_path / "latest").is_file()  # noqa: E731
+    result = gc.killed_then_resumed(cmd, "--resume", ready, timeout=30, env=cpu_env(), on_killed=on_killed)
     assert result["killed_after_s"] < 20 and (tmp_path / "done").read_text() == "ok"
+    assert seen == [["latest"]] and result["at_kill"] == "looked"
     time.sleep(0.2)
     assert not (tmp_path / "not-killed").exists()
     quick = [sys.executable, "-c", "pass"]
     with pytest.raises(gc.StageError, match="ended .* before it could be killed"):
-        gc.killed_then_resumed(quick, "--resume", lambda: False, timeout=30)
+        gc.killed_then_resumed(quick, "--resume", lambda: False, timeout=30, env=cpu_env())
 
 
 def test_gpu_check_shell_wrapper_runs_the_script(tmp_path: Path) -> None:
     # From an unrelated directory, without relying on an installed package: the wrapper sets PYTHONPATH itself.
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(PYTHON=sys.executable, OUT=str(tmp_path))
     proc = subprocess.run(
         ["bash", str(EXP / "gpu_check.sh"), "--help"],
         capture_output=True,
         text=True,
-        env=env,
+        env=cpu_env(drop=("PYTHONPATH",), PYTHON=sys.executable, OUT=str(tmp_path)),
         timeout=120,
         cwd=tmp_path,
     )
@@ -208,8 +238,16 @@ def test_recipe_estimate_from_hand_computed_rates(gc: Any) -> None:
         "extract": {"images_per_s": 1000.0},
         "finetune": {"images_per_s": 64.0},
         "train": {"linear-b32": {"images_per_s": 2000.0}, "spherical-b32": {"images_per_s": 1600.0}},
-        "sample": {"fp32": {"step_ms_per_image": 2.0, "other_ms_per_image": 10.0}},
-        "evaluate": {"inception_images_per_s": 2500.0, "wall_s": 20.0, "num_samples": 256},
+        "sample": {
+            "fp32": {"step_ms_per_image": 2.0, "other_ms_per_image": 10.0},
+            "bf16": {"step_ms_per_image": 1.0, "other_ms_per_image": 6.0},
+        },
+        "evaluate": {
+            "precision": "bf16",
+            "inception_images_per_s": {"fp32": 2500.0, "bf16": 3200.0},
+            "wall_s": 20.0,
+            "num_samples": 256,
+        },
     }
     est = gc.recipe_estimate(stages)
     h = est["hours"]
@@ -220,15 +258,18 @@ def test_recipe_estimate_from_hand_computed_rates(gc: Any) -> None:
     assert h["train_linear"] == round(400_400 * 256 / (8 * 2000) / 3600, 2)  # 1.78
     assert h["train_spherical"] == round(400_400 * 256 / (8 * 1600) / 3600, 2)  # 2.22
     # per image: 250 steps x 2 ms x (0.5 + 1 + 1) + 3 x 10 ms = 1.28 s; 50,000 of them on 8 GPUs: 8000 s
-    assert h["fid50k_sampling_per_arm_fp32"] == round(8000 / 3600, 2) and h["fid50k_sampling_per_arm_bf16"] is None
-    # 3 x (20 s - 256 / 2500 s fixed + 50,000 / 2500 s)
-    assert h["fid50k_evaluate_per_arm"] == round(3 * (20 - 256 / 2500 + 20) / 3600, 2)
+    assert h["fid50k_sampling_per_arm_fp32"] == round(8000 / 3600, 2)
+    # bf16: 250 x 1 ms x 2.5 + 3 x 6 ms = 0.643 s per image: 4018.75 s
+    assert h["fid50k_sampling_per_arm_bf16"] == round(50_000 * 0.643 / 8 / 3600, 2)
+    # 3 x (fixed + 50,000 images at the fp32 rate), fixed = 20 s - the 256 images at the rate evaluate ran in (bf16)
+    assert h["fid50k_evaluate_per_arm"] == round(3 * (20 - 256 / 3200 + 50_000 / 2500) / 3600, 2)
     parts = [h["extract_latents"], h["decoder_finetunes"], h["train_linear"], h["train_spherical"]]
-    total = sum(parts) + 2 * h["fid50k_sampling_per_arm_fp32"] + 2 * h["fid50k_evaluate_per_arm"]
-    assert est["total_pair_hours"] == pytest.approx(total) and est["total_uses_sampling"] == "fp32"
+    total = sum(parts) + 2 * h["fid50k_sampling_per_arm_bf16"] + 2 * h["fid50k_evaluate_per_arm"]
+    assert est["total_pair_hours"] == pytest.approx(total) and est["total_uses_sampling"] == "bf16"
     assert "not a measurement" in est["label"]
-    del stages["train"]["spherical-b32"]  # a missing rate: no figure, no total
+    del stages["sample"]["bf16"]  # the recipe samples in bf16: without its rate, no total
     assert gc.recipe_estimate(stages)["total_pair_hours"] is None
+    assert gc.recipe_estimate(stages)["hours"]["fid50k_sampling_per_arm_fp32"] == h["fid50k_sampling_per_arm_fp32"]
 
 
 # ----------------------------------------------------------------------------- the wheels script
@@ -258,7 +299,11 @@ def test_gpu_wheels_checks_each_wheels_requirements_against_the_folder_and_the_i
     gc = _load(EXP / "gpu_check.py", "imagenet_sfm_gpu_check")
     assert gw.DEFAULT_OUT == gc.DEFAULT_WHEELS
     ignored = subprocess.run(
-        ["git", "check-ignore", "-q", str(gw.DEFAULT_OUT / "x.whl")], cwd=ROOT, capture_output=True, timeout=30
+        ["git", "check-ignore", "-q", str(gw.DEFAULT_OUT / "x.whl")],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=30,
+        env=cpu_env(),
     )
     assert ignored.returncode == 0
     cmd = gw.download_command("geoopt", "0.5.1", Path("/tmp/w"))

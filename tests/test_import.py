@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from helpers import cpu_env
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Every module of the package, then the operations of the three manifolds that wrap geoopt (geoopt scripts its SPD
@@ -30,10 +32,14 @@ for name, shape in (("poincare_ball", (4, 2)), ("lorentz", (4, 3)), ("spd", (4, 
 
 
 def test_importing_and_using_the_package_prints_nothing(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300
+        [sys.executable, "-c", SCRIPT],
+        capture_output=True,
+        text=True,
+        env=cpu_env(drop=("PYTHONWARNINGS",), PYTHONPATH=path),
+        cwd=tmp_path,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "" and proc.stderr == "", proc.stderr
