@@ -7,6 +7,7 @@ import dataclasses
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -203,6 +204,42 @@ def test_killed_then_resumed_kills_once_ready_then_finishes(gc: Any, tmp_path: P
     quick = [sys.executable, "-c", "pass"]
     with pytest.raises(gc.StageError, match="ended .* before it could be killed"):
         gc.killed_then_resumed(quick, "--resume", lambda: False, timeout=30, env=cpu_env())
+
+
+CHILD = """
+import dataclasses, json, os, sys, time, importlib.util
+spec = importlib.util.spec_from_file_location("gc", sys.argv[1]); gc = importlib.util.module_from_spec(spec)
+sys.modules["gc"] = gc; spec.loader.exec_module(gc)
+work = sys.argv[2]
+sleeper = "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(120)"
+def stage(ctx):  # a stage that started a process in its own session and waits on it
+    gc.killed_then_resumed([sys.executable, "-c", sleeper, work + "/grandchild"], "--resume", lambda: False, 120)
+gc.STAGES[:] = [dataclasses.replace(gc.STAGES[0], fn=stage)]
+args = ["--stage", gc.STAGES[0].name, "--work", work, "--spec", json.dumps(dataclasses.asdict(gc.GPU))]  # no torch
+sys.exit(gc.main([*args, "--deadline", str(time.time() + 120)]))
+"""
+
+
+def test_a_stage_stopped_at_its_slice_stops_the_processes_it_started(tmp_path: Path) -> None:
+    """The runner stops a stage's child process with SIGTERM; the child unwinds, so a process the stage started in
+    its own session (the finetune runs) does not outlive it."""
+    import signal
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(EXP / "gpu_check.py"), str(tmp_path)], env=cpu_env(), start_new_session=True
+    )
+    marker = tmp_path / "grandchild"
+    deadline = time.time() + 60
+    while not (marker.is_file() and marker.read_text()) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    grandchild = int(marker.read_text())
+    os.killpg(proc.pid, signal.SIGTERM)  # what the runner's _stop_group sends first
+    assert proc.wait(timeout=30) != 0
+    time.sleep(0.5)
+    alive = Path(f"/proc/{grandchild}").exists() and "zombie" not in Path(f"/proc/{grandchild}/status").read_text()
+    if alive:  # leave nothing behind before failing
+        os.kill(grandchild, signal.SIGKILL)
+    assert not alive
 
 
 def test_gpu_check_shell_wrapper_runs_the_script(tmp_path: Path) -> None:

@@ -281,7 +281,8 @@ CPU = Spec(
 
 # ----------------------------------------------------------------------------- one stage's context
 class OuterLimit(BaseException):
-    """SIGTERM reached the runner (``gpu_check.sh``'s hard limit): stop the stage in flight and write the report."""
+    """SIGTERM reached the runner (``gpu_check.sh``'s hard limit: stop the stage in flight and write the report) or a
+    stage's child process (its slice ended: unwind, stopping what the stage started)."""
 
 
 class StageError(Exception):
@@ -1517,12 +1518,20 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0
     _PEAK_TFLOPS[0] = args.peak_tflops
-    if args.stage is None:
 
-        def outer_limit(signum: int, frame: Any) -> None:
-            raise OuterLimit
+    def outer_limit(signum: int, frame: Any) -> None:
+        raise OuterLimit
 
-        signal.signal(signal.SIGTERM, outer_limit)
+    # SIGTERM (gpu_check.sh's hard limit here; a stage's slice in a child) unwinds the stage, so the processes it
+    # started in their own sessions (the finetune runs) are stopped by its cleanup instead of outliving it
+    previous = signal.signal(signal.SIGTERM, outer_limit)
+    try:
+        return _run(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace) -> int:
     # this checkout, installed or not, for this process and the stages' child processes
     sys.path.insert(0, str(REPO))
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
