@@ -182,28 +182,30 @@ def test_gpu_check_child_process_runs_one_stage_from_its_command_line(gc: Any, t
     assert (tmp_path / "ref.npz").is_file()
 
 
-def test_killed_then_resumed_kills_once_ready_then_finishes(gc: Any, tmp_path: Path) -> None:
+def test_kill_when_ready_kills_the_whole_group_once_ready(gc: Any, tmp_path: Path) -> None:
+    # the run starts a child of its own (as a DataLoader worker): both go when the run is killed
     script = (
-        "import sys, time, pathlib; d = pathlib.Path(sys.argv[1])\n"
-        "if '--resume' in sys.argv: (d / 'done').write_text('ok'); sys.exit(0)\n"
-        "(d / 'latest').write_text('1'); time.sleep(60); (d / 'not-killed').write_text('!')\n"
+        "import subprocess, sys, time, pathlib; d = pathlib.Path(sys.argv[1])\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        "(d / 'child').write_text(str(child.pid)); (d / 'latest').write_text('1')\n"
+        "time.sleep(60); (d / 'not-killed').write_text('!')\n"
     )
     cmd = [sys.executable, "-c", script, str(tmp_path)]
-    seen = []
-
-    def on_killed() -> str:  # between the kill and the resume: the killed run's files, not the resumed one's
-        seen.append(sorted(p.name for p in tmp_path.iterdir()))
-        return "looked"
-
     ready = lambda: (tmp_path / "latest").is_file()  # noqa: E731
-    result = gc.killed_then_resumed(cmd, "--resume", ready, timeout=30, env=cpu_env(), on_killed=on_killed)
-    assert result["killed_after_s"] < 20 and (tmp_path / "done").read_text() == "ok"
-    assert seen == [["latest"]] and result["at_kill"] == "looked"
+    assert gc.kill_when_ready(cmd, ready, timeout=30, env=cpu_env()) < 20
     time.sleep(0.2)
-    assert not (tmp_path / "not-killed").exists()
+    assert not (tmp_path / "not-killed").exists() and not _running(int((tmp_path / "child").read_text()))
     quick = [sys.executable, "-c", "pass"]
     with pytest.raises(gc.StageError, match="ended .* before it could be killed"):
-        gc.killed_then_resumed(quick, "--resume", lambda: False, timeout=30, env=cpu_env())
+        gc.kill_when_ready(quick, lambda: False, timeout=30, env=cpu_env())
+
+
+def _running(pid: int) -> bool:
+    status = Path(f"/proc/{pid}/status")
+    try:
+        return "zombie" not in status.read_text()
+    except FileNotFoundError:
+        return False
 
 
 CHILD = """
@@ -213,7 +215,7 @@ sys.modules["gc"] = gc; spec.loader.exec_module(gc)
 work = sys.argv[2]
 sleeper = "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(120)"
 def stage(ctx):  # a stage that started a process in its own session and waits on it
-    gc.killed_then_resumed([sys.executable, "-c", sleeper, work + "/grandchild"], "--resume", lambda: False, 120)
+    gc.kill_when_ready([sys.executable, "-c", sleeper, work + "/grandchild"], lambda: False, 120)
 gc.STAGES[:] = [dataclasses.replace(gc.STAGES[0], fn=stage)]
 args = ["--stage", gc.STAGES[0].name, "--work", work, "--spec", json.dumps(dataclasses.asdict(gc.GPU))]  # no torch
 sys.exit(gc.main([*args, "--deadline", str(time.time() + 120)]))
@@ -236,7 +238,7 @@ def test_a_stage_stopped_at_its_slice_stops_the_processes_it_started(tmp_path: P
     os.killpg(proc.pid, signal.SIGTERM)  # what the runner's _stop_group sends first
     assert proc.wait(timeout=30) != 0
     time.sleep(0.5)
-    alive = Path(f"/proc/{grandchild}").exists() and "zombie" not in Path(f"/proc/{grandchild}/status").read_text()
+    alive = _running(grandchild)
     if alive:  # leave nothing behind before failing
         os.kill(grandchild, signal.SIGKILL)
     assert not alive

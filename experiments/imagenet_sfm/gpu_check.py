@@ -27,11 +27,11 @@ that command calls:
     accelerate device: the launcher path of sharded extraction).
 ``finetune``
     ``manifold-fm finetune-decoder`` (spherical decoder + discriminator, adversarial terms from step 0, fp32 as the
-    recipe runs it) in its own process, checkpointing every C steps, killed (SIGKILL) while it writes checkpoint 2C
-    and finished with ``--resume``; the stage proves the resume from the run's ``meta.json`` sessions (the second
-    starts at step C, the last complete checkpoint, and runs only the remaining steps) and that the half-written
-    checkpoint was cleaned up. ``images_per_s``: the trainer's ``samples_per_s`` over the logged windows, each
-    session's first window (start-up) dropped.
+    recipe runs it) in its own process, checkpointing every C steps, killed (SIGKILL) while it writes checkpoint 2C,
+    then finished with ``--resume`` in the check's process (its peak memory measured); the stage proves the resume
+    from the run's ``meta.json`` sessions (the second starts at step C, the last complete checkpoint, and runs only
+    the remaining steps) and that the half-written checkpoint was cleaned up. ``images_per_s``: the trainer's
+    ``samples_per_s`` over the logged windows, each session's first window (start-up) dropped.
 ``train``
     ``manifold-fm train`` of the grid's ``flux2-B2-{linear,spherical}-80ep`` configs (SiT-B/2, bf16, EMA, class
     dropout) on the latent cache through the real loader (``data.source: latents``), at batch 256 (the one-GPU
@@ -580,47 +580,26 @@ def stage_extract(ctx: Context) -> None:
 
 
 # ----------------------------------------------------------------------------- stage: finetune
-def killed_then_resumed(
-    cmd: list[str],
-    resume_arg: str,
-    ready: Callable[[], bool],
-    timeout: float,
-    env: Mapping[str, str] | None = None,
-    on_killed: Callable[[], Any] | None = None,
-) -> dict[str, Any]:
-    """Run ``cmd`` as its own process group, kill it (SIGKILL: no chance to save) once ``ready()`` holds (e.g. a
-    checkpoint exists), call ``on_killed()`` (its result is returned as ``at_kill``), then run ``cmd + [resume_arg]``
-    to the end; returns what happened. Raises :class:`StageError` if the first run ends before it is ready, or
-    either overruns ``timeout`` in total."""
+def kill_when_ready(
+    cmd: list[str], ready: Callable[[], bool], timeout: float, env: Mapping[str, str] | None = None
+) -> float:
+    """Run ``cmd`` as its own process group and kill the group (SIGKILL: no chance to save) once ``ready()`` holds
+    (e.g. the run paused in a checkpoint); returns the seconds it ran. Raises :class:`StageError` if the run ends
+    before it is ready or is not ready within ``timeout`` seconds; the group is killed whatever happens."""
     t0 = time.time()
-    first = subprocess.Popen(cmd, start_new_session=True, env=None if env is None else dict(env))
+    run = subprocess.Popen(cmd, start_new_session=True, env=None if env is None else dict(env))
     try:
         while not ready():
-            if first.poll() is not None:
-                raise StageError(f"the run ended (status {first.returncode}) before it could be killed")
+            if run.poll() is not None:
+                raise StageError(f"the run ended (status {run.returncode}) before it could be killed")
             if time.time() - t0 > timeout:
                 raise StageError("the run was not ready to be killed before the time slice ended")
             time.sleep(0.2)
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait()
-        killed_at = time.time() - t0
     finally:
-        if first.poll() is None:
-            os.killpg(first.pid, signal.SIGKILL)
-            first.wait()
-    at_kill = on_killed() if on_killed is not None else None
-    rest = max(1.0, timeout - (time.time() - t0))
-    try:
-        second = subprocess.run([*cmd, resume_arg], timeout=rest, env=None if env is None else dict(env))
-    except subprocess.TimeoutExpired:
-        raise StageError("the resumed run did not finish in the time slice") from None
-    if second.returncode != 0:
-        raise StageError(f"the resumed run failed (status {second.returncode})")
-    return {
-        "killed_after_s": round(killed_at, 2),
-        "resumed_s": round(time.time() - t0 - killed_at, 2),
-        "at_kill": at_kill,
-    }
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(run.pid, signal.SIGKILL)
+        run.wait()
+    return time.time() - t0
 
 
 def _checkpoint_meta(checkpoints: Path) -> tuple[str | None, dict[str, Any]]:
@@ -659,20 +638,12 @@ def stage_finetune(ctx: Context) -> None:
         raise StageError(f"finetune_steps {total} must exceed 2 x finetune_checkpoint_every ({kill_at})")
     out = ctx.decoder.parent
     checkpoints = out / "checkpoints"
-    cmd = [sys.executable, "-m", "manifold_fm.cli", "finetune-decoder", "--tokenizer", str(ctx.vae), "--kind", "flux2"]
-    cmd += ["--device", s.device, "--data", str(ctx.images()), "--size", str(s.image_size)]
-    cmd += ["--batch-size", str(s.finetune_batch), "--steps", str(total), "--gan-start", "0"]
-    cmd += ["--eval-items", str(s.eval_items), "--seed", "0", "--workers", str(s.workers)]
-    # fp32, the recipe's setting (README step 2: the paper's finetune is fp32)
-    cmd += [
-        "--mixed-precision",
-        "no",
-        "--checkpoint-every",
-        str(every),
-        "--set",
-        f"train.log_every={s.finetune_log_every}",
-    ]
-    cmd += ["--out", str(out)]
+    args = ["finetune-decoder", "--tokenizer", str(ctx.vae), "--kind", "flux2", "--device", s.device]
+    args += ["--data", str(ctx.images()), "--size", str(s.image_size), "--batch-size", str(s.finetune_batch)]
+    args += ["--steps", str(total), "--gan-start", "0", "--eval-items", str(s.eval_items), "--seed", "0"]
+    args += ["--workers", str(s.workers), "--checkpoint-every", str(every)]
+    args += ["--mixed-precision", "no"]  # fp32, the recipe's setting (README step 2: the paper's finetune is fp32)
+    args += ["--set", f"train.log_every={s.finetune_log_every}", "--out", str(out)]
     marker = ctx.work / "finetune-paused-in-checkpoint"
     env = {**os.environ, "MANIFOLD_FM_TEST_PAUSE_IN_CHECKPOINT": f"{marker}:{kill_at}"}  # pauses once: marker
     if s.mode == "cpu":
@@ -686,12 +657,23 @@ def stage_finetune(ctx: Context) -> None:
             "half_written": sorted(p.name for p in checkpoints.glob(f"step_{kill_at:08d}.tmp-*")),
         }
 
-    log(f"$ {' '.join(cmd[2:])}  (killed in checkpoint {kill_at}, then --resume)")
-    result = killed_then_resumed(cmd, "--resume", marker.is_file, ctx.deadline - time.time() - 5, env, at_kill)
-    killed = result.pop("at_kill")
+    log(f"$ manifold-fm {' '.join(args)}  (killed in checkpoint {kill_at}, then --resume)")
+    cmd = [sys.executable, "-m", "manifold_fm.cli", *args]
+    killed_after = kill_when_ready(cmd, marker.is_file, ctx.deadline - time.time() - 5, env)
+    killed = at_kill()
+    # the resumed session in this process (as a user reruns the command), so its peak memory is measured
+    reset_peak()
+    resumed = run_cli(*args, "--resume")
+    rec["peak_mem_gib"] = peak_gib()
     name, meta = _checkpoint_meta(checkpoints)
     sessions = meta.get("sessions")
-    rec["kill_resume"] = {**result, "killed_in_checkpoint": kill_at, "at_kill": killed, "sessions": sessions}
+    rec["kill_resume"] = {
+        "killed_after_s": round(killed_after, 2),
+        "resumed_s": round(resumed, 2),
+        "killed_in_checkpoint": kill_at,
+        "at_kill": killed,
+        "sessions": sessions,
+    }
     if killed["latest"] != f"step_{every:08d}" or killed["sessions"] != [{"start": 0, "steps": every}]:
         raise StageError(f"killed in checkpoint {kill_at}, the run's latest complete checkpoint is {killed}")
     if not killed["half_written"]:
