@@ -70,6 +70,7 @@ def test_a_visible_gpu_is_hidden_from_the_library() -> None:
     from manifold_fm.data.sources import TensorSource
     from manifold_fm.models.sit import SiT
     from manifold_fm.training.builders import preset_flow
+    from manifold_fm.training.flow_objective import FlowObjective
     from manifold_fm.training.schema import load_image_config
     from manifold_fm.training.trainer import Trainer, cpu_only
 
@@ -80,6 +81,7 @@ def test_a_visible_gpu_is_hidden_from_the_library() -> None:
             cfg = load_image_config(None, ["tokenizer.kind=none", "data.source=latents", "data.latents=x"])
             model = SiT(input_size=4, patch_size=2, in_channels=4, hidden_size=16, depth=1, num_heads=2, num_classes=3)
             data = TensorSource(torch.randn(8, 4, 4, 4), torch.arange(8) % 3)
-            trainer = Trainer(model, preset_flow("spherical", 4), data, cfg.train, cfg.optim, "unused", progress=False)
+            objective = FlowObjective(model, preset_flow("spherical", 4), cfg.optim, null_class=3)
+            trainer = Trainer(objective, data, cfg.train, "unused", progress=False)
             assert trainer.device.type == "cpu"
             assert PartialState(cpu=cpu_only(None)).device.type == "cpu"
