@@ -124,6 +124,40 @@ def test_gpu_check_cpu_mode_runs_every_stage(gc: Any, tmp_path: Path, capsys: py
     assert s["finetune_images_per_s"] == ft["images_per_s"] and None not in s["train_images_per_s"].values()
     assert len(rows) == sum(f is not None for f in figures) >= 6
     assert all(r.count(" | ") == 4 and "cpu mode: not a measurement" in r for r in rows)
+    # a second try of some stages on the kept work folder (the README's retry): each starts from nothing, so the
+    # training runs are not refused (their folders hold runs) and the timed runs time work, not resumed caches
+    again = tmp_path / "again.json"
+    only = "extract,train,sample"
+    caches = {p: p.stat().st_mtime_ns for p in (work / "latents").rglob("*.safetensors")}
+    assert gc.main(["--cpu", "--out", str(again), "--work", str(work), "--only", only]) == 0
+    st2 = json.loads(again.read_text())["stages"]
+    assert [k for k, v in st2.items() if v["status"] == "pass"] == ["wheels", *only.split(",")]
+    assert st2["extract"]["latents"] == ext["latents"] and set(st2["train"]) >= {"linear-b4", "spherical-b2"}
+    rewritten = {p: p.stat().st_mtime_ns for p in (work / "latents").rglob("*.safetensors")}
+    assert rewritten.keys() == caches.keys() and all(rewritten[p] != t for p, t in caches.items())
+
+
+def test_gpu_check_finetune_stage_starts_from_nothing(gc: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second try of the finetune stage on a kept work folder (--only finetune): the run folder and the pause
+    marker of the first try are gone before the run starts (the command would refuse a folder that holds a run, and
+    an existing marker would let the run finish unpaused), and the run is killed in checkpoint 2C."""
+    out = tmp_path / "decoders" / "flux2"
+    (out / "checkpoints" / "step_00000003").mkdir(parents=True)
+    (out / "checkpoints" / "latest").write_text("step_00000003\n")
+    marker = tmp_path / "finetune-paused-in-checkpoint"
+    marker.write_text("old")
+    seen = {}
+
+    def kill_when_ready(cmd, ready, timeout, env):  # noqa: ANN001, ANN202
+        seen.update(out_exists=out.exists(), marker_exists=marker.exists(), ready=ready(), pause=env[PAUSE])
+        raise gc.StageError("stop here")
+
+    PAUSE = "MANIFOLD_FM_TEST_PAUSE_IN_CHECKPOINT"
+    monkeypatch.setattr(gc, "kill_when_ready", kill_when_ready)
+    ctx = gc.Context(gc.CPU, tmp_path, gc.Record(tmp_path / "stages" / "finetune.json"), time.time() + 60)
+    with pytest.raises(gc.StageError, match="stop here"):
+        gc.stage_finetune(ctx)
+    assert seen == {"out_exists": False, "marker_exists": False, "ready": False, "pause": f"{marker}:2"}
 
 
 # ----------------------------------------------------------------------------- the runner

@@ -350,6 +350,14 @@ def log(msg: str) -> None:
     print(f"[gpu_check {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def fresh(*paths: Path) -> None:
+    """Remove what an earlier run of the check left at ``paths`` (``--only`` on a kept ``--work`` folder): the
+    commands resume what they find (a cache, sample chunks) or refuse a folder that holds a run, so a stage starts
+    from nothing to measure and check anything."""
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def _sync() -> None:
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -563,6 +571,7 @@ def stage_extract(ctx: Context) -> None:
     base += ["--dtype", s.vae_dtype, "--size", str(s.image_size), "--batch-size", str(s.extract_batch)]
     base += ["--workers", str(s.workers), "--store-dtype", "bfloat16"]
     small = ["--data", str(ctx.images(small=True))]
+    fresh(ctx.work / "latents" / "warm", ctx.work / "latents" / "small", ctx.latents)
     run_cli(*base, *small, "--out", str(ctx.work / "latents" / "warm"))  # CUDA context, kernels, page cache
     reset_peak()
     # rounded before the fit, so the reported rate follows from the reported seconds
@@ -645,6 +654,8 @@ def stage_finetune(ctx: Context) -> None:
     args += ["--mixed-precision", "no"]  # fp32, the recipe's setting (README step 2: the paper's finetune is fp32)
     args += ["--set", f"train.log_every={s.finetune_log_every}", "--out", str(out)]
     marker = ctx.work / "finetune-paused-in-checkpoint"
+    fresh(out)
+    marker.unlink(missing_ok=True)
     env = {**os.environ, "MANIFOLD_FM_TEST_PAUSE_IN_CHECKPOINT": f"{marker}:{kill_at}"}  # pauses once: marker
     if s.mode == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # the CPU mode stays on the CPU on a GPU machine too
@@ -758,6 +769,7 @@ def stage_train(ctx: Context) -> None:
     for batch in (s.train_batch, s.train_batch_per_gpu):
         for mode in ("linear", "spherical"):
             name = f"{mode}-b{batch}"
+            fresh(ctx.run(name))
             reset_peak()
             try:
                 wall = run_cli(*train_args(ctx, mode, name, batch, steps))
@@ -797,6 +809,7 @@ def stage_train_fid(ctx: Context) -> None:
         "eval.batch_size": str(s.evaluate_batch),
         "sample.steps": str(s.fid_sampler_steps),
     }
+    fresh(ctx.run(name))
     reset_peak()
     rec["wall_s"] = round(run_cli(*train_args(ctx, "spherical", name, s.train_batch_per_gpu, s.fid_steps, extra)), 2)
     rec["peak_mem_gib"] = peak_gib()
@@ -862,6 +875,7 @@ def stage_sample(ctx: Context) -> None:
     out = ctx.work / "samples"
     for precision in ("fp32", "bf16"):
         flag = ["--precision", precision]
+        fresh(*(out / f"{precision}-{tag}" for tag in ("warm", "a", "b", "2b")))
         run_cli(*base, *flag, "--num", str(b), "--steps", str(s1), "--out", str(out / f"{precision}-warm"))
         reset_peak()
         secs: dict[str, float] = {}
@@ -981,6 +995,7 @@ def stage_multiprocess(ctx: Context) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
+    fresh(ctx.run("spherical-2proc"))
     args = train_args(ctx, "spherical", "spherical-2proc", 8, 4, extra)
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
