@@ -288,6 +288,9 @@ class _SimulatedCuda(torch.overrides.TorchFunctionMode):
 
     # functions that take tensors on different devices on a real GPU: indexing with host indices, copies, printing
     _MIXING = {"__getitem__", "copy_", "__repr__", "__format__", "__str__", "_has_compatible_shallow_copy_type"}
+    # functions that refuse a 0-dim host tensor beside GPU tensors (elementwise ops accept it as a scalar; the
+    # concatenations check every input's device)
+    _NO_HOST_SCALARS = {"cat", "concat", "concatenate", "stack", "hstack", "vstack", "dstack", "column_stack"}
 
     def __init__(self) -> None:
         super().__init__()
@@ -370,7 +373,8 @@ class _SimulatedCuda(torch.overrides.TorchFunctionMode):
             out_device = _sim_device(kwargs["device"]) or torch.device("cpu")
             kwargs["device"] = torch.device("cpu")
         else:
-            on = {self.device_of(t).type for t in tensors if t.dim() > 0 or self.on_gpu(t)}
+            scalars_count = name in self._NO_HOST_SCALARS
+            on = {self.device_of(t).type for t in tensors if t.dim() > 0 or self.on_gpu(t) or scalars_count}
             if name == "__setitem__":  # host indices are fine, a value tensor must sit with the target
                 on = {self.device_of(t).type for t in (args[0], args[2]) if isinstance(t, Tensor) and t.dim() > 0}
             if len(on) > 1 and name not in self._MIXING:
@@ -397,8 +401,9 @@ def simulated_cuda(accelerate: bool = False) -> Iterator[Any]:
     """A GPU for device-discipline tests on a machine without one: inside, ``device="cuda"`` (and ``.to("cuda")``,
     ``.cuda()``, ``torch.Generator(device="cuda")``) give tensors that report ``cuda:0`` and compute on the CPU,
     with the same values a CPU run gets; mixing them with host tensors the way a real GPU refuses raises
-    :class:`DeviceMismatchError`: an op on tensors of both devices (0-dim host tensors excepted, as on CUDA; indexing
-    with host indices and ``copy_`` allowed), a generator of the other device, ``.numpy()`` of a GPU tensor.
+    :class:`DeviceMismatchError`: an op on tensors of both devices (0-dim host tensors excepted, as on CUDA, except in
+    concatenations such as ``torch.stack``; indexing with host indices and ``copy_`` allowed), a generator of the
+    other device, ``.numpy()`` of a GPU tensor.
     ``accelerate``: accelerate's ``Accelerator.device`` is the simulated GPU too (for the trainer).
 
     Build modules and real tensors outside or inside; move them in with ``.to("cuda")`` inside. Gradients follow

@@ -1,5 +1,5 @@
-"""Device discipline, checked without a GPU: the sampler, the evaluation hook (sampling, decoding and scoring) and an
-image run's training (steps, sample grids, evaluations, checkpoints) on a simulated GPU
+"""Device discipline, checked without a GPU: the sampler, the evaluation hook (sampling, decoding and scoring), an
+image run's training (steps, sample grids, evaluations, checkpoints) and decoder finetuning on a simulated GPU
 (:func:`helpers.simulated_cuda`), where every tensor must be made on the device of the code that uses it.
 
 The simulated GPU computes on the CPU, so besides "nothing mixes devices" each test checks that the numbers are
@@ -61,6 +61,8 @@ def test_the_simulated_gpu_refuses_what_a_gpu_refuses() -> None:
         with pytest.raises(TypeError, match="numpy"):
             x.numpy()
         assert (x * torch.tensor(2.0)).device == SIM_CUDA  # a 0-dim host tensor is fine
+        with pytest.raises(DeviceMismatchError, match="two devices"):  # except in a concatenation
+            torch.stack([x.sum(), torch.tensor(2.0)])
         assert x[torch.tensor([0, 2])].device == SIM_CUDA  # host indices are fine
         assert x.cpu().device.type == "cpu" and x.cpu().numpy().shape == (3, 4)
         loss = lin(x).square().mean()
@@ -155,6 +157,68 @@ def test_an_image_run_trains_samples_and_evaluates_on_a_gpu(tmp_path: Path, eval
     assert gpu["fd_builtin_classifier"] == pytest.approx(cpu["fd_builtin_classifier"], rel=1e-4)
     assert gpu["classifier_accuracy"] == cpu["classifier_accuracy"]
     assert (tmp_path / "gpu" / "samples" / "step_00000002.png").is_file()
+    assert (tmp_path / "gpu" / "checkpoints" / "step_00000002" / "model.safetensors").is_file()
+
+
+class _ConvDistance(torch.nn.Module):
+    """A perceptual distance with weights (a convolution, as LPIPS's VGG): it must follow the images to the GPU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.randn(4, 3, 3, 3, generator=torch.Generator().manual_seed(0)) / 9)
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        return (self.conv(a) - self.conv(b)).pow(2).mean(dim=(1, 2, 3))
+
+
+def test_decoder_finetune_steps_on_a_gpu_give_the_cpu_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two decoder-finetune steps on the trainer with accelerate's device the GPU: the frozen encoder, the decoder,
+    the BatchNorm PatchGAN discriminator and a perceptual network with weights all run there (every convolution sees
+    GPU inputs), the adversarial terms are on from step 0 (the adaptive weight's autograd.grad at the decoder's
+    last convolution, the hinge loss, both optimizers), and the losses and exported weights are bit for bit those
+    of a CPU run with the same (fused) AdamW kernel the trainer picks on a GPU."""
+    from manifold_fm.data.builtin_images import BuiltinImages
+    from manifold_fm.tokenizers import TinyVAE, TinyVAETokenizer
+    from manifold_fm.training.decoder_finetune import finetune_decoder
+
+    data = BuiltinImages("train", per_class=1)
+    over = ["train.steps=2", "train.batch_size=4", "train.log_every=1", "train.threads=1", "finetune.gan_start=0"]
+
+    def finetune(out: Path, device: str | None):  # noqa: ANN202
+        torch.manual_seed(0)
+        tok = TinyVAETokenizer(TinyVAE(4, (8, 8)).eval().requires_grad_(False))
+        return finetune_decoder(tok, data, None, over, out, perceptual=_ConvDistance(), eval_items=0,
+                                device=device, progress=False)  # fmt: skip
+
+    class FusedAdamW(torch.optim.AdamW):
+        def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+            super().__init__(*args, **{**kwargs, "fused": True})
+
+    with monkeypatch.context() as mp:
+        mp.setattr(torch.optim, "AdamW", FusedAdamW)
+        cpu = finetune(tmp_path / "cpu", "cpu")
+    inputs: set[torch.device] = set()
+
+    def record(module: torch.nn.Module, args: tuple, output: Tensor) -> None:
+        if isinstance(module, torch.nn.Conv2d):
+            inputs.add(args[0].device)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        with simulated_cuda(accelerate=True):
+            gpu = finetune(tmp_path / "gpu", None)
+    finally:
+        handle.remove()
+    assert inputs == {SIM_CUDA}
+    assert gpu.report["final_losses"]["disc"] > 0 and gpu.report["final_losses"]["gan_scale"] != 1.0  # GAN on
+    assert gpu.report["final_losses"] == cpu.report["final_losses"]
+    for mine, theirs in ((gpu.decoder_state, cpu.decoder_state), (gpu.discriminator_state, cpu.discriminator_state)):
+        assert mine.keys() == theirs.keys()
+        for k, v in theirs.items():
+            assert mine[k].device.type == "cpu"  # exported to the host
+            torch.testing.assert_close(mine[k], v, rtol=0, atol=0)
     assert (tmp_path / "gpu" / "checkpoints" / "step_00000002" / "model.safetensors").is_file()
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from helpers import require_flux2_vae
+from helpers import cpu_env, require_flux2_vae
 
 ROOT = Path(__file__).resolve().parent.parent
 EXP = ROOT / "experiments" / "imagenet_sfm"
@@ -66,11 +66,22 @@ def test_gpu_check_cpu_mode_runs_every_stage(gc: Any, tmp_path: Path, capsys: py
     assert ext["latents"] == {"count": 2 * spec.images, "shape": [32, 16, 16], "dtype": "bfloat16"}
     t1, t2 = ext["run_s"][str(spec.images_small)], ext["run_s"][str(spec.images)]
     assert ext["images_per_s"] == _rate(spec.images - spec.images_small, t1, t2)
-    # finetune-decoder wrote the spherical decoder the spherical runs decode with
-    assert (work / "decoders" / "flux2" / "decoder.safetensors").is_file()
-    s1, s2 = spec.finetune_steps
-    ft = st["finetune"]
-    assert ft["images_per_s"] == _rate((s2 - s1) * spec.finetune_batch, ft["run_s"][str(s1)], ft["run_s"][str(s2)])
+    # finetune-decoder, killed (SIGKILL) while writing checkpoint 2 and resumed: the run's own record shows the second
+    # session starting at checkpoint 1 (the last complete one) and running only the remaining steps
+    ft, steps = st["finetune"], spec.finetune_steps
+    assert spec.finetune_checkpoint_every == 1 and steps == 3
+    kr = ft["kill_resume"]
+    assert kr["killed_in_checkpoint"] == 2 and kr["at_kill"]["latest"] == "step_00000001"
+    assert kr["at_kill"]["sessions"] == [{"start": 0, "steps": 1}]
+    assert len(kr["at_kill"]["half_written"]) == 1 and kr["at_kill"]["half_written"][0].startswith("step_00000002.tmp-")
+    run = work / "decoders" / "flux2"
+    meta = json.loads((run / "checkpoints" / "step_00000003" / "meta.json").read_text())
+    assert meta["sessions"] == kr["sessions"] == [{"start": 0, "steps": 1}, {"start": 1, "steps": 2}]
+    assert not list((run / "checkpoints").glob("*.tmp-*")) and (run / "decoder.safetensors").is_file()
+    # its rate: the logged windows but each session's first (step 1: the first session's, step 2: the resumed one's)
+    rows = {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    assert sorted(rows) == [1, 2, 3]
+    assert ft["images_per_s"] == pytest.approx(rows[3]["samples_per_s"], abs=1e-4)
     # training: the grid's configs on the latent cache, four runs, the trainer's own rates
     tr = st["train"]
     for run in ("linear-b4", "spherical-b4", "linear-b2", "spherical-b2"):
@@ -82,23 +93,71 @@ def test_gpu_check_cpu_mode_runs_every_stage(gc: Any, tmp_path: Path, capsys: py
     )
     # FID over training through the run's eval hook (the stand-in network under Inception's name)
     assert math.isfinite(st["train_fid"]["evaluation"]["fid"])
-    # sample: the ADM .npz, the cost fit, and samples of trained weights on the spheres in bf16 and fp32
+    # sample: the ADM .npz, the cost fit per precision, and samples of trained weights on the spheres in bf16 and fp32
     smp = st["sample"]
     assert smp["npz"] == {"arr_0": [2 * spec.sample_batch, 32, 32, 3], "dtype": "uint8", "arr_1": [4]}
-    secs, (a, b) = smp["fp32"]["run_s"], spec.sample_steps
-    t_a, t_b = secs[f"2x{a}"], secs[f"2x{b}"]
-    expected_ms = 1e3 * (t_b - t_a) / ((b - a) * spec.sample_batch) if t_b > t_a else None
-    assert smp["fp32"]["step_ms_per_image"] == (expected_ms and pytest.approx(expected_ms, rel=1e-3))
+    a, b = spec.sample_steps
+    for precision in ("fp32", "bf16"):
+        info = json.loads((work / "samples" / f"{precision}-a" / "sample_info.json").read_text())
+        assert info["precision"] == precision  # sample --precision, as recorded by the command
+        secs = smp[precision]["run_s"]
+        t_a, t_b = secs[f"2x{a}"], secs[f"2x{b}"]
+        expected_ms = 1e3 * (t_b - t_a) / ((b - a) * spec.sample_batch) if t_b > t_a else None
+        ms = expected_ms and pytest.approx(expected_ms, rel=1e-3, abs=1e-4)  # reported to 4 decimals
+        assert smp[precision]["step_ms_per_image"] == ms
     for precision in ("bf16", "fp32"):
         check = smp["on_sphere"][precision]
         assert check["max_radius_error"] < 1e-5 and check["velocity_rms_t0"] > 1e-4  # not a zero output layer
-    assert st["evaluate"]["num_samples"] == 2 * spec.sample_batch and "fid" in st["evaluate"]["metrics"]
-    assert any("issue 19 item 2" in p for p in report["pending"])
-    assert any("issue 19 item 3" in p for p in report["pending"])
-    # the README rows of this report: one per figure, five columns, marked as no measurement
+    # the library's bf16 took effect (the same network and input give another output than in fp32)
+    assert smp["on_sphere"]["bf16"]["velocity_rms_t0"] != smp["on_sphere"]["fp32"]["velocity_rms_t0"]
+    ev = st["evaluate"]
+    assert ev["num_samples"] == 2 * spec.sample_batch and "fid" in ev["metrics"] and ev["precision"] == "bf16"
+    assert set(ev["inception_images_per_s"]) == {"fp32", "bf16"}
+    assert "pending" not in report and not any("pending" in str(v) for v in st.values())
+    # the README rows of this report: one per figure it holds (a timing fit lost in a busy CPU's noise has none),
+    # five columns, marked as no measurement
     assert gc.main(["--rows", str(out)]) == 0
     rows = capsys.readouterr().out.splitlines()
-    assert len(rows) >= 8 and all(r.count(" | ") == 4 and "cpu mode: not a measurement" in r for r in rows)
+    s = report["summary"]
+    figures = [s["extract_images_per_s"], s["finetune_images_per_s"], *s["train_images_per_s"].values()]
+    figures += [s["spherical_over_linear_step_time"], *s["sample_images_per_s_250_steps"].values()]
+    assert s["finetune_images_per_s"] == ft["images_per_s"] and None not in s["train_images_per_s"].values()
+    assert len(rows) == sum(f is not None for f in figures) >= 6
+    assert all(r.count(" | ") == 4 and "cpu mode: not a measurement" in r for r in rows)
+    # a second try of some stages on the kept work folder (the README's retry): each starts from nothing, so the
+    # training runs are not refused (their folders hold runs) and the timed runs time work, not resumed caches
+    again = tmp_path / "again.json"
+    only = "extract,train,sample"
+    caches = {p: p.stat().st_mtime_ns for p in (work / "latents").rglob("*.safetensors")}
+    assert gc.main(["--cpu", "--out", str(again), "--work", str(work), "--only", only]) == 0
+    st2 = json.loads(again.read_text())["stages"]
+    assert [k for k, v in st2.items() if v["status"] == "pass"] == ["wheels", *only.split(",")]
+    assert st2["extract"]["latents"] == ext["latents"] and set(st2["train"]) >= {"linear-b4", "spherical-b2"}
+    rewritten = {p: p.stat().st_mtime_ns for p in (work / "latents").rglob("*.safetensors")}
+    assert rewritten.keys() == caches.keys() and all(rewritten[p] != t for p, t in caches.items())
+
+
+def test_gpu_check_finetune_stage_starts_from_nothing(gc: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second try of the finetune stage on a kept work folder (--only finetune): the run folder and the pause
+    marker of the first try are gone before the run starts (the command would refuse a folder that holds a run, and
+    an existing marker would let the run finish unpaused), and the run is killed in checkpoint 2C."""
+    out = tmp_path / "decoders" / "flux2"
+    (out / "checkpoints" / "step_00000003").mkdir(parents=True)
+    (out / "checkpoints" / "latest").write_text("step_00000003\n")
+    marker = tmp_path / "finetune-paused-in-checkpoint"
+    marker.write_text("old")
+    seen = {}
+
+    def kill_when_ready(cmd, ready, timeout, env):  # noqa: ANN001, ANN202
+        seen.update(out_exists=out.exists(), marker_exists=marker.exists(), ready=ready(), pause=env[PAUSE])
+        raise gc.StageError("stop here")
+
+    PAUSE = "MANIFOLD_FM_TEST_PAUSE_IN_CHECKPOINT"
+    monkeypatch.setattr(gc, "kill_when_ready", kill_when_ready)
+    ctx = gc.Context(gc.CPU, tmp_path, gc.Record(tmp_path / "stages" / "finetune.json"), time.time() + 60)
+    with pytest.raises(gc.StageError, match="stop here"):
+        gc.stage_finetune(ctx)
+    assert seen == {"out_exists": False, "marker_exists": False, "ready": False, "pause": f"{marker}:2"}
 
 
 # ----------------------------------------------------------------------------- the runner
@@ -157,31 +216,75 @@ def test_gpu_check_child_process_runs_one_stage_from_its_command_line(gc: Any, t
     assert (tmp_path / "ref.npz").is_file()
 
 
-def test_killed_then_resumed_kills_once_ready_then_finishes(gc: Any, tmp_path: Path) -> None:
+def test_kill_when_ready_kills_the_whole_group_once_ready(gc: Any, tmp_path: Path) -> None:
+    # the run starts a child of its own (as a DataLoader worker): both go when the run is killed
     script = (
-        "import sys, time, pathlib; d = pathlib.Path(sys.argv[1])\n"
-        "if '--resume' in sys.argv: (d / 'done').write_text('ok'); sys.exit(0)\n"
-        "(d / 'latest').write_text('1'); time.sleep(60); (d / 'not-killed').write_text('!')\n"
+        "import subprocess, sys, time, pathlib; d = pathlib.Path(sys.argv[1])\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        "(d / 'child').write_text(str(child.pid)); (d / 'latest').write_text('1')\n"
+        "time.sleep(60); (d / 'not-killed').write_text('!')\n"
     )
     cmd = [sys.executable, "-c", script, str(tmp_path)]
-    result = gc.killed_then_resumed(cmd, "--resume", lambda: (tmp_path / "latest").is_file(), timeout=30)
-    assert result["killed_after_s"] < 20 and (tmp_path / "done").read_text() == "ok"
+    ready = lambda: (tmp_path / "latest").is_file()  # noqa: E731
+    assert gc.kill_when_ready(cmd, ready, timeout=30, env=cpu_env()) < 20
     time.sleep(0.2)
-    assert not (tmp_path / "not-killed").exists()
+    assert not (tmp_path / "not-killed").exists() and not _running(int((tmp_path / "child").read_text()))
     quick = [sys.executable, "-c", "pass"]
     with pytest.raises(gc.StageError, match="ended .* before it could be killed"):
-        gc.killed_then_resumed(quick, "--resume", lambda: False, timeout=30)
+        gc.kill_when_ready(quick, lambda: False, timeout=30, env=cpu_env())
+
+
+def _running(pid: int) -> bool:
+    status = Path(f"/proc/{pid}/status")
+    try:
+        return "zombie" not in status.read_text()
+    except FileNotFoundError:
+        return False
+
+
+CHILD = """
+import dataclasses, json, os, sys, time, importlib.util
+spec = importlib.util.spec_from_file_location("gc", sys.argv[1]); gc = importlib.util.module_from_spec(spec)
+sys.modules["gc"] = gc; spec.loader.exec_module(gc)
+work = sys.argv[2]
+sleeper = "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(120)"
+def stage(ctx):  # a stage that started a process in its own session and waits on it
+    gc.kill_when_ready([sys.executable, "-c", sleeper, work + "/grandchild"], lambda: False, 120)
+gc.STAGES[:] = [dataclasses.replace(gc.STAGES[0], fn=stage)]
+args = ["--stage", gc.STAGES[0].name, "--work", work, "--spec", json.dumps(dataclasses.asdict(gc.GPU))]  # no torch
+sys.exit(gc.main([*args, "--deadline", str(time.time() + 120)]))
+"""
+
+
+def test_a_stage_stopped_at_its_slice_stops_the_processes_it_started(tmp_path: Path) -> None:
+    """The runner stops a stage's child process with SIGTERM; the child unwinds, so a process the stage started in
+    its own session (the finetune runs) does not outlive it."""
+    import signal
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(EXP / "gpu_check.py"), str(tmp_path)], env=cpu_env(), start_new_session=True
+    )
+    marker = tmp_path / "grandchild"
+    deadline = time.time() + 60
+    while not (marker.is_file() and marker.read_text()) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    grandchild = int(marker.read_text())
+    os.killpg(proc.pid, signal.SIGTERM)  # what the runner's _stop_group sends first
+    assert proc.wait(timeout=30) != 0
+    time.sleep(0.5)
+    alive = _running(grandchild)
+    if alive:  # leave nothing behind before failing
+        os.kill(grandchild, signal.SIGKILL)
+    assert not alive
 
 
 def test_gpu_check_shell_wrapper_runs_the_script(tmp_path: Path) -> None:
     # From an unrelated directory, without relying on an installed package: the wrapper sets PYTHONPATH itself.
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(PYTHON=sys.executable, OUT=str(tmp_path))
     proc = subprocess.run(
         ["bash", str(EXP / "gpu_check.sh"), "--help"],
         capture_output=True,
         text=True,
-        env=env,
+        env=cpu_env(drop=("PYTHONPATH",), PYTHON=sys.executable, OUT=str(tmp_path)),
         timeout=120,
         cwd=tmp_path,
     )
@@ -208,8 +311,16 @@ def test_recipe_estimate_from_hand_computed_rates(gc: Any) -> None:
         "extract": {"images_per_s": 1000.0},
         "finetune": {"images_per_s": 64.0},
         "train": {"linear-b32": {"images_per_s": 2000.0}, "spherical-b32": {"images_per_s": 1600.0}},
-        "sample": {"fp32": {"step_ms_per_image": 2.0, "other_ms_per_image": 10.0}},
-        "evaluate": {"inception_images_per_s": 2500.0, "wall_s": 20.0, "num_samples": 256},
+        "sample": {
+            "fp32": {"step_ms_per_image": 2.0, "other_ms_per_image": 10.0},
+            "bf16": {"step_ms_per_image": 1.0, "other_ms_per_image": 6.0},
+        },
+        "evaluate": {
+            "precision": "bf16",
+            "inception_images_per_s": {"fp32": 2500.0, "bf16": 3200.0},
+            "wall_s": 20.0,
+            "num_samples": 256,
+        },
     }
     est = gc.recipe_estimate(stages)
     h = est["hours"]
@@ -220,15 +331,18 @@ def test_recipe_estimate_from_hand_computed_rates(gc: Any) -> None:
     assert h["train_linear"] == round(400_400 * 256 / (8 * 2000) / 3600, 2)  # 1.78
     assert h["train_spherical"] == round(400_400 * 256 / (8 * 1600) / 3600, 2)  # 2.22
     # per image: 250 steps x 2 ms x (0.5 + 1 + 1) + 3 x 10 ms = 1.28 s; 50,000 of them on 8 GPUs: 8000 s
-    assert h["fid50k_sampling_per_arm_fp32"] == round(8000 / 3600, 2) and h["fid50k_sampling_per_arm_bf16"] is None
-    # 3 x (20 s - 256 / 2500 s fixed + 50,000 / 2500 s)
-    assert h["fid50k_evaluate_per_arm"] == round(3 * (20 - 256 / 2500 + 20) / 3600, 2)
+    assert h["fid50k_sampling_per_arm_fp32"] == round(8000 / 3600, 2)
+    # bf16: 250 x 1 ms x 2.5 + 3 x 6 ms = 0.643 s per image: 4018.75 s
+    assert h["fid50k_sampling_per_arm_bf16"] == round(50_000 * 0.643 / 8 / 3600, 2)
+    # 3 x (fixed + 50,000 images at the fp32 rate), fixed = 20 s - the 256 images at the rate evaluate ran in (bf16)
+    assert h["fid50k_evaluate_per_arm"] == round(3 * (20 - 256 / 3200 + 50_000 / 2500) / 3600, 2)
     parts = [h["extract_latents"], h["decoder_finetunes"], h["train_linear"], h["train_spherical"]]
-    total = sum(parts) + 2 * h["fid50k_sampling_per_arm_fp32"] + 2 * h["fid50k_evaluate_per_arm"]
-    assert est["total_pair_hours"] == pytest.approx(total) and est["total_uses_sampling"] == "fp32"
+    total = sum(parts) + 2 * h["fid50k_sampling_per_arm_bf16"] + 2 * h["fid50k_evaluate_per_arm"]
+    assert est["total_pair_hours"] == pytest.approx(total) and est["total_uses_sampling"] == "bf16"
     assert "not a measurement" in est["label"]
-    del stages["train"]["spherical-b32"]  # a missing rate: no figure, no total
+    del stages["sample"]["bf16"]  # the recipe samples in bf16: without its rate, no total
     assert gc.recipe_estimate(stages)["total_pair_hours"] is None
+    assert gc.recipe_estimate(stages)["hours"]["fid50k_sampling_per_arm_fp32"] == h["fid50k_sampling_per_arm_fp32"]
 
 
 # ----------------------------------------------------------------------------- the wheels script
@@ -258,7 +372,11 @@ def test_gpu_wheels_checks_each_wheels_requirements_against_the_folder_and_the_i
     gc = _load(EXP / "gpu_check.py", "imagenet_sfm_gpu_check")
     assert gw.DEFAULT_OUT == gc.DEFAULT_WHEELS
     ignored = subprocess.run(
-        ["git", "check-ignore", "-q", str(gw.DEFAULT_OUT / "x.whl")], cwd=ROOT, capture_output=True, timeout=30
+        ["git", "check-ignore", "-q", str(gw.DEFAULT_OUT / "x.whl")],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=30,
+        env=cpu_env(),
     )
     assert ignored.returncode == 0
     cmd = gw.download_command("geoopt", "0.5.1", Path("/tmp/w"))

@@ -174,11 +174,17 @@ def _readme_commands() -> list[list[str]]:
 def test_readme_commands_match_the_cli_and_scripts() -> None:
     """The recipe's commands parse: CLI options exist, script flags exist, configs named by train.sh exist."""
     import click
+    from accelerate.commands import launch  # its argument parser only: nothing is launched
 
     from manifold_fm.cli import main
 
     seen = set()
     for words in _readme_commands():
+        if words[:2] == ["accelerate", "launch"]:  # the launcher's flags parse, and it runs the CLI module
+            launcher = launch.launch_command_parser().parse_args(words[2:])
+            assert launcher.module and launcher.training_script == "manifold_fm.cli", words
+            words = ["manifold-fm", *launcher.training_script_args]
+            seen.add("accelerate launch")
         if words[0] == "manifold-fm":
             ctx = click.Context(main)
             command = main.get_command(ctx, words[1])
@@ -205,6 +211,7 @@ def test_readme_commands_match_the_cli_and_scripts() -> None:
         "train.sh",
         "sample_eval.sh",
         "gpu_check.sh",
+        "accelerate launch",
     } <= seen
 
 

@@ -323,6 +323,23 @@ def test_train_script_builds_the_accelerate_command(tmp_path: Path) -> None:
     assert call[-1] == "--resume" and call[call.index("--config") + 1] == config
     bad = run("flux2-B3-spherical")
     assert bad.returncode == 2 and "flux2-B2-spherical-80ep" in bad.stderr and len(_calls(log)) == 2
+    # GPUS_PER_NODE unset: the GPUs are counted by $PYTHON (default python3: the GPU image has no `python`)
+    count = _stub(tmp_path / "python-stub", "echo 3\n")
+    base.pop("GPUS_PER_NODE")
+    proc = subprocess.run(["bash", script, config], capture_output=True, text=True, cwd=tmp_path,
+                          env=cpu_env(drop=("GPUS_PER_NODE",), PYTHON=str(count), **base), timeout=60)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert _calls(log)[-1][:3] == ["launch", "--num_processes", "3"] and "--multi_gpu" in _calls(log)[-1]
+
+
+def test_launch_scripts_never_call_a_bare_python() -> None:
+    """The scripts run Python as $PYTHON (default python3), never as `python`, which the GPU image lacks."""
+    import re
+
+    for script in sorted((EXP / "scripts").glob("*.sh")) + [EXP / "gpu_check.sh"]:
+        code = [line for line in script.read_text().splitlines() if not line.lstrip().startswith("#")]
+        bare = [line for line in code if re.search(r"""(^|[\s"'(:-])python(\s|$|")""", line.split("#")[0])]
+        assert not bare, (script.name, bare)
 
 
 def test_sample_eval_script_samples_each_scale_then_evaluates(tmp_path: Path) -> None:
@@ -432,6 +449,29 @@ def test_sample_eval_script_samples_each_scale_then_evaluates(tmp_path: Path) ->
         timeout=60,
     )
     assert missing.returncode == 2 and "nope.npz does not exist" in missing.stderr
+    # Without MANIFOLD_FM and GPUS_PER_NODE: $PYTHON counts the GPUs and runs the CLI and the table; PRECISION goes to
+    # sample, EVAL_ARGS to evaluate.
+    python = _stub(
+        tmp_path / "python-stub",
+        f'if [[ $1 == -c ]]; then echo 2; exit 0; fi\nprintf "%q " "$@" >> {log}; echo >> {log}\n',
+    )
+    log.unlink()
+    env3 = {**env, "SCALES": "1.0", "PYTHON": str(python), "PRECISION": "fp32", "EVAL_ARGS": "--precision bf16"}
+    del env3["MANIFOLD_FM"], env3["GPUS_PER_NODE"]
+    proc = subprocess.run(
+        ["bash", str(EXP / "scripts" / "sample_eval.sh"), str(run_dir), str(ref), str(weights)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=cpu_env(drop=("MANIFOLD_FM", "GPUS_PER_NODE"), **env3),
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    sample, evaluate, table = _calls(log)
+    assert sample[:5] == ["launch", "--num_processes", "2", "--multi_gpu", "-m"]
+    assert sample[-4:] == ["--steps", "100", "--precision", "fp32"]
+    assert evaluate[:3] == ["-m", "manifold_fm.cli", "evaluate"] and evaluate[-2:] == ["--precision", "bf16"]
+    assert table == ["-", str(run_dir), "50000", "1.0"]
 
 
 # ----------------------------------------------------------------------------- per-channel latent statistics

@@ -22,11 +22,16 @@ that command calls:
     weights (batch-norm statistics calibrated on random images), verified to load into torch-fidelity's network.
 ``extract``
     ``manifold-fm extract-latents`` (bf16 VAE, flips, bf16 store) on N1 then N2 images after a warm-up;
-    ``images_per_s`` = (N2 - N1) / (t2 - t1): source images (each encoded twice), start-up cancelled.
+    ``images_per_s`` = (N2 - N1) / (t2 - t1): source images (each encoded twice), start-up cancelled. On a GPU
+    machine the stage runs under ``accelerate launch --num_processes 1`` with ``--device auto`` (the process's
+    accelerate device: the launcher path of sharded extraction).
 ``finetune``
-    ``manifold-fm finetune-decoder`` (spherical decoder + discriminator, adversarial terms from step 0) for S1 then
-    S2 steps; ``images_per_s`` = (S2 - S1) * batch / (t2 - t1). Killing and resuming it waits for issue 19 item 2
-    (:data:`FINETUNE_CHECKPOINT_ARGS`).
+    ``manifold-fm finetune-decoder`` (spherical decoder + discriminator, adversarial terms from step 0, fp32 as the
+    recipe runs it) in its own process, checkpointing every C steps, killed (SIGKILL) while it writes checkpoint 2C,
+    then finished with ``--resume`` in the check's process (its peak memory measured); the stage proves the resume
+    from the run's ``meta.json`` sessions (the second starts at step C, the last complete checkpoint, and runs only
+    the remaining steps) and that the half-written checkpoint was cleaned up. ``images_per_s``: the trainer's
+    ``samples_per_s`` over the logged windows, each session's first window (start-up) dropped.
 ``train``
     ``manifold-fm train`` of the grid's ``flux2-B2-{linear,spherical}-80ep`` configs (SiT-B/2, bf16, EMA, class
     dropout) on the latent cache through the real loader (``data.source: latents``), at batch 256 (the one-GPU
@@ -38,14 +43,17 @@ that command calls:
     a short spherical run with one FID-over-training evaluation (``train.eval_every``, Inception with the random
     weights: timing only).
 ``sample``
-    ``manifold-fm sample`` of the spherical run (CFG 1.5, ADM ``.npz``) in fp32 with TF32 off, and in bf16 once the
-    command has ``--precision`` (:data:`PRECISION_OPTION`); per precision three timed runs give the cost per image
-    per step and per image outside the steps (decode, transfer, writing). Then the on-sphere check: samples of the
-    trained (not EMA: those barely left the zero-initialised output layer) weights in bf16 and fp32, with the
-    maximum token-radius error and the network's output RMS (which shows the output layer is not zero).
+    ``manifold-fm sample`` of the spherical run (CFG 1.5, ADM ``.npz``) with ``--precision fp32`` (IEEE float32,
+    TF32 off) and ``--precision bf16`` (what ``auto`` means on a GPU); per precision three timed runs give the cost
+    per image per step and per image outside the steps (decode, transfer, writing). Then the on-sphere check:
+    samples of the trained (not EMA: those barely left the zero-initialised output layer) weights through
+    ``sampler.generate`` with ``SamplerSpec(precision="bf16")`` and ``precision="fp32"``, with the maximum
+    token-radius error and the network's output RMS in the same precision (which shows the output layer is not
+    zero, and differs between the two when the precision took effect).
 ``evaluate``
-    ``manifold-fm evaluate`` of that ``.npz`` against the reference through torch-fidelity's Inception network
-    (random weights: timing only), plus the network's own images/s.
+    ``manifold-fm evaluate --precision bf16`` of that ``.npz`` against the reference through torch-fidelity's
+    Inception network (random weights: timing only), plus the network's own images/s in fp32 (what the recipe's
+    ``evaluate`` runs: its default) and in bf16.
 ``multiprocess``
     two processes through ``accelerate launch --multi_gpu``: NCCL when the machine has 2 GPUs; on one GPU, two
     gloo ranks on the CPU with the GPU hidden (two NCCL ranks cannot share one GPU), a short spherical run with an
@@ -91,20 +99,6 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 CONFIGS = HERE / "configs"
 DEFAULT_WHEELS = HERE / "wheels"
-
-# ----------------------------------------------------------------------------- pending interfaces (issue 19)
-#: Issue 19 item 2 (finetune-decoder on the one trainer: a run folder with checkpoints and ``--resume``). ``None``:
-#: today's command, which writes no checkpoint: the check times two lengths and reports the kill/resume as pending.
-#: When it lands: the options that make the run checkpoint within the check's few steps (e.g.
-#: ``["--checkpoint-every", "8"]``); the check then kills the first run once a checkpoint exists and finishes it
-#: with ``--resume`` (:func:`killed_then_resumed`).
-FINETUNE_CHECKPOINT_ARGS: list[str] | None = ["--checkpoint-every", "8"]
-#: Issue 19 item 3 (``manifold-fm sample/evaluate --precision bf16|tf32|fp32``). ``False``: today's commands, which
-#: run in float32 only: the check times fp32 sampling (TF32 off) and reports bf16 sampling as pending. When it
-#: lands: ``True``; both figures then come from ``sample --precision``, and ``evaluate`` runs ``--precision bf16``.
-PRECISION_OPTION = False
-#: Issue 19 item 3 as well: the on-sphere check's bf16 sampling autocasts the network's forward only
-#: (:func:`bf16_network`); switch it to the library's bf16 sampling entry when that lands.
 
 # ----------------------------------------------------------------------------- peak table, MFU, recipe constants
 # Dense (no sparsity) bf16 tensor-core peaks from the vendors' data sheets, FLOP/s; matched on the device name.
@@ -167,7 +161,9 @@ class Spec:
     workers: int
     extract_batch: int
     finetune_batch: int
-    finetune_steps: tuple[int, int]  # (S1, S2)
+    finetune_steps: int  # the run's length
+    finetune_checkpoint_every: int  # C: the run is killed while writing checkpoint 2C and resumed from C
+    finetune_log_every: int  # the rate's windows (each session's first dropped)
     eval_items: int
     sit: str
     train_batch: int
@@ -214,7 +210,9 @@ GPU = Spec(
     workers=8,
     extract_batch=256,
     finetune_batch=16,
-    finetune_steps=(5, 25),
+    finetune_steps=25,
+    finetune_checkpoint_every=8,
+    finetune_log_every=4,
     eval_items=8,
     sit="SiT-B/2",
     train_batch=256,
@@ -256,7 +254,9 @@ CPU = Spec(
     workers=0,
     extract_batch=4,
     finetune_batch=2,
-    finetune_steps=(1, 2),
+    finetune_steps=3,
+    finetune_checkpoint_every=1,
+    finetune_log_every=1,
     eval_items=2,
     sit="SiT-Micro/2",
     train_batch=4,
@@ -281,7 +281,8 @@ CPU = Spec(
 
 # ----------------------------------------------------------------------------- one stage's context
 class OuterLimit(BaseException):
-    """SIGTERM reached the runner (``gpu_check.sh``'s hard limit): stop the stage in flight and write the report."""
+    """SIGTERM reached the runner (``gpu_check.sh``'s hard limit: stop the stage in flight and write the report) or a
+    stage's child process (its slice ended: unwind, stopping what the stage started)."""
 
 
 class StageError(Exception):
@@ -347,6 +348,14 @@ class Context:
 
 def log(msg: str) -> None:
     print(f"[gpu_check {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def fresh(*paths: Path) -> None:
+    """Remove what an earlier run of the check left at ``paths`` (``--only`` on a kept ``--work`` folder): the
+    commands resume what they find (a cache, sample chunks) or refuse a folder that holds a run, so a stage starts
+    from nothing to measure and check anything."""
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _sync() -> None:
@@ -556,16 +565,20 @@ def stage_weights(ctx: Context) -> None:
 # ----------------------------------------------------------------------------- stage: extract
 def stage_extract(ctx: Context) -> None:
     s, rec = ctx.spec, ctx.record
-    base = ["extract-latents", "--tokenizer", str(ctx.vae), "--kind", "flux2", "--device", s.device]
+    # GPU: the process's accelerate device (the stage runs under accelerate launch), as a sharded extraction runs
+    device = "auto" if s.mode == "gpu" else "cpu"
+    base = ["extract-latents", "--tokenizer", str(ctx.vae), "--kind", "flux2", "--device", device]
     base += ["--dtype", s.vae_dtype, "--size", str(s.image_size), "--batch-size", str(s.extract_batch)]
     base += ["--workers", str(s.workers), "--store-dtype", "bfloat16"]
     small = ["--data", str(ctx.images(small=True))]
+    fresh(ctx.work / "latents" / "warm", ctx.work / "latents" / "small", ctx.latents)
     run_cli(*base, *small, "--out", str(ctx.work / "latents" / "warm"))  # CUDA context, kernels, page cache
     reset_peak()
-    t1 = run_cli(*base, *small, "--out", str(ctx.work / "latents" / "small"))
-    t2 = run_cli(*base, "--data", str(ctx.images()), "--out", str(ctx.latents))
+    # rounded before the fit, so the reported rate follows from the reported seconds
+    t1 = round(run_cli(*base, *small, "--out", str(ctx.work / "latents" / "small")), 6)
+    t2 = round(run_cli(*base, "--data", str(ctx.images()), "--out", str(ctx.latents)), 6)
     rec["peak_mem_gib"] = peak_gib()
-    rec["run_s"] = {str(s.images_small): round(t1, 6), str(s.images): round(t2, 6)}
+    rec["run_s"] = {str(s.images_small): t1, str(s.images): t2}
     manifest = json.loads((ctx.latents / "manifest.json").read_text())
     rec["latents"] = {"count": manifest["count"], "shape": manifest["latent_shape"], "dtype": manifest.get("dtype")}
     if manifest["count"] != 2 * s.images:
@@ -576,66 +589,119 @@ def stage_extract(ctx: Context) -> None:
 
 
 # ----------------------------------------------------------------------------- stage: finetune
-def killed_then_resumed(
-    cmd: list[str], resume_arg: str, ready: Callable[[], bool], timeout: float, env: Mapping[str, str] | None = None
-) -> dict[str, Any]:
-    """Run ``cmd`` as its own process group, kill it (SIGKILL: no chance to save) once ``ready()`` holds (e.g. a
-    checkpoint exists), then run ``cmd + [resume_arg]`` to the end; returns what happened. Raises
-    :class:`StageError` if the first run ends before it is ready, or either overruns ``timeout`` in total."""
+def kill_when_ready(
+    cmd: list[str], ready: Callable[[], bool], timeout: float, env: Mapping[str, str] | None = None
+) -> float:
+    """Run ``cmd`` as its own process group and kill the group (SIGKILL: no chance to save) once ``ready()`` holds
+    (e.g. the run paused in a checkpoint); returns the seconds it ran. Raises :class:`StageError` if the run ends
+    before it is ready or is not ready within ``timeout`` seconds; the group is killed whatever happens."""
     t0 = time.time()
-    first = subprocess.Popen(cmd, start_new_session=True, env=None if env is None else dict(env))
+    run = subprocess.Popen(cmd, start_new_session=True, env=None if env is None else dict(env))
     try:
         while not ready():
-            if first.poll() is not None:
-                raise StageError(f"the run ended (status {first.returncode}) before it could be killed")
+            if run.poll() is not None:
+                raise StageError(f"the run ended (status {run.returncode}) before it could be killed")
             if time.time() - t0 > timeout:
-                raise StageError("no checkpoint before the time slice ended")
+                raise StageError("the run was not ready to be killed before the time slice ended")
             time.sleep(0.2)
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait()
-        killed_at = time.time() - t0
     finally:
-        if first.poll() is None:
-            os.killpg(first.pid, signal.SIGKILL)
-            first.wait()
-    rest = max(1.0, timeout - (time.time() - t0))
-    try:
-        second = subprocess.run([*cmd, resume_arg], timeout=rest, env=None if env is None else dict(env))
-    except subprocess.TimeoutExpired:
-        raise StageError("the resumed run did not finish in the time slice") from None
-    if second.returncode != 0:
-        raise StageError(f"the resumed run failed (status {second.returncode})")
-    return {"killed_after_s": round(killed_at, 2), "resumed_s": round(time.time() - t0 - killed_at, 2)}
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(run.pid, signal.SIGKILL)
+        run.wait()
+    return time.time() - t0
+
+
+def _checkpoint_meta(checkpoints: Path) -> tuple[str | None, dict[str, Any]]:
+    """The latest complete checkpoint's folder name and ``meta.json`` (``None, {}`` without one)."""
+    from manifold_fm.training.checkpoint import latest_checkpoint
+
+    latest = latest_checkpoint(checkpoints)
+    if latest is None:
+        return None, {}
+    return latest.name, json.loads((latest / "meta.json").read_text())
+
+
+def _session_rate(metrics: Path, sessions: list[dict[str, int]], batch: int) -> float | None:
+    """Images/s of a run made of ``sessions`` (``[{"start", "steps"}]``, the trainer's record): the trainer's
+    ``samples_per_s`` of every logged window, weighted by its steps (total images over total time), each session's
+    first window (process start-up, autotuning) left out; ``None`` without such a window."""
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.is_file() else []
+    images = seconds = 0.0
+    for session in sessions:
+        start, end = session["start"], session["start"] + session["steps"]
+        logged = [r for r in rows if start < r["step"] <= end and "samples_per_s" in r]
+        for before, row in zip(logged, logged[1:], strict=False):  # the first window has no predecessor: dropped
+            n = (row["step"] - before["step"]) * batch
+            images, seconds = images + n, seconds + n / float(row["samples_per_s"])
+    return images / seconds if seconds > 0 else None
 
 
 def stage_finetune(ctx: Context) -> None:
+    """One finetune run, killed while writing checkpoint ``2C`` and resumed from checkpoint ``C`` (module
+    docstring). The kill point is fixed by the checkpoint writer's pause hook (``MANIFOLD_FM_TEST_PAUSE_IN_CHECKPOINT``,
+    in this run's environment only), so it is the same on every machine whatever the speed."""
     s, rec = ctx.spec, ctx.record
-    base = ["finetune-decoder", "--tokenizer", str(ctx.vae), "--kind", "flux2", "--device", s.device]
-    base += ["--data", str(ctx.images()), "--size", str(s.image_size), "--batch-size", str(s.finetune_batch)]
-    base += ["--gan-start", "0", "--eval-items", str(s.eval_items), "--seed", "0"]
-    base += ["--workers", str(s.workers)]
-    s1, s2 = s.finetune_steps
+    every, total = s.finetune_checkpoint_every, s.finetune_steps
+    kill_at = 2 * every
+    if total <= kill_at:
+        raise StageError(f"finetune_steps {total} must exceed 2 x finetune_checkpoint_every ({kill_at})")
     out = ctx.decoder.parent
-    if FINETUNE_CHECKPOINT_ARGS is None:  # today's command: no checkpoints, so no kill and resume
-        run_cli(*base, "--steps", "1", "--out", str(ctx.work / "decoders" / "warm"))
-        reset_peak()
-        t1 = run_cli(*base, "--steps", str(s1), "--out", str(ctx.work / "decoders" / "short"))
-        t2 = run_cli(*base, "--steps", str(s2), "--out", str(out))
-        rec["peak_mem_gib"] = peak_gib()
-        rec["run_s"] = {str(s1): round(t1, 6), str(s2): round(t2, 6)}
-        fit = slope([(s1, t1), (s2, t2)])
-        rec["images_per_s"] = None if fit is None else round(s.finetune_batch / fit[0], 4)
-        rec["pending"] = "kill and resume: finetune-decoder has no checkpoints or --resume yet (issue 19 item 2)"
-    else:
-        cmd = [sys.executable, "-m", "manifold_fm.cli", *base, "--steps", str(s2), "--out", str(out)]
-        cmd += FINETUNE_CHECKPOINT_ARGS
-        rec["kill_resume"] = killed_then_resumed(
-            cmd, "--resume", lambda: (out / "checkpoints" / "latest").is_file(), ctx.deadline - time.time() - 5
-        )
-        rates = _window_rates(out / "metrics.jsonl")
-        rec["images_per_s"] = None if not rates else round(_harmonic(rates), 2)
+    checkpoints = out / "checkpoints"
+    args = ["finetune-decoder", "--tokenizer", str(ctx.vae), "--kind", "flux2", "--device", s.device]
+    args += ["--data", str(ctx.images()), "--size", str(s.image_size), "--batch-size", str(s.finetune_batch)]
+    args += ["--steps", str(total), "--gan-start", "0", "--eval-items", str(s.eval_items), "--seed", "0"]
+    args += ["--workers", str(s.workers), "--checkpoint-every", str(every)]
+    args += ["--mixed-precision", "no"]  # fp32, the recipe's setting (README step 2: the paper's finetune is fp32)
+    args += ["--set", f"train.log_every={s.finetune_log_every}", "--out", str(out)]
+    marker = ctx.work / "finetune-paused-in-checkpoint"
+    fresh(out)
+    marker.unlink(missing_ok=True)
+    env = {**os.environ, "MANIFOLD_FM_TEST_PAUSE_IN_CHECKPOINT": f"{marker}:{kill_at}"}  # pauses once: marker
+    if s.mode == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""  # the CPU mode stays on the CPU on a GPU machine too
+
+    def at_kill() -> dict[str, Any]:
+        name, meta = _checkpoint_meta(checkpoints)
+        return {
+            "latest": name,
+            "sessions": meta.get("sessions"),
+            "half_written": sorted(p.name for p in checkpoints.glob(f"step_{kill_at:08d}.tmp-*")),
+        }
+
+    log(f"$ manifold-fm {' '.join(args)}  (killed in checkpoint {kill_at}, then --resume)")
+    cmd = [sys.executable, "-m", "manifold_fm.cli", *args]
+    killed_after = kill_when_ready(cmd, marker.is_file, ctx.deadline - time.time() - 5, env)
+    killed = at_kill()
+    # the resumed session in this process (as a user reruns the command), so its peak memory is measured
+    reset_peak()
+    resumed = run_cli(*args, "--resume")
+    rec["peak_mem_gib"] = peak_gib()
+    name, meta = _checkpoint_meta(checkpoints)
+    sessions = meta.get("sessions")
+    rec["kill_resume"] = {
+        "killed_after_s": round(killed_after, 2),
+        "resumed_s": round(resumed, 2),
+        "killed_in_checkpoint": kill_at,
+        "at_kill": killed,
+        "sessions": sessions,
+    }
+    if killed["latest"] != f"step_{every:08d}" or killed["sessions"] != [{"start": 0, "steps": every}]:
+        raise StageError(f"killed in checkpoint {kill_at}, the run's latest complete checkpoint is {killed}")
+    if not killed["half_written"]:
+        raise StageError(f"no half-written checkpoint {kill_at} after the kill: the kill came at the wrong time")
+    expected = [{"start": 0, "steps": every}, {"start": every, "steps": total - every}]
+    if name != f"step_{total:08d}" or sessions != expected:
+        raise StageError(f"the resume did not continue from step {every}: sessions {sessions}, latest {name}")
+    leftovers = sorted(p.name for p in checkpoints.glob("*.tmp-*"))
+    if leftovers:
+        raise StageError(f"the half-written checkpoint was not cleaned up: {leftovers}")
+    ips = _session_rate(out / "metrics.jsonl", sessions, s.finetune_batch)
+    rec["images_per_s"] = None if ips is None else round(ips, 4)
     rec["batch"] = s.finetune_batch
-    rec["note"] = "adversarial terms from step 0 (the recipe: the second half); images/s of one decoder"
+    rec["note"] = (
+        "adversarial terms from step 0 (the recipe: the second half); fp32 (--mixed-precision no, the recipe's); "
+        "images/s of one decoder"
+    )
     if not ctx.decoder.is_file():
         raise StageError(f"no {ctx.decoder} after the finetune")
 
@@ -703,6 +769,7 @@ def stage_train(ctx: Context) -> None:
     for batch in (s.train_batch, s.train_batch_per_gpu):
         for mode in ("linear", "spherical"):
             name = f"{mode}-b{batch}"
+            fresh(ctx.run(name))
             reset_peak()
             try:
                 wall = run_cli(*train_args(ctx, mode, name, batch, steps))
@@ -742,6 +809,7 @@ def stage_train_fid(ctx: Context) -> None:
         "eval.batch_size": str(s.evaluate_batch),
         "sample.steps": str(s.fid_sampler_steps),
     }
+    fresh(ctx.run(name))
     reset_peak()
     rec["wall_s"] = round(run_cli(*train_args(ctx, "spherical", name, s.train_batch_per_gpu, s.fid_steps, extra)), 2)
     rec["peak_mem_gib"] = peak_gib()
@@ -760,59 +828,29 @@ def stage_train_fid(ctx: Context) -> None:
 
 
 # ----------------------------------------------------------------------------- stage: sample
-def bf16_network(model: Any) -> Any:
-    """``model`` with only its forward under bf16 autocast and a float32 output (the exp-map steps stay float32).
-    Issue 19 item 3: replace with the library's bf16 sampling entry when it lands."""
-    import torch
-
-    class _Bf16(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.inner = model
-
-        def forward(self, *args: Any) -> Any:
-            device_type = next(self.inner.parameters()).device.type
-            with torch.autocast(device_type=device_type, dtype=torch.bfloat16):
-                return self.inner(*args).float()
-
-    return _Bf16()
-
-
-@contextlib.contextmanager
-def fp32_strict() -> Iterator[None]:
-    """TF32 off for matmuls and cuDNN convolutions (restored after): the fp32 figure is float32 arithmetic."""
-    import torch
-
-    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
-
-
 def on_sphere(ctx: Context, run: Path, precision: str) -> dict[str, float]:
-    """Spherical samples of ``run``'s trained (not EMA) weights: the maximum token-radius error, and the network's
-    output RMS at t=0 (a zero output layer would make the check vacuous)."""
+    """Spherical samples of ``run``'s trained (not EMA) weights through ``sampler.generate`` in ``precision``
+    (``SamplerSpec.precision``: the library's setting, as ``manifold-fm sample --precision`` applies it): the
+    maximum token-radius error, and the network's output RMS at t=0 in the same precision (a zero output layer would
+    make the check vacuous)."""
     import torch
 
     from manifold_fm.eval.sample_quality import token_norm_error
+    from manifold_fm.precision import precision_scope
     from manifold_fm.sampler import SamplerSpec, generate
     from manifold_fm.training.runs import load_run
 
     s = ctx.spec
     loaded = load_run(run, use_ema=False, device=s.device, decode=False)
     n = s.sphere_samples
+    shape = (n, *loaded.latent_shape)
     labels = torch.arange(n, device=s.device) % loaded.num_classes
-    net = loaded.model if precision == "fp32" else bf16_network(loaded.model)
-    spec = SamplerSpec(method="euler", steps=s.fid_sampler_steps, cfg_scale=s.cfg_scale)
+    spec = SamplerSpec(method="euler", steps=s.fid_sampler_steps, cfg_scale=s.cfg_scale, precision=precision)
     g = torch.Generator(device=s.device).manual_seed(0)
-    with fp32_strict() if precision == "fp32" else contextlib.nullcontext(), torch.no_grad():
-        z = generate(
-            net, loaded.flow, (n, *loaded.latent_shape), spec, generator=g, labels=labels, null_class=loaded.num_classes
-        )
-        x0 = loaded.flow.prior((n, *loaded.latent_shape), torch.Generator(device=s.device).manual_seed(1), s.device)
-        v = net(x0, torch.zeros(n, device=s.device), labels).float()
+    z = generate(loaded.model, loaded.flow, shape, spec, generator=g, labels=labels, null_class=loaded.num_classes)
+    x0 = loaded.flow.prior(shape, torch.Generator(device=s.device).manual_seed(1), s.device)
+    with torch.no_grad(), precision_scope(precision, s.device):
+        v = loaded.model.eval()(x0, torch.zeros(n, device=s.device), labels).float()
     err = token_norm_error(z)
     return {
         "max_radius_error": err["max"],
@@ -834,26 +872,26 @@ def stage_sample(ctx: Context) -> None:
     b, (s1, s2) = s.sample_batch, s.sample_steps
     base = ["sample", str(run), "--batch-size", str(b), "--cfg-scale", str(s.cfg_scale), "--seed", "0"]
     base += ["--device", s.device]
-    pending = []
+    out = ctx.work / "samples"
     for precision in ("fp32", "bf16"):
-        if precision != "fp32" and not PRECISION_OPTION:
-            pending.append(f"{precision} sampling: needs sample --precision (issue 19 item 3)")
-            continue
-        flag = ["--precision", precision] if PRECISION_OPTION else []
-        strict = fp32_strict() if precision == "fp32" else contextlib.nullcontext()
-        with strict:
-            out = ctx.work / "samples"
-            run_cli(*base, *flag, "--num", str(b), "--steps", str(s1), "--out", str(out / f"{precision}-warm"))
-            reset_peak()
-            t_a = run_cli(*base, *flag, "--num", str(b), "--steps", str(s1), "--out", str(out / f"{precision}-a"))
-            t_b = run_cli(*base, *flag, "--num", str(b), "--steps", str(s2), "--out", str(out / f"{precision}-b"))
-            t_c = run_cli(*base, *flag, "--num", str(2 * b), "--steps", str(s1), "--out", str(out / f"{precision}-2b"))
+        flag = ["--precision", precision]
+        fresh(*(out / f"{precision}-{tag}" for tag in ("warm", "a", "b", "2b")))
+        run_cli(*base, *flag, "--num", str(b), "--steps", str(s1), "--out", str(out / f"{precision}-warm"))
+        reset_peak()
+        secs: dict[str, float] = {}
+        for n, k, tag in ((b, s1, "a"), (b, s2, "b"), (2 * b, s1, "2b")):
+            wall = run_cli(*base, *flag, "--num", str(n), "--steps", str(k), "--out", str(out / f"{precision}-{tag}"))
+            secs[f"{n}x{k}"] = round(wall, 6)  # rounded before the fits: the costs follow from the reported seconds
+        t_a, t_b, t_c = secs.values()
+        recorded = json.loads((out / f"{precision}-2b" / "sample_info.json").read_text())["precision"]
+        if recorded != precision:
+            raise StageError(f"sample --precision {precision} recorded precision {recorded!r}")
         step = slope([(s1, t_a), (s2, t_b)])
         step_cost = None if step is None else step[0] / b  # seconds per image per step
         per_image = slope([(b, t_a), (2 * b, t_c)])
         other = None if per_image is None or step_cost is None else max(0.0, per_image[0] - s1 * step_cost)
         row: dict[str, Any] = {
-            "run_s": {f"{b}x{s1}": round(t_a, 6), f"{b}x{s2}": round(t_b, 6), f"{2 * b}x{s1}": round(t_c, 6)},
+            "run_s": secs,
             "step_ms_per_image": None if step_cost is None else round(1e3 * step_cost, 4),
             "other_ms_per_image": None if other is None else round(1e3 * other, 4),
             "peak_mem_gib": peak_gib(),
@@ -861,7 +899,10 @@ def stage_sample(ctx: Context) -> None:
         if step_cost is not None and other is not None:
             row[f"images_per_s_{RECIPE['fid_steps']}_steps"] = round(1 / (RECIPE["fid_steps"] * step_cost + other), 3)
         rec[precision] = row
-    rec["note"] = "fp32: TF32 off for matmuls and cuDNN; per-step cost with guidance (two network calls per step)"
+    rec["note"] = (
+        "sample --precision fp32 (IEEE float32, TF32 off) and bf16 (autocast of network and decoder, geometry in "
+        "float32; what auto means on a GPU); per-step cost with guidance (two network calls per step)"
+    )
     with np.load(ctx.samples) as npz:
         rec["npz"] = {
             "arr_0": list(npz["arr_0"].shape),
@@ -872,34 +913,36 @@ def stage_sample(ctx: Context) -> None:
     for precision in ("bf16", "fp32"):
         checks[precision] = on_sphere(ctx, run, precision)
     rec["on_sphere"] = checks
-    if pending:
-        rec["pending"] = pending
     bad = [p for p, c in checks.items() if not c["max_radius_error"] < SPHERE_TOLERANCE]
     if bad:
         raise StageError(f"{', '.join(bad)} samples are off the spheres (tolerance {SPHERE_TOLERANCE:g})")
     if not all(c["velocity_rms_t0"] > 1e-6 for c in checks.values()):
         raise StageError("the trained network's output is zero: the on-sphere check would measure nothing")
+    if checks["bf16"]["velocity_rms_t0"] == checks["fp32"]["velocity_rms_t0"]:
+        raise StageError("the network's output is the same in bf16 and fp32: the precision setting took no effect")
 
 
 # ----------------------------------------------------------------------------- stage: evaluate
 def stage_evaluate(ctx: Context) -> None:
+    """``evaluate --precision bf16`` of the sample stage's ``.npz``, then the feature network alone per image in fp32
+    (the recipe's ``evaluate``: its default) and bf16: what scales with the number of samples."""
     import torch
     from torch_fidelity.utils import create_feature_extractor
 
+    from manifold_fm.precision import precision_scope
+
     s, rec = ctx.spec, ctx.record
     out = ctx.work / "evaluate" / "metrics.json"
-    flag = ["--precision", "bf16"] if PRECISION_OPTION else []
     args = ["evaluate", str(ctx.samples), "--reference", str(ctx.reference), "--inception-weights", str(ctx.inception)]
+    args += ["--precision", "bf16", "--no-prc", "--batch-size", str(s.evaluate_batch), "--out", str(out)]
     reset_peak()
-    rec["wall_s"] = round(
-        run_cli(*args, *flag, "--no-prc", "--batch-size", str(s.evaluate_batch), "--out", str(out), "--no-progress"), 3
-    )
+    rec["wall_s"] = round(run_cli(*args, "--no-progress"), 3)
+    rec["precision"] = "bf16"
     metrics = json.loads(out.read_text())
     rec["num_samples"] = metrics["num_samples"]
     rec["metrics"] = sorted(k for k in metrics if k not in ("samples", "num_samples"))
     if "fid" not in metrics or not math.isfinite(metrics["fid"]):
         raise StageError(f"evaluate wrote no finite FID: {metrics}")
-    # the network alone, per image: what scales with the number of samples
     cuda = s.device == "cuda"
     net = create_feature_extractor(
         "inception-v3-compat",
@@ -910,14 +953,17 @@ def stage_evaluate(ctx: Context) -> None:
     )
     x = torch.randint(0, 256, (s.evaluate_batch, 3, s.image_size, s.image_size), dtype=torch.uint8)
     x = x.cuda() if cuda else x
-    with torch.no_grad():
-        net(x)
-        _sync()
-        t0, iters = time.perf_counter(), 3
-        for _ in range(iters):
+    rates = {}
+    for precision in ("fp32", "bf16"):
+        with torch.no_grad(), precision_scope(precision, s.device):
             net(x)
-        _sync()
-    rec["inception_images_per_s"] = round(iters * s.evaluate_batch / (time.perf_counter() - t0), 2)
+            _sync()
+            t0, iters = time.perf_counter(), 3
+            for _ in range(iters):
+                net(x)
+            _sync()
+        rates[precision] = round(iters * s.evaluate_batch / (time.perf_counter() - t0), 2)
+    rec["inception_images_per_s"] = rates
     rec["peak_mem_gib"] = peak_gib()
 
 
@@ -949,6 +995,7 @@ def stage_multiprocess(ctx: Context) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
+    fresh(ctx.run("spherical-2proc"))
     args = train_args(ctx, "spherical", "spherical-2proc", 8, 4, extra)
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
@@ -983,7 +1030,7 @@ class Stage:
 STAGES: list[Stage] = [
     Stage("data", stage_data, ("wheels",)),
     Stage("weights", stage_weights, ("wheels",)),
-    Stage("extract", stage_extract, ("data", "weights")),
+    Stage("extract", stage_extract, ("data", "weights"), launcher="accelerate"),
     Stage("finetune", stage_finetune, ("data", "weights")),
     Stage("train", stage_train, ("extract",), launcher="accelerate"),
     Stage("train_fid", stage_train_fid, ("extract",)),
@@ -1245,7 +1292,9 @@ def summarise(stages: Mapping[str, Mapping[str, Any]], spec: Spec) -> dict[str, 
         "sample_images_per_s_250_steps": {
             p: figure(stages, "sample", p, "images_per_s_250_steps") for p in ("fp32", "bf16")
         },
-        "inception_images_per_s": figure(stages, "evaluate", "inception_images_per_s"),
+        "inception_images_per_s": {
+            p: figure(stages, "evaluate", "inception_images_per_s", p) for p in ("fp32", "bf16")
+        },
         "fid_over_training_s": figure(stages, "train_fid", "evaluation_s"),
         "on_sphere_max_radius_error": {
             p: figure(stages, "sample", "on_sphere", p, "max_radius_error") for p in ("bf16", "fp32")
@@ -1260,7 +1309,7 @@ def recipe_estimate(stages: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     at full size ignored). Hours per item; ``None`` where a rate is missing.
 
     - extract_latents: ``1,281,167 / (G * r_extract)`` (r counts source images, each encoded with its flip; one
-      cache serves both arms; sharded over G processes: issue 19 item 3);
+      cache serves both arms; sharded over G processes by ``accelerate launch``);
     - decoder_finetunes: ``2 runs * steps * 32 / (G * r_finetune)``, ``steps = ceil(5 * 1,281,167 / 32)`` (both
       decoders at once on G/2 GPUs each; the check's rate has the adversarial terms on every step, the recipe on
       the second half only: an over-estimate);
@@ -1268,10 +1317,11 @@ def recipe_estimate(stages: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     - fid50k_sampling_per_arm_<precision>: ``50,000 * (250 * c * (0.5 + 1 + 1) + 3 * o) / G``, c the cost per
       image per step with guidance (scale 1.0 runs the network once per step instead of twice), o the cost per
       image outside the steps (decode, writing);
-    - fid50k_evaluate_per_arm: ``3 * (fixed + 50,000 / r_inception)`` on one GPU, fixed = the check's evaluate
-      wall minus its images over r_inception;
-    - total_pair: extraction + finetunes + both arms' training, sampling (bf16 if measured, else fp32) and
-      evaluation, one after the other.
+    - fid50k_evaluate_per_arm: ``3 * (fixed + 50,000 / r_fp32)`` on one GPU, r_fp32 the Inception network's
+      images/s in fp32 (the recipe's ``evaluate`` runs its default, fp32), fixed = the check's evaluate wall minus
+      its images over the network's rate in the precision it ran (bf16);
+    - total_pair: extraction + finetunes + both arms' training, sampling in bf16 (``sample_eval.sh`` samples at the
+      configs' ``sample.precision``, ``auto``: bf16 on GPUs) and evaluation, one after the other.
     """
     g, n = RECIPE["gpus"], IMAGENET_TRAIN_IMAGES
 
@@ -1303,14 +1353,15 @@ def recipe_estimate(stages: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
         h[f"fid50k_sampling_per_arm_{precision}"] = hours(
             None if per_image is None else RECIPE["fid_samples"] * per_image / g
         )
-    r, wall, num = (positive("evaluate", k) for k in ("inception_images_per_s", "wall_s", "num_samples"))
-    if r is None or wall is None or num is None:
+    ran = str(figure(stages, "evaluate", "precision"))  # the precision the check's evaluate command ran in
+    r, r_ran = (positive("evaluate", "inception_images_per_s", p) for p in ("fp32", ran))
+    wall, num = (positive("evaluate", k) for k in ("wall_s", "num_samples"))
+    if r is None or r_ran is None or wall is None or num is None:
         h["fid50k_evaluate_per_arm"] = None
     else:
-        fixed = max(0.0, wall - num / r)
+        fixed = max(0.0, wall - num / r_ran)
         h["fid50k_evaluate_per_arm"] = hours(len(RECIPE["fid_scales"]) * (fixed + RECIPE["fid_samples"] / r))
-    precision = "bf16" if h["fid50k_sampling_per_arm_bf16"] is not None else "fp32"
-    sampling, evaluation = h[f"fid50k_sampling_per_arm_{precision}"], h["fid50k_evaluate_per_arm"]
+    sampling, evaluation = h["fid50k_sampling_per_arm_bf16"], h["fid50k_evaluate_per_arm"]
     parts = [h["extract_latents"], h["decoder_finetunes"], h["train_linear"], h["train_spherical"]]
     parts += [None if sampling is None else 2 * sampling, None if evaluation is None else 2 * evaluation]
     total = None if any(p is None for p in parts) else round(sum(parts), 2)  # type: ignore[arg-type]
@@ -1320,7 +1371,7 @@ def recipe_estimate(stages: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
         "gpus": g,
         "hours": h,
         "total_pair_hours": total,
-        "total_uses_sampling": precision,
+        "total_uses_sampling": "bf16",
         "recipe": {
             **{k: list(v) if isinstance(v, tuple) else v for k, v in RECIPE.items()},
             "finetune_steps": ft_steps,
@@ -1369,17 +1420,12 @@ def build_report(spec: Spec, result: Mapping[str, Any], peak_tflops: float | Non
         else "cpu mode: tiny shapes on a CPU and a stand-in for Inception; the figures only show the code runs",
         "multi_gpu": "not exercised on a one-GPU machine: two NCCL ranks need one GPU each; the multiprocess stage "
         "runs two gloo ranks on the CPU there (and NCCL on 2 GPUs when the machine has them)",
-        "pending": [f"{name}: {p}" for name, st in stages.items() for p in _as_list(st.get("pending"))],
         "failed": [name for name, st in stages.items() if st["status"] in ("fail", "timeout")],
         "stages": stages,
         "summary": summarise(stages, spec),
         "estimate_80ep_B2_pair": recipe_estimate(stages) if spec.mode == "gpu" else None,
         "spec": asdict(spec),
     }
-
-
-def _as_list(value: Any) -> list[Any]:
-    return [] if value is None else list(value) if isinstance(value, list) else [value]
 
 
 def _version(module: str) -> str | None:
@@ -1402,7 +1448,8 @@ def results_rows(report: Mapping[str, Any]) -> list[str]:
             rows.append((what + tag, figure))
 
     add("latent extraction, FLUX.2-architecture VAE, bf16, with flips (source img/s)", s["extract_images_per_s"])
-    add("decoder finetune, one decoder, batch 16 (img/s)", s["finetune_images_per_s"])
+    batch = report["spec"]["finetune_batch"]
+    add(f"decoder finetune, one decoder, fp32, batch {batch} (img/s)", s["finetune_images_per_s"])
     for key, ips in s["train_images_per_s"].items():
         mfu_value = s["train_mfu"].get(key)
         add(f"SiT training {key} (img/s, MFU)", None if ips is None else f"{ips:.1f}, MFU {_pct(mfu_value)}")
@@ -1468,12 +1515,20 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0
     _PEAK_TFLOPS[0] = args.peak_tflops
-    if args.stage is None:
 
-        def outer_limit(signum: int, frame: Any) -> None:
-            raise OuterLimit
+    def outer_limit(signum: int, frame: Any) -> None:
+        raise OuterLimit
 
-        signal.signal(signal.SIGTERM, outer_limit)
+    # SIGTERM (gpu_check.sh's hard limit here; a stage's slice in a child) unwinds the stage, so the processes it
+    # started in their own sessions (the finetune runs) are stopped by its cleanup instead of outliving it
+    previous = signal.signal(signal.SIGTERM, outer_limit)
+    try:
+        return _run(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace) -> int:
     # this checkout, installed or not, for this process and the stages' child processes
     sys.path.insert(0, str(REPO))
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)

@@ -12,11 +12,13 @@
 # exactly 50 images per class. Several nodes: run the same command on every node with NNODES / NODE_RANK /
 # MASTER_ADDR (as train.sh); RUN must be on a filesystem all nodes share (the shards are merged by rank 0), and only
 # node 0 evaluates. Environment:
-#   NUM (50000), SCALES ("1.0 1.5 2.0"), METHOD / STEPS (default: the run config's sample section),
-#   CFG_INTERVAL ("LO HI", default none), BATCH (per process, 125), SEED (0), GPUS_PER_NODE (all visible),
+#   NUM (50000), SCALES ("1.0 1.5 2.0"), METHOD / STEPS / PRECISION (default: the run config's sample section;
+#   its precision auto is bf16 on GPUs, PRECISION=fp32 for IEEE float32), CFG_INTERVAL ("LO HI", default none),
+#   BATCH (per process, 125), SEED (0), GPUS_PER_NODE (all visible),
 #   NNODES (1), NODE_RANK (0), MASTER_ADDR (localhost), MASTER_PORT (29500),
-#   EVAL_ARGS (extra `manifold-fm evaluate` options), ACCELERATE (launcher, accelerate),
-#   MANIFOLD_FM (how to run the CLI, "python -m manifold_fm.cli").
+#   EVAL_ARGS (extra `manifold-fm evaluate` options, e.g. "--precision bf16"; its default is fp32, the arithmetic of
+#   the reference statistics), ACCELERATE (launcher, accelerate), PYTHON (the interpreter, python3),
+#   MANIFOLD_FM (how to run the CLI, "$PYTHON -m manifold_fm.cli").
 set -euo pipefail
 if [[ $# -ne 3 ]]; then
   echo "usage: $0 RUN REFERENCE_NPZ INCEPTION_WEIGHTS" >&2
@@ -31,10 +33,11 @@ NUM="${NUM:-50000}"
 SCALES="${SCALES:-1.0 1.5 2.0}"
 BATCH="${BATCH:-125}"
 SEED="${SEED:-0}"
+PYTHON="${PYTHON:-python3}"  # every Python 3 install has python3 (the GPU image has no python)
 if [[ -z "${GPUS_PER_NODE:-}" ]]; then
-  GPUS_PER_NODE="$(python -c 'import torch; print(max(torch.cuda.device_count(), 1))')"
+  GPUS_PER_NODE="$("$PYTHON" -c 'import torch; print(max(torch.cuda.device_count(), 1))')"
 fi
-read -r -a CLI <<< "${MANIFOLD_FM:-python -m manifold_fm.cli}"
+read -r -a CLI <<< "${MANIFOLD_FM:-$PYTHON -m manifold_fm.cli}"
 NNODES="${NNODES:-1}"
 NODE_RANK="${NODE_RANK:-0}"
 NUM_PROCESSES=$((NNODES * GPUS_PER_NODE))
@@ -49,6 +52,7 @@ fi
 SAMPLER=()
 [[ -n "${METHOD:-}" ]] && SAMPLER+=(--method "$METHOD")
 [[ -n "${STEPS:-}" ]] && SAMPLER+=(--steps "$STEPS")
+[[ -n "${PRECISION:-}" ]] && SAMPLER+=(--precision "$PRECISION")
 if [[ -n "${CFG_INTERVAL:-}" ]]; then
   read -r -a interval <<< "$CFG_INTERVAL"
   SAMPLER+=(--cfg-interval "${interval[0]}" "${interval[1]}")
@@ -75,7 +79,7 @@ if [[ "$NODE_RANK" -ne 0 ]]; then
   exit 0
 fi
 
-python - "$RUN" "$NUM" $SCALES <<'PY'
+"$PYTHON" - "$RUN" "$NUM" $SCALES <<'PY'
 import json, sys
 from pathlib import Path
 run, num, scales = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]

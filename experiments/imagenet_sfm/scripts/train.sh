@@ -8,7 +8,8 @@
 # directory you launch from (see the README's layout). Environment:
 #   GPUS_PER_NODE (default: all visible GPUs), NNODES (1), NODE_RANK (0), MASTER_ADDR (localhost),
 #   MASTER_PORT (29500), RUNS (runs), ACCELERATE_EXTRA (extra `accelerate launch` flags, e.g. "--dynamo_backend no"),
-#   ACCELERATE (the launcher executable, default: accelerate).
+#   ACCELERATE (the launcher executable, default: accelerate), PYTHON (the interpreter that counts the GPUs,
+#   default: python3).
 # Extra arguments go to `manifold-fm train` (e.g. --set train.compile=true).
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -28,8 +29,9 @@ fi
 NAME="$(basename "${CONFIG%.yaml}")"
 RUNS="${RUNS:-runs}"
 OUT="$RUNS/$NAME"
+PYTHON="${PYTHON:-python3}"  # every Python 3 install has python3 (the GPU image has no python)
 if [[ -z "${GPUS_PER_NODE:-}" ]]; then
-  GPUS_PER_NODE="$(python -c 'import torch; print(max(torch.cuda.device_count(), 1))')"
+  GPUS_PER_NODE="$("$PYTHON" -c 'import torch; print(max(torch.cuda.device_count(), 1))')"
 fi
 NNODES="${NNODES:-1}"
 NODE_RANK="${NODE_RANK:-0}"
