@@ -32,10 +32,14 @@ for name, shape in (("poincare_ball", (4, 2)), ("lorentz", (4, 3)), ("spd", (4, 
 
 
 def test_importing_and_using_the_package_prints_nothing(tmp_path: Path) -> None:
-    pythonpath = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-    env = cpu_env(drop=("PYTHONWARNINGS",), PYTHONPATH=pythonpath)
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300
+        [sys.executable, "-c", SCRIPT],
+        capture_output=True,
+        text=True,
+        env=cpu_env(drop=("PYTHONWARNINGS",), PYTHONPATH=path),
+        cwd=tmp_path,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "" and proc.stderr == "", proc.stderr
