@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from ..atomic import write_json_atomic
+from ..progress import progress_option
 from ..threads import threads_option
 
 
@@ -50,10 +51,8 @@ from ..threads import threads_option
     "tf32: TF32 matmuls on GPUs; bf16: bf16 autocast; auto: bf16 on CUDA GPUs, fp32 elsewhere).",
 )
 @click.option("--out", "out_path", type=click.Path(path_type=Path), default=None, help="Write the metrics as JSON.")
-@click.option(
-    "--progress/--no-progress", default=True, show_default=True, help="Progress bars (on stderr) while it works."
-)
 @threads_option
+@progress_option
 def evaluate(
     samples: Path,
     reference: Path | None,

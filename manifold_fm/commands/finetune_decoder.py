@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from ..atomic import write_json_atomic
+from ..progress import progress_option
 from ..threads import threads_option
 from .extract_latents import build_dataset, build_tokenizer, data_options, tokenizer_options
 
@@ -286,6 +287,7 @@ def _compared_runs(specs: tuple[str, ...], own: str, source: dict[str, Any]) -> 
 )
 @click.option("--seed", type=int, default=0, show_default=True)
 @threads_option
+@progress_option
 def finetune_decoder(
     tokenizer_spec: str,
     subfolder: str | None,

@@ -17,6 +17,7 @@ from typing import Any
 import click
 
 from ..atomic import write_json_atomic
+from ..progress import progress_option
 from ..threads import threads_option
 
 
@@ -71,6 +72,7 @@ from ..threads import threads_option
 @click.option("--ema/--no-ema", default=True, show_default=True, help="Use the EMA weights.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: this process's accelerate device).")
 @threads_option
+@progress_option
 def sample(
     run: Path,
     num_samples: int,

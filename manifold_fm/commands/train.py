@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ..progress import progress_option
 from ..threads import threads_option
 
 
@@ -48,6 +49,7 @@ from ..threads import threads_option
 )
 @click.option("--steps", type=click.IntRange(min=0), default=None, help="Shortcut for --set train.steps=N.")
 @threads_option
+@progress_option
 def train(
     config: str | None,
     overrides: tuple[str, ...],

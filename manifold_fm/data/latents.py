@@ -191,7 +191,8 @@ def extract_latents(
         rank, world_size, barrier: this process's share (see above).
     """
     from safetensors.torch import save_file
-    from tqdm.auto import tqdm
+
+    from ..progress import progress_bar
 
     if dtype not in _DTYPES:
         raise InputError(f"latent cache dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
@@ -262,7 +263,7 @@ def extract_latents(
     mine = [(k, k * shard_size, min(n, (k + 1) * shard_size)) for k in range(rank, num_shards, world_size)]
     todo = [r for r in mine if r[0] not in records]
     tdtype = _DTYPES[dtype]
-    bar = tqdm(
+    bar = progress_bar(
         total=sum(hi - lo for _, lo, hi in mine),
         initial=sum(hi - lo for k, lo, hi in mine if k in records),
         disable=not (progress and main),

@@ -146,11 +146,11 @@ def encode_dataset(
     ``raw=False``: ``tokenizer.encode`` (normalised, what the linear baseline trains on); ``raw=True``:
     ``tokenizer.encode_raw`` (the encoder's posterior mode, which spherical training projects to radius sqrt(C)).
     """
-    from tqdm.auto import tqdm
+    from ..progress import progress_bar
 
     encode = tokenizer.encode_raw if raw else tokenizer.encode
     out = []
-    for i in tqdm(range(0, images.shape[0], batch_size), desc="encode", disable=not progress, leave=False):
+    for i in progress_bar(range(0, images.shape[0], batch_size), desc="encode", disable=not progress, leave=False):
         batch = images[i : i + batch_size].to(tokenizer.device, tokenizer.dtype)
         out.append(encode(batch).float().cpu())
     return torch.cat(out)

@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from manifold_fm.errors import InputError
 
@@ -24,6 +23,7 @@ from ..distributed import process_chunks
 from ..eval.image_io import balanced_labels
 from ..flow import Flow
 from ..precision import precision_scope
+from ..progress import progress_bar
 from ..sampler import SamplerSpec, generate
 from ..seeding import seeded_generator
 from .builders import build_model, latent_flow
@@ -163,7 +163,7 @@ def sample_chunks(
     labels = _check_labels(run, num_samples, labels)
     device = next(run.model.parameters()).device
     chunks = [c for c in process_chunks(num_samples, batch_size, rank, world_size) if not skip(c[0])]
-    for j, start, stop in tqdm(chunks, desc="sample", disable=not progress, unit="batch"):
+    for j, start, stop in progress_bar(chunks, desc="sample", disable=not progress, unit="batch"):
         idx = torch.arange(start, stop)
         y = labels[idx].to(device)
         g = seeded_generator(seed, j, "sample", device=device)

@@ -59,10 +59,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from ..atomic import write_text_atomic
 from ..data.sources import BatchPlan, DataSource
+from ..progress import progress_bar
 from ..threads import using_threads
 from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .ema import EMA
@@ -497,7 +497,7 @@ class Trainer:
             tracker_config=_flat_config(self.config or {}),
             run_name=self.out_dir.name,
         )
-        bar = tqdm(
+        bar = progress_bar(
             total=total,
             initial=self.step,
             desc=f"train {self.objective.name}",
