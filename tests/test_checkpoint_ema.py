@@ -75,6 +75,7 @@ def test_the_trainer_keeps_every_keep_every_th_checkpoint(tmp_path):
     from manifold_fm.data.sources import TensorSource
     from manifold_fm.models.sit import SiT
     from manifold_fm.training.builders import preset_flow
+    from manifold_fm.training.flow_objective import FlowObjective
     from manifold_fm.training.schema import load_image_config
     from manifold_fm.training.trainer import Trainer
 
@@ -83,8 +84,8 @@ def test_the_trainer_keeps_every_keep_every_th_checkpoint(tmp_path):
     cfg = load_image_config(None, [*overrides, *keep])
     model = SiT(input_size=4, patch_size=2, in_channels=4, hidden_size=16, depth=1, num_heads=2, num_classes=3)
     data = TensorSource(torch.randn(8, 4, 4, 4), torch.arange(8) % 3)
-    trainer = Trainer(model, preset_flow("spherical", 4), data, cfg.train, cfg.optim, tmp_path, null_class=3,
-                      device="cpu", progress=False)  # fmt: skip
+    objective = FlowObjective(model, preset_flow("spherical", 4), cfg.optim, null_class=3)
+    trainer = Trainer(objective, data, cfg.train, tmp_path, device="cpu", progress=False)
     trainer.fit()
     assert [load_step(p) for p in list_checkpoints(tmp_path / "checkpoints")] == [3, 6, 7]
 
