@@ -75,6 +75,7 @@ def evaluate(
     from ..precision import precision_scope
 
     # User errors (missing or malformed files, weights) become one line in the CLI group (manifold_fm/cli.py).
+    _refuse_run_folder(samples)
     images = load_images(samples, progress)
     labels = None
     if samples.suffix == ".npz":
@@ -113,3 +114,20 @@ def evaluate(
         click.echo(f"{k:<{width}}  {v:.4f}")
     if out_path is not None:
         write_json_atomic(out_path, {"samples": str(samples), "num_samples": int(images.shape[0]), **metrics})
+
+
+def _refuse_run_folder(samples: Path) -> None:
+    """A run folder is not samples: one line saying which samples it holds (``sample`` writes them) or how to make
+    them."""
+    from ..errors import InputError
+    from ..training.run_folder import run_status
+
+    if not samples.is_dir() or run_status(samples) is None:
+        return
+    found = sorted(str(p) for p in [*samples.glob("samples-*/samples.npz"), *samples.glob("*/samples-*/samples.npz")])
+    if found:
+        raise InputError(f"{samples} is a run folder, not samples; evaluate its samples: {', '.join(found)}")
+    raise InputError(
+        f"{samples} is a run folder, not samples; sample it first (manifold-fm sample {samples}: a default run's "
+        "modes each into <mode>/samples-<step>/samples.npz), then evaluate those files"
+    )

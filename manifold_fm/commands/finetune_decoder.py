@@ -149,7 +149,20 @@ def _compared_runs(specs: tuple[str, ...], own: str, source: dict[str, Any]) -> 
     help="Run folder: config.yaml, checkpoints/, metrics.jsonl, then decoder.safetensors, discriminator.safetensors "
     "and report.json.",
 )
-@click.option("--resume", is_flag=True, help="Continue the run in --out exactly (a finished run is only reported).")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue the run in --out exactly (a finished run is not retrained or rewritten: its report is printed, "
+    "recomputed with --compare).",
+)
+@click.option(
+    "--extend",
+    is_flag=True,
+    help="With --resume: train the run to a new --steps (a cosine LR schedule needs --reschedule too).",
+)
+@click.option(
+    "--reschedule", is_flag=True, help="With --extend on a cosine LR schedule: accept the schedule of the new length."
+)
 @click.option("--overwrite", is_flag=True, help="Replace the run in --out (not with --resume).")
 @click.option(
     "--latents",
@@ -303,6 +316,8 @@ def finetune_decoder(
     per_class: int | None,
     out_dir: Path,
     resume: bool,
+    extend: bool,
+    reschedule: bool,
     overwrite: bool,
     latents: str,
     steps: int | None,
@@ -357,6 +372,8 @@ def finetune_decoder(
         raise click.UsageError(OVERWRITE_AND_RESUME)
     if resume and latest_checkpoint(out_dir / "checkpoints") is None:
         raise click.UsageError(f"--resume: {out_dir} holds no finetune run to continue; run without --resume")
+    if (extend or reschedule) and not resume:
+        raise click.UsageError("--extend and --reschedule continue a run: pass them with --resume")
     if steps is not None and epochs is not None:
         raise click.BadParameter("give --steps or --epochs, not both", param_hint="--steps/--epochs")
     if steps is None and epochs is None:
@@ -436,6 +453,19 @@ def finetune_decoder(
         },
         overrides,
     )
+    if resume:
+        from ..training.run_folder import check_resume
+
+        status = check_resume(
+            out_dir, "finetune", cfg.train.steps, cfg.optim.schedule, extend=extend, reschedule=reschedule
+        )
+        saved = out_dir / "report.json"
+        if status.finished and not compare and saved.is_file():  # nothing to train, nothing to rewrite
+            import json
+
+            click.echo(status.finished_line())
+            _print_report(json.loads(saved.read_text()))
+            return
     try:
         perceptual = perceptual_distance(lpips_vgg, lpips_lin)
     except (FileNotFoundError, ValueError) as exc:
