@@ -238,6 +238,7 @@ def extract_latents(
             rank=state.process_index,
             world_size=state.num_processes,
             barrier=state.wait_for_everyone,
+            echo=lambda line: click.echo(line, err=True),
         )
     if not state.is_main_process:
         return
