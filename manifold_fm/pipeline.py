@@ -86,12 +86,19 @@ class LatentImagePipeline(
     # ----------------------------------------------------------------------------------------------- building
     @classmethod
     def from_run(
-        cls, run: str | Path, *, use_ema: bool = True, device: str | torch.device = "cpu", progress: bool = False
+        cls,
+        run: str | Path,
+        *,
+        use_ema: bool = True,
+        device: str | torch.device = "cpu",
+        progress: bool = False,
+        checkpoint: str | int | Path | None = None,
     ) -> LatentImagePipeline:
         """The pipeline of a trained run folder (or its ``checkpoints`` folder, or one ``step_*`` folder): the
-        latest checkpoint's EMA weights (``use_ema=False``, or a checkpoint without EMA: the raw weights), and the
+        latest checkpoint's (or the kept one ``checkpoint`` names: a step or a ``step_*`` folder) EMA weights
+        (``use_ema=False``, or a checkpoint without EMA: the raw weights; the EMA file is then not read), and the
         metrics the run folder holds for that step (see :func:`run_metrics`)."""
-        ckpt = read_run_checkpoint(run)
+        ckpt = read_run_checkpoint(run, checkpoint=checkpoint, use_ema=use_ema)
         ema = use_ema and ckpt.ema is not None
         root = checkpoint_run_folder(ckpt)
         loaded = build_run(ckpt.meta, ckpt.ema if ema else ckpt.model, device=device, progress=progress, run_dir=root)
@@ -179,6 +186,16 @@ class LatentImagePipeline(
         return cls(run, record)
 
     # ----------------------------------------------------------------------------------------------- saving
+    def saved_record(self) -> dict[str, Any]:
+        """The record as an exported folder holds it (``config.json``): no machine-local paths, and the decoder
+        named ``decoder.safetensors`` (or none when the samples use no finetuned decoder)."""
+        record = json.loads(json.dumps(self.record, default=str))
+        tok = record["config"].setdefault("tokenizer", {})
+        tok["cache_dir"] = None  # a path on this machine
+        # linear runs ignore the decoder; a spherical run without one uses the base decoder
+        tok["decoder_state"] = DECODER_NAME if self.uses_finetuned_decoder else None
+        return record
+
     def _save_pretrained(self, save_directory: Path) -> None:
         from safetensors.torch import save_file
 
@@ -186,14 +203,9 @@ class LatentImagePipeline(
             return {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
 
         save_directory = Path(save_directory)
-        record = json.loads(json.dumps(self.record, default=str))
-        tok = record["config"].setdefault("tokenizer", {})
-        tok["cache_dir"] = None  # a path on this machine
+        record = self.saved_record()
         if self.uses_finetuned_decoder:
             save_file(plain(self.run.decoder.decoder_module().state_dict()), str(save_directory / DECODER_NAME))
-            tok["decoder_state"] = DECODER_NAME
-        else:
-            tok["decoder_state"] = None  # linear runs ignore it; a spherical run without one uses the base decoder
         save_file(plain(self.run.model.state_dict()), str(save_directory / WEIGHTS_NAME))
         config = {"format": FORMAT, "format_version": FORMAT_VERSION, "library_version": __version__, **record}
         (save_directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
@@ -210,9 +222,9 @@ class LatentImagePipeline(
         return super().push_to_hub(repo_id, model_card_kwargs=card, **kwargs)
 
     def generate_model_card(self, *args: Any, location: str = "path/to/this/folder", **kwargs: Any) -> ModelCard:
-        """The model card (``README.md``): the model, its use (loading from ``location``), files, tokenizer,
-        training settings and the metrics measured in the run folder (none are made up)."""
-        return ModelCard(model_card(self.record, location))
+        """The model card (``README.md``): the model, its use (loading from ``location``), the files the exported
+        folder holds, tokenizer, training settings and the metrics measured in the run folder (none are made up)."""
+        return ModelCard(model_card(self.saved_record(), location))
 
     # ----------------------------------------------------------------------------------------------- sampling
     @property
@@ -334,9 +346,16 @@ def from_pretrained(
 
 
 def export_run(
-    run: str | Path, out: str | Path, *, overwrite: bool = False, use_ema: bool = True, progress: bool = False
+    run: str | Path,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    use_ema: bool = True,
+    progress: bool = False,
+    checkpoint: str | int | Path | None = None,
 ) -> Path:
-    """Export a trained run (see :meth:`LatentImagePipeline.from_run`) to the folder ``out``; returns ``out``.
+    """Export a trained run (see :meth:`LatentImagePipeline.from_run`; ``checkpoint``: a kept one other than the
+    latest) to the folder ``out``; returns ``out``.
 
     ``out`` must be new or empty; with ``overwrite`` it may hold an earlier export, which is replaced only once
     the new one is complete (a folder holding anything else is never overwritten).
@@ -349,7 +368,7 @@ def export_run(
             raise FileExistsError(f"--out {out} is not empty; pass --overwrite to replace an earlier export there")
         if not _is_export(out):
             raise FileExistsError(f"--out {out} holds files that are not an exported model; choose a new folder")
-    pipe = LatentImagePipeline.from_run(run, use_ema=use_ema, progress=progress)
+    pipe = LatentImagePipeline.from_run(run, use_ema=use_ema, progress=progress, checkpoint=checkpoint)
     if out.is_dir() and not any(out.iterdir()):
         pipe.save_pretrained(out)  # an empty folder (perhaps the working directory) is written in place
         return out

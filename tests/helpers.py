@@ -147,6 +147,58 @@ def tiny_image_run(*settings: str) -> list[str]:
     return ["--config", "image-builtin", *(arg for s in base for arg in ("--set", s))]
 
 
+# ----------------------------------------------------------------------------------------------- resume
+def log_lines(run: Any) -> list[str]:
+    """The complete lines of a run's ``metrics.jsonl`` (a line a killed process left half written is dropped)."""
+    import json
+    from pathlib import Path
+
+    path = Path(run) / "metrics.jsonl"
+    lines = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        lines.append(line)
+    return lines
+
+
+def _line_step(line: str) -> int:
+    import json
+
+    return int(json.loads(line)["step"])
+
+
+def assert_resumed(run: Any, start: int, total: int, log_before: Sequence[str], key: str = "loss") -> None:
+    """Prove that the run in ``run`` was resumed, not restarted: the last process started at the checkpoint's step
+    ``start`` and trained only the remaining ``total - start`` steps (the sessions its final checkpoint records, each
+    process's start step and step count, chain from 0 to ``total``), and its ``metrics.jsonl`` kept, byte for byte,
+    the lines of steps ``<= start`` it held before the resume (``log_before``: a restarted run rewrites them) and
+    logs each step's ``key`` once. A restore that does nothing fails every part of this."""
+    import json
+    from pathlib import Path
+
+    from manifold_fm.training.checkpoint import latest_checkpoint
+
+    latest = latest_checkpoint(Path(run) / "checkpoints")
+    assert latest is not None, f"{run} holds no checkpoint"
+    meta = json.loads((latest / "meta.json").read_text())
+    sessions = meta["sessions"]
+    assert meta["step"] == total and sessions[-1] == {"start": start, "steps": total - start}, sessions
+    reached = 0
+    for session in sessions:
+        assert session["start"] <= reached, sessions  # each process started where a checkpoint was
+        reached = session["start"] + session["steps"]
+    assert reached == total, sessions
+    after = log_lines(run)
+    kept = [line for line in log_before if _line_step(line) <= start]
+    assert kept, "the first process logged nothing up to the checkpoint: nothing to compare"
+    assert after[: len(kept)] == kept, "the lines logged before the checkpoint were rewritten"
+    steps = [_line_step(line) for line in after if key in json.loads(line)]
+    assert steps == sorted(set(steps)) and steps[-1] == total, steps  # each step logged once
+
+
 # ----------------------------------------------------------------------------------------------- processes, CPU
 # The suite runs on the CPU on every machine, a GPU machine included: results compared bit for bit or across
 # processes must come from the same kernels, and two gloo ranks must not become two NCCL ranks on one GPU. Launched

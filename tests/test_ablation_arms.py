@@ -18,7 +18,7 @@ from manifold_fm.sampler import SamplerSpec, generate
 from manifold_fm.training.builders import latent_flow, preset_flow
 from manifold_fm.training.schema import FLOW_PRESETS, load_image_config
 
-from helpers import tiny_image_run
+from helpers import assert_resumed, log_lines, tiny_image_run
 
 C, R = 4, 2.0  # channels, radius sqrt(C)
 ARMS = list(FLOW_PRESETS)
@@ -121,8 +121,10 @@ def test_every_arm_trains_samples_and_resumes_from_the_cli(tmp_path: Path) -> No
         args = ["train", *base, "--set", f"flow.preset={arm}", "--out", str(out)]
         first = runner.invoke(main, [*args, "--steps", "2"])
         assert first.exit_code == 0, first.output
-        resumed = runner.invoke(main, [*args, "--steps", "3", "--resume"])
+        before = log_lines(out)
+        resumed = runner.invoke(main, [*args, "--steps", "3", "--resume", "--extend"])
         assert resumed.exit_code == 0, resumed.output
+        assert_resumed(out, 2, 3, before)  # the third step only, from the step-2 checkpoint
         meta = json.loads((out / "checkpoints" / "step_00000003" / "meta.json").read_text())
         assert meta["flow"] == arm and meta["config"]["flow"]["path"] == FLOW_PRESETS[arm]["path"]
         sampled = runner.invoke(main, ["sample", str(out), "--num", "4", "--no-grid", "--out", str(out / "s")])

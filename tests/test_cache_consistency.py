@@ -16,6 +16,7 @@ from manifold_fm.data.latents import LatentCache, extract_latents
 from manifold_fm.sampler import SamplerSpec
 from manifold_fm.tokenizers import LatentNormalization, SphericalTokenizer, builtin_tokenizer
 from manifold_fm.training.builders import preset_flow
+from manifold_fm.training.checkpoint import load_checkpoint
 from manifold_fm.training.image import build_latents, train_image
 from manifold_fm.training.runs import load_run, sample_run
 from manifold_fm.training.schema import FLOW_PRESETS, load_image_config
@@ -132,9 +133,10 @@ def test_linear_run_on_a_dataset_stats_cache_decodes_with_those_stats(caches, st
     assert (decoded - wrong).abs().max() > 1e-2
 
 
-def _corrupt_latest(run: Path) -> None:
+def _corrupt_latest(run: Path) -> Path:
     step = sorted((run / "checkpoints").glob("step_*"))[-1]
     (step / "model.safetensors").write_bytes(b"not a safetensors file")
+    return step / "model.safetensors"
 
 
 def _one_line_error(result) -> str:  # type: ignore[no-untyped-def]
@@ -151,50 +153,29 @@ def test_resume_from_a_corrupt_checkpoint_is_one_line_for_toy_and_image_runs(tmp
     toy = tmp_path / "toy"
     ok = runner.invoke(main, ["train", "--config", "toy-sphere", "--steps", "2", "--out", str(toy)])
     assert ok.exit_code == 0, ok.output
-    _corrupt_latest(toy)
+    bad = _corrupt_latest(toy)
+    extend = ["--extend", "--reschedule"]  # a longer run (its cosine schedule recomputed): the checkpoint is read
     line = _one_line_error(
-        runner.invoke(main, ["train", "--config", "toy-sphere", "--steps", "4", "--out", str(toy), "--resume"])
+        runner.invoke(main, ["train", "--config", "toy-sphere", "--steps", "4", "--out", str(toy), "--resume", *extend])
     )
-    assert "unreadable" in line
+    # the file is named, and no earlier checkpoint is suggested where none is kept
+    assert f"checkpoint file {bad} is unreadable" in line and line.endswith(
+        f"no other checkpoint is kept in {bad.parent.parent}"
+    )
 
     img = tmp_path / "img"
-    sets = [
-        "--set",
-        "data.source=builtin",
-        "--set",
-        "data.per_class=1",
-        "--set",
-        "train.batch_size=8",
-        "--set",
-        "train.sample_every=null",
-        "--set",
-        "model.arch=SiT-Micro/2",
-    ]
-    ok = runner.invoke(main, ["train", "--config", "image-builtin", *sets, "--steps", "1", "--out", str(img)])
+    sets = ["data.source=builtin", "data.per_class=1", "train.batch_size=8", "train.sample_every=null"]
+    sets = [a for kv in [*sets, "model.arch=SiT-Micro/2", "train.checkpoint_every=1"] for a in ("--set", kv)]
+    ok = runner.invoke(main, ["train", "--config", "image-builtin", *sets, "--steps", "2", "--out", str(img)])
     assert ok.exit_code == 0, ok.output
+    longer = ["train", "--config", str(img / "config.yaml"), "--steps", "3", "--out", str(img), "--resume", "--extend"]
     # a TrainingError (config section differs from the checkpoint's) is one line too
-    line = _one_line_error(
-        runner.invoke(
-            main,
-            [
-                "train",
-                "--config",
-                str(img / "config.yaml"),
-                "--set",
-                "optim.lr=0.5",
-                "--steps",
-                "2",
-                "--out",
-                str(img),
-                "--resume",
-            ],
-        )
-    )
+    line = _one_line_error(runner.invoke(main, [*longer, "--set", "optim.lr=0.5"]))
     assert "cannot resume" in line and "optim" in line
-    _corrupt_latest(img)
-    line = _one_line_error(
-        runner.invoke(
-            main, ["train", "--config", str(img / "config.yaml"), "--steps", "2", "--out", str(img), "--resume"]
-        )
-    )
-    assert "unreadable" in line
+    bad = _corrupt_latest(img)
+    line = _one_line_error(runner.invoke(main, longer))
+    # the file, and the option that picks the checkpoint still kept
+    assert f"checkpoint file {bad} is unreadable" in line and line.endswith("--checkpoint STEP (kept: 1)")
+    again = runner.invoke(main, [*longer, "--checkpoint", "1"])
+    assert again.exit_code == 0, again.output
+    assert load_checkpoint(img / "checkpoints").meta["sessions"] == [{"start": 0, "steps": 1}, {"start": 1, "steps": 2}]

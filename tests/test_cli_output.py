@@ -75,7 +75,9 @@ def test_a_toy_run_prints_its_metrics_table(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- progress
-def test_evaluate_shows_progress_on_stderr(tmp_path: Path, register_standin: object) -> None:
+def test_evaluate_shows_progress_on_stderr(
+    tmp_path: Path, register_standin: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
     register_standin("standin", pool=8, features=6, logits=5)  # type: ignore[operator]
     rng = np.random.default_rng(0)
     folder = tmp_path / "ref"
@@ -85,6 +87,7 @@ def test_evaluate_shows_progress_on_stderr(tmp_path: Path, register_standin: obj
     npz = tmp_path / "samples.npz"
     np.savez(npz, rng.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8))
     args = ["evaluate", str(npz), "--reference", str(folder), "--feature-extractor", "standin", "--no-prc"]
+    monkeypatch.setenv("MANIFOLD_FM_PROGRESS", "bar")  # bars as on a terminal (the test's stderr is not one)
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "read ref" in result.stderr and "Processing samples" in result.stderr
@@ -117,7 +120,9 @@ def test_the_progress_bar_and_throughput_leave_evaluations_out(tmp_path: Path, m
 
     bars = []
 
-    class ClockedBar(trainer_module.tqdm):  # type: ignore[misc, name-defined]
+    from tqdm.auto import tqdm
+
+    class ClockedBar(tqdm):  # type: ignore[misc]
         def __init__(self, *args: object, **kwargs: object) -> None:
             super().__init__(*args, **kwargs)
             self._time = clock
@@ -138,7 +143,7 @@ def test_the_progress_bar_and_throughput_leave_evaluations_out(tmp_path: Path, m
         return {"evaluated": float(step)}
 
     monkeypatch.setattr(trainer_module, "time", SimpleNamespace(perf_counter=clock))
-    monkeypatch.setattr(trainer_module, "tqdm", ClockedBar)
+    monkeypatch.setattr(trainer_module, "progress_bar", lambda *a, disable=False, **k: ClockedBar(*a, **k))
     monkeypatch.setattr(Trainer, "train_step", one_second_step)
     cfg = load_toy_config("toy-sphere", ["train.steps=6", "model.hidden=8", "train.batch_size=8", "train.log_every=3"])
     data = toy_dataset(cfg)

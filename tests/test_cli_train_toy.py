@@ -39,13 +39,17 @@ def test_train_toy_sphere_geodesic_and_linear(tmp_path: Path) -> None:
         assert metrics["path"] == path and metrics["train_steps"] == 6
         assert (out / "samples.png").stat().st_size > 1000
         assert (out / "checkpoints" / "latest").is_file()
-    # an existing run is not overwritten without --resume; with --resume and more steps it continues
+    # an existing run is not overwritten without --resume; a longer run is asked for explicitly (--extend), and
+    # toy-sphere's cosine schedule, a function of train.steps, changes only with --reschedule too
     res = runner.invoke(main, ["train", "--config", "toy-sphere", "--out", str(tmp_path / "geodesic"), *TINY])
     assert res.exit_code == 1 and "already holds a run" in res.output and "Traceback" not in res.output
-    res = runner.invoke(
-        main,
-        ["train", "--config", "toy-sphere", "--out", str(tmp_path / "geodesic"), "--resume", *TINY, "--steps", "8"],
-    )
+    longer = ["train", "--config", "toy-sphere", "--out", str(tmp_path / "geodesic"), "--resume", *TINY, "--steps", "8"]
+    res = runner.invoke(main, longer)
+    assert res.exit_code == 1 and "was set for 6 steps, not 8; pass --extend" in res.output
+    res = runner.invoke(main, [*longer, "--extend"])
+    assert res.exit_code == 1 and "cosine" in res.output and "--reschedule" in res.output
+    assert json.loads((tmp_path / "geodesic" / "metrics.json").read_text())["train_steps"] == 6  # untouched
+    res = runner.invoke(main, [*longer, "--extend", "--reschedule"])
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "geodesic" / "metrics.json").read_text())["train_steps"] == 8
     # a corrupt checkpoint is a one-line error, and nothing already written is lost
@@ -53,7 +57,10 @@ def test_train_toy_sphere_geodesic_and_linear(tmp_path: Path) -> None:
     latest.write_bytes(b"not a safetensors file")
     res = runner.invoke(
         main,
-        ["train", "--config", "toy-sphere", "--out", str(tmp_path / "geodesic"), "--resume", *TINY, "--steps", "10"],
+        [
+            *("train", "--config", "toy-sphere", "--out", str(tmp_path / "geodesic"), "--resume", *TINY),
+            *("--steps", "10", "--extend", "--reschedule"),
+        ],
     )
     assert res.exit_code == 1 and "unreadable" in res.output and "Traceback" not in res.output
     assert (tmp_path / "geodesic" / "metrics.json").is_file()
@@ -83,7 +90,7 @@ def test_unknown_kind_and_dispatch_by_kind(tmp_path: Path, monkeypatch: pytest.M
     calls = []
 
     def fake(name):  # noqa: ANN001, ANN202
-        def run(cfg, out_dir=None, resume=False, overwrite=False):  # noqa: ANN001, ANN202
+        def run(cfg, out_dir=None, resume=False, overwrite=False, **options):  # noqa: ANN001, ANN003, ANN202
             calls.append((name, type(cfg).__name__, cfg.train.steps, out_dir, overwrite))
             return Path(f"runs/{name}")
 

@@ -4,7 +4,10 @@ equal those of an uninterrupted run bit for bit, and no half-written checkpoint 
 when training from a latent cache read by a DataLoader with worker processes.
 
 Every kill is a SIGKILL of a real ``python -m manifold_fm.cli`` process (no cleanup code runs); the references run
-uninterrupted in this process with the same settings (one torch thread).
+uninterrupted in this process with the same settings (one torch thread). Every rerun is proven to continue, not to
+start over: a training run starts at its checkpoint's step and runs only the remaining steps, keeping the log of the
+steps before (``assert_resumed``); ``sample`` samples only the chunks that were not on disk; ``extract-latents``
+encodes only the shards that were not complete.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from safetensors.torch import load_file
 from manifold_fm.cli import main
 from manifold_fm.training.checkpoint import latest_checkpoint, load_checkpoint
 
-from helpers import cpu_env
+from helpers import assert_resumed, cpu_env, log_lines
 
 pytestmark = pytest.mark.slow
 
@@ -108,10 +111,14 @@ def test_train_killed_mid_step_resumes_bit_for_bit(tmp_path: Path, reference: di
     run = tmp_path / "run"
     proc = _start([*TRAIN, "--out", str(run)])
     _kill_when(proc, lambda: max(_logged_steps(run), default=0) >= 5)  # between the checkpoints of steps 4 and 6
-    assert load_checkpoint(run / "checkpoints").step in (4, 6)
+    killed_at = load_checkpoint(run / "checkpoints").step
+    assert killed_at in (4, 6)
+    before = log_lines(run)
     _invoke([*TRAIN, "--out", str(run), "--resume"])
     weights = _final_weights(run)
     assert all(torch.equal(weights[k], reference[k]) for k in reference)
+    # started at the checkpoint's step, ran only the steps after it, kept the log of those before
+    assert_resumed(run, killed_at, 8, before)
     # the resumed log reads like an uninterrupted one: every step once
     assert _logged_steps(run) == list(range(1, 9))
 
@@ -126,9 +133,11 @@ def test_train_killed_inside_a_checkpoint_write_never_uses_it(
     assert half.is_dir() and (half / "model.safetensors").is_file() and not (half / "meta.json").exists()
     latest = latest_checkpoint(run / "checkpoints")
     assert latest is not None and latest.name == "step_00000002"  # the half-written one is never chosen
+    before = log_lines(run)
     _invoke([*TRAIN, "--out", str(run), "--resume"])
     weights = _final_weights(run)
     assert all(torch.equal(weights[k], reference[k]) for k in reference)
+    assert_resumed(run, 2, 8, before)  # from the last complete checkpoint, steps 3-8 only
     assert not list((run / "checkpoints").glob("*.tmp-*"))  # the next write cleared the debris
 
 
@@ -154,7 +163,14 @@ def test_extract_latents_killed_mid_shard_resumes_to_the_same_cache(tmp_path: Pa
             return False
 
     _kill_when(_start([*args, "--out", str(part)]), two_shards_done)
-    _invoke([*args, "--out", str(part)])  # resumes by default
+    done = {p: p.stat().st_mtime_ns for p in part.glob("shard-*.safetensors")}  # complete (written atomically)
+    assert len(done) >= 2
+    result = CliRunner().invoke(main, [*args, "--out", str(part)])  # resumes by default
+    assert result.exit_code == 0, result.output
+    # only the missing shards were encoded: the complete ones are kept as they were, and said so
+    assert {p: p.stat().st_mtime_ns for p in done} == done
+    shards = json.loads((part / "manifest.json").read_text())["num_shards"]
+    assert f"{len(done)} of {shards} shard(s) were complete (kept, not encoded again)" in result.output
     whole, resumed = _cache(tmp_path / "whole"), _cache(part)
     assert whole.keys() == resumed.keys() and len(whole) > 4
     assert all(np.array_equal(whole[k], resumed[k]) for k in whole)
@@ -169,16 +185,28 @@ def test_sample_killed_between_chunks_reruns_to_the_same_samples(tmp_path: Path)
     _kill_when(_start([*args, "--out", str(part)]), lambda: len(list((part / "shards").glob("chunk_*.npz"))) >= 3)
     kept = {p.name: p.stat().st_mtime_ns for p in (part / "shards").glob("chunk_*.npz")}
     assert 3 <= len(kept) < 12 and not (part / "samples.npz").exists()
-    result = CliRunner().invoke(main, [*args, "--out", str(part)])
+    import manifold_fm.training.runs as runs
+
+    sampled: list[int] = []  # the chunks the rerun samples (one generate call each)
+    real = runs.generate
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(runs, "generate", lambda *a, **k: sampled.append(1) or real(*a, **k))
+        result = CliRunner().invoke(main, [*args, "--out", str(part)])
     assert result.exit_code == 0, result.output
+    # the chunks on disk were kept, not sampled again: the rerun sampled the others only
+    assert len(sampled) == 12 - len(kept)
+    assert f"{len(kept)} of 12 chunks were on disk from an interrupted run (kept, not resampled)" in result.output
     with np.load(tmp_path / "whole" / "samples.npz") as a, np.load(part / "samples.npz") as b:
         assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
     assert not (part / "shards").exists()
-    # another request into a folder holding this one's chunks is refused, not mixed in
-    (part / "shards").mkdir()
-    (part / "shards" / "request.json").write_text(json.dumps({"seed": 99}))
-    refused = CliRunner().invoke(main, [*args, "--out", str(part)])
-    assert refused.exit_code == 1 and "another request" in refused.output
+    # finished samples are not sampled over; chunks of another request are refused, not mixed in
+    again = CliRunner().invoke(main, [*args, "--out", str(part)])
+    assert again.exit_code == 1 and "already holds samples" in again.output and "--overwrite" in again.output
+    other = tmp_path / "other"
+    (other / "shards").mkdir(parents=True)
+    (other / "shards" / "request.json").write_text(json.dumps({"seed": 99}))
+    refused = CliRunner().invoke(main, [*args, "--out", str(other)])
+    assert refused.exit_code == 1 and "another request" in refused.output and "--overwrite" in refused.output
 
 
 def test_resume_from_a_latent_cache_read_by_dataloader_workers_is_exact(tmp_path: Path) -> None:
@@ -206,7 +234,9 @@ def test_resume_from_a_latent_cache_read_by_dataloader_workers_is_exact(tmp_path
     ]
     train_image("image-builtin", over, tmp_path / "whole", progress=False)
     train_image("image-builtin", [*over, "train.steps=3"], tmp_path / "part", progress=False)  # stopped at 3
+    before = log_lines(tmp_path / "part")
     train_image("image-builtin", over, tmp_path / "part", resume=True, progress=False)
+    assert_resumed(tmp_path / "part", 3, 6, before)
     a, b = load_checkpoint(tmp_path / "whole" / "checkpoints"), load_checkpoint(tmp_path / "part" / "checkpoints")
     assert a.step == b.step == 6 and all(torch.equal(a.model[k], b.model[k]) for k in a.model)
 
@@ -246,9 +276,11 @@ def test_finetune_decoder_killed_mid_training_resumes_bit_for_bit(tmp_path: Path
     _kill_when(proc, lambda: max(_logged_steps(run), default=0) >= 7)  # after the step-6 checkpoint
     killed_at = load_checkpoint(run / "checkpoints").step
     assert killed_at in (6, 9) and not (run / "decoder.safetensors").exists()
+    before = log_lines(run)
     _invoke([*FINETUNE, "--out", str(run), "--resume"])
     sessions = load_checkpoint(run / "checkpoints").meta["sessions"]
     assert sessions == [{"start": 0, "steps": killed_at}, {"start": killed_at, "steps": 12 - killed_at}]
+    assert_resumed(run, killed_at, 12, before)
     for name in ("decoder", "discriminator"):
         a, b = load_file(str(whole / f"{name}.safetensors")), load_file(str(run / f"{name}.safetensors"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name

@@ -342,3 +342,5 @@ def test_ot_coupling_on_so3_is_optimal_and_trains_and_resumes_exactly(tmp_path: 
     resumed.fit(resume=True)
     a, b = load_checkpoint(tmp_path / "full" / "checkpoints"), load_checkpoint(tmp_path / "part" / "checkpoints")
     assert a.step == b.step == 20 and all(torch.equal(a.model[k], b.model[k]) for k in a.model)
+    # a resume, not a restart: the second process started at the step-10 checkpoint and ran steps 11-20 only
+    assert b.meta["sessions"] == [{"start": 0, "steps": 10}, {"start": 10, "steps": 10}]

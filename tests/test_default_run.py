@@ -13,6 +13,14 @@ from manifold_fm.config import ConfigError
 from manifold_fm.training.default_report import format_table
 from manifold_fm.training.schema import load_run_config
 
+from helpers import assert_resumed, log_lines
+
+
+def _files(folder: Path) -> dict[Path, int]:
+    """Every file under ``folder`` with its modification time (ns): what a rewrite would change."""
+    return {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+
+
 SHRINK = [
     "data.per_class=3",
     "data.test_per_class=2",
@@ -87,10 +95,38 @@ def test_default_run_end_to_end(tmp_path: Path) -> None:
         ]
         assert steps == [2]
     # the modes are image runs: `sample` loads them; a second run into the same folder is refused, nothing touched
-    before = (out / "results.json").read_bytes()
+    before = _files(out)
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 1 and "already holds a default run" in again.output
-    assert (out / "results.json").read_bytes() == before
+    # --resume on the finished run says so in one line and rewrites nothing (no retraining, no new results)
+    again = CliRunner().invoke(main, [*args, "--resume"])
+    assert again.exit_code == 0, again.output
+    assert again.output.splitlines() == [
+        f"{out} holds a finished default run (4 steps), recorded in results.json; nothing to do (train it longer "
+        "with --resume --extend --steps N, or start again with --overwrite)"
+    ]
+    # a longer run is asked for explicitly (the default schedule is constant, so --extend alone does it)
+    longer = CliRunner().invoke(main, [*args, "--resume", "--steps", "6"])
+    assert longer.exit_code == 1 and "was set for 4 steps, not 6; pass --extend" in longer.output
+    assert _files(out) == before
+    # export, compare and evaluate take the default run's folder too: its modes, or a pointer to their samples
+    exported = CliRunner().invoke(main, ["export", str(out), "--out", str(tmp_path / "exported")])
+    assert exported.exit_code == 0, exported.output
+    for mode in ("spherical", "linear"):
+        assert json.loads((tmp_path / "exported" / mode / "config.json").read_text())["flow"] == mode
+    compared = CliRunner().invoke(main, ["compare", str(out), "--out", str(tmp_path / "cmp")])
+    assert compared.exit_code == 0, compared.output
+    report = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    for mode in ("spherical", "linear"):  # the evaluation during training, then the table's final one
+        logged = [json.loads(line) for line in log_lines(out / mode)]
+        during = [r["fd_builtin_classifier"] for r in logged if "fd_builtin_classifier" in r]
+        final = results["modes"][mode]["fd_builtin_classifier"]
+        assert report["curves"][mode] == [[2, during[0]], [4, final]]
+    assert report["threshold"] == results["modes"]["spherical"]["fd_builtin_classifier"]
+    evaluated = CliRunner().invoke(main, ["evaluate", str(out)])
+    assert evaluated.exit_code == 1 and evaluated.output.startswith(
+        f"Error: {out} is a run folder, not samples; sample it first"
+    )
 
 
 def test_default_overrides_and_errors(tmp_path: Path) -> None:
@@ -103,7 +139,7 @@ def test_default_overrides_and_errors(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["train", "--set", "train.stepz=3"])
     assert result.exit_code != 0 and "unknown config key 'train.stepz' (did you mean 'train.steps'?)" in result.output
     result = CliRunner().invoke(main, ["train", "--resume", "--out", str(tmp_path / "none")])
-    assert result.exit_code != 0 and "holds no default run to resume" in result.output
+    assert result.exit_code == 1 and "holds no run to continue" in result.output
 
 
 def test_format_table_rows() -> None:
@@ -156,8 +192,21 @@ def test_a_stopped_default_run_resumes_to_the_same_results(tmp_path: Path, monke
         main, ["train", "--out", str(tmp_path / "part"), *args, "--set", "optim.lr=0.5", "--resume"]
     )
     assert changed.exit_code == 1 and "optim differ" in changed.output
+    part = tmp_path / "part"
+    logs = {mode: log_lines(part / mode) for mode in ("spherical", "linear")}
+
+    def finished_parts() -> dict[Path, int]:  # the decoder finetune and the spherical mode's training
+        files = _files(part / "decoder_finetune") | _files(part / "spherical" / "checkpoints")
+        done = ["spherical_decoder.safetensors", "spherical_decoder.json", "spherical/metrics.jsonl"]
+        return files | {part / f: (part / f).stat().st_mtime_ns for f in [*done, "spherical/config.yaml"]}
+
+    kept = finished_parts()
     resumed = CliRunner().invoke(main, ["train", "--out", str(tmp_path / "part"), *args, "--resume"])
     assert resumed.exit_code == 0, resumed.output
+    # what was finished is reused as it is: the decoder finetune (its run and decoder) and the spherical mode's
+    # training (done before the stop); the linear mode continues from its step-2 checkpoint (steps 3-4 only)
+    assert finished_parts() == kept
+    assert_resumed(part / "linear", 2, 4, logs["linear"])
     a = json.loads((tmp_path / "whole" / "results.json").read_text())
     b = json.loads((tmp_path / "part" / "results.json").read_text())
     for mode in ("spherical", "linear"):

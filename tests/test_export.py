@@ -270,3 +270,17 @@ def test_export_refuses_to_overwrite_and_errors_are_one_line(runs: dict[str, Pat
         pipe(class_labels=[0], output_type="jpeg")
     with pytest.raises(ValueError, match="method"):
         pipe(class_labels=[0], method="nosuch")
+
+
+@pytest.mark.parametrize("mode", ["spherical", "linear"])
+def test_the_model_card_lists_exactly_the_files_the_folder_holds(
+    runs: dict[str, Path], tmp_path: Path, mode: str
+) -> None:
+    """The card's Files table against the folder listing (the spherical run names its decoder by an absolute path
+    outside the run: the export holds it as decoder.safetensors, and the card says so)."""
+    out = tmp_path / mode
+    _export(runs[mode], out)
+    files = (out / "README.md").read_text().split("## Files")[1].split("\n## ")[0]
+    listed = re.findall(r"^\| `([^`]+)` \|", files, flags=re.MULTILINE)
+    assert sorted(listed) == sorted(p.name for p in out.iterdir())
+    assert ("decoder.safetensors" in listed) == (mode == "spherical")

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from manifold_fm.cli import main
 from manifold_fm.training.checkpoint import load_checkpoint
 
-from helpers import tiny_image_run
+from helpers import assert_resumed, log_lines, tiny_image_run
 
 BASE = ["train", *tiny_image_run("train.checkpoint_every=2")]
 
@@ -28,7 +28,9 @@ def test_ot_image_run_resumes_exactly_and_differs_from_independent(tmp_path: Pat
     ot = ("--set", "flow.coupling=ot")
     full = _train(tmp_path / "full", 4, *ot)
     _train(tmp_path / "part", 2, *ot)
-    resumed = _train(tmp_path / "part", 4, *ot, "--resume")
+    before = log_lines(tmp_path / "part")
+    resumed = _train(tmp_path / "part", 4, *ot, "--resume", "--extend")
+    assert_resumed(tmp_path / "part", 2, 4, before)  # continued from step 2: steps 3-4 only
     assert full.keys() == resumed.keys()
     assert all(torch.equal(full[k], resumed[k]) for k in full)
     independent = _train(tmp_path / "independent", 4)

@@ -172,9 +172,12 @@ def test_train_image_end_to_end_through_the_cli(tmp_path: Path) -> None:
     meta = json.loads((out / "checkpoints" / "step_00000004" / "meta.json").read_text())
     assert meta["latent_shape"] == [16, 8, 8] and meta["num_classes"] == 12 and meta["flow"] == "spherical"
     assert (out / "checkpoints" / "step_00000004" / "ema.safetensors").is_file()
-    # Resuming a finished run is a no-op; a bad key is one line naming it.
+    # Resuming a finished run says so and changes nothing; a bad key is one line naming it.
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     again = CliRunner().invoke(main, [*args, "--resume"])
     assert again.exit_code == 0, again.output
+    assert again.output.startswith(f"{out} holds a finished image run (4 steps)") and "nothing to do" in again.output
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
     bad = CliRunner().invoke(main, ["train", "--config", "image-builtin", "--out", str(out), "--set", "optim.lr=-1"])
     assert bad.exit_code != 0 and "optim.lr: input should be greater than 0, got -1" in bad.output
     # without --resume an existing run is not overwritten

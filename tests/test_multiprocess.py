@@ -24,7 +24,7 @@ from click.testing import CliRunner
 from manifold_fm.cli import main
 from manifold_fm.training.checkpoint import latest_checkpoint, load_checkpoint
 
-from helpers import accelerate_command, cpu_env
+from helpers import accelerate_command, assert_resumed, cpu_env, log_lines
 
 pytestmark = pytest.mark.slow
 
@@ -126,27 +126,37 @@ def test_two_processes_train_like_one_at_the_same_global_batch(runs: dict) -> No
 
 
 def test_a_killed_two_process_run_resumes_exactly_with_two_or_one_processes(runs: dict) -> None:
-    part = runs["root"] / "part"
-    proc = _launch("train", *TRAIN, "--set", "train.steps=8", "--out", str(part), wait=False)
+    """Killed while alive and mid-training (its main process paused inside the write of the step-8 checkpoint, so
+    steps 5-8 ran but the run has not finished: only the step-4 checkpoint is complete), then resumed with two
+    processes and with one: each starts at step 4, runs steps 5-8 only, and ends where an uninterrupted run does."""
+    part, marker = runs["root"] / "part", runs["root"] / "paused"
+    pause = {"MANIFOLD_FM_TEST_PAUSE_IN_CHECKPOINT": f"{marker}:8"}
+    proc = _launch("train", *TRAIN, "--set", "train.steps=8", "--out", str(part), wait=False, env=pause)
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:  # kill after the step-4 checkpoint, mid-way through steps 5-8
-        latest = latest_checkpoint(part / "checkpoints")
-        if latest is not None and latest.name == "step_00000004":
-            break
+    while not marker.exists():
+        assert proc.poll() is None, "the run ended before it could be killed mid-training"
+        assert time.monotonic() < deadline, "timed out waiting for the step-8 checkpoint write"
         time.sleep(0.05)
+    assert proc.poll() is None  # alive when killed
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert load_checkpoint(part / "checkpoints").step in (4, 8)
+    latest = latest_checkpoint(part / "checkpoints")
+    assert latest is not None and latest.name == "step_00000004"  # strictly before the last step
+    assert not (part / "checkpoints" / "step_00000008").exists()
+    before = log_lines(part)
+    assert max(json.loads(line)["step"] for line in before) == 8  # it had trained past the checkpoint
     copy = runs["root"] / "part-one"
     import shutil
 
     shutil.copytree(part, copy)
     _launch("train", *TRAIN, "--out", str(part), "--resume")
     assert _max_diff(_weights(part), _weights(runs["two"])) == 0.0  # bit for bit with two processes
+    assert_resumed(part, 4, 8, before)
     # one process continues the same global stream: equal up to the summation order
     resumed = CliRunner().invoke(main, ["train", *TRAIN, "--out", str(copy), "--resume"])
     assert resumed.exit_code == 0, resumed.output
     assert _max_diff(_weights(copy), _weights(runs["one"])) < ROUNDING
+    assert_resumed(copy, 4, 8, before)
 
 
 _MISMATCH = """

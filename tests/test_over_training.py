@@ -15,13 +15,15 @@ from manifold_fm.eval.over_training import steps_to_threshold
 from manifold_fm.training.schema import load_image_config
 
 
-def test_steps_to_threshold_interpolates_the_first_crossing() -> None:
+def test_steps_to_threshold_reads_the_first_evaluation_that_reaches_it() -> None:
     curve = [(100, 50.0), (200, 40.0), (300, 20.0), (400, 25.0), (500, 10.0)]
-    assert steps_to_threshold(curve, 30.0) == pytest.approx(250.0)  # halfway between 40 @ 200 and 20 @ 300
-    assert steps_to_threshold(curve, 40.0) == 200.0  # reached exactly at an evaluation
+    assert steps_to_threshold(curve, 30.0) == 300.0  # evaluated there, not guessed between 200 and 300
+    assert steps_to_threshold(curve, 30.0, interpolate=True) == pytest.approx(250.0)  # halfway: 40 @ 200, 20 @ 300
+    assert steps_to_threshold(curve, 40.0) == steps_to_threshold(curve, 40.0, interpolate=True) == 200.0
     assert steps_to_threshold(curve, 60.0) == 100.0  # already there at the first evaluation
     assert steps_to_threshold(curve, 5.0) is None
-    assert steps_to_threshold(curve, 22.0) == pytest.approx(290.0)  # the first crossing, not the later one
+    assert steps_to_threshold(curve, 22.0) == 300.0  # the first crossing, not the later one
+    assert steps_to_threshold(curve, 22.0, interpolate=True) == pytest.approx(290.0)
 
 
 def test_image_runs_evaluate_during_training_and_compare(tmp_path: Path) -> None:

@@ -17,6 +17,8 @@ from manifold_fm.training.metrics_log import read_jsonl
 from manifold_fm.training.schema import load_image_config
 from manifold_fm.training.trainer import Hook, Trainer, TrainingError
 
+from helpers import assert_resumed, log_lines
+
 
 class Interrupt(Exception):
     pass
@@ -88,8 +90,11 @@ def test_interrupted_and_resumed_run_is_bitwise_identical(tmp_path: Path, mode: 
     assert part.step == 5
     assert load_checkpoint(tmp_path / "part" / "checkpoints").step == 4
     torch.manual_seed(12345)  # a resumed process starts with arbitrary global RNG state
+    before = log_lines(tmp_path / "part")
     resumed = _run(tmp_path / "part", 8, mode, resume=True)
     assert resumed.step == 8
+    # a resume, not a restart: it started at step 4, ran steps 5-8 only, and kept the log of steps 1-4
+    assert_resumed(tmp_path / "part", 4, 8, before)
 
     a = load_checkpoint(tmp_path / "full" / "checkpoints")
     b = load_checkpoint(tmp_path / "part" / "checkpoints")

@@ -16,6 +16,8 @@ from manifold_fm.training.schema import load_toy_config
 from manifold_fm.training.toy import evaluate_toy, toy_model, train_toy
 from manifold_fm.training.trainer import TrainingError
 
+from helpers import assert_resumed, log_lines
+
 FAST_EVAL = [
     "eval.test_samples=500",
     "eval.likelihood_steps=16",
@@ -84,7 +86,9 @@ def test_run_folder_and_exact_resume(tmp_path: Path) -> None:
     shutil.copytree(ref, cut)
     shutil.rmtree(cut / "checkpoints" / "step_00000020")
     (cut / "checkpoints" / "latest").write_text("step_00000010\n")
+    before = log_lines(cut)
     resumed = train_toy("toy-torus", over, cut, resume=True, progress=False)
+    assert_resumed(cut, 10, 20, before)  # started at step 10, ran 11-20 only
     a = load_file(str(ref / "checkpoints" / "step_00000020" / "model.safetensors"))
     b = load_file(str(resumed / "checkpoints" / "step_00000020" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

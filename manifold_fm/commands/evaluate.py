@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from ..atomic import write_json_atomic
+from ..progress import progress_option
 from ..threads import threads_option
 
 
@@ -50,10 +51,8 @@ from ..threads import threads_option
     "tf32: TF32 matmuls on GPUs; bf16: bf16 autocast; auto: bf16 on CUDA GPUs, fp32 elsewhere).",
 )
 @click.option("--out", "out_path", type=click.Path(path_type=Path), default=None, help="Write the metrics as JSON.")
-@click.option(
-    "--progress/--no-progress", default=True, show_default=True, help="Progress bars (on stderr) while it works."
-)
 @threads_option
+@progress_option
 def evaluate(
     samples: Path,
     reference: Path | None,
@@ -76,6 +75,7 @@ def evaluate(
     from ..precision import precision_scope
 
     # User errors (missing or malformed files, weights) become one line in the CLI group (manifold_fm/cli.py).
+    _refuse_run_folder(samples)
     images = load_images(samples, progress)
     labels = None
     if samples.suffix == ".npz":
@@ -114,3 +114,20 @@ def evaluate(
         click.echo(f"{k:<{width}}  {v:.4f}")
     if out_path is not None:
         write_json_atomic(out_path, {"samples": str(samples), "num_samples": int(images.shape[0]), **metrics})
+
+
+def _refuse_run_folder(samples: Path) -> None:
+    """A run folder is not samples: one line saying which samples it holds (``sample`` writes them) or how to make
+    them."""
+    from ..errors import InputError
+    from ..training.run_folder import run_status
+
+    if not samples.is_dir() or run_status(samples) is None:
+        return
+    found = sorted(str(p) for p in [*samples.glob("samples-*/samples.npz"), *samples.glob("*/samples-*/samples.npz")])
+    if found:
+        raise InputError(f"{samples} is a run folder, not samples; evaluate its samples: {', '.join(found)}")
+    raise InputError(
+        f"{samples} is a run folder, not samples; sample it first (manifold-fm sample {samples}: a default run's "
+        "modes each into <mode>/samples-<step>/samples.npz), then evaluate those files"
+    )

@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 
+from ..progress import progress_option
 from ..threads import threads_option
 
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -167,6 +168,7 @@ def build_dataset(data_spec: str, split: str, size: int, per_class: int | None) 
 @click.option("--stats-items", type=int, default=10000, show_default=True, help="Images used by --dataset-stats.")
 @click.option("--workers", type=int, default=0, show_default=True, help="Image-reading worker processes.")
 @threads_option
+@progress_option
 def extract_latents(
     tokenizer_spec: str,
     subfolder: str | None,
@@ -236,6 +238,7 @@ def extract_latents(
             rank=state.process_index,
             world_size=state.num_processes,
             barrier=state.wait_for_everyone,
+            echo=lambda line: click.echo(line, err=True),
         )
     if not state.is_main_process:
         return

@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from ..atomic import write_json_atomic
+from ..progress import progress_option
 from ..threads import threads_option
 from .extract_latents import build_dataset, build_tokenizer, data_options, tokenizer_options
 
@@ -148,7 +149,20 @@ def _compared_runs(specs: tuple[str, ...], own: str, source: dict[str, Any]) -> 
     help="Run folder: config.yaml, checkpoints/, metrics.jsonl, then decoder.safetensors, discriminator.safetensors "
     "and report.json.",
 )
-@click.option("--resume", is_flag=True, help="Continue the run in --out exactly (a finished run is only reported).")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue the run in --out exactly (a finished run is not retrained or rewritten: its report is printed, "
+    "recomputed with --compare).",
+)
+@click.option(
+    "--extend",
+    is_flag=True,
+    help="With --resume: train the run to a new --steps (a cosine LR schedule needs --reschedule too).",
+)
+@click.option(
+    "--reschedule", is_flag=True, help="With --extend on a cosine LR schedule: accept the schedule of the new length."
+)
 @click.option("--overwrite", is_flag=True, help="Replace the run in --out (not with --resume).")
 @click.option(
     "--latents",
@@ -286,6 +300,7 @@ def _compared_runs(specs: tuple[str, ...], own: str, source: dict[str, Any]) -> 
 )
 @click.option("--seed", type=int, default=0, show_default=True)
 @threads_option
+@progress_option
 def finetune_decoder(
     tokenizer_spec: str,
     subfolder: str | None,
@@ -301,6 +316,8 @@ def finetune_decoder(
     per_class: int | None,
     out_dir: Path,
     resume: bool,
+    extend: bool,
+    reschedule: bool,
     overwrite: bool,
     latents: str,
     steps: int | None,
@@ -355,6 +372,8 @@ def finetune_decoder(
         raise click.UsageError(OVERWRITE_AND_RESUME)
     if resume and latest_checkpoint(out_dir / "checkpoints") is None:
         raise click.UsageError(f"--resume: {out_dir} holds no finetune run to continue; run without --resume")
+    if (extend or reschedule) and not resume:
+        raise click.UsageError("--extend and --reschedule continue a run: pass them with --resume")
     if steps is not None and epochs is not None:
         raise click.BadParameter("give --steps or --epochs, not both", param_hint="--steps/--epochs")
     if steps is None and epochs is None:
@@ -434,6 +453,19 @@ def finetune_decoder(
         },
         overrides,
     )
+    if resume:
+        from ..training.run_folder import check_resume
+
+        status = check_resume(
+            out_dir, "finetune", cfg.train.steps, cfg.optim.schedule, extend=extend, reschedule=reschedule
+        )
+        saved = out_dir / "report.json"
+        if status.finished and not compare and saved.is_file():  # nothing to train, nothing to rewrite
+            import json
+
+            click.echo(status.finished_line())
+            _print_report(json.loads(saved.read_text()))
+            return
     try:
         perceptual = perceptual_distance(lpips_vgg, lpips_lin)
     except (FileNotFoundError, ValueError) as exc:

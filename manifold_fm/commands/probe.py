@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from ..atomic import write_json_atomic
+from ..progress import progress_option
 from ..threads import threads_option
 from .extract_latents import build_dataset, build_tokenizer, data_options, tokenizer_options
 
@@ -53,6 +54,7 @@ from .extract_latents import build_dataset, build_tokenizer, data_options, token
 @click.option("--dinov2-size", type=int, default=224, show_default=True, help="DINOv2 input side (multiple of 14).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the Gaussian prior samples.")
 @threads_option
+@progress_option
 def probe(
     tokenizer_spec: str,
     subfolder: str | None,

@@ -2,7 +2,9 @@
 
 Shard across processes with accelerate: ``accelerate launch -m manifold_fm.cli sample RUN --num 50000``; each
 process writes its chunks to ``shards/`` (one file per chunk), then the main process merges them in index order into
-``samples.npz``. A stopped run resumes: rerun the same command and the chunks already written are kept.
+``samples.npz``. A stopped run resumes: rerun the same command and the chunks already written are kept (and said
+so); an ``--out`` that already holds samples (finished, or of another request) is refused without ``--overwrite``.
+``--checkpoint STEP`` samples a kept checkpoint other than the latest; ``--no-ema`` never reads the EMA file.
 
 A default-run folder (``manifold-fm train`` with no config) holds one image run per mode; ``sample`` samples each
 of them, into each mode's folder (or ``--out/<mode>``).
@@ -17,6 +19,7 @@ from typing import Any
 import click
 
 from ..atomic import write_json_atomic
+from ..progress import progress_option
 from ..threads import threads_option
 
 
@@ -68,9 +71,28 @@ from ..threads import threads_option
     "--grid/--no-grid", default=True, show_default=True, help="Write grid.png (first 64 samples, a row per class)."
 )
 @click.option("--npz/--no-npz", default=True, show_default=True, help="Write samples.npz (uint8 NHWC, ADM layout).")
-@click.option("--ema/--no-ema", default=True, show_default=True, help="Use the EMA weights.")
+@click.option(
+    "--ema/--no-ema",
+    default=True,
+    show_default=True,
+    help="Use the EMA weights (--no-ema: the raw weights; the EMA file is not read).",
+)
+@click.option(
+    "--checkpoint",
+    "checkpoint",
+    default=None,
+    metavar="STEP|PATH",
+    help="Sample this kept checkpoint (a step, or a step_* folder) instead of the latest.",
+)
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace the samples already in --out (without it, an existing --out is refused, except to finish the "
+    "chunks of the same interrupted request).",
+)
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: this process's accelerate device).")
 @threads_option
+@progress_option
 def sample(
     run: Path,
     num_samples: int,
@@ -88,6 +110,8 @@ def sample(
     grid: bool,
     npz: bool,
     ema: bool,
+    checkpoint: str | None,
+    overwrite: bool,
     device: str | None,
 ) -> None:
     """Sample RUN (a `manifold-fm train` output folder or one of its checkpoints; a default run's folder: each of
@@ -126,6 +150,8 @@ def sample(
         "npz": npz,
         "ema": ema,
         "device": device,
+        "checkpoint": checkpoint,
+        "overwrite": overwrite,
     }
     arms = default_run_arms(run)
     if arms is None:
@@ -162,6 +188,8 @@ def _sample_run(
     npz: bool,
     ema: bool,
     device: str | None,
+    checkpoint: str | None,
+    overwrite: bool,
 ) -> list[Path]:
     """Sample one image run as the command's options say (``sampler``: the sampler settings given, over the run's
     own); returns the files written (none on processes other than the main one)."""
@@ -171,11 +199,12 @@ def _sample_run(
     from ..errors import InputError
     from ..eval.image_io import class_grid, merge_shards, save_image_grid, save_npz
     from ..sampler import SamplerSpec
+    from ..training.run_folder import clear_sample_folder, sample_folder_guard
     from ..training.runs import load_run, sample_to_shards
 
     dev = device or str(state.device)
     # User errors (missing run, checkpoint, sampler options) become one line in the CLI group (manifold_fm/cli.py).
-    loaded = load_run(run, use_ema=ema, device=dev, progress=state.is_main_process)
+    loaded = load_run(run, use_ema=ema, device=dev, progress=state.is_main_process, checkpoint=checkpoint)
     spec = validate(SamplerSpec, {**loaded.cfg.sample.model_dump(include=set(SamplerSpec.model_fields)), **sampler})
     labels = None
     if class_id is not None:
@@ -196,6 +225,14 @@ def _sample_run(
         "ema": ema,
         "spec": spec.model_dump(),
     }
+    # every process looks before the main one deletes anything (samples already there are never silently replaced)
+    action = sample_folder_guard(out, request, overwrite=overwrite)
+    if action == "replace":
+        state.wait_for_everyone()
+        if state.is_main_process:
+            clear_sample_folder(out)
+    state.wait_for_everyone()
+    kept = len(list(shards.glob("chunk_*.npz"))) if action == "resume" else 0  # before this run samples any
     sample_to_shards(
         loaded,
         num_samples,
@@ -209,6 +246,11 @@ def _sample_run(
         world_size=state.num_processes,
         progress=state.is_main_process,
     )
+    if action == "resume" and state.is_main_process:
+        chunks = -(-num_samples // batch_size)
+        click.echo(
+            f"{out}: {kept} of {chunks} chunks were on disk from an interrupted run (kept, not resampled)", err=True
+        )
     state.wait_for_everyone()
     if not state.is_main_process:
         return []

@@ -168,6 +168,7 @@ def extract_latents(
     rank: int = 0,
     world_size: int = 1,
     barrier: Callable[[], None] | None = None,
+    echo: Callable[[str], None] | None = None,
 ) -> Path:
     """Encode ``dataset`` with ``tokenizer.encode`` (normalised latents) into a cache; returns the manifest path.
 
@@ -189,9 +190,12 @@ def extract_latents(
         num_workers: DataLoader worker processes that read and crop images (image folders; the built-in dataset
             renders in the main process); one loader serves all of this process's shards.
         rank, world_size, barrier: this process's share (see above).
+        echo: on the main process, told in one line how many shards a resumed cache already holds complete (kept,
+            not encoded again).
     """
     from safetensors.torch import save_file
-    from tqdm.auto import tqdm
+
+    from ..progress import progress_bar
 
     if dtype not in _DTYPES:
         raise InputError(f"latent cache dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
@@ -258,11 +262,13 @@ def extract_latents(
                 records[k] = rec
     if main:
         _write_json(manifest_path, _assemble(manifest, records, num_shards))
+        if records and echo is not None:
+            echo(f"{out}: {len(records)} of {num_shards} shard(s) were complete (kept, not encoded again)")
     wait()  # nobody writes a shard before the manifest is there
     mine = [(k, k * shard_size, min(n, (k + 1) * shard_size)) for k in range(rank, num_shards, world_size)]
     todo = [r for r in mine if r[0] not in records]
     tdtype = _DTYPES[dtype]
-    bar = tqdm(
+    bar = progress_bar(
         total=sum(hi - lo for _, lo, hi in mine),
         initial=sum(hi - lo for k, lo, hi in mine if k in records),
         disable=not (progress and main),

@@ -95,7 +95,7 @@ def train_classifier(
     progress: bool = True,
 ) -> SmallClassifier:
     """Cross-entropy with AdamW and cosine decay on ``images`` (``(N, 3, H, W)`` in [-1, 1]); returns eval mode."""
-    from tqdm.auto import tqdm
+    from ..progress import progress_bar
 
     g = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng():
@@ -104,7 +104,7 @@ def train_classifier(
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     model.train()
-    for _ in tqdm(range(steps), desc="train classifier", disable=not progress, leave=False):
+    for _ in progress_bar(range(steps), desc="train classifier", disable=not progress, leave=False):
         idx = torch.randint(0, images.shape[0], (batch_size,), generator=g)
         loss = F.cross_entropy(model(_augment(images[idx], g)), labels[idx])
         opt.zero_grad(set_to_none=True)
@@ -119,11 +119,11 @@ def predict(
     model: SmallClassifier, images: Tensor, batch_size: int = 256, progress: bool = False
 ) -> tuple[Tensor, Tensor]:
     """``(features (N, 128), predicted labels (N,))``, in batches (a progress bar on stderr with ``progress``)."""
-    from tqdm.auto import tqdm
+    from ..progress import progress_bar
 
     feats, preds = [], []
     starts = range(0, images.shape[0], batch_size)
-    for i in tqdm(starts, desc="classifier features", unit="batch", disable=not progress, leave=False):
+    for i in progress_bar(starts, desc="classifier features", unit="batch", disable=not progress, leave=False):
         f = model.features(images[i : i + batch_size].float())
         feats.append(f)
         preds.append(model.head(f).argmax(-1))
@@ -182,7 +182,7 @@ class BuiltinEvaluator:
     def evaluate(self, images: Tensor, labels: Tensor | None = None, progress: bool = False) -> dict[str, float]:
         """``fd_builtin_classifier`` of ``images`` (``(N, 3, H, W)`` in [-1, 1]) and, given labels, the accuracy
         (``progress``: a progress bar on stderr), computed on the images' device."""
-        from tqdm.auto import tqdm
+        from ..progress import progress_bar
 
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images (N, 3, H, W) in [-1, 1], got shape {tuple(images.shape)}")
@@ -190,7 +190,9 @@ class BuiltinEvaluator:
             raise InputError(f"need at least 2 images for feature statistics, got {images.shape[0]}")
         parts: list[dict[str, Tensor]] = []
         step = 256
-        for i in tqdm(range(0, images.shape[0], step), desc="classifier features", unit="batch", disable=not progress):
+        for i in progress_bar(
+            range(0, images.shape[0], step), desc="classifier features", unit="batch", disable=not progress
+        ):
             parts.append(self.features(images[i : i + step], None if labels is None else labels[i : i + step]))
         return self.metrics({k: torch.cat([p[k] for p in parts]) for k in parts[0]})
 

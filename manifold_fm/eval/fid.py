@@ -102,10 +102,10 @@ def load_images(path: str | Path, progress: bool = False) -> np.ndarray:
     files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise InputError(f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    from tqdm.auto import tqdm
+    from ..progress import progress_bar
 
     out = []
-    for f in tqdm(files, desc=f"read {path.name}", unit="image", disable=not progress, leave=False):
+    for f in progress_bar(files, desc=f"read {path.name}", unit="image", disable=not progress, leave=False):
         try:
             with Image.open(f) as im:
                 out.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
@@ -171,8 +171,10 @@ def _extractor(name: str, layers: list[str], weights: str | Path | None, cuda: b
 def _features(images: np.ndarray, extractor: Any, batch_size: int, cuda: bool, progress: bool) -> dict[str, Tensor]:
     from torch_fidelity.utils import get_featuresdict_from_dataset
 
-    # torch-fidelity's verbose mode is its progress bar on stderr
-    return get_featuresdict_from_dataset(UInt8Images(images), extractor, batch_size, cuda, True, progress)
+    from ..progress import shows_bars
+
+    # torch-fidelity's verbose mode is its progress bar on stderr: only as a bar on a terminal
+    return get_featuresdict_from_dataset(UInt8Images(images), extractor, batch_size, cuda, True, shows_bars(progress))
 
 
 def fidelity_metrics(
@@ -202,6 +204,8 @@ def fidelity_metrics(
     from torch_fidelity.metric_prc import prc_featuresdict_to_metric
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
+    from ..progress import shows_bars
+
     if feature_extractor not in FEATURE_EXTRACTORS_REGISTRY:
         raise InputError(
             f"unknown torch-fidelity feature extractor '{feature_extractor}'; "
@@ -228,7 +232,8 @@ def fidelity_metrics(
         ref_feats = _features(ref_images, extractor, batch_size, cuda, progress)
         out[fid_key] = frechet_distance(mu, sigma, *feature_stats(ref_feats[fid_layer]))
     if prc and ref_feats is not None:
-        kw = {"prc_neighborhood": prc_neighborhood, "prc_batch_size": 10000, "cuda": cuda, "verbose": progress}
+        verbose = shows_bars(progress)
+        kw = {"prc_neighborhood": prc_neighborhood, "prc_batch_size": 10000, "cuda": cuda, "verbose": verbose}
         m = prc_featuresdict_to_metric(feats, ref_feats, fid_layer, **kw)
         out.update({"precision": float(m["precision"]), "recall": float(m["recall"])})
     if isc:

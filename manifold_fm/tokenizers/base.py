@@ -152,9 +152,8 @@ def compute_channel_stats(
     ``max_items`` below the dataset size, items are spread evenly over the dataset (class folders are contiguous).
     Unreadable images (:class:`~manifold_fm.data.image_folder.ImageReadError`) are skipped and counted in ``meta``.
     """
-    from tqdm.auto import tqdm
-
     from ..data.image_folder import ImageReadError
+    from ..progress import progress_bar
 
     size = len(dataset)  # type: ignore[arg-type]
     n = size if max_items is None else min(max_items, size)
@@ -165,7 +164,7 @@ def compute_channel_stats(
     total = torch.zeros((), dtype=torch.float64)
     s1 = s2 = None
     skipped = 0
-    for start in tqdm(range(0, n, batch_size), disable=not progress, desc="latent stats"):
+    for start in progress_bar(range(0, n, batch_size), disable=not progress, desc="latent stats"):
         idx = order[start : start + batch_size]
         if callable(render):
             images = render(idx)[0]

@@ -213,9 +213,8 @@ def train_tiny_vae(
     random horizontal flips; AdamW with linear warm-up then cosine decay. Returns the model (eval mode), the
     per-channel normalisation of its posterior mode over the training set, and a report (final losses, test PSNR).
     """
-    from tqdm.auto import tqdm
-
     from ..data.builtin_images import BuiltinImages
+    from ..progress import progress_bar
 
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -231,7 +230,7 @@ def train_tiny_vae(
         return lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
 
     vae.train()
-    bar = tqdm(range(steps), disable=not progress, desc="train tiny VAE")
+    bar = progress_bar(range(steps), disable=not progress, desc="train tiny VAE")
     last: dict[str, float] = {}
     for step in bar:
         for group in opt.param_groups:

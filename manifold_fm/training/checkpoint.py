@@ -151,8 +151,76 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
-    """Read a checkpoint folder (or a run's ``checkpoints`` root, taking its latest)."""
+def checkpoint_step(path: str | Path) -> int:
+    """The step of a checkpoint folder, from its name (``step_00001000`` -> 1000)."""
+    return int(Path(path).name.split("_")[-1])
+
+
+def kept_steps(root: str | Path) -> list[int]:
+    """The steps of the complete checkpoints under ``root``, oldest first."""
+    return [checkpoint_step(p) for p in list_checkpoints(root)]
+
+
+def _steps_text(steps: list[int]) -> str:
+    return ", ".join(map(str, steps)) if steps else "none"
+
+
+def select_checkpoint(root: str | Path, choice: str | int | Path | None = None) -> Path | None:
+    """The checkpoint ``choice`` names among a run's checkpoints (``root``: its ``checkpoints`` folder): ``None``
+    the latest (``None`` if there is none yet); a step (an int, or a string of digits) that step's checkpoint under
+    ``root``; a path a ``step_*`` folder (or a folder holding checkpoints: its latest). What ``--checkpoint STEP|PATH``
+    of ``train --resume``, ``sample`` and ``export`` picks.
+
+    Raises:
+        CheckpointError: the step is not kept (the message lists the kept ones), or the path holds no checkpoint.
+    """
+    root = Path(root)
+    if choice is None:
+        return latest_checkpoint(root)
+    text = str(choice).strip()
+    if text.isdigit():
+        step = int(text)
+        path = root / f"step_{step:08d}"
+        if not (path / "model.safetensors").is_file():
+            raise CheckpointError(
+                f"--checkpoint {step}: {root} keeps no checkpoint of step {step} (kept: "
+                f"{_steps_text(kept_steps(root))})"
+            )
+        return path
+    path = Path(text)
+    if (path / "model.safetensors").is_file():
+        return path
+    inner = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    latest = latest_checkpoint(inner) if inner.is_dir() else None
+    if latest is None:
+        raise CheckpointError(f"--checkpoint {path}: not a checkpoint folder (step_*/ with model.safetensors)")
+    return latest
+
+
+def _other_checkpoints(path: Path) -> str:
+    """What to do instead of reading the checkpoint ``path``: the other checkpoints kept beside it, by step."""
+    others = [s for s in kept_steps(path.parent) if s != checkpoint_step(path)] if path.name.startswith("step_") else []
+    if not others:
+        return f"no other checkpoint is kept in {path.parent}"
+    return f"choose another with --checkpoint STEP (kept: {_steps_text(others)})"
+
+
+def load_checkpoint(
+    path: str | Path,
+    map_location: str | torch.device = "cpu",
+    *,
+    model: bool = True,
+    ema: bool = True,
+    state: bool = True,
+) -> Checkpoint:
+    """Read a checkpoint folder (or a run's ``checkpoints`` root, taking its latest). ``model``, ``ema``, ``state``:
+    which files to read (a file not read is never opened, so a damaged one does not matter: ``sample --no-ema``
+    reads no EMA file); ``meta.json`` is always read.
+
+    Raises:
+        CheckpointError: no checkpoint there, or a file it reads is unreadable (the message names the file and the
+            other checkpoints kept, if any, with ``--checkpoint``).
+    """
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist; pass a run's checkpoints folder or a step_* folder")
@@ -161,12 +229,24 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         if latest is None:
             raise CheckpointError(f"{path} holds no complete checkpoint (no step_*/model.safetensors)")
         path = latest
-    try:
-        meta = json.loads((path / "meta.json").read_text())
-        model = load_file(str(path / "model.safetensors"), device=str(map_location))
-        ema_file = path / "ema.safetensors"
-        ema = load_file(str(ema_file), device=str(map_location)) if ema_file.is_file() else None
-        state = torch.load(path / "state.pt", map_location=map_location, weights_only=False)
-    except (OSError, ValueError, json.JSONDecodeError, RuntimeError, SafetensorError) as exc:
-        raise CheckpointError(f"checkpoint {path} is unreadable ({exc}); resume from an earlier one") from None
-    return Checkpoint(step=int(meta["step"]), model=model, ema=ema, state=state, meta=meta, path=path)
+
+    def read(name: str, reader: Any) -> Any:
+        try:
+            return reader(path / name)
+        except (OSError, ValueError, json.JSONDecodeError, RuntimeError, SafetensorError, EOFError) as exc:
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            hint = "; --no-ema reads the raw weights without it" if name == "ema.safetensors" else ""
+            raise CheckpointError(
+                f"checkpoint file {path / name} is unreadable ({reason}){hint}; {_other_checkpoints(path)}"
+            ) from None
+
+    meta = read("meta.json", lambda f: json.loads(f.read_text()))
+    weights = read("model.safetensors", lambda f: load_file(str(f), device=str(map_location))) if model else {}
+    ema_file = path / "ema.safetensors"
+    averaged = None
+    if ema and ema_file.is_file():
+        averaged = read("ema.safetensors", lambda f: load_file(str(f), device=str(map_location)))
+    extra = {}
+    if state:
+        extra = read("state.pt", lambda f: torch.load(f, map_location=map_location, weights_only=False))
+    return Checkpoint(step=int(meta["step"]), model=weights, ema=averaged, state=extra, meta=meta, path=path)

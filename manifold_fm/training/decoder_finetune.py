@@ -253,7 +253,8 @@ def finetune_decoder(
             ``key=value`` overrides such as ``train.steps=200``.
         out_dir: the run folder (``config.yaml``, ``checkpoints/``, ``metrics.jsonl``, then ``decoder.safetensors``
             and ``discriminator.safetensors``); ``None``: a temporary folder, deleted at the end.
-        resume, overwrite: continue the run in ``out_dir`` exactly (a finished run is not retrained), or replace it;
+        resume, overwrite: continue the run in ``out_dir`` exactly (a finished run is not retrained, and its files
+            are not rewritten), or replace it;
             without either a folder holding a run is refused (:class:`~manifold_fm.training.trainer.TrainingError`).
         perceptual: the image distance ``P`` (default the weightless fallback).
         discriminator: a module trained as given (deep-copied) instead of ``finetune.discriminator``'s.
@@ -308,7 +309,8 @@ def finetune_decoder(
         trained = trainer.part_module("discriminator").state_dict()
         disc_state = {k: v.detach().cpu().contiguous() for k, v in trained.items()}
         main = trainer.accelerator.is_main_process
-        if main and out_dir is not None:
+        written = trainer.finished_before and (out / DECODER_STATE).is_file() and (out / DISCRIMINATOR_STATE).is_file()
+        if main and out_dir is not None and not written:  # a finished run's files are never rewritten
             _save_state(decoder_state, out / DECODER_STATE)
             _save_state(disc_state, out / DISCRIMINATOR_STATE)
     report = _report(cfg, tokenizer, trainer, n, _perceptual_name(objective.perceptual))

@@ -46,7 +46,7 @@ from .builders import latent_flow
 from .default_report import write_report
 from .image import eval_hook, image_model, image_trainer
 from .metrics_log import read_jsonl
-from .run_folder import replace_run_folder
+from .run_folder import default_out_dir, replace_run_folder, run_status
 from .schema import FLOW_PRESETS, DefaultRunConfig, default_finetune_config, image_run_config, load_run_config
 from .trainer import TrainingError
 
@@ -146,9 +146,11 @@ def _train_mode(job: ModeJob) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     return final, records
 
 
-def _check_run_folder(out: Path, cfg: DefaultRunConfig, resume: bool, overwrite: bool = False) -> None:
-    """Refuse a folder that holds a default run unless resuming (resuming needs the run's own config) or
-    overwriting (the folder is deleted here)."""
+def _check_run_folder(
+    out: Path, cfg: DefaultRunConfig, resume: bool, overwrite: bool = False, extend: bool = False
+) -> None:
+    """Refuse a folder that holds a default run unless resuming (resuming needs the run's own config; ``extend``:
+    except ``train.steps``) or overwriting (the folder is deleted here)."""
     if overwrite:
         replace_run_folder(out, resume=resume)
         return
@@ -165,6 +167,8 @@ def _check_run_folder(out: Path, cfg: DefaultRunConfig, resume: bool, overwrite:
     if not saved.is_file():
         raise TrainingError(f"{out} holds no default run to resume (no config.yaml); run without --resume")
     theirs, ours = to_dict(load_run_config(saved, kind="default")), to_dict(cfg)
+    if extend:  # the length may change (commands/train.py checks the learning-rate schedule)
+        theirs["train"]["steps"] = ours["train"]["steps"]
     changed = sorted(k for k in ours if theirs.get(k) != ours[k])
     if changed:
         raise TrainingError(
@@ -182,13 +186,15 @@ def run_default(
     progress: bool = True,
     echo: Any = print,
     overwrite: bool = False,
+    extend: bool = False,
 ) -> Path:
     """Run the default pipeline (see the module docstring) from the built-in ``default`` config (or ``config``)
     with ``overrides``; returns the output folder.
 
     ``resume``: continue a stopped run in ``out_dir`` (same config): the finetuned decoder is reused and every
-    mode's trainer resumes from its latest checkpoint, so the results equal an uninterrupted run's. ``overwrite``:
-    delete the run in ``out_dir`` first (once the config has been validated)."""
+    mode's trainer resumes from its latest checkpoint, so the results equal an uninterrupted run's; a finished run
+    (its ``results.json`` there) is left as it is, said by ``echo``, unless ``extend`` sets a new ``train.steps``.
+    ``overwrite``: delete the run in ``out_dir`` first (once the config has been validated)."""
     from ..config import save_config
 
     if isinstance(config, DefaultRunConfig) and not overrides:
@@ -196,8 +202,12 @@ def run_default(
     else:
         cfg = load_run_config("default" if config is None else config, overrides, kind="default")
     assert isinstance(cfg, DefaultRunConfig)
-    out = Path(out_dir) if out_dir is not None else Path("runs") / cfg.name
-    _check_run_folder(out, cfg, resume, overwrite)
+    out = Path(out_dir) if out_dir is not None else default_out_dir(cfg)
+    _check_run_folder(out, cfg, resume, overwrite, extend)
+    status = run_status(out) if resume else None
+    if status is not None and status.finished:  # never rewritten (a new length is not finished: results differ)
+        echo(status.finished_line())
+        return out
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     with using_threads(cfg.train.threads or torch.get_num_threads()):  # train.threads null: keep the count

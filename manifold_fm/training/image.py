@@ -32,7 +32,7 @@ from ..threads import using_threads
 from .builders import build_model, latent_flow
 from .checkpoint import CheckpointError
 from .flow_objective import FlowObjective
-from .run_folder import recorded_path
+from .run_folder import default_out_dir, recorded_path
 from .schema import RESUME_SECTIONS, ImageRunConfig, load_image_config
 from .trainer import Hook, Trainer
 
@@ -146,11 +146,11 @@ def encode_dataset(
     ``raw=False``: ``tokenizer.encode`` (normalised, what the linear baseline trains on); ``raw=True``:
     ``tokenizer.encode_raw`` (the encoder's posterior mode, which spherical training projects to radius sqrt(C)).
     """
-    from tqdm.auto import tqdm
+    from ..progress import progress_bar
 
     encode = tokenizer.encode_raw if raw else tokenizer.encode
     out = []
-    for i in tqdm(range(0, images.shape[0], batch_size), desc="encode", disable=not progress, leave=False):
+    for i in progress_bar(range(0, images.shape[0], batch_size), desc="encode", disable=not progress, leave=False):
         batch = images[i : i + batch_size].to(tokenizer.device, tokenizer.dtype)
         out.append(encode(batch).float().cpu())
     return torch.cat(out)
@@ -388,16 +388,18 @@ def train_image(
     hooks: Sequence[Hook] = (),
     device: str | None = None,
     overwrite: bool = False,
+    checkpoint: str | int | Path | None = None,
 ) -> Path:
     """Train a SiT flow on image latents as configured; returns the final checkpoint folder.
 
     ``hooks`` (e.g. evaluations, :class:`~manifold_fm.training.trainer.Hook`) run after the sample-grid hook.
-    ``overwrite``: replace the run in ``out_dir`` once the config, tokenizer and data have loaded.
+    ``overwrite``: replace the run in ``out_dir`` once the config, tokenizer and data have loaded. ``checkpoint``
+    (with ``resume``): the kept checkpoint to continue from (a step or a ``step_*`` folder; default the latest).
     """
     cfg = config if isinstance(config, ImageRunConfig) and not overrides else load_image_config(config, overrides)
-    out = Path(out_dir) if out_dir is not None else Path("runs") / cfg.name
+    out = Path(out_dir) if out_dir is not None else default_out_dir(cfg)
     with using_threads(cfg.train.threads or torch.get_num_threads()):  # train.threads null: keep the count
-        return _train_image(cfg, out, resume, overwrite, progress, hooks, device)
+        return _train_image(cfg, out, resume, overwrite, progress, hooks, device, checkpoint)
 
 
 def _train_image(
@@ -408,6 +410,7 @@ def _train_image(
     progress: bool,
     hooks: Sequence[Hook],
     device: str | None,
+    checkpoint: str | int | Path | None = None,
 ) -> Path:
     # the tokenizer is loaded where it is used: by every process to encode the built-in images, else only by the
     # processes that decode (grids: the main process; evaluations: every process, each on its own device)
@@ -448,6 +451,6 @@ def _train_image(
         progress=progress,
     )
     try:
-        return trainer.fit(resume=resume, overwrite=overwrite)
+        return trainer.fit(resume=resume, overwrite=overwrite, checkpoint=checkpoint)
     except CheckpointError as exc:
         raise InputError(str(exc)) from None

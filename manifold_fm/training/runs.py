@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from manifold_fm.errors import InputError
 
@@ -24,10 +23,11 @@ from ..distributed import process_chunks
 from ..eval.image_io import balanced_labels
 from ..flow import Flow
 from ..precision import precision_scope
+from ..progress import progress_bar
 from ..sampler import SamplerSpec, generate
 from ..seeding import seeded_generator
 from .builders import build_model, latent_flow
-from .checkpoint import Checkpoint, load_checkpoint
+from .checkpoint import Checkpoint, load_checkpoint, select_checkpoint
 from .image import class_names, load_tokenizer, run_decoder
 from .run_folder import resolve_recorded_path
 from .schema import ImageRunConfig, load_image_config
@@ -51,14 +51,24 @@ class LoadedRun:
         return class_names(self.cfg, self.num_classes)
 
 
-def read_run_checkpoint(run: str | Path) -> Checkpoint:
-    """The checkpoint of a trained image run: a run folder (its latest), its ``checkpoints`` folder, or one
-    ``step_*`` folder."""
+def read_run_checkpoint(
+    run: str | Path, *, checkpoint: str | int | Path | None = None, use_ema: bool | None = None
+) -> Checkpoint:
+    """The checkpoint of a trained image run: a run folder (its latest, or the kept one ``checkpoint`` names: a
+    step or a ``step_*`` folder), its ``checkpoints`` folder, or one ``step_*`` folder. ``use_ema``: read only the
+    weights sampling needs (``True``: the EMA file, or the raw weights if there is none; ``False``: the raw weights,
+    never opening the EMA file) and not the training state; ``None``: every file."""
     run = Path(run)
     if not run.exists():
         raise FileNotFoundError(f"run {run} does not exist; pass the --out folder of manifold-fm train")
     ckpt_root = run / "checkpoints" if (run / "checkpoints").is_dir() else run
-    ckpt = load_checkpoint(ckpt_root)
+    chosen = select_checkpoint(ckpt_root, checkpoint) if checkpoint is not None else ckpt_root
+    if use_ema is None:
+        ckpt = load_checkpoint(chosen)
+    else:
+        folder = chosen if (chosen / "model.safetensors").is_file() else select_checkpoint(chosen) or chosen
+        averaged = use_ema and (folder / "ema.safetensors").is_file()
+        ckpt = load_checkpoint(folder, model=not averaged, ema=averaged, state=False)
     if "config" not in ckpt.meta or "latent_shape" not in ckpt.meta:
         raise InputError(f"checkpoint {ckpt.path} was not written by an image run (no config/latent_shape)")
     return ckpt
@@ -124,9 +134,12 @@ def load_run(
     device: str | torch.device = "cpu",
     decode: bool = True,
     progress: bool = False,
+    checkpoint: str | int | Path | None = None,
 ) -> LoadedRun:
-    """Load a run folder (or its ``checkpoints`` folder, or one ``step_*`` folder) for sampling."""
-    ckpt = read_run_checkpoint(run)
+    """Load a run folder (or its ``checkpoints`` folder, or one ``step_*`` folder) for sampling: its latest
+    checkpoint or the kept one ``checkpoint`` names (a step or a ``step_*`` folder); the EMA weights (``use_ema``;
+    the raw ones if the checkpoint has none) or the raw weights (``use_ema=False``: the EMA file is not read)."""
+    ckpt = read_run_checkpoint(run, checkpoint=checkpoint, use_ema=use_ema)
     weights = ckpt.ema if (use_ema and ckpt.ema is not None) else ckpt.model
     return build_run(
         ckpt.meta, weights, device=device, decode=decode, progress=progress, run_dir=checkpoint_run_folder(ckpt)
@@ -163,7 +176,7 @@ def sample_chunks(
     labels = _check_labels(run, num_samples, labels)
     device = next(run.model.parameters()).device
     chunks = [c for c in process_chunks(num_samples, batch_size, rank, world_size) if not skip(c[0])]
-    for j, start, stop in tqdm(chunks, desc="sample", disable=not progress, unit="batch"):
+    for j, start, stop in progress_bar(chunks, desc="sample", disable=not progress, unit="batch"):
         idx = torch.arange(start, stop)
         y = labels[idx].to(device)
         g = seeded_generator(seed, j, "sample", device=device)
@@ -228,12 +241,13 @@ def sample_to_shards(
     rank: int = 0,
     world_size: int = 1,
     progress: bool = True,
-) -> None:
+) -> tuple[int, int]:
     """Write this process's chunks to ``shards/chunk_XXXXXX.npz`` (the ADM layout with ``(index, label)`` rows),
     each atomically, skipping chunks already there: a stopped ``sample`` resumes where it stopped. ``request`` (the
     run, step, sampler, seed, ...) is kept in ``shards/request.json``; shards written for another request are
     refused in one line rather than mixed in. Call from every process; the caller merges
-    (:func:`~manifold_fm.eval.image_io.merge_shards`) once all have finished."""
+    (:func:`~manifold_fm.eval.image_io.merge_shards`) once all have finished. Returns this process's
+    ``(chunks kept from disk, chunks sampled now)``."""
     import json
 
     import numpy as np
@@ -250,9 +264,15 @@ def sample_to_shards(
     if rank == 0 and not record.is_file():
         write_json_atomic(record, wanted)
 
-    def done(chunk: int) -> bool:
-        return (shards / f"chunk_{chunk:06d}.npz").is_file()
+    kept: set[int] = set()
 
+    def done(chunk: int) -> bool:
+        if (shards / f"chunk_{chunk:06d}.npz").is_file():
+            kept.add(chunk)
+            return True
+        return False
+
+    sampled = 0
     for j, idx, y, images in sample_chunks(
         run,
         num_samples,
@@ -267,6 +287,8 @@ def sample_to_shards(
     ):
         rows = np.stack([idx.numpy(), y.numpy()], axis=1)
         save_npz(shards / f"chunk_{j:06d}.npz", to_uint8(images), rows)
+        sampled += 1
+    return len(kept), sampled
 
 
 __all__ = [

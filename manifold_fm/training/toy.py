@@ -63,9 +63,11 @@ def train_toy(
     resume: bool = False,
     progress: bool = True,
     overwrite: bool = False,
+    checkpoint: str | int | Path | None = None,
 ) -> Path:
     """Train and evaluate a toy flow; returns the run folder (see the module docstring for its contents).
-    ``overwrite``: replace the run in ``out_dir`` once the config and dataset are valid.
+    ``overwrite``: replace the run in ``out_dir`` once the config and dataset are valid; ``checkpoint`` (with
+    ``resume``): the kept checkpoint to continue from (default the latest).
 
     Raises:
         ConfigError: bad configuration.
@@ -87,7 +89,7 @@ def train_toy(
         progress=progress,
         meta={"config": plain, "point_shape": list(dataset.point_shape)},
     )
-    trainer.fit(resume=resume, overwrite=overwrite)
+    trainer.fit(resume=resume, overwrite=overwrite, checkpoint=checkpoint)
     t_eval = time.perf_counter()
     metrics = evaluate_toy(trainer.ema.model, dataset, flow, cfg, out)
     metrics.update(

@@ -59,12 +59,20 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from ..atomic import write_text_atomic
 from ..data.sources import BatchPlan, DataSource
+from ..progress import progress_bar
 from ..threads import using_threads
-from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (
+    checkpoint_step,
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    select_checkpoint,
+    set_rng_state,
+)
 from .ema import EMA
 from .metrics_log import RunLogger
 from .objective import Objective, StepContext
@@ -241,6 +249,7 @@ class Trainer:
         self.last_terms: dict[str, float] = {}  # the mean of each term over the last logged window (all processes)
         self.last_loss = float("nan")  # the first term's (the loss)
         self.sessions: list[dict[str, int]] = []  # per fit(): the step it started at and the steps it ran
+        self.finished_before = False  # fit(resume=True) found the run already at train.steps and did nothing
         # the open window, on the device: the sum of each term, the number of steps, a non-finite flag; its first step
         self._window = torch.zeros(len(self.terms) + 2, dtype=torch.float64, device=self.device)
         self._window_start = 0
@@ -276,6 +285,7 @@ class Trainer:
         meta = {
             **self.objective.meta(),
             "train_seconds": self.train_seconds,
+            "train_steps": self.train.steps,  # the length the run was set for (train --resume compares it)
             "processes": self.accelerator.num_processes,
             "sessions": [dict(s) for s in self.sessions],
             **self.meta,
@@ -291,9 +301,11 @@ class Trainer:
             keep_every=self.train.keep_every,
         )
 
-    def restore(self) -> bool:
-        """Load the latest checkpoint under ``out_dir/checkpoints``; ``False`` if there is none."""
-        path = latest_checkpoint(self.ckpt_dir)
+    def restore(self, checkpoint: str | int | Path | None = None) -> bool:
+        """Load the latest checkpoint under ``out_dir/checkpoints`` (or the one ``checkpoint`` names: a step or a
+        ``step_*`` folder, :func:`~manifold_fm.training.checkpoint.select_checkpoint`); ``False`` if there is
+        none."""
+        path = select_checkpoint(self.ckpt_dir, checkpoint)
         if path is None:
             return False
         ckpt = load_checkpoint(path)
@@ -454,14 +466,19 @@ class Trainer:
             )
 
     # ------------------------------------------------------------------ loop
-    def fit(self, resume: bool = False, overwrite: bool = False) -> Path:
+    def fit(self, resume: bool = False, overwrite: bool = False, checkpoint: str | int | Path | None = None) -> Path:
         """Train to ``train.steps``; returns the final checkpoint folder. ``overwrite``: first delete the run in
-        ``out_dir`` (:func:`~manifold_fm.training.run_folder.replace_run_folder`).
+        ``out_dir`` (:func:`~manifold_fm.training.run_folder.replace_run_folder`). ``resume``: continue from the
+        latest checkpoint (``checkpoint``: from the one it names, a step or a ``step_*`` folder); with none yet the
+        run starts at step 0. A run whose checkpoint is already at ``train.steps`` is left as it is: nothing is
+        trained or written (``finished_before`` becomes true), and the trainer holds its weights.
 
         Raises:
             TrainingError: ``out_dir`` already holds a checkpoint and neither ``resume`` nor ``overwrite`` is set;
-                the loss is not finite; the checkpoint's config differs; the processes disagree.
+                the checkpoint is beyond ``train.steps``; the loss is not finite; the checkpoint's config differs;
+                the processes disagree.
             InputError: ``overwrite`` with ``resume``, or ``out_dir`` holds something that is not a run.
+            CheckpointError: ``checkpoint`` names no kept checkpoint, or the checkpoint is unreadable.
         """
         if overwrite:  # every process checks (so all stop together), then the main one deletes
             replace_run_folder(self.out_dir, resume=resume, delete=False)
@@ -475,17 +492,25 @@ class Trainer:
                 f"{self.out_dir} already holds a run (checkpoint {existing.name}); "
                 "pass --resume to continue it, --overwrite to replace it, or choose another --out"
             )
+        resumed = self.restore(checkpoint) if resume else False
+        if resumed and self.step > self.train.steps:
+            raise TrainingError(
+                f"{self.out_dir} is at step {self.step}, beyond train.steps = {self.train.steps}; resume with at "
+                "least that many steps, or --checkpoint an earlier step"
+            )
         self.accelerator.wait_for_everyone()  # nobody writes before every process has looked
+        if resumed and self.step == self.train.steps:
+            self.finished_before = True  # nothing to train: write nothing (config, log, checkpoint)
+            return select_checkpoint(self.ckpt_dir, checkpoint) or self.ckpt_dir
         if self.config is not None and self.accelerator.is_main_process:
             import yaml
 
             write_text_atomic(self.out_dir / "config.yaml", yaml.safe_dump(self.config, sort_keys=False))
         with using_threads(self.train.threads or torch.get_num_threads()):  # train.threads null: keep the count
-            return self._fit(resume)
+            return self._fit(resumed)
 
-    def _fit(self, resume: bool) -> Path:
+    def _fit(self, resumed: bool) -> Path:
         acc, total = self.accelerator, self.train.steps
-        resumed = self.restore() if resume else False
         self.check_replicas("after resuming" if resumed else "at the start")
         self.prepare()
         self.sessions.append({"start": self.step, "steps": 0})
@@ -497,7 +522,7 @@ class Trainer:
             tracker_config=_flat_config(self.config or {}),
             run_name=self.out_dir.name,
         )
-        bar = tqdm(
+        bar = progress_bar(
             total=total,
             initial=self.step,
             desc=f"train {self.objective.name}",
@@ -546,7 +571,7 @@ class Trainer:
                 t_window += t_fit - t_other
                 _leave_out(bar, t_fit - t_other)
             latest = latest_checkpoint(self.ckpt_dir)
-            if acc.is_main_process and (latest is None or load_step(latest) != self.step):
+            if acc.is_main_process and (latest is None or checkpoint_step(latest) != self.step):
                 last_path = self.save()  # e.g. train.steps = 0: the initial weights, so the run can be loaded
         finally:
             bar.close()
@@ -586,9 +611,8 @@ def _same_as_main(tensor: Tensor) -> bool:
     return torch.equal(torch.nan_to_num(tensor), torch.nan_to_num(main))
 
 
-def load_step(checkpoint: Path) -> int:
-    """The step of a checkpoint folder, from its name (``step_00001000``)."""
-    return int(checkpoint.name.split("_")[-1])
+#: The step of a checkpoint folder, from its name (``step_00001000``).
+load_step = checkpoint_step
 
 
 @contextlib.contextmanager
