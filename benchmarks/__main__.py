@@ -59,7 +59,9 @@ ENTRIES: dict[str, Entry] = {
 }
 ENTRIES["ot_cost"] = Entry("bench_ot.py", outputs=("ot_cost.json", "ot_cost.md"))
 # the earth-science sets on S^2 (CSVs read from --data, never downloaded): python -m benchmarks earth --data DIR
-ENTRIES["earth"] = Entry("earth.py", outputs=("earth.json", "earth.md"), long=True, data=True)
+ENTRIES["earth"] = Entry(
+    "earth.py", ("--minutes", "15", "--work", "runs/earth"), outputs=("earth.json", "earth.md"), long=True, data=True
+)
 # the long entries (--long): complete default runs, and studies of the models they train (hours on 2 cores)
 ENTRIES["default_run_sweep"] = Entry(
     "default_run_sweep.py", outputs=("default_run_sweep.json", "default_run_sweep.md"), long=True

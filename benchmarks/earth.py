@@ -253,7 +253,7 @@ def report(data: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=None, help="folder holding the four CSVs")
-    parser.add_argument("--minutes", type=float, default=4.0, help="training minutes per set and seed")
+    parser.add_argument("--minutes", type=float, default=15.0, help="training minutes per set and seed")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--sets", nargs="+", choices=list(SETS), default=list(SETS))
     parser.add_argument("--work", type=Path, default=None, help="keep the run folders here (default: a temp folder)")
