@@ -380,6 +380,136 @@ def solver_check(
     return {"check_steps": steps, "test_nll_check": check, "solver_difference": diff, "solver_converged": ok}
 
 
+@dataclass
+class LoadedManifoldRun:
+    """A trained manifold run, ready to evaluate, sample or export: its config, manifold, flow, network (eval mode),
+    the step and which weights (``best (step N)``, ``ema`` or ``model``), and its folder."""
+
+    cfg: ToyRunConfig
+    manifold: Manifold
+    flow: Flow
+    model: nn.Module
+    point_shape: tuple[int, ...]
+    step: int
+    weights: str
+    folder: Path | None
+
+
+def is_manifold_run(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a manifold (``toy``) run."""
+    from .run_folder import run_status
+
+    status = run_status(folder) if Path(folder).is_dir() else None
+    return status is not None and status.kind in ("toy", "manifold")
+
+
+def manifold_run_from_record(
+    config: dict[str, Any],
+    point_shape: list[int],
+    weights: dict[str, Tensor],
+    step: int,
+    which: str,
+    folder: Path | None,
+) -> LoadedManifoldRun:
+    """Rebuild a manifold run from its config (plain data), point shape and network weights."""
+    cfg = load_toy_config(config)
+    if cfg.data.file is None:
+        manifold = toy_dataset(cfg).manifold
+    else:
+        manifold = build_run_manifold(cfg.manifold or ManifoldSpec(name="sphere"))
+    shape = tuple(int(s) for s in point_shape)
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(cfg.model, shape, periodic=manifold.periodic)
+    model.load_state_dict(weights)
+    return LoadedManifoldRun(cfg, manifold, build_flow(cfg.flow, manifold), model.eval(), shape, step, which, folder)
+
+
+def load_manifold_run(
+    run: str | Path, *, checkpoint: str | int | Path | None = None, use_ema: bool = True, best: bool = True
+) -> LoadedManifoldRun:
+    """A manifold run folder's network: the best weights by validation NLL (``best.safetensors``, when ``best`` and
+    no ``checkpoint`` is named), else the latest (or named) checkpoint's EMA weights (``use_ema=False``: raw)."""
+    from safetensors.torch import load_file
+
+    from ..errors import InputError
+    from .checkpoint import load_checkpoint, select_checkpoint
+
+    run = Path(run)
+    if not is_manifold_run(run):
+        raise InputError(f"{run} holds no manifold run (no config.yaml of kind manifold/toy and checkpoints/)")
+    chosen = select_checkpoint(run / "checkpoints", checkpoint)
+    if chosen is None:
+        raise InputError(f"{run} holds no checkpoint yet; train it first (manifold-fm train --out {run})")
+    record = read_best(run)
+    if best and checkpoint is None and record is not None and (run / BEST_WEIGHTS).is_file():
+        ckpt = load_checkpoint(chosen, model=False, ema=False, state=False)
+        weights, which, step = load_file(str(run / BEST_WEIGHTS)), f"best (step {record['step']})", record["step"]
+    else:
+        averaged = use_ema and (chosen / "ema.safetensors").is_file()
+        ckpt = load_checkpoint(chosen, model=not averaged, ema=averaged, state=False)
+        weights, which, step = (ckpt.ema if averaged else ckpt.model), ("ema" if averaged else "model"), ckpt.step
+    if "config" not in ckpt.meta or "point_shape" not in ckpt.meta:
+        raise InputError(f"checkpoint {ckpt.path} was not written by a manifold run (no config/point_shape)")
+    return manifold_run_from_record(ckpt.meta["config"], ckpt.meta["point_shape"], weights, step, which, run)
+
+
+def evaluate_manifold_run(
+    run: str | Path,
+    *,
+    steps: int | None = None,
+    check_steps: int | None = None,
+    checkpoint: str | int | Path | None = None,
+    use_ema: bool = True,
+) -> dict[str, Any]:
+    """``manifold-fm evaluate RUN``: the test NLL of a manifold run (its test split, or a built-in dataset's test
+    points) with its standard error, the solver, and the solver check at ``check_steps`` (default twice ``steps``;
+    ``steps`` default ``eval.likelihood_steps``)."""
+    loaded = load_manifold_run(run, checkpoint=checkpoint, use_ema=use_ema)
+    cfg = loaded.cfg
+    steps = steps or cfg.eval.likelihood_steps
+    cfg = cfg.model_copy(
+        update={
+            "eval": cfg.eval.model_copy(
+                update={"likelihood_steps": steps, "check_steps": 2 * steps if check_steps is None else check_steps}
+            )
+        }
+    )
+    data = run_data(cfg, Path(run))
+    gen = torch.Generator().manual_seed(cfg.eval.seed)
+    test = data.dataset.sample(cfg.eval.test_samples, gen) if data.dataset is not None else data.test
+    if test is None:
+        raise ConfigError("data.split: the run has no test points (its test fraction is 0)")
+    mean, stderr = nll(loaded.model, test, loaded.manifold, cfg, steps, gen)
+    result: dict[str, Any] = {
+        "run": str(run),
+        "weights": loaded.weights,
+        "step": loaded.step,
+        "test_nll": mean,
+        "test_nll_stderr": stderr,
+        "test_points": int(test.shape[0]),
+        "likelihood_solver": f"{cfg.sample.method} x {steps} ({cfg.eval.divergence} divergence)",
+    }
+    result.update(solver_check(loaded.model, test, loaded.manifold, cfg, mean, stderr))
+    if data.dataset is not None:
+        result["true_nll"] = float(-data.dataset.log_prob(test).mean())
+    return result
+
+
+def sample_manifold_run(
+    loaded: LoadedManifoldRun, num: int, *, seed: int = 0, method: str | None = None, steps: int | None = None
+) -> Tensor:
+    """``num`` samples of a loaded manifold run with its sampler (``method``/``steps`` override it), seeded."""
+    from ..config import validate
+    from ..sampler import SamplerSpec
+
+    base = loaded.cfg.sample.model_dump(include=set(SamplerSpec.model_fields))
+    chosen = {k: v for k, v in {"method": method, "steps": steps}.items() if v is not None}
+    spec = validate(SamplerSpec, {**base, **chosen})
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        return generate(loaded.model, loaded.flow, (num, *loaded.point_shape), spec, generator=gen)
+
+
 #: What each entry of a toy run's ``metrics.json`` is, in the order :func:`metrics_table` prints them.
 METRIC_MEANINGS: dict[str, str] = {
     "dataset": "the built-in dataset, or the file of points",
@@ -424,4 +554,21 @@ def metrics_table(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["METRIC_MEANINGS", "evaluate_toy", "metrics_table", "toy_dataset", "toy_model", "train_toy"]
+__all__ = [
+    "METRIC_MEANINGS",
+    "LoadedManifoldRun",
+    "RunData",
+    "build_run_manifold",
+    "evaluate_manifold_run",
+    "evaluate_toy",
+    "is_manifold_run",
+    "load_manifold_run",
+    "manifold_run_from_record",
+    "metrics_table",
+    "nll",
+    "run_data",
+    "sample_manifold_run",
+    "toy_dataset",
+    "toy_model",
+    "train_toy",
+]
