@@ -62,6 +62,10 @@ ENTRIES["ot_cost"] = Entry("bench_ot.py", outputs=("ot_cost.json", "ot_cost.md")
 ENTRIES["earth"] = Entry(
     "earth.py", ("--minutes", "15", "--work", "runs/earth"), outputs=("earth.json", "earth.md"), long=True, data=True
 )
+# toy-sphere, -hyperbolic, -spd with both paths over seeds (about 15 min): why the geodesic path trails on them
+ENTRIES["geodesic_linear"] = Entry(
+    "geodesic_linear.py", outputs=("geodesic_linear.json", "geodesic_linear.md"), long=True
+)
 # the long entries (--long): complete default runs, and studies of the models they train (hours on 2 cores)
 ENTRIES["default_run_sweep"] = Entry(
     "default_run_sweep.py", outputs=("default_run_sweep.json", "default_run_sweep.md"), long=True
