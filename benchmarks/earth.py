@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from manifold_fm.atomic import write_json_atomic, write_text_atomic
+from manifold_fm.training.schema import load_toy_config
 
 from reporting import add_output_options, command, mean_sd, output_dir, written_by
 
@@ -95,14 +96,17 @@ def _overrides(csv: Path, steps: int, seed: int, quick: bool) -> list[str]:
 
 
 def steps_per_second(csv: Path, work: Path, quick: bool) -> float:
-    """Training steps per second of the recipe on this machine (a 200-step probe run, validations off)."""
+    """Training steps per second of the recipe on this machine: the throughput of the last logged window of a
+    400-step probe run (validations off), after its start-up."""
     from manifold_fm.training.toy import train_toy
 
-    probe = 20 if quick else 200
+    probe = 20 if quick else 400
     out = work / "probe"
     over = [*_overrides(csv, probe, 0, quick), "eval.val_every=null", "eval.patience=null", "eval.check_steps=0"]
     train_toy("manifold-latlon", over, out_dir=out, progress=False, overwrite=True)
-    return probe / json.loads((out / "metrics.json").read_text())["train_seconds"]
+    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    batch = load_toy_config(out / "config.yaml").train.batch_size
+    return [r for r in log if "samples_per_s" in r][-1]["samples_per_s"] / batch
 
 
 def curve(run: Path) -> list[dict[str, float]]:
@@ -128,8 +132,8 @@ def run_set(name: str, csv: Path, minutes: float, seed: int, work: Path, quick: 
     from manifold_fm.training.toy import train_toy
 
     rate = steps_per_second(csv, work / name, quick)
-    # validations (40 per run) and checkpoints take about a fifth of the time at these sizes
-    steps = 30 if quick else max(200, int(minutes * 60 * rate * 0.8))
+    # validations (40 per run) and checkpoints take about a tenth of the time at these sizes
+    steps = 30 if quick else max(200, int(minutes * 60 * rate * 0.9))
     out = work / name / f"seed{seed}"
     t0 = time.perf_counter()
     train_toy("manifold-latlon", _overrides(csv, steps, seed, quick), out_dir=out, progress=False, overwrite=True)
