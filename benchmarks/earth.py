@@ -202,6 +202,22 @@ def ema_report(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def extrapolate(row: dict, target: float) -> float | None:
+    """Steps at which a log-linear fit ``test NLL = a + b log10(step)`` of the last four points of the row's curve
+    reaches ``target`` (``None`` if the curve is not falling). An extrapolation, not a measurement."""
+    import math
+
+    pts = [p for p in row["curve"] if p["step"] > 0][-4:]
+    if len(pts) < 2:
+        return None
+    xs, ys = [math.log10(p["step"]) for p in pts], [p["test_nll"] for p in pts]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
+    if b >= 0:
+        return None
+    return 10 ** (mx + (target - my) / b)
+
+
 def report(data: dict) -> str:
     lines = [
         "# Earth-science sets on S^2: test NLL",
@@ -242,10 +258,27 @@ def report(data: dict) -> str:
         mean = mean_sd([r["test_nll"] for r in rows])[0]
         sb, fm = PUBLISHED["Riemannian score-based"][name][0], PUBLISHED["Riemannian FM"][name][0]
         verdict = "reaches" if mean <= sb else "does not reach"
-        lines.append(
+        line = (
             f"- {name}: ours {mean:.2f} {verdict} the score-based row ({sb:.2f}; gap {mean - sb:+.2f} nats); "
             f"gap to Riemannian FM ({fm:.2f}): {mean - fm:+.2f} nats."
         )
+        row = rows[0]
+        rate = row["steps_trained"] / max(row["train_seconds"], 1e-9)
+        for label, target in (("score-based", sb), ("Riemannian FM", fm)):
+            if mean <= target:
+                continue
+            need = extrapolate(row, target)
+            if need is None or need > 1e10:
+                line += (
+                    f" The test-NLL curve flattens: extrapolated, more steps of this model would not reach {label} "
+                    "(a larger model or another recipe would be needed)."
+                )
+            else:
+                line += (
+                    f" Extrapolating the curve (log-linear in steps, not a measurement): {label} at about "
+                    f"{need:.2g} steps, {need / rate / 3600:.2g} h at this machine's {rate:.0f} steps/s."
+                )
+        lines.append(line)
     lines += ["", "## Test NLL against training budget", ""]
     for row in data["runs"]:
         pts = ", ".join(f"{p['step']}: {p['test_nll']:.2f}" for p in row["curve"])
