@@ -1,18 +1,26 @@
-"""Toy runs (``kind: toy``): a small MLP flow on a toy manifold dataset, trained by the one
-:class:`~manifold_fm.training.trainer.Trainer` and evaluated against the known density.
+"""Manifold runs (``kind: manifold``; ``kind: toy`` is the older name of the same): a small MLP flow on a manifold,
+trained by the one :class:`~manifold_fm.training.trainer.Trainer`, on a built-in synthetic dataset (evaluated against
+its known density) or on a user's file of points (``data.file``: split train/val/test, see
+:mod:`manifold_fm.data.points`).
 
 ``train_toy(config, overrides, out_dir, resume)`` writes::
 
     <out_dir>/config.yaml          the resolved configuration
     <out_dir>/checkpoints/         atomic safetensors checkpoints (weights, EMA, optimizer/RNG state, meta.json)
-    <out_dir>/metrics.jsonl        the training log
-    <out_dir>/metrics.json         test NLL under the learned flow, true NLL of the target, on-manifold error, time
-    <out_dir>/samples.png          data vs. model samples in the manifold's plot chart
+    <out_dir>/metrics.jsonl        the training log (and val_nll at each validation, eval.val_every)
+    <out_dir>/best.safetensors     the EMA weights of the best validation NLL so far (best.json: its step and NLL)
+    <out_dir>/metrics.json         test NLL of the best (else final EMA) weights ± standard error, the solver check,
+                                   true NLL of a built-in target, on-manifold error, time
+    <out_dir>/samples.png          data (test points) vs. model samples in the manifold's plot chart
 
 ``flow.path: geodesic`` uses the manifold's geodesics (tangent targets); ``flow.path: linear`` the ambient straight
 line ``(1-t) x0 + t x1`` with ``x1 - x0`` targets, the baseline: its samples are still integrated on the manifold
-(velocities projected), so both are evaluated the same way. The data are drawn from the dataset with a generator
-seeded by the step (:class:`~manifold_fm.data.sources.SamplerSource`), so resuming is exact.
+(velocities projected), so both are evaluated the same way. A built-in dataset is drawn with a generator seeded by
+the step (:class:`~manifold_fm.data.sources.SamplerSource`); a file's training split is read in a per-epoch shuffled
+order in which every point appears every epoch (:class:`~manifold_fm.data.sources.TensorSource` with
+``drop_last=False``); either way resuming is exact. Early stopping (``eval.patience``) ends the run with a checkpoint
+of the step it stopped at. :func:`load_manifold_run`, :func:`evaluate_manifold_run` and
+:func:`sample_manifold_run` serve ``manifold-fm evaluate``, ``sample`` and ``export`` on such a run folder.
 """
 
 from __future__ import annotations
