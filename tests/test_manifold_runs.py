@@ -157,3 +157,19 @@ def test_early_stopping_ends_a_cli_run(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     m = json.loads((run / "metrics.json").read_text())
     assert m["stopped_early"] is True and m["steps_trained"] == 4 and m["best_step"] == 2
+
+
+def test_sample_plots_chart_hyperbolic_points_on_the_poincare_disk(tmp_path: Path) -> None:
+    from manifold_fm.data.toy import LorentzWrappedNormalMixture
+    from manifold_fm.eval.plots import plot_points
+    from manifold_fm.manifolds import FlatTorus
+
+    data = LorentzWrappedNormalMixture(curvature=2.0)
+    x = data.sample(200, torch.Generator().manual_seed(0), dtype=torch.float64)
+    chart = data.manifold.chart2d(x)
+    ball = data.to_ball(x)  # the mixture's own isometry, an independent reference
+    assert torch.allclose(chart.u, ball[:, 0]) and torch.allclose(chart.v, ball[:, 1])
+    assert chart.disk_radius == pytest.approx(1 / math.sqrt(2.0))
+    for manifold, pts in ((data.manifold, x), (FlatTorus(), torch.rand(50, 2) * 6 - 3), (Sphere(1.0), x[:, :3])):
+        path = plot_points(manifold.projx(pts), manifold, tmp_path / f"{type(manifold).__name__}.png")
+        assert path.stat().st_size > 1000
