@@ -19,6 +19,7 @@ The data are not downloaded: put the CSVs in ``--data`` (``volerup.csv``, ``quak
     python benchmarks/earth.py --data DIR --quick --out /tmp/b      # tiny (a smoke run)
     python benchmarks/earth.py --report                             # rebuild earth.md from earth.json
     python benchmarks/earth.py --data DIR --ema-study volcano       # EMA settings on a short run: earth_ema.{json,md}
+    python benchmarks/earth.py --data DIR --recipe-study earthquake # one recipe change at a time: earth_recipe.*
 """
 
 from __future__ import annotations
@@ -183,6 +184,51 @@ def ema_study(name: str, csv: Path, steps: int, work: Path, quick: bool) -> dict
     return {"set": name, "steps": steps, "arms": arms}
 
 
+#: recipe changes compared by ``--recipe-study`` (each on top of the recipe, at equal steps)
+RECIPE_ARMS = {
+    "recipe (256 x 4, lr 1e-3, uniform t)": [],
+    "width 512": ["model.hidden=512"],
+    "depth 6": ["model.depth=6"],
+    "lr 2e-3": ["optim.lr=0.002"],
+    "logit-normal t": ["flow.time=logit_normal"],
+}
+
+
+def recipe_study(name: str, csv: Path, steps: int, work: Path, quick: bool) -> dict:
+    """Test NLL and training time of each :data:`RECIPE_ARMS` change at equal steps (no early stopping)."""
+    from manifold_fm.training.toy import train_toy
+
+    steps = 20 if quick else steps
+    arms = {}
+    for arm, over in RECIPE_ARMS.items():
+        out = work / "recipe" / str(len(arms))
+        extra = [*_overrides(csv, steps, 0, quick), *over, "eval.patience=null", "eval.check_steps=0"]
+        train_toy("manifold-latlon", extra, out_dir=out, progress=False, overwrite=True)
+        m = json.loads((out / "metrics.json").read_text())
+        arms[arm] = {k: m[k] for k in ("test_nll", "test_nll_stderr", "best_val_nll", "train_seconds")}
+    return {"set": name, "steps": steps, "arms": arms}
+
+
+def recipe_report(data: dict) -> str:
+    lines = [
+        f"# Recipe changes on {data['set']} at equal steps ({data['steps']} steps)",
+        "",
+        written_by(data["command"]),
+        "",
+        "Each row changes one thing of the earth recipe (seed 0, the same split, cosine schedule over the same steps, "
+        "best weights by validation NLL); test NLL ± standard error over the test points, and the training time.",
+        "",
+        "| change | test NLL | best val NLL | train s |",
+        "|---|---|---|---|",
+    ]
+    for arm, m in data["arms"].items():
+        lines.append(
+            f"| {arm} | {m['test_nll']:.3f} ± {m['test_nll_stderr']:.3f} | {m['best_val_nll']:.3f} | "
+            f"{m['train_seconds']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def ema_report(data: dict) -> str:
     steps = [p["step"] for p in next(iter(data["arms"].values()))]
     lines = [
@@ -302,6 +348,13 @@ def main() -> None:
         help="instead: compare EMA settings on a short run of this set (writes earth_ema.{json,md})",
     )
     parser.add_argument("--ema-steps", type=int, default=1000, help="the short run's steps (--ema-study)")
+    parser.add_argument(
+        "--recipe-study",
+        choices=list(SETS),
+        default=None,
+        help="instead: one change of the recipe at a time at equal steps on this set (earth_recipe.{json,md})",
+    )
+    parser.add_argument("--recipe-steps", type=int, default=6000, help="the steps of each run (--recipe-study)")
     parser.add_argument("--notes", default="", help="a paragraph appended to the report")
     add_output_options(parser)
     args = parser.parse_args()
@@ -315,12 +368,19 @@ def main() -> None:
         return
     if args.data is None or not args.data.is_dir():
         parser.error("--data: the folder holding volerup.csv, quakes_all.csv, flood.csv and fire.csv")
-    wanted = [args.ema_study] if args.ema_study is not None else args.sets
+    wanted = [s for s in (args.ema_study, args.recipe_study) if s is not None] or args.sets
     missing = [SETS[s] for s in wanted if not (args.data / SETS[s]).is_file()]
     if missing:
         parser.error(f"--data {args.data} lacks {', '.join(missing)}")
     torch.set_num_threads(1)
     work = args.work or Path(tempfile.mkdtemp(prefix="manifold-fm-earth-"))
+    if args.recipe_study is not None:
+        study = {"command": command(), **recipe_study(args.recipe_study, args.data / SETS[args.recipe_study],
+                                                      args.recipe_steps, work, args.quick)}  # fmt: skip
+        write_json_atomic(out / "earth_recipe.json", study)
+        write_text_atomic(out / "earth_recipe.md", recipe_report(study))
+        print(recipe_report(study))
+        return
     if args.ema_study is not None:
         study = {"command": command(), **ema_study(args.ema_study, args.data / SETS[args.ema_study], args.ema_steps,
                                                     work, args.quick)}  # fmt: skip
