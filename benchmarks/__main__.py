@@ -5,6 +5,7 @@
     python -m benchmarks geometry engine          # some of them
     python -m benchmarks all --long               # also the long entries (default-run sweep, ablation: hours)
     python -m benchmarks --list                   # the entries, their scripts and what they write
+    python -m benchmarks earth --data DIR         # the earth-science sets on S^2 (CSVs read from DIR)
 
 Each entry runs its script exactly as ``python benchmarks/<script>.py <arguments>`` would (the arguments of the
 committed results, or ``--quick``; ``--out`` is passed on), one after the other in this process, so the reports
@@ -42,6 +43,7 @@ class Entry:
     quick_args: tuple[str, ...] = ()
     outputs: tuple[str, ...] = ()
     long: bool = False
+    data: bool = False  # reads a data folder the user provides (``--data DIR``, passed on to the script)
 
 
 ENTRIES: dict[str, Entry] = {
@@ -56,6 +58,14 @@ ENTRIES: dict[str, Entry] = {
     "threads": Entry("bench_threads.py", outputs=("threads.json", "threads.md")),
 }
 ENTRIES["ot_cost"] = Entry("bench_ot.py", outputs=("ot_cost.json", "ot_cost.md"))
+# the earth-science sets on S^2 (CSVs read from --data, never downloaded): python -m benchmarks earth --data DIR
+ENTRIES["earth"] = Entry(
+    "earth.py", ("--minutes", "15", "--work", "runs/earth"), outputs=("earth.json", "earth.md"), long=True, data=True
+)
+# toy-sphere, -hyperbolic, -spd with both paths over seeds (about 15 min): why the geodesic path trails on them
+ENTRIES["geodesic_linear"] = Entry(
+    "geodesic_linear.py", outputs=("geodesic_linear.json", "geodesic_linear.md"), long=True
+)
 # the long entries (--long): complete default runs, and studies of the models they train (hours on 2 cores)
 ENTRIES["default_run_sweep"] = Entry(
     "default_run_sweep.py", outputs=("default_run_sweep.json", "default_run_sweep.md"), long=True
@@ -150,13 +160,14 @@ def record_time(folder: Path, name: str, command: str, seconds: float, load: flo
     write_text_atomic(folder / "run_times.md", "\n".join(lines) + "\n")
 
 
-def run_entry(name: str, entry: Entry, quick: bool, out: Path | None) -> bool:
+def run_entry(name: str, entry: Entry, quick: bool, out: Path | None, data: Path | None = None) -> bool:
     """Run one entry's script in this process as ``python benchmarks/<script> <args>``; True if it succeeded (then
     its wall time goes into ``run_times.{json,md}``)."""
     import torch
 
     argv = ["--quick", *entry.quick_args] if quick else list(entry.args)
     argv += ["--out", str(out)] if out is not None else []
+    argv += ["--data", str(data)] if entry.data and data is not None else []
     script = HERE / entry.script
     command = f"python benchmarks/{entry.script} {' '.join(argv)}".rstrip()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
@@ -192,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="folder for the reports (default: benchmarks/results/)")
     parser.add_argument("--long", action="store_true", help="with 'all': also the long entries (full runs only)")
     parser.add_argument("--list", action="store_true", help="list the entries and exit")
+    parser.add_argument("--data", type=Path, default=None, help="the data folder of the entries that read one (earth)")
     args = parser.parse_args(argv)
     if args.list or not args.names:
         for name, e in ENTRIES.items():
@@ -203,6 +215,12 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown entry {unknown[0]!r}; the entries: all, {', '.join(ENTRIES)}")
     names = [n for n, e in ENTRIES.items() if not e.long or args.long] if "all" in args.names else args.names
+    needs_data = [n for n in names if ENTRIES[n].data]
+    if needs_data and args.data is None:
+        if "all" not in args.names:
+            parser.error(f"{needs_data[0]} reads its data from --data DIR (nothing is downloaded)")
+        print(f"no --data: skipping {', '.join(needs_data)}", flush=True)
+        names = [n for n in names if not ENTRIES[n].data]
     long = [n for n in names if ENTRIES[n].long]
     if long and args.quick:
         if "all" in args.names:
@@ -218,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out = Path(tempfile.mkdtemp(prefix="manifold-fm-bench-quick-"))
         print(f"--quick without --out: writing to {args.out}", flush=True)
     t0 = time.perf_counter()
-    failed = [n for n in names if not run_entry(n, ENTRIES[n], args.quick, args.out)]
+    failed = [n for n in names if not run_entry(n, ENTRIES[n], args.quick, args.out, args.data)]
     total = time.perf_counter() - t0
     summary = f"{len(names) - len(failed)} of {len(names)} entries done in {total:.0f} s"
     print(summary + (f"; FAILED: {', '.join(failed)}" if failed else ""), flush=True)

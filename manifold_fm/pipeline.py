@@ -336,12 +336,134 @@ class LatentImagePipeline(
         )
 
 
+#: ``config.json``'s ``format`` of an exported manifold run (:class:`ManifoldPipeline`).
+MANIFOLD_FORMAT = "manifold-fm/manifold"
+
+
+class ManifoldPipeline:
+    """A trained manifold flow (``kind: manifold`` run), exported by ``manifold-fm export`` and loaded by
+    :func:`from_pretrained`::
+
+        pipe = manifold_fm.from_pretrained("exported/")
+        x = pipe.sample(1000, seed=0)        # (1000, *point_shape) points on pipe.manifold
+        logp = pipe.log_prob(x[:10])         # exact log-density w.r.t. the Riemannian volume
+
+    Attributes: ``run`` (:class:`~manifold_fm.training.toy.LoadedManifoldRun`: config, manifold, flow, model),
+    ``record`` (what ``config.json`` holds), ``manifold``, ``model``, ``point_shape``."""
+
+    def __init__(self, run: Any, record: Mapping[str, Any]) -> None:
+        self.run, self.record = run, dict(record)
+        self.manifold, self.model, self.point_shape = run.manifold, run.model, run.point_shape
+
+    @classmethod
+    def from_run(
+        cls, run: str | Path, *, use_ema: bool = True, checkpoint: str | int | Path | None = None
+    ) -> ManifoldPipeline:
+        """A manifold run folder's best weights by validation NLL (or ``checkpoint``'s EMA / raw weights), with the
+        run's ``metrics.json``."""
+        from .training.toy import load_manifold_run
+
+        loaded = load_manifold_run(run, checkpoint=checkpoint, use_ema=use_ema)
+        metrics = {}
+        if checkpoint is None and (Path(run) / "metrics.json").is_file():
+            metrics = json.loads((Path(run) / "metrics.json").read_text())
+        record = {
+            "config": json.loads(json.dumps(loaded.cfg.model_dump(mode="json"), default=str)),
+            "point_shape": list(loaded.point_shape),
+            "step": loaded.step,
+            "weights": loaded.weights,
+            "metrics": metrics,
+        }
+        return cls(loaded, record)
+
+    @classmethod
+    def load(cls, folder: str | Path) -> ManifoldPipeline:
+        """Load an exported folder."""
+        from safetensors.torch import load_file
+
+        from .training.toy import manifold_run_from_record
+
+        record = read_record(folder)
+        weights = load_file(str(Path(folder) / WEIGHTS_NAME))
+        run = manifold_run_from_record(
+            record["config"], record["point_shape"], weights, int(record["step"]), record.get("weights", ""), None
+        )
+        return cls(run, record)
+
+    def save_pretrained(self, save_directory: str | Path) -> Path:
+        """Write ``config.json``, ``model.safetensors`` and ``README.md`` into ``save_directory``."""
+        from safetensors.torch import save_file
+
+        folder = Path(save_directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}, str(folder / WEIGHTS_NAME)
+        )
+        config = {
+            "format": MANIFOLD_FORMAT,
+            "format_version": FORMAT_VERSION,
+            "library_version": __version__,
+            **self.record,
+        }
+        (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str) + "\n")
+        m = self.record.get("metrics") or {}
+        measured = [
+            f"- {k}: {m[k]}" for k in ("test_nll", "test_nll_stderr", "likelihood_solver", "best_step") if k in m
+        ]
+        card = [
+            f"# {self.record['config'].get('name', 'manifold flow')}",
+            "",
+            f"A flow-matching model on {m.get('manifold', 'a manifold')} trained with manifold-fm "
+            f"(step {self.record['step']}, {self.record.get('weights', '')} weights).",
+            "",
+            "```python",
+            "import manifold_fm",
+            "pipe = manifold_fm.from_pretrained('path/to/this/folder')",
+            "x = pipe.sample(1000, seed=0)",
+            "logp = pipe.log_prob(x)",
+            "```",
+            "",
+            "## Metrics measured in the run folder",
+            "",
+            *(measured or ["none found"]),
+        ]
+        (folder / "README.md").write_text("\n".join(card) + "\n")
+        return folder
+
+    def sample(self, num: int, *, seed: int = 0, method: str | None = None, steps: int | None = None) -> Tensor:
+        """``num`` points on the manifold (the run's sampler; ``method``/``steps`` override it)."""
+        from .training.toy import sample_manifold_run
+
+        return sample_manifold_run(self.run, num, seed=seed, method=method, steps=steps)
+
+    def log_prob(self, x: Tensor, *, steps: int | None = None) -> Tensor:
+        """Log-density of points ``x`` (w.r.t. the manifold's Riemannian volume), the run's likelihood solver."""
+        from .likelihood import log_likelihood
+        from .sampler import model_velocity
+
+        cfg = self.run.cfg
+        return log_likelihood(
+            model_velocity(self.model, cfg.sample),
+            x,
+            self.manifold,
+            steps=steps or cfg.eval.likelihood_steps,
+            method=cfg.sample.method,
+            divergence_method=cfg.eval.divergence,
+            transport=cfg.sample.transport,
+        ).detach()
+
+    def __repr__(self) -> str:
+        return f"ManifoldPipeline({self.manifold!r}, point_shape={self.point_shape}, step={self.run.step})"
+
+
 def from_pretrained(
     name_or_path: str | Path, *, device: str | torch.device = "cpu", **kwargs: Any
-) -> LatentImagePipeline:
+) -> LatentImagePipeline | ManifoldPipeline:
     """Load an exported model (a folder written by ``manifold-fm export``, or a Hub repository id) as a
-    :class:`LatentImagePipeline` on ``device``; other keywords go to ``huggingface_hub`` (``revision``, ``token``,
-    ``cache_dir``, ``local_files_only``, ...)."""
+    :class:`LatentImagePipeline` on ``device`` (an exported manifold run: a :class:`ManifoldPipeline`, on the CPU);
+    other keywords go to ``huggingface_hub`` (``revision``, ``token``, ``cache_dir``, ``local_files_only``, ...)."""
+    if _is_export(Path(name_or_path), MANIFOLD_FORMAT):
+        return ManifoldPipeline.load(name_or_path)
     return LatentImagePipeline.from_pretrained(name_or_path, device=device, **kwargs)
 
 
@@ -366,9 +488,15 @@ def export_run(
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise FileExistsError(f"--out {out} is not empty; pass --overwrite to replace an earlier export there")
-        if not _is_export(out):
+        if not (_is_export(out) or _is_export(out, MANIFOLD_FORMAT)):
             raise FileExistsError(f"--out {out} holds files that are not an exported model; choose a new folder")
-    pipe = LatentImagePipeline.from_run(run, use_ema=use_ema, progress=progress, checkpoint=checkpoint)
+    from .training.toy import is_manifold_run
+
+    pipe: Any
+    if is_manifold_run(run):
+        pipe = ManifoldPipeline.from_run(run, use_ema=use_ema, checkpoint=checkpoint)
+    else:
+        pipe = LatentImagePipeline.from_run(run, use_ema=use_ema, progress=progress, checkpoint=checkpoint)
     if out.is_dir() and not any(out.iterdir()):
         pipe.save_pretrained(out)  # an empty folder (perhaps the working directory) is written in place
         return out
@@ -399,14 +527,19 @@ def read_record(folder: str | Path) -> dict[str, Any]:
         record = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise InputError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(record, dict) or record.get("format") != FORMAT:
+    if not isinstance(record, dict) or record.get("format") not in (FORMAT, MANIFOLD_FORMAT):
         raise InputError(f"{path} does not describe a manifold-fm model (its format is not {FORMAT!r})")
     if int(record.get("format_version", 0)) > FORMAT_VERSION:
         raise InputError(
             f"{path} has format version {record['format_version']}, newer than this manifold-fm reads "
             f"({FORMAT_VERSION}); upgrade manifold-fm"
         )
-    missing = [k for k in ("config", "latent_shape", "num_classes", "step") if k not in record]
+    needed = (
+        ("config", "point_shape", "step")
+        if record["format"] == MANIFOLD_FORMAT
+        else ("config", "latent_shape", "num_classes", "step")
+    )
+    missing = [k for k in needed if k not in record]
     if missing:
         raise InputError(f"{path} lacks {', '.join(missing)}")
     return record
@@ -600,9 +733,9 @@ def _metric_lines(metrics: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def _is_export(folder: Path) -> bool:
+def _is_export(folder: Path, fmt: str = FORMAT) -> bool:
     try:
-        return json.loads((folder / CONFIG_NAME).read_text()).get("format") == FORMAT
+        return json.loads((folder / CONFIG_NAME).read_text()).get("format") == fmt
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -627,6 +760,8 @@ __all__ = [
     "FORMAT_VERSION",
     "WEIGHTS_NAME",
     "LatentImagePipeline",
+    "MANIFOLD_FORMAT",
+    "ManifoldPipeline",
     "OutputType",
     "export_run",
     "from_pretrained",

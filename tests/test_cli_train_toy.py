@@ -86,7 +86,7 @@ def test_unknown_kind_and_dispatch_by_kind(tmp_path: Path, monkeypatch: pytest.M
     cfg = tmp_path / "weird.yaml"
     cfg.write_text("kind: audio\n")
     res = CliRunner().invoke(main, ["train", "--config", str(cfg)])
-    assert res.exit_code == 1 and "kind: 'audio' is not one of 'toy', 'image', 'default'" in res.output
+    assert res.exit_code == 1 and "kind: 'audio' is not one of 'manifold', 'toy', 'image', 'default'" in res.output
     calls = []
 
     def fake(name):  # noqa: ANN001, ANN202

@@ -118,7 +118,7 @@ def test_the_kinds_share_their_sections():
     ("source", "overrides", "message"),
     [
         ("toy-sphere", ["flow.latent=spherical"], "flow.latent: applies to latent-image runs"),
-        ("toy-sphere", ["model.arch=SiT-B/2"], "model.arch: toy runs train arch 'mlp'"),
+        ("toy-sphere", ["model.arch=SiT-B/2"], "model.arch: manifold runs train arch 'mlp'"),
         ("image-builtin", ["model.hidden=32"], "model.hidden: applies to arch 'mlp' only"),
         ("image-builtin", ["sample.method=eular"], "sample.method: unknown solver 'eular'"),
         ("image-builtin", ["sample.method=dopri5", "sample.transport=ambient"], "sample.transport: 'ambient' applies"),
@@ -129,7 +129,7 @@ def test_the_kinds_share_their_sections():
         ("toy-sphere", ["flow.path=shell"], "flow.path: 'shell' is a latent-image path"),
         ("default", ["flow.path=linear"], "flow: the default run's flows are its modes"),
         ("default", ["train.mixed_precision=true"], "train.mixed_precision: expected one of"),
-        ({"kind": "audio"}, [], "kind: 'audio' is not one of 'toy', 'image', 'default'"),
+        ({"kind": "audio"}, [], "kind: 'audio' is not one of 'manifold', 'toy', 'image', 'default'"),
     ],
 )
 def test_run_schema_refuses_bad_combinations_in_one_line(source, overrides, message):

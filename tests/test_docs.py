@@ -108,6 +108,7 @@ PUBLIC_MODULES = [
     "manifold_fm.likelihood",
     "manifold_fm.models",
     "manifold_fm.tokenizers",
+    "manifold_fm.data.points",
     "manifold_fm.data.toy",
     "manifold_fm.data.sources",
     "manifold_fm.flow",

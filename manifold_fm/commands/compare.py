@@ -50,9 +50,10 @@ def _runs(items: tuple[str, ...], metric: str) -> tuple[dict[str, Path], dict[st
 @click.argument("runs", nargs=-1, required=True, metavar="[NAME=]RUN...")
 @click.option(
     "--metric",
-    default="fd_builtin_classifier",
-    show_default=True,
-    help="A metric the runs logged during training (train.eval_every): fd_builtin_classifier, fid, ...",
+    default=None,
+    help="A metric the runs logged during training: fd_builtin_classifier, fid, ... (image runs, train.eval_every), "
+    "val_nll (manifold runs, eval.val_every). Default: val_nll when every run is a manifold run, else "
+    "fd_builtin_classifier.",
 )
 @click.option(
     "--threshold",
@@ -74,7 +75,7 @@ def _runs(items: tuple[str, ...], metric: str) -> tuple[dict[str, Path], dict[st
     help="Write comparison.json and comparison.png here.",
 )
 def compare(
-    runs: tuple[str, ...], metric: str, threshold: float | None, interpolate: bool, out_dir: Path | None
+    runs: tuple[str, ...], metric: str | None, threshold: float | None, interpolate: bool, out_dir: Path | None
 ) -> None:
     """Plot METRIC against steps for RUNS (run folders, optionally named NAME=RUN; the first is the reference; a
     default run's folder: its modes) and report the steps each needs to reach the threshold and its speedup over the
@@ -82,6 +83,11 @@ def compare(
     from ..atomic import write_json_atomic
     from ..eval.over_training import compare_runs, plot_comparison
 
+    if metric is None:
+        from ..training.toy import is_manifold_run
+
+        folders = [Path(item.partition("=")[2] or item) for item in runs]
+        metric = "val_nll" if all(is_manifold_run(f) for f in folders) else "fd_builtin_classifier"
     named, finals = _runs(runs, metric)
     result: dict[str, Any] = compare_runs(named, metric, threshold, finals=finals, interpolate=interpolate)
     width = max(len(n) for n in named)

@@ -1,5 +1,7 @@
 """``manifold-fm evaluate``: FID / IS / precision-recall (torch-fidelity, local Inception weights) or, on the built-in
-dataset, the Fréchet distance in a small built-in classifier's features plus that classifier's accuracy."""
+dataset, the Fréchet distance in a small built-in classifier's features plus that classifier's accuracy; on a
+manifold run's folder, its test NLL with the standard error, the solver, and a check of the solver at a second step
+count."""
 
 from __future__ import annotations
 
@@ -51,6 +53,25 @@ from ..threads import threads_option
     "tf32: TF32 matmuls on GPUs; bf16: bf16 autocast; auto: bf16 on CUDA GPUs, fp32 elsewhere).",
 )
 @click.option("--out", "out_path", type=click.Path(path_type=Path), default=None, help="Write the metrics as JSON.")
+@click.option(
+    "--steps",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Manifold runs: likelihood solver steps (default: the run's eval.likelihood_steps).",
+)
+@click.option(
+    "--check-steps",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Manifold runs: the second step count the solver is checked with (default: twice --steps; 0: no check).",
+)
+@click.option(
+    "--checkpoint",
+    "checkpoint",
+    default=None,
+    metavar="STEP|PATH",
+    help="Manifold runs: evaluate this kept checkpoint's EMA weights instead of the best by validation NLL.",
+)
 @threads_option
 @progress_option
 def evaluate(
@@ -64,9 +85,18 @@ def evaluate(
     batch_size: int,
     precision: str,
     out_path: Path | None,
+    steps: int | None,
+    check_steps: int | None,
+    checkpoint: str | None,
     progress: bool,
 ) -> None:
-    """Score SAMPLES (an .npz in the ADM layout, uint8 NHWC in arr_0 and labels in arr_1, or an image folder)."""
+    """Score SAMPLES (an .npz in the ADM layout, uint8 NHWC in arr_0 and labels in arr_1, or an image folder), or
+    a manifold run's folder: its test NLL (written to RUN/evaluation.json or --out)."""
+    from ..training.toy import is_manifold_run
+
+    if is_manifold_run(samples):
+        _evaluate_manifold(samples, steps, check_steps, checkpoint, out_path)
+        return
     import numpy as np
     import torch
 
@@ -114,6 +144,35 @@ def evaluate(
         click.echo(f"{k:<{width}}  {v:.4f}")
     if out_path is not None:
         write_json_atomic(out_path, {"samples": str(samples), "num_samples": int(images.shape[0]), **metrics})
+
+
+def _evaluate_manifold(
+    run: Path, steps: int | None, check_steps: int | None, checkpoint: str | None, out_path: Path | None
+) -> None:
+    import warnings
+
+    from ..training.toy import evaluate_manifold_run
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = evaluate_manifold_run(run, steps=steps, check_steps=check_steps, checkpoint=checkpoint)
+    click.echo(f"test NLL  {result['test_nll']:.4f} ± {result['test_nll_stderr']:.4f} (standard error, "
+               f"{result['test_points']} test points)")  # fmt: skip
+    click.echo(f"weights   {result['weights']}")
+    click.echo(f"solver    {result['likelihood_solver']}")
+    if "check_steps" in result:
+        verdict = "converged" if result["solver_converged"] else "NOT converged"
+        click.echo(
+            f"check     {result['test_nll_check']:.4f} with {result['check_steps']} steps: differs by "
+            f"{result['solver_difference']:.4f} ({verdict}: the standard error is {result['test_nll_stderr']:.4f})"
+        )
+    if "true_nll" in result:
+        click.echo(f"true NLL  {result['true_nll']:.4f} (the target density on the same points)")
+    for w in caught:
+        click.echo(f"warning: {w.message}", err=True)
+    target = out_path or run / "evaluation.json"
+    write_json_atomic(target, result)
+    click.echo(f"written: {target}")
 
 
 def _refuse_run_folder(samples: Path) -> None:

@@ -10,7 +10,8 @@ from ..manifolds import available_manifolds
 @click.command("manifolds")
 @click.option("--names-only", is_flag=True, help="Print only the names, one per line (for scripts).")
 def manifolds(names_only: bool) -> None:
-    """List the manifolds that configs and `build_manifold(name, **options)` accept."""
+    """List the manifolds that a manifold run's `manifold:` key (`kind: manifold` with `data.file`) and
+    `build_manifold(name, **options)` accept (a config may also name a class: `manifold: pkg.module:Class`)."""
     entries = available_manifolds()
     if names_only:
         for name in entries:

@@ -115,8 +115,17 @@ def sample(
     device: str | None,
 ) -> None:
     """Sample RUN (a `manifold-fm train` output folder or one of its checkpoints; a default run's folder: each of
-    its modes)."""
+    its modes). A manifold run: samples.npy, samples.csv (latitude/longitude for lat/lon data) and samples.png (a
+    world map for S^2, the square of angles for the torus, the Poincare disk for hyperbolic space), from its best
+    weights by validation NLL (or --checkpoint's)."""
     from accelerate import PartialState
+
+    from ..training.toy import is_manifold_run
+
+    if is_manifold_run(run):
+        for path in _sample_manifold_run(run, out_dir, num_samples, method, steps, seed, ema, checkpoint, overwrite):
+            click.echo(str(path))
+        return
 
     from ..errors import InputError
     from ..training.runs import default_run_arms
@@ -172,6 +181,51 @@ def sample(
         written = _sample_run(arm, None if out_dir is None else out_dir / arm.name, state, **options)
         if written:
             click.echo(f"{arm.name}: {', '.join(map(str, written))}")
+
+
+def _sample_manifold_run(
+    run: Path,
+    out_dir: Path | None,
+    num: int,
+    method: str | None,
+    steps: int | None,
+    seed: int,
+    ema: bool,
+    checkpoint: str | None,
+    overwrite: bool,
+) -> list[Path]:
+    """Sample a manifold run: points (``.npy``, ``.csv``) and a plot in the manifold's chart."""
+    import numpy as np
+
+    from ..atomic import atomic_path, write_text_atomic
+    from ..data.points import sphere_to_latlon
+    from ..errors import InputError
+    from ..eval.plots import plot_points
+    from ..training.toy import load_manifold_run, sample_manifold_run
+
+    loaded = load_manifold_run(run, checkpoint=checkpoint, use_ema=ema)
+    out = out_dir or Path(run) / f"samples-{loaded.step:08d}"
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise InputError(f"{out} already holds samples; pass --overwrite to replace them, or another --out")
+    x = sample_manifold_run(loaded, num, seed=seed, method=method, steps=steps)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "samples.npy") as tmp:
+        np.save(tmp, x.numpy())
+    flat = x.reshape(x.shape[0], -1).double()
+    if loaded.cfg.data.latlon is not None:
+        header, rows = "lat,lon", sphere_to_latlon(flat)
+    else:
+        header, rows = ",".join(f"x{i}" for i in range(flat.shape[1])), flat
+    write_text_atomic(
+        out / "samples.csv", header + "\n" + "\n".join(",".join(f"{v:.6f}" for v in r) for r in rows.tolist()) + "\n"
+    )
+    spec = f"{method or loaded.cfg.sample.method} x {steps or loaded.cfg.sample.steps}"
+    title = f"{loaded.cfg.name}: {num} samples, {loaded.weights} weights, {spec}"
+    plot = plot_points(x, loaded.manifold, out / "samples.png", title=title)
+    info = {"run": str(run), "step": loaded.step, "weights": loaded.weights, "num_samples": num, "seed": seed,
+            "sampler": spec}  # fmt: skip
+    write_json_atomic(out / "sample_info.json", info)
+    return [out / "samples.npy", out / "samples.csv", plot]
 
 
 def _sample_run(

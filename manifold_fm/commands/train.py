@@ -17,8 +17,8 @@ from ..threads import threads_option
     "config",
     default=None,
     metavar="NAME_OR_PATH",
-    help="Built-in config name (e.g. toy-sphere, image-builtin, default) or a YAML file with a top-level "
-    "'kind' (toy, image or default). Without it: the built-in default run.",
+    help="Built-in config name (e.g. toy-sphere, manifold-latlon, image-builtin, default) or a YAML file with a "
+    "top-level 'kind' (manifold (or toy), image or default). Without it: the built-in default run.",
 )
 @click.option(
     "--set",
@@ -88,8 +88,10 @@ def train(
     steps: int | None,
     threads: int | None,
 ) -> None:
-    """Train a flow. `kind: toy` configs train a small MLP on a toy manifold in about a minute on CPU and write
-    config.yaml, checkpoints/, metrics.jsonl, metrics.json and samples.png to the run folder, and print the metrics;
+    """Train a flow. `kind: manifold` (or `toy`) configs train a small MLP on a manifold, on a built-in dataset (about
+    a minute on CPU) or a file of points (data.file, split train/val/test; eval.val_every keeps the best weights by
+    validation NLL), and write config.yaml, checkpoints/, metrics.jsonl, metrics.json and samples.png to the run
+    folder, and print the metrics;
     `kind: image` configs train a SiT on latents; the default run trains both flows of the paper on the built-in
     images and compares them. --threads is a shortcut for --set train.threads=N (a config's train.threads applies
     without it). --resume continues the run in --out (with its own config.yaml when no --config is given); on a

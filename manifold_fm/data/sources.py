@@ -61,17 +61,20 @@ class StepIndexer:
     """Which dataset indices step ``k`` uses on process ``rank``.
 
     Epoch ``e`` visits ``randperm(n)`` seeded by ``(seed, e)``; it holds ``n // global_batch`` full batches (the
-    remainder is dropped), and process ``r`` takes the ``r``-th slice of each global batch.
+    remainder is dropped), and process ``r`` takes the ``r``-th slice of each global batch. With
+    ``drop_last=False`` an epoch holds ``ceil(n / global_batch)`` batches: the last one is completed with the first
+    items of the same epoch's order, so every item is used every epoch and every batch is full.
     """
 
-    def __init__(self, n: int, global_batch: int, seed: int, world_size: int = 1) -> None:
+    def __init__(self, n: int, global_batch: int, seed: int, world_size: int = 1, drop_last: bool = True) -> None:
         if global_batch % world_size:
             raise InputError(f"batch size {global_batch} is not divisible by the {world_size} processes")
-        if n < global_batch:
+        if n < (global_batch if drop_last else 1):
             raise InputError(f"the dataset has {n} items, fewer than one batch of {global_batch}; lower the batch size")
         self.n, self.global_batch, self.seed, self.world_size = n, global_batch, seed, world_size
         self.local_batch = global_batch // world_size
-        self.batches_per_epoch = n // global_batch
+        self.drop_last = drop_last
+        self.batches_per_epoch = n // global_batch if drop_last else -(-n // global_batch)
         self._epoch: int | None = None
         self._perm: Tensor | None = None
 
@@ -89,13 +92,18 @@ class StepIndexer:
     def indices(self, step: int, rank: int = 0) -> Tensor:
         epoch, b = self.position(step)
         start = b * self.global_batch + rank * self.local_batch
-        return self.permutation(epoch)[start : start + self.local_batch]
+        perm = self.permutation(epoch)
+        if start + self.local_batch <= self.n:
+            return perm[start : start + self.local_batch]
+        return perm[torch.arange(start, start + self.local_batch) % self.n]  # the last batch, completed
 
 
 class TensorSource:
-    """Samples held in memory: ``data`` of shape ``(N, *point_shape)`` and optional integer ``labels (N,)``."""
+    """Samples held in memory: ``data`` of shape ``(N, *point_shape)`` and optional integer ``labels (N,)``.
+    ``drop_last``: drop each epoch's incomplete last batch (``False``: complete it, so every item is used every
+    epoch; see :class:`StepIndexer`)."""
 
-    def __init__(self, data: Tensor, labels: Tensor | None = None) -> None:
+    def __init__(self, data: Tensor, labels: Tensor | None = None, drop_last: bool = True) -> None:
         if data.ndim < 1 or (labels is not None and labels.shape != data.shape[:1]):
             got = None if labels is None else tuple(labels.shape)
             raise InputError(f"expected data (N, ...) and labels (N,), got {tuple(data.shape)} and {got}")
@@ -103,12 +111,13 @@ class TensorSource:
             raise InputError("the training data contain NaN/Inf; re-extract or clean them")
         self.data = data
         self.labels = None if labels is None else labels.long()
+        self.drop_last = drop_last
 
     def __len__(self) -> int:
         return self.data.shape[0]
 
     def batches(self, plan: BatchPlan, start: int, end: int) -> Iterator[Batch]:
-        indexer = StepIndexer(len(self), plan.batch_size, plan.seed, plan.world_size)
+        indexer = StepIndexer(len(self), plan.batch_size, plan.seed, plan.world_size, self.drop_last)
         for step in range(start, end):
             idx = indexer.indices(step, plan.rank)
             yield self.data[idx], (None if self.labels is None else self.labels[idx])

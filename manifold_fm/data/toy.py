@@ -18,6 +18,7 @@ achievable test NLL).
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 
@@ -396,10 +397,15 @@ def build_toy_dataset(name: str, **kwargs: object) -> ToyDataset:
     ``lorentz_wrapped_normal``, ``spd_wrapped_normal``)."""
     if name not in TOY_DATASETS:
         raise ValueError(f"unknown toy dataset '{name}'; choose one of {', '.join(TOY_DATASETS)}")
+    cls = TOY_DATASETS[name]
+    valid = [p for p in inspect.signature(cls).parameters if p != "self"]
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown:
+        raise ValueError(f"dataset '{name}' has no parameter {', '.join(unknown)}; its parameters: {', '.join(valid)}")
     try:
-        return TOY_DATASETS[name](**kwargs)  # type: ignore[arg-type]
-    except TypeError as exc:
-        raise ValueError(f"toy dataset '{name}': {exc}") from None
+        return cls(**kwargs)  # type: ignore[arg-type]
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"dataset '{name}': {exc} (its parameters: {', '.join(valid)})") from None
 
 
 __all__ = [

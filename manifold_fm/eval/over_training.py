@@ -63,7 +63,10 @@ def compare_runs(
         curves[name] = sorted({**dict(curves[name]), int(step): float(value)}.items())
     empty = [name for name, curve in curves.items() if not curve]
     if empty:
-        raise InputError(f"run(s) {', '.join(empty)} logged no {metric!r}; train with train.eval_every set")
+        raise InputError(
+            f"run(s) {', '.join(empty)} logged no {metric!r}; train with train.eval_every set (image runs) or "
+            "eval.val_every set (manifold runs, which log val_nll: --metric val_nll)"
+        )
     first = next(iter(curves))
     if threshold is None:
         threshold = curves[first][-1][1]

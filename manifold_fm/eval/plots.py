@@ -51,6 +51,43 @@ def plot_samples(data: Tensor, samples: Tensor, manifold: Manifold, path: str | 
     return save_figure(fig, path, dpi=100)
 
 
+def plot_points(points: Tensor, manifold: Manifold, path: str | Path, title: str = "") -> Path:
+    """Scatter points in the manifold's chart, as a map: ``S^2`` as an equirectangular world map (longitude and
+    latitude in degrees), the torus as its square of angles, hyperbolic space as the Poincare disk."""
+    import math
+
+    plt = pyplot()
+    chart = manifold.chart2d(points)
+    u, v = chart.u.numpy(), chart.v.numpy()
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    if chart.xlabel == "longitude":
+        ax.scatter(u * 180 / math.pi, v * 180 / math.pi, s=2, alpha=0.5)
+        ax.set_xlim(-180, 180)
+        ax.set_ylim(-90, 90)
+        ax.set_xticks(range(-180, 181, 60))
+        ax.set_yticks(range(-90, 91, 30))
+        ax.grid(alpha=0.3)
+        ax.set_aspect("equal")
+        ax.set_xlabel("longitude (degrees)")
+        ax.set_ylabel("latitude (degrees)")
+    else:
+        ax.scatter(u, v, s=2, alpha=0.5)
+        ax.set_xlabel(chart.xlabel)
+        ax.set_ylabel(chart.ylabel)
+        if manifold.periodic:
+            ax.set_xlim(-math.pi, math.pi)
+            ax.set_ylim(-math.pi, math.pi)
+            ax.set_aspect("equal")
+        if chart.disk_radius is not None:
+            r = chart.disk_radius
+            ax.add_patch(plt.Circle((0, 0), r, fill=False, color="k", lw=0.8))
+            ax.set_xlim(-1.05 * r, 1.05 * r)
+            ax.set_ylim(-1.05 * r, 1.05 * r)
+            ax.set_aspect("equal")
+    ax.set_title(title)
+    return save_figure(fig, path, dpi=100)
+
+
 def plot_over_steps(
     history: Mapping[str, Sequence[Mapping[str, Any]]],
     path: str | Path,
@@ -77,4 +114,4 @@ def plot_over_steps(
     return save_figure(fig, path, dpi=110)
 
 
-__all__ = ["plot_over_steps", "plot_samples", "pyplot", "save_figure"]
+__all__ = ["plot_over_steps", "plot_points", "plot_samples", "pyplot", "save_figure"]

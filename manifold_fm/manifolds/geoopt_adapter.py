@@ -406,6 +406,13 @@ class GeooptManifold(Manifold):
             v = math.sqrt(2.0) * flat[:, 0, 1]
             return Chart2D(u, v, "(log X11 - log X22) / sqrt 2", "sqrt 2 log X12")
         chart = super().chart2d(x)
+        geoopt = import_geoopt()
+        if isinstance(self.manifold, geoopt.Lorentz) and x.shape[-1] >= 3:
+            # the isometry onto the Poincare ball of the same curvature: x_{1:} / (1 + sqrt(c) x_0), c = 1 / k
+            sk = math.sqrt(float(self.manifold.k))
+            xd = x.detach().reshape(x.shape[0], -1).double()
+            ball = xd[:, 1:3] / (1.0 + xd[:, :1] / sk)
+            return Chart2D(ball[:, 0], ball[:, 1], "Poincare disk x1", "Poincare disk x2", disk_radius=sk)
         if not self._is_poincare():
             return chart
         return Chart2D(

@@ -270,29 +270,98 @@ class RunBase(Section):
 # ------------------------------------------------------------------------------------------------------- toy
 
 
-class ToyDataConfig(Section):
-    """A toy dataset of :mod:`manifold_fm.data.toy` by ``name``, with its constructor ``params``."""
+class ManifoldSpec(Section):
+    """The manifold of a run with its own data: a name of the registry (``manifold-fm manifolds``: ``sphere``,
+    ``flat_torus``, ``product``, ``poincare_ball``, ``lorentz``, ``spd``, ...) or a user's
+    :class:`~manifold_fm.manifolds.Manifold` subclass by import path ``pkg.module:Class``, with its constructor
+    ``params``. A bare string is the name with no params."""
 
-    name: str = "vmf"
+    name: str = "sphere"
     params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_name(cls, data: Any) -> Any:
+        return {"name": data} if isinstance(data, str) else data
+
+
+class ToyDataConfig(Section):
+    """The run's data: a built-in synthetic dataset of :mod:`manifold_fm.data.toy` by ``name`` with its constructor
+    ``params`` (it brings its manifold and its true density), or a ``file`` of points (CSV, NPY, NPZ, PT; see
+    :mod:`manifold_fm.data.points`) on the run's ``manifold``:
+
+    - ``latlon``: the file's two columns are latitude and longitude (``degrees`` or ``radians``), converted to the
+      unit sphere ``S^2``;
+    - ``tolerance``: how far from the manifold a point may be (``Manifold.point_error``); farther rows are an error
+      naming them, unless ``project: true`` projects them;
+    - ``split``: train/val/test fractions (80/10/10), drawn with ``split_seed``."""
+
+    name: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    file: Path | None = None
+    latlon: Literal["degrees", "radians"] | None = None
+    project: StrictBool = False
+    tolerance: float = Field(1e-4, gt=0)
+    split: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    split_seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ToyDataConfig:
+        if self.file is not None and (self.name is not None or self.params):
+            raise ValueError("file: give either a built-in dataset (name, params) or a file of points, not both")
+        if self.file is None and (self.latlon is not None or self.project):
+            raise ValueError("latlon: applies to a file of points (data.file)")
+        if len(self.split) != 3 or any(f < 0 for f in self.split) or abs(sum(self.split) - 1) > 1e-6:
+            raise ValueError(f"split: three fractions >= 0 summing to 1 (train, val, test), got {list(self.split)}")
+        if self.split[0] <= 0:
+            raise ValueError("split: the training fraction must be > 0")
+        return self
+
+    @property
+    def dataset(self) -> str:
+        """The built-in dataset's name (``vmf`` when neither it nor a file is given)."""
+        return self.name or "vmf"
 
 
 class ToyEvalConfig(Section):
-    """After training: test NLL on ``test_samples`` points (``likelihood_steps`` steps of ``sample.method``,
-    ``exact`` or ``hutchinson`` divergence), ``plot_samples`` samples for the plot, all from ``seed``."""
+    """Evaluation of the learned density:
+
+    - after training: test NLL on the test split (a file) or ``test_samples`` fresh points (a built-in dataset),
+      with ``likelihood_steps`` steps of ``sample.method`` and ``exact`` or ``hutchinson`` divergence, and
+      ``plot_samples`` samples for the plot, all from ``seed``; ``check_steps`` (default twice ``likelihood_steps``):
+      a second step count the test NLL is recomputed with, to check the solver (a warning when the two differ by more
+      than the standard error; 0: no check);
+    - during training, every ``val_every`` steps (``null``: never): the validation NLL (the validation split, or
+      ``val_samples`` fresh points) with ``val_steps`` steps (default ``likelihood_steps``); the best weights by it
+      are kept (``best.safetensors``) and used for the final evaluation; ``patience``: stop after that many
+      validations without improvement (``null``: never stop early)."""
 
     test_samples: int = Field(1000, ge=1)
     plot_samples: int = Field(2000, ge=1)
     likelihood_steps: int = Field(40, ge=1)
+    check_steps: int | None = Field(None, ge=0)
     divergence: Literal["exact", "hutchinson"] = "exact"
     seed: int = 1234
+    val_every: int | None = Field(None, ge=1)
+    val_samples: int = Field(1000, ge=1)
+    val_steps: int | None = Field(None, ge=1)
+    patience: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _patience_needs_validation(self) -> ToyEvalConfig:
+        if self.patience is not None and self.val_every is None:
+            raise ValueError("patience: early stopping needs validations; set eval.val_every too")
+        return self
 
 
 class ToyRunConfig(RunBase):
-    """``kind: toy``: a small MLP flow on a toy manifold dataset, evaluated against its known density."""
+    """``kind: manifold`` (``toy`` is its older name, accepted as the same): a small MLP flow on a manifold, trained on
+    a built-in synthetic dataset (evaluated against its known density) or on a file of points (split into
+    train/val/test)."""
 
-    kind: Literal["toy"] = "toy"
-    name: str = "toy"
+    kind: Literal["manifold", "toy"] = "manifold"
+    name: str = "manifold"
+    manifold: ManifoldSpec | None = None
     data: ToyDataConfig = _section(ToyDataConfig)
     eval: ToyEvalConfig = _section(ToyEvalConfig)
 
@@ -301,14 +370,25 @@ class ToyRunConfig(RunBase):
         latent_only = [k for k in _LATENT_KEYS if getattr(self.flow, k) is not None]
         if latent_only:
             raise ValueError(
-                f"flow.{latent_only[0]}: applies to latent-image runs; a toy run's space, prior and "
-                "sampler are its dataset's manifold's"
+                f"flow.{latent_only[0]}: applies to latent-image runs; a manifold run's space, prior and "
+                "sampler are its manifold's"
             )
         if self.flow.path == "shell":
             raise ValueError("flow.path: 'shell' is a latent-image path (token radii and directions)")
         if self.model.is_sit:
-            raise ValueError(f"model.arch: toy runs train arch 'mlp', got {self.model.arch}")
+            raise ValueError(f"model.arch: manifold runs train arch 'mlp', got {self.model.arch}")
+        if self.data.file is None and self.manifold is not None:
+            raise ValueError(
+                f"manifold: the built-in dataset {self.data.dataset!r} lives on its own manifold; give data.file to "
+                "train on your points on this manifold, or drop manifold"
+            )
+        if self.data.latlon is not None and self.manifold is not None and self.manifold.name != "sphere":
+            raise ValueError("manifold: latitude/longitude data live on the unit sphere (manifold: sphere)")
         return self
+
+
+#: ``kind: manifold`` runs (:class:`ToyRunConfig`, whose older kind name is ``toy``).
+ManifoldRunConfig = ToyRunConfig
 
 
 # ----------------------------------------------------------------------------------------------------- image
@@ -644,6 +724,7 @@ RESUME_SECTIONS = ("model", "flow", "data", "optim")
 
 RunConfig = ToyRunConfig | ImageRunConfig | DefaultRunConfig | FinetuneRunConfig
 KINDS: dict[str, type[Section]] = {
+    "manifold": ToyRunConfig,
     "toy": ToyRunConfig,
     "image": ImageRunConfig,
     "default": DefaultRunConfig,
@@ -697,6 +778,8 @@ __all__ = [
     "ImageDataConfig",
     "ImageEvalConfig",
     "ImageRunConfig",
+    "ManifoldRunConfig",
+    "ManifoldSpec",
     "ModelConfig",
     "OptimConfig",
     "RunBase",

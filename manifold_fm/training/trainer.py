@@ -250,6 +250,7 @@ class Trainer:
         self.last_loss = float("nan")  # the first term's (the loss)
         self.sessions: list[dict[str, int]] = []  # per fit(): the step it started at and the steps it ran
         self.finished_before = False  # fit(resume=True) found the run already at train.steps and did nothing
+        self.stop_requested = False  # request_stop(): end training after this step's hooks (early stopping)
         # the open window, on the device: the sum of each term, the number of steps, a non-finite flag; its first step
         self._window = torch.zeros(len(self.terms) + 2, dtype=torch.float64, device=self.device)
         self._window_start = 0
@@ -341,6 +342,11 @@ class Trainer:
         self.last_loss = float(ckpt.state.get("last_loss", float("nan")))
         self.last_terms = dict(ckpt.state.get("last_terms", {}))
         return True
+
+    def request_stop(self) -> None:
+        """End training after the current step's hooks, with a checkpoint of that step (early stopping). A hook
+        that asks for it runs on the main process: use it in single-process runs, or from hooks on every process."""
+        self.stop_requested = True
 
     def part_module(self, name: str) -> nn.Module:
         """The unwrapped module of part ``name``, with its current weights."""
@@ -570,6 +576,8 @@ class Trainer:
                 t_fit = time.perf_counter()
                 t_window += t_fit - t_other
                 _leave_out(bar, t_fit - t_other)
+                if self.stop_requested:
+                    break
             latest = latest_checkpoint(self.ckpt_dir)
             if acc.is_main_process and (latest is None or checkpoint_step(latest) != self.step):
                 last_path = self.save()  # e.g. train.steps = 0: the initial weights, so the run can be loaded
