@@ -77,7 +77,7 @@ def report(data: dict) -> str:
     per = ", ".join(f"{k} {v:.2f}" for k, v in data["per_class_test_accuracy"].items())
     return "\n".join(
         [
-            "# The built-in classifier (the judge of FD-builtin-classifier and classifier accuracy)",
+            "The built-in classifier (the judge of FD-builtin-classifier and classifier accuracy), its accuracy:",
             "",
             *rows,
             "",

@@ -155,7 +155,7 @@ def seeds_report(data: dict) -> str:
     walls = ", ".join(f"{w:.0f}" for w in data["wall_s"])
     return "\n".join(
         [
-            f"# The default run over {n} seeds (train.seed {', '.join(map(str, data['seeds']))})",
+            f"The default run over {n} seeds (train.seed {', '.join(map(str, data['seeds']))}):",
             "",
             *lines,
             "",

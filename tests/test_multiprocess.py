@@ -53,7 +53,6 @@ TRAIN = [
     "--set",
     "eval.batch_size=4",
     "--set",
-    "--set",
     "sample.steps=2",
 ]
 # summation order only: observed ~1.5e-8 on these weights (magnitude ~0.2); the bound leaves room, a different

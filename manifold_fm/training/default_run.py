@@ -55,13 +55,13 @@ from .trainer import TrainingError
 #: before the user's ``--set`` overrides. Its numbers are a smoke run's, not the default run's.
 QUICK_OVERRIDES = (
     "name=default-quick",
-    "train.steps=300",
-    "train.eval_every=150",
+    "train.steps=240",
+    "train.eval_every=120",
     "data.per_class=100",
     "data.test_per_class=25",
     "finetune.steps=30",
     "eval.samples=48",
-    "eval.num_samples=120",
+    "eval.num_samples=96",
 )
 
 #: The finetuned decoder of the spherical-latent modes, in the default run's folder (next to the modes' folders).
