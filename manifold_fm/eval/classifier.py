@@ -144,7 +144,7 @@ def predict(
 
 @dataclass
 class BuiltinEvaluator:
-    """The cached classifier plus the reference feature statistics of the built-in test split.
+    """The shipped classifier plus the reference feature statistics of the built-in test split.
 
     It scores in two parts (:class:`~manifold_fm.eval.sample_quality.Evaluator`): :meth:`features` gives per-image
     rows on the images' device (the classifier follows them there), :meth:`metrics` the FD and accuracy of every
