@@ -54,7 +54,7 @@ def train(out: Path) -> dict:
     return {
         "command": command(),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "weights": str(out.resolve().relative_to(Path(__file__).resolve().parents[1])),
+        "weights": os.path.relpath(out.resolve(), Path(__file__).resolve().parents[1]),
         "train_wall_s": round(wall, 1),
         "load_avg_end": round(os.getloadavg()[0], 2),
         "info": info,
