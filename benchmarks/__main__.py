@@ -78,9 +78,19 @@ ENTRIES["ablation"] = Entry(
 )
 ENTRIES["default_run"] = Entry(
     "default_run.py",
-    outputs=("default_run.json", "default_run.md", "default_run_spherical.png", "default_run_linear.png"),
+    ("--seeds", "3"),
+    outputs=(
+        "default_run.json",
+        "default_run.md",
+        "default_run_spherical.png",
+        "default_run_linear.png",
+        "default_run_seeds.json",
+        "default_run_seeds.md",
+    ),
     long=True,
 )
+# the judge of every FD-builtin-classifier and accuracy: retrains the shipped weights (deterministic for 1 thread)
+ENTRIES["builtin_judge"] = Entry("builtin_judge.py", outputs=("builtin_judge.json", "builtin_judge.md"), long=True)
 # on the ablation's trained models (runs/ablation, runs/ot): run after `ablation` (and its OT twin below)
 ENTRIES["ablation_ot"] = Entry(
     "ablation.py",

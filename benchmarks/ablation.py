@@ -52,7 +52,6 @@ QUICK = [
     "data.test_per_class=2",
     "finetune.steps=2",
     "finetune.batch_size=4",
-    "eval.classifier_steps=3",
     "train.steps=4",
     "train.batch_size=12",
     "eval.num_samples=24",

@@ -46,7 +46,7 @@ def score(job: tuple[str, str, int, int, str | None]) -> dict[str, Any]:
     from manifold_fm.training.runs import load_run
 
     run = load_run(Path(run_dir))
-    evaluator = builtin_evaluator(cache_dir, progress=False)
+    evaluator = builtin_evaluator()
     spec = run.cfg.sample
     quality = SampleQuality(run.flow, spec, run.decoder, run.latent_shape, run.num_classes, evaluator)
     z, own_images, labels, _ = quality.sample(run.model, samples, seed=20_000 + seed)

@@ -56,7 +56,6 @@ QUICK = [
     "data.test_per_class=2",
     "finetune.steps=2",
     "finetune.batch_size=4",
-    "eval.classifier_steps=3",
     "train.steps=4",
     "train.batch_size=12",
     "eval.num_samples=24",
@@ -97,7 +96,7 @@ def rescore(run_dir: Path, seed: int, num_samples: int, cache_dir: Path | None) 
     from manifold_fm.training.runs import load_run
 
     torch.set_num_threads(1)
-    evaluator = builtin_evaluator(cache_dir, progress=False)
+    evaluator = builtin_evaluator()
     out: dict[str, dict[str, float]] = {}
     for arm in ARMS:
         run = load_run(run_dir / arm)

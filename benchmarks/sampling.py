@@ -117,7 +117,7 @@ def score(job: tuple[Any, ...]) -> dict[str, Any]:
     from manifold_fm.sampler import SamplerSpec
     from manifold_fm.training.runs import load_run
 
-    evaluator = builtin_evaluator(cache_dir, progress=False)
+    evaluator = builtin_evaluator()
     run = load_run(run_dir)
     base = run.cfg.sample.model_dump(include=set(SamplerSpec.model_fields))
     noise_seed = NOISE[noise] + seed  # apart from training's and the runs' own evaluations
@@ -173,7 +173,7 @@ def score_precision(job: tuple[str, str, int, int, str | None]) -> dict[str, Any
     from manifold_fm.sampler import SamplerSpec
     from manifold_fm.training.runs import load_run
 
-    evaluator = builtin_evaluator(cache_dir, progress=False)
+    evaluator = builtin_evaluator()
     run = load_run(run_dir)
     base = run.cfg.sample.model_dump(include=set(SamplerSpec.model_fields))
     out: dict[str, Any] = {"arm": arm, "seed": seed, "run": run_dir}

@@ -300,7 +300,6 @@ def test_default_run_decoder_finetune_equals_a_plain_loop(tmp_path, monkeypatch)
         "data.test_per_class=2",
         "finetune.steps=20",
         "finetune.batch_size=4",
-        "eval.classifier_steps=1",
         f"tokenizer.cache_dir={tmp_path / 'cache'}",
     ]
     with pytest.raises(_Stop):

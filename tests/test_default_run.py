@@ -26,7 +26,6 @@ SHRINK = [
     "data.test_per_class=2",
     "finetune.steps=2",
     "finetune.batch_size=4",
-    "eval.classifier_steps=3",
     "train.steps=4",
     "train.batch_size=12",
     "eval.num_samples=24",
@@ -238,3 +237,33 @@ def test_the_default_run_runs_the_four_ablation_arms(tmp_path: Path) -> None:
         assert meta["config"]["tokenizer"]["decoder_state"] is not None and meta["flow"] == arm
     for arm in ("linear", "shell"):
         assert results["modes"][arm]["on_sphere_error_max"] > 1e-3
+
+
+def test_quick_shrinks_every_size(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """``train --quick`` is the default run with every size smaller (steps, finetune, images, samples) and nothing
+    else changed; ``--set`` applies after it; it refuses another config."""
+    import manifold_fm.training.default_run as default_run
+    from manifold_fm.config import to_dict
+
+    seen = []
+    monkeypatch.setattr(default_run, "run_default", lambda cfg, **kw: seen.append(cfg) or tmp_path)
+    result = CliRunner().invoke(main, ["train", "--quick", "--set", "train.seed=3"])
+    assert result.exit_code == 0, result.output
+    quick, full = to_dict(seen[0]), to_dict(load_run_config("default"))
+    sizes = [
+        ("train", "steps"),
+        ("train", "eval_every"),
+        ("data", "per_class"),
+        ("data", "test_per_class"),
+        ("finetune", "steps"),
+        ("eval", "samples"),
+        ("eval", "num_samples"),
+    ]
+    for section, key in sizes:
+        assert quick[section][key] < full[section][key], (section, key)
+        quick[section].pop(key), full[section].pop(key)
+    assert (quick.pop("name"), quick["train"].pop("seed"), full["train"].pop("seed")) == ("default-quick", 3, 0)
+    full.pop("name")
+    assert quick == full  # the model, optimiser, flow, sampler and modes are the default run's
+    other = CliRunner().invoke(main, ["train", "--quick", "--config", "toy-sphere"])
+    assert other.exit_code == 2 and "--quick shrinks the built-in default run" in other.output

@@ -27,10 +27,10 @@ CLASSES = 12
 
 
 @pytest.fixture(scope="module")
-def evaluator(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+def evaluator():  # noqa: ANN201
     from manifold_fm.eval.classifier import builtin_evaluator
 
-    return builtin_evaluator(tmp_path_factory.mktemp("clf"), per_class=6, test_per_class=4, steps=40, progress=False)
+    return builtin_evaluator(test_per_class=4)
 
 
 def _run(*settings: str):  # noqa: ANN202

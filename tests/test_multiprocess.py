@@ -53,8 +53,6 @@ TRAIN = [
     "--set",
     "eval.batch_size=4",
     "--set",
-    "eval.classifier_steps=3",
-    "--set",
     "sample.steps=2",
 ]
 # summation order only: observed ~1.5e-8 on these weights (magnitude ~0.2); the bound leaves room, a different
@@ -283,7 +281,7 @@ from manifold_fm.training.schema import load_image_config
 torch.set_num_threads(1)
 cfg = load_image_config("image-builtin", ["sample.steps=2", "eval.samples=10", "eval.batch_size=4"])
 model = image_model(cfg, 16, 8, 12)
-evaluator = builtin_evaluator(sys.argv[1], per_class=6, test_per_class=4, steps=40, progress=False)
+evaluator = builtin_evaluator(test_per_class=4)
 chunks = []  # the batches this process decodes
 decoder = run_decoder(cfg, builtin_tokenizer(progress=False))
 decode = decoder.decode
@@ -293,7 +291,7 @@ import accelerate  # the launcher's process group (gloo on CPU)
 accelerate.PartialState()
 metrics = hook.fn(2, model)
 rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-Path(sys.argv[2], f"rank{rank}.json").write_text(json.dumps({"world": world, "chunks": chunks, "metrics": metrics}))
+Path(sys.argv[1], f"rank{rank}.json").write_text(json.dumps({"world": world, "chunks": chunks, "metrics": metrics}))
 """
 
 
@@ -307,8 +305,7 @@ def test_the_evaluation_hook_on_two_processes_equals_one_process(tmp_path: Path)
     from manifold_fm.training.image import eval_hook, image_model, run_decoder
     from manifold_fm.training.schema import load_image_config
 
-    cache = tmp_path / "clf"
-    evaluator = builtin_evaluator(cache, per_class=6, test_per_class=4, steps=40, progress=False)  # cached for both
+    evaluator = builtin_evaluator(test_per_class=4)  # the shipped classifier, in both
     cfg = load_image_config("image-builtin", ["sample.steps=2", "eval.samples=10", "eval.batch_size=4"])
     decoder = run_decoder(cfg, builtin_tokenizer(progress=False))
     one = eval_hook(cfg, latent_flow(cfg.flow, 16), decoder, (16, 8, 8), 12, evaluator).fn(
@@ -317,7 +314,7 @@ def test_the_evaluation_hook_on_two_processes_equals_one_process(tmp_path: Path)
     script = tmp_path / "evaluate.py"
     script.write_text(_EVAL)
     proc = subprocess.run(
-        accelerate_command(str(script), str(cache), str(tmp_path)),
+        accelerate_command(str(script), str(tmp_path)),
         capture_output=True,
         text=True,
         timeout=300,

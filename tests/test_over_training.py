@@ -45,8 +45,6 @@ def test_image_runs_evaluate_during_training_and_compare(tmp_path: Path) -> None
         "--set",
         "eval.samples=12",
         "--set",
-        "eval.classifier_steps=3",
-        "--set",
         "sample.steps=2",
         "--set",
         f"tokenizer.cache_dir={tmp_path / 'cache'}",

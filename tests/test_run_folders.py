@@ -29,7 +29,6 @@ DEFAULT = [
     "data.test_per_class=2",
     "finetune.steps=2",
     "finetune.batch_size=4",
-    "eval.classifier_steps=3",
     "train.steps=2",
     "train.batch_size=12",
     "eval.num_samples=24",

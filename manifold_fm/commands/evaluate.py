@@ -132,7 +132,7 @@ def evaluate(
     if builtin or reference is None:
         from ..eval.classifier import FD_NAME, builtin_evaluator
 
-        ev = builtin_evaluator(progress=progress)
+        ev = builtin_evaluator()
         x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
         with precision_scope(precision, "cpu"):  # the built-in classifier runs on the CPU
             res = ev.evaluate(x, labels if labels is not None and labels.shape[0] == x.shape[0] else None, progress)

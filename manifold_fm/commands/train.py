@@ -73,6 +73,12 @@ from ..threads import threads_option
     "for latent images the vanilla baseline).",
 )
 @click.option("--steps", type=click.IntRange(min=0), default=None, help="Shortcut for --set train.steps=N.")
+@click.option(
+    "--quick",
+    is_flag=True,
+    help="The default run shrunk to about a minute (fewer steps, a shorter finetune, fewer images and samples; "
+    "folder runs/default-quick): the same table and pictures, a smoke run's numbers. --set still applies after it.",
+)
 @threads_option
 @progress_option
 def train(
@@ -86,6 +92,7 @@ def train(
     overwrite: bool,
     path: str | None,
     steps: int | None,
+    quick: bool,
     threads: int | None,
 ) -> None:
     """Train a flow. `kind: manifold` (or `toy`) configs train a small MLP on a manifold, on a built-in dataset (about
@@ -109,6 +116,12 @@ def train(
         raise click.UsageError("--reschedule goes with --extend (it accepts the new schedule of an extended run)")
     # User errors (config, checkpoint, run folder, paths) become one line in the CLI group (manifold_fm/cli.py).
     extra = list(overrides)
+    if quick:
+        if config not in (None, "default"):
+            raise click.UsageError("--quick shrinks the built-in default run: leave out --config")
+        from ..training.default_run import QUICK_OVERRIDES
+
+        extra = [*QUICK_OVERRIDES, *extra]
     if path is not None:
         extra.append(f"flow.path={path}")
     if steps is not None:

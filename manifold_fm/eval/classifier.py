@@ -6,14 +6,15 @@ Two numbers come out of it (neither is FID):
   Gaussians fitted to the classifier's 128-d penultimate features of generated images and of the built-in test split;
 - **classifier accuracy**: how often the classifier assigns a class-conditional sample to the class it was asked for.
 
-The classifier is trained once (deterministic for a seed and thread count) and cached next to the tokenizer cache.
+Its weights ship in ``manifold_fm/assets/builtin_classifier.safetensors`` (with its training recipe and test accuracy
+in the file's metadata); ``python benchmarks/builtin_judge.py`` retrains them deterministically
+(:func:`train_builtin_classifier`, :class:`JudgeRecipe`) and writes ``benchmarks/results/builtin_judge.{json,md}``.
 """
 
 from __future__ import annotations
 
 import json
-import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..atomic import atomic_path, write_json_atomic
+from ..atomic import atomic_path
 from ..errors import InputError
 from .fid import feature_stats, frechet_distance
 
-CACHE_NAME = "builtin_classifier-v3"
+#: The shipped weights of the built-in classifier (written by ``python benchmarks/builtin_judge.py``).
+ASSET_PATH = Path(__file__).resolve().parent.parent / "assets" / "builtin_classifier.safetensors"
 FD_NAME = "FD-builtin-classifier"
 
 
@@ -92,21 +94,31 @@ def train_classifier(
     batch_size: int = 64,
     lr: float = 3e-3,
     seed: int = 0,
+    width: int = 32,
+    extra: tuple[Tensor, Tensor] | None = None,
+    extra_fraction: float = 0.0,
     progress: bool = True,
 ) -> SmallClassifier:
-    """Cross-entropy with AdamW and cosine decay on ``images`` (``(N, 3, H, W)`` in [-1, 1]); returns eval mode."""
+    """Cross-entropy with AdamW and a one-cycle schedule (5% warm-up, then cosine decay) on ``images``
+    (``(N, 3, H, W)`` in [-1, 1]), augmented (:func:`_augment`); returns eval mode. ``extra``: more
+    ``(images, labels)`` (e.g. tokenizer reconstructions) making up ``extra_fraction`` of every batch."""
     from ..progress import progress_bar
 
     g = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = SmallClassifier(num_classes)
+        model = SmallClassifier(num_classes, width=width)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.05)
+    n_extra = int(round(batch_size * extra_fraction)) if extra is not None else 0
     model.train()
     for _ in progress_bar(range(steps), desc="train classifier", disable=not progress, leave=False):
-        idx = torch.randint(0, images.shape[0], (batch_size,), generator=g)
-        loss = F.cross_entropy(model(_augment(images[idx], g)), labels[idx])
+        idx = torch.randint(0, images.shape[0], (batch_size - n_extra,), generator=g)
+        x, y = images[idx], labels[idx]
+        if n_extra:
+            jdx = torch.randint(0, extra[0].shape[0], (n_extra,), generator=g)
+            x, y = torch.cat([x, extra[0][jdx]]), torch.cat([y, extra[1][jdx]])
+        loss = F.cross_entropy(model(_augment(x, g)), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -130,16 +142,9 @@ def predict(
     return torch.cat(feats), torch.cat(preds)
 
 
-def _cache_dir(cache_dir: str | Path | None) -> Path:
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    env = os.environ.get("MANIFOLD_FM_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "manifold-fm"
-
-
 @dataclass
 class BuiltinEvaluator:
-    """The cached classifier plus the reference feature statistics of the built-in test split.
+    """The shipped classifier plus the reference feature statistics of the built-in test split.
 
     It scores in two parts (:class:`~manifold_fm.eval.sample_quality.Evaluator`): :meth:`features` gives per-image
     rows on the images' device (the classifier follows them there), :meth:`metrics` the FD and accuracy of every
@@ -197,56 +202,135 @@ class BuiltinEvaluator:
         return self.metrics({k: torch.cat([p[k] for p in parts]) for k in parts[0]})
 
 
-def builtin_evaluator(
-    cache_dir: str | Path | None = None,
-    *,
-    train_if_missing: bool = True,
-    progress: bool = True,
-    per_class: int = 300,
-    test_per_class: int = 100,
-    steps: int = 800,
-    size: int = 32,
-    train_data: tuple[Tensor, Tensor] | None = None,
-    test_data: tuple[Tensor, Tensor] | None = None,
-) -> BuiltinEvaluator:
-    """The built-in classifier (trained on ``BuiltinImages('train')`` once, then cached) and test-split statistics.
+@dataclass(frozen=True)
+class JudgeRecipe:
+    """How the shipped built-in classifier was trained (:func:`train_builtin_classifier`).
 
-    ``train_data`` / ``test_data``: the already rendered ``(images, labels)`` of exactly those splits, to skip
-    rendering them again (the caller vouches that they match ``per_class`` / ``test_per_class`` / ``size``).
-    """
-    from safetensors.torch import load_file, save_file
+    Its images are its own: ``BuiltinImages("train", seed=data_seed)``, a random stream disjoint from the seed-0
+    train and test splits and the seed-1 held-out set the default run and the benchmarks score against. The first
+    ``recon_per_class`` images of each class are also passed through the built-in tokenizer twice (its own decoder,
+    and the spherical projection with that decoder), and ``recon_fraction`` of every batch comes from those
+    reconstructions: samples reach the judge through a decoder, so it must name blurred, decoded shapes too."""
 
+    data_seed: int = 101
+    per_class: int = 2000
+    recon_per_class: int = 1000
+    recon_fraction: float = 0.5
+    steps: int = 6000
+    batch_size: int = 128
+    lr: float = 3e-3
+    seed: int = 0
+    width: int = 32
+    size: int = 32
+
+
+def _reconstructions(images: Tensor, labels: Tensor, chunk: int = 500) -> tuple[Tensor, Tensor]:
+    """``images`` through the built-in tokenizer's decoder and through the spherical projection with that decoder:
+    ``(2N, 3, H, W)`` images (both reconstructions of each chunk in turn) and their ``(2N,)`` labels."""
+    from ..tokenizers import SphericalTokenizer, builtin_tokenizer
+
+    tok = builtin_tokenizer(progress=False).eval()
+    sph = SphericalTokenizer(tok).eval()
+    parts, names = [], []
+    with torch.no_grad():
+        for i in range(0, images.shape[0], chunk):
+            x = images[i : i + chunk]
+            parts += [tok.decode(tok.encode(x)), sph.decode(sph.encode(x))]
+            names += [labels[i : i + chunk]] * 2
+    return torch.cat(parts), torch.cat(names)
+
+
+def train_builtin_classifier(
+    recipe: JudgeRecipe = JudgeRecipe(), *, progress: bool = True
+) -> tuple[SmallClassifier, dict[str, Any]]:
+    """Train the built-in classifier by ``recipe`` (deterministic for a thread count); returns it with its info:
+    the recipe, and its accuracy on the seed-0 test split (100 per class), real and reconstructed."""
     from ..data.builtin_images import BuiltinImages
 
-    train = BuiltinImages("train", size=size, per_class=per_class, seed=0)
+    train = BuiltinImages("train", size=recipe.size, per_class=recipe.per_class, seed=recipe.data_seed)
+    x, y = train.tensors()
+    n = recipe.recon_per_class * train.num_classes  # item i has label i % 12: the first n hold every class alike
+    rec_x, rec_y = _reconstructions(x[:n], y[:n])
+    model = train_classifier(
+        x,
+        y,
+        train.num_classes,
+        steps=recipe.steps,
+        batch_size=recipe.batch_size,
+        lr=recipe.lr,
+        seed=recipe.seed,
+        width=recipe.width,
+        extra=(rec_x, rec_y),
+        extra_fraction=recipe.recon_fraction,
+        progress=progress,
+    )
+    test = BuiltinImages("test", size=recipe.size, per_class=100, seed=0)
+    tx, ty = test.tensors()
+    _, preds = predict(model, tx)
+    rec_x, rec_y = _reconstructions(tx, ty)
+    _, rec_preds = predict(model, rec_x)
+    info = {
+        "recipe": asdict(recipe),
+        "train": train.identity,
+        "test": test.identity,
+        "test_accuracy": float((preds == ty).float().mean()),
+        "test_reconstruction_accuracy": float((rec_preds == rec_y).float().mean()),
+        "size": recipe.size,
+        "width": recipe.width,
+        "feature_dim": SmallClassifier.feature_dim,
+        "num_classes": train.num_classes,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+    return model, info
+
+
+def save_builtin_classifier(model: SmallClassifier, info: dict[str, Any], path: str | Path = ASSET_PATH) -> None:
+    """Write the classifier's weights with ``info`` (JSON, in the safetensors metadata) atomically."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+        save_file(tensors, str(tmp), metadata={"info": json.dumps(info, sort_keys=True)})
+
+
+def load_builtin_classifier(path: str | Path | None = None) -> tuple[SmallClassifier, dict[str, Any]]:
+    """The built-in classifier (the shipped weights, or ``path``) in eval mode, with the info saved beside it."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = ASSET_PATH if path is None else Path(path)
+    if not path.is_file():
+        raise InputError(
+            f"no built-in classifier weights at {path}; write them with `python benchmarks/builtin_judge.py` "
+            "(or reinstall manifold-fm: the package ships them)"
+        )
+    with safe_open(str(path), framework="pt") as f:
+        info = json.loads((f.metadata() or {}).get("info", "{}"))
+    model = SmallClassifier(int(info.get("num_classes", 12)), width=int(info.get("width", 32)))
+    model.load_state_dict(load_file(str(path)))
+    return model.eval().requires_grad_(False), info
+
+
+def builtin_evaluator(
+    *,
+    weights: str | Path | None = None,
+    test_per_class: int = 100,
+    test_data: tuple[Tensor, Tensor] | None = None,
+) -> BuiltinEvaluator:
+    """The built-in classifier (the shipped weights, or ``weights``: :func:`load_builtin_classifier`) and the
+    feature statistics of the seed-0 test split, ``test_per_class`` images per class at the classifier's size.
+
+    ``test_data``: the already rendered ``(images, labels)`` of exactly that split, to skip rendering it again."""
+    from ..data.builtin_images import BuiltinImages
+
+    model, info = load_builtin_classifier(weights)
+    size = int(info.get("size", 32))
     test = BuiltinImages("test", size=size, per_class=test_per_class, seed=0)
-    key = f"{CACHE_NAME}-s{size}-p{per_class}-t{test_per_class}-n{steps}"
-    root = _cache_dir(cache_dir)
-    weights, meta_path = root / f"{key}.safetensors", root / f"{key}.json"
-    test_x, test_y = test_data if test_data is not None else test.tensors()
-    if weights.is_file() and meta_path.is_file():
-        model = SmallClassifier(train.num_classes)
-        model.load_state_dict(load_file(str(weights)))
-        model.eval().requires_grad_(False)
-        info = json.loads(meta_path.read_text())
-    else:
-        if not train_if_missing:
-            raise FileNotFoundError(f"no cached built-in classifier at {weights}; allow training it once")
-        x, y = train_data if train_data is not None else train.tensors()
-        model = train_classifier(x, y, train.num_classes, steps=steps, progress=progress)
-        _, preds = predict(model, test_x)
-        info = {
-            "test_accuracy": float((preds == test_y).float().mean()),
-            "train": train.identity,
-            "test": test.identity,
-            "steps": steps,
-            "size": size,
-            "feature_dim": SmallClassifier.feature_dim,
-        }
-        root.mkdir(parents=True, exist_ok=True)
-        with atomic_path(weights) as tmp:
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-        write_json_atomic(meta_path, info)
+    test_x, _ = test_data if test_data is not None else test.tensors()
     feats, _ = predict(model, test_x)
     mu, sigma = feature_stats(feats)
-    return BuiltinEvaluator(model, mu, sigma, {**info, "cache": str(root)})
+    path = ASSET_PATH if weights is None else Path(weights)
+    return BuiltinEvaluator(model, mu, sigma, {**info, "size": size, "reference": test.identity, "weights": str(path)})

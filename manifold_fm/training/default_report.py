@@ -13,7 +13,8 @@ from .schema import FLOW_PRESETS
 #: What the table's columns and reference rows mean (printed and written under the table).
 LEGEND = """\
 - FD-builtin-classifier (lower is better): the Fréchet distance between the features of the samples and of held-out
-  real images, in a small classifier trained on the built-in images (not FID: no Inception network here).
+  real images, in the built-in classifier shipped with the package (trained on rendered images of its own; not
+  FID: no Inception network here).
 - classifier accuracy (higher is better): how often that classifier names the class each sample was generated for
   (12 classes: chance is 0.083).
 - on-sphere error (max): the largest | |z| / sqrt(d) - 1 | over the generated latent tokens z (d channels), i.e. the

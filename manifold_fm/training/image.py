@@ -319,9 +319,7 @@ def eval_hook(
         if cfg.data.source == "builtin":
             from ..eval.classifier import builtin_evaluator
 
-            evaluator = builtin_evaluator(
-                cfg.tokenizer.cache_dir, progress=False, size=cfg.data.size, steps=cfg.eval.classifier_steps
-            )
+            evaluator = builtin_evaluator()  # the shipped classifier; images are resized to its size
         else:
             from ..eval.fid import FidelityEvaluator
 

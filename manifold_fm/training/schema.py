@@ -439,7 +439,6 @@ class ImageEvalConfig(Section):
 
     samples: int = Field(240, ge=2)
     seed: int = 1
-    classifier_steps: int = Field(800, ge=1)  # the built-in classifier's training (once, then cached)
     inception_weights: Path | None = None
     reference: Path | None = None
     batch_size: int = Field(64, ge=1)
@@ -507,11 +506,10 @@ class FinetuneConfig(Section):
 
 class DefaultEvalConfig(Section):
     """Sample quality: ``num_samples`` final samples per mode, ``samples`` per evaluation during training (every
-    ``train.eval_every`` steps), and the ``classifier_steps`` of the built-in evaluation classifier."""
+    ``train.eval_every`` steps), scored by the shipped built-in classifier."""
 
     num_samples: int = Field(600, ge=2)
     samples: int = Field(240, ge=2)
-    classifier_steps: int = Field(800, ge=1)
 
 
 class DefaultRunConfig(RunBase):
