@@ -159,6 +159,44 @@ def test_early_stopping_ends_a_cli_run(tmp_path: Path) -> None:
     assert m["stopped_early"] is True and m["steps_trained"] == 4 and m["best_step"] == 2
 
 
+def test_early_stopping_stops_every_process_of_a_two_process_run(tmp_path: Path) -> None:
+    """The validation hook runs on the main process; its request to stop must reach the other process, which
+    otherwise trains on alone and waits for the main process in the next gradient all-reduce (a hang)."""
+    import os
+    import signal
+    import subprocess
+
+    from helpers import accelerate_command, cpu_env
+
+    csv, run = _csv(tmp_path / "pts.csv"), tmp_path / "run"
+    args = ["train", "--config", "manifold-latlon", "--set", f"data.file={csv}", "--out", str(run), *TINY,
+            "--steps", "20", "--set", "optim.lr=1e-30", "--set", "eval.patience=1"]  # fmt: skip
+    log = tmp_path / "launch.log"
+    with log.open("w") as stdout:
+        proc = subprocess.Popen(
+            accelerate_command("-m", "manifold_fm.cli", *args),
+            stdout=stdout,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=cpu_env(),
+        )
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            import psutil  # accelerate's dependency; the ranks have sessions of their own, out of the launcher's group
+
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                child.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            pytest.fail("the two-process run did not end after early stopping (a process kept training)")
+    out = log.read_text()
+    assert proc.returncode == 0, out[-3000:]
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["stopped_early"] is True and m["steps_trained"] == 4 and m["best_step"] == 2
+    assert _sessions(run, 4) == [{"start": 0, "steps": 4}]
+
+
 def test_sample_plots_chart_hyperbolic_points_on_the_poincare_disk(tmp_path: Path) -> None:
     from manifold_fm.data.toy import LorentzWrappedNormalMixture
     from manifold_fm.eval.plots import plot_points

@@ -344,8 +344,8 @@ class Trainer:
         return True
 
     def request_stop(self) -> None:
-        """End training after the current step's hooks, with a checkpoint of that step (early stopping). A hook
-        that asks for it runs on the main process: use it in single-process runs, or from hooks on every process."""
+        """End training after the current step's hooks, with a checkpoint of that step (early stopping). Asked by a
+        hook on the main process, it stops every process at that step (the main process's request is shared)."""
         self.stop_requested = True
 
     def part_module(self, name: str) -> nn.Module:
@@ -595,12 +595,20 @@ class Trainer:
 
     def _run_hooks(self, logger: RunLogger, final: bool) -> None:
         main = self.accelerator.is_main_process
+        fired = False
         for hook in self.hooks:
-            if hook.every and (self.step % hook.every == 0 or final) and (main or hook.all_processes):
-                with _preserve_rng():
-                    metrics = hook.fn(self.step, self.ema.model)
-                if metrics and main:
-                    logger.log(self.step, metrics)
+            if hook.every and (self.step % hook.every == 0 or final):
+                fired = True
+                if main or hook.all_processes:
+                    with _preserve_rng():
+                        metrics = hook.fn(self.step, self.ema.model)
+                    if metrics and main:
+                        logger.log(self.step, metrics)
+        if fired and self.accelerator.num_processes > 1:
+            # a main-process hook may have asked to stop (early stopping): every process stops at the same step, or
+            # the others would wait for it in the next step's gradient all-reduce. Hooks fire at the same steps on
+            # every process, so this broadcast is matched (and costs one host read per hook step, none otherwise).
+            self.stop_requested = _main_flag(self.stop_requested, self.device)
 
 
 def _leave_out(bar: Any, seconds: float) -> None:
@@ -608,6 +616,15 @@ def _leave_out(bar: Any, seconds: float) -> None:
     if not bar.disable:
         bar.start_t += seconds
         bar.last_print_t += seconds
+
+
+def _main_flag(flag: bool, device: torch.device) -> bool:
+    """The main process's value of ``flag``, on every process."""
+    import torch.distributed as dist
+
+    value = torch.tensor([int(flag)], device=device)
+    dist.broadcast(value, src=0)
+    return bool(value.item())
 
 
 def _same_as_main(tensor: Tensor) -> bool:
