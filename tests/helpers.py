@@ -249,6 +249,28 @@ def accelerate_command(*args: str, processes: int = 2) -> list[str]:
     ]
 
 
+def kill_launched(proc: Any) -> None:
+    """SIGKILL an ``accelerate launch`` started with ``start_new_session=True`` and every process under it, then
+    reap it. Its ranks run in sessions of their own (torch's elastic agent starts them so), so killing the launcher's
+    process group alone leaves them running."""
+    import os
+    import signal
+
+    import psutil  # a dependency of accelerate
+
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        children = []
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    for child in children:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+    psutil.wait_procs(children, timeout=30)
+    proc.wait()
+
+
 @contextlib.contextmanager
 def cpu_only() -> Iterator[None]:
     """In-process code sees no CUDA (``torch.cuda.is_available()`` is false), so the library, accelerate and

@@ -162,11 +162,9 @@ def test_early_stopping_ends_a_cli_run(tmp_path: Path) -> None:
 def test_early_stopping_stops_every_process_of_a_two_process_run(tmp_path: Path) -> None:
     """The validation hook runs on the main process; its request to stop must reach the other process, which
     otherwise trains on alone and waits for the main process in the next gradient all-reduce (a hang)."""
-    import os
-    import signal
     import subprocess
 
-    from helpers import accelerate_command, cpu_env
+    from helpers import accelerate_command, cpu_env, kill_launched
 
     csv, run = _csv(tmp_path / "pts.csv"), tmp_path / "run"
     args = ["train", "--config", "manifold-latlon", "--set", f"data.file={csv}", "--out", str(run), *TINY,
@@ -183,12 +181,7 @@ def test_early_stopping_stops_every_process_of_a_two_process_run(tmp_path: Path)
         try:
             proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
-            import psutil  # accelerate's dependency; the ranks have sessions of their own, out of the launcher's group
-
-            for child in psutil.Process(proc.pid).children(recursive=True):
-                child.kill()
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            kill_launched(proc)
             pytest.fail("the two-process run did not end after early stopping (a process kept training)")
     out = log.read_text()
     assert proc.returncode == 0, out[-3000:]

@@ -10,8 +10,6 @@ global batch and take their slices, so the runs differ only in the order DDP sum
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -24,7 +22,7 @@ from click.testing import CliRunner
 from manifold_fm.cli import main
 from manifold_fm.training.checkpoint import latest_checkpoint, load_checkpoint
 
-from helpers import accelerate_command, assert_resumed, cpu_env, log_lines
+from helpers import accelerate_command, assert_resumed, cpu_env, kill_launched, log_lines
 
 pytestmark = pytest.mark.slow
 
@@ -136,8 +134,7 @@ def test_a_killed_two_process_run_resumes_exactly_with_two_or_one_processes(runs
         assert time.monotonic() < deadline, "timed out waiting for the step-8 checkpoint write"
         time.sleep(0.05)
     assert proc.poll() is None  # alive when killed
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_launched(proc)  # the launcher and both ranks
     latest = latest_checkpoint(part / "checkpoints")
     assert latest is not None and latest.name == "step_00000004"  # strictly before the last step
     assert not (part / "checkpoints" / "step_00000008").exists()
