@@ -249,6 +249,44 @@ def accelerate_command(*args: str, processes: int = 2) -> list[str]:
     ]
 
 
+def record_host_reads(monkeypatch: Any, watched: set[str]) -> list[str]:
+    """Spy on ``Tensor.item/__float__/__bool__/tolist`` while ``Trainer.train_step`` runs: the returned list
+    collects ``"<method> in <file>"`` for every call made from a ``manifold_fm`` file whose name is in ``watched``
+    (a host read inside a step: a device sync on an accelerator)."""
+    import sys
+    from pathlib import Path
+
+    from manifold_fm.training.trainer import Trainer
+
+    inside = {"step": False}
+    reads: list[str] = []
+
+    def spy(name: str):  # noqa: ANN202
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(self: torch.Tensor, *args: object):  # noqa: ANN202
+            caller = sys._getframe(1).f_code.co_filename
+            if inside["step"] and "manifold_fm" in caller and Path(caller).name in watched:
+                reads.append(f"{name} in {Path(caller).name}")
+            return original(self, *args)
+
+        return wrapper
+
+    for name in ("item", "__float__", "__bool__", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, spy(name))
+    original_step = Trainer.train_step
+
+    def traced(self: Trainer, *args: object, **kwargs: object):  # noqa: ANN202
+        inside["step"] = True
+        try:
+            return original_step(self, *args, **kwargs)
+        finally:
+            inside["step"] = False
+
+    monkeypatch.setattr(Trainer, "train_step", traced)
+    return reads
+
+
 def kill_launched(proc: Any) -> None:
     """SIGKILL an ``accelerate launch`` started with ``start_new_session=True`` and every process under it, then
     reap it. Its ranks run in sessions of their own (torch's elastic agent starts them so), so killing the launcher's

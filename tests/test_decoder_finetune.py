@@ -28,6 +28,8 @@ from manifold_fm.tokenizers.perceptual import GradientPyramidDistance, psnr
 from manifold_fm.training.decoder_finetune import finetune_decoder
 from manifold_fm.training.metrics_log import read_jsonl
 
+from helpers import record_host_reads
+
 
 def _finetune(tok, ds, steps: int, batch: int, *sets: str, **kwargs):
     """``finetune_decoder`` for ``steps`` at ``batch`` with ``key=value`` overrides, every step logged (so
@@ -375,37 +377,8 @@ def test_a_bf16_finetune_step_autocasts_the_decoder_and_discriminator() -> None:
 def test_a_finetune_step_never_reads_a_tensor_on_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
     """Inside a finetune step (GAN on, adaptive weight), code of the trainer, the objective and the finetune's losses
     turns no tensor into a Python number: the losses are read every train.log_every steps, as for flows."""
-    import sys
-
-    from manifold_fm.training.trainer import Trainer
-
     watched = {"trainer.py", "objective.py", "decoder_finetune.py", "finetune.py", "perceptual.py", "spherical.py"}
-    inside = {"step": False}
-    reads: list[str] = []
-
-    def spy(name: str):  # noqa: ANN202
-        original = getattr(torch.Tensor, name)
-
-        def wrapper(self: torch.Tensor, *args: object):  # noqa: ANN202
-            caller = sys._getframe(1).f_code.co_filename
-            if inside["step"] and "manifold_fm" in caller and caller.rsplit("/", 1)[-1] in watched:
-                reads.append(f"{name} in {caller.rsplit('/', 1)[-1]}")
-            return original(self, *args)
-
-        return wrapper
-
-    for name in ("item", "__float__", "__bool__", "tolist"):
-        monkeypatch.setattr(torch.Tensor, name, spy(name))
-    original_step = Trainer.train_step
-
-    def traced(self: Trainer, *args: object, **kwargs: object):  # noqa: ANN202
-        inside["step"] = True
-        try:
-            return original_step(self, *args, **kwargs)
-        finally:
-            inside["step"] = False
-
-    monkeypatch.setattr(Trainer, "train_step", traced)
+    reads = record_host_reads(monkeypatch, watched)
     res = _finetune(_tiny_tokenizer(), BuiltinImages("train", per_class=1), 3, 4, "finetune.gan_start=1")
     assert reads == []
     assert res.report["final_losses"]["disc"] > 0 and res.report["final_losses"]["gan_scale"] != 1.0

@@ -7,7 +7,6 @@ on the sphere), the same run eager (compile agrees to float rounding), the same 
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,8 @@ from manifold_fm.training.flow_objective import FlowObjective
 from manifold_fm.training.metrics_log import read_jsonl
 from manifold_fm.training.schema import load_image_config
 from manifold_fm.training.trainer import Trainer
+
+from helpers import record_host_reads
 
 PATH = {"spherical": "geodesic", "linear": "linear"}
 
@@ -154,32 +155,7 @@ def test_a_training_step_never_reads_a_tensor_on_the_host(tmp_path: Path, monkey
     and its finiteness are read every log_every steps instead."""
     watched = {"trainer.py", "objective.py", "flow_objective.py", "flow.py", "loss.py", "paths.py", "time.py"}
     watched.add("coupling.py")
-    inside = {"step": False}
-    reads: list[str] = []
-
-    def spy(name: str):  # noqa: ANN202
-        original = getattr(Tensor, name)
-
-        def wrapper(self: Tensor, *args: object):  # noqa: ANN202
-            caller = sys._getframe(1).f_code.co_filename
-            if inside["step"] and "manifold_fm" in caller and Path(caller).name in watched:
-                reads.append(f"{name} in {Path(caller).name}")
-            return original(self, *args)
-
-        return wrapper
-
-    for name in ("item", "__float__", "__bool__", "tolist"):
-        monkeypatch.setattr(Tensor, name, spy(name))
-    original_step = Trainer.train_step
-
-    def traced(self: Trainer, *args: object, **kwargs: object):  # noqa: ANN202
-        inside["step"] = True
-        try:
-            return original_step(self, *args, **kwargs)
-        finally:
-            inside["step"] = False
-
-    monkeypatch.setattr(Trainer, "train_step", traced)
+    reads = record_host_reads(monkeypatch, watched)
     _run(tmp_path / "run", steps=4, **{"train.log_every": 2})
     assert reads == []
     assert [r["step"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [2, 4]
