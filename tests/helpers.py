@@ -249,6 +249,18 @@ def accelerate_command(*args: str, processes: int = 2) -> list[str]:
     ]
 
 
+def load_script(path: Any, name: str) -> Any:
+    """Import the script at ``path`` (not a package module) as module ``name``."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
 def record_host_reads(monkeypatch: Any, watched: set[str]) -> list[str]:
     """Spy on ``Tensor.item/__float__/__bool__/tolist`` while ``Trainer.train_step`` runs: the returned list
     collects ``"<method> in <file>"`` for every call made from a ``manifold_fm`` file whose name is in ``watched``

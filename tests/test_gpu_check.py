@@ -4,7 +4,6 @@ slices, failures, child processes), its recipe estimate, and the wheels script t
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -16,23 +15,15 @@ from typing import Any
 
 import pytest
 
-from helpers import cpu_env, require_flux2_vae
+from helpers import cpu_env, load_script, require_flux2_vae
 
 ROOT = Path(__file__).resolve().parent.parent
 EXP = ROOT / "experiments" / "imagenet_sfm"
 
 
-def _load(path: Path, name: str) -> Any:
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def gc() -> Any:
-    return _load(EXP / "gpu_check.py", "imagenet_sfm_gpu_check")
+    return load_script(EXP / "gpu_check.py", "imagenet_sfm_gpu_check")
 
 
 def _rate(units: float, t1: float, t2: float) -> Any:
@@ -347,7 +338,7 @@ def test_recipe_estimate_from_hand_computed_rates(gc: Any) -> None:
 
 # ----------------------------------------------------------------------------- the wheels script
 def test_gpu_wheels_checks_each_wheels_requirements_against_the_folder_and_the_image() -> None:
-    gw = _load(EXP / "scripts" / "gpu_wheels.py", "imagenet_sfm_gpu_wheels")
+    gw = load_script(EXP / "scripts" / "gpu_wheels.py", "imagenet_sfm_gpu_wheels")
     metadata = "\n".join(
         [
             "Name: example",
@@ -369,7 +360,7 @@ def test_gpu_wheels_checks_each_wheels_requirements_against_the_folder_and_the_i
     assert "this folder has pydantic-core 2.46.4" in problems[2]
     # what the check installs is what the script pins, and the folder it builds is git-ignored
     assert {r.split("==")[0].replace("-", "_"): r.split("==")[1] for r in gw.REQUIREMENTS}.items() <= gw.MISSING.items()
-    gc = _load(EXP / "gpu_check.py", "imagenet_sfm_gpu_check")
+    gc = load_script(EXP / "gpu_check.py", "imagenet_sfm_gpu_check")
     assert gw.DEFAULT_OUT == gc.DEFAULT_WHEELS
     ignored = subprocess.run(
         ["git", "check-ignore", "-q", str(gw.DEFAULT_OUT / "x.whl")],

@@ -2,33 +2,22 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import shlex
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import cpu_env, require_flux2_vae
+from helpers import cpu_env, load_script, require_flux2_vae
 
 ROOT = Path(__file__).resolve().parent.parent
 EXP = ROOT / "experiments" / "imagenet_sfm"
 CLASSES = ("n00000001", "n00000002")
-
-
-def _load(path: Path, name: str) -> Any:
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
 
 
 def reference_center_crop(pil: Image.Image, size: int) -> np.ndarray:
@@ -70,7 +59,7 @@ def write_fake_imagenet(root: Path, per_class: int = 4, corrupt: bool = False) -
 
 # ----------------------------------------------------------------------------- data preparation
 def test_prepare_imagenet_matches_adm_center_crop_and_reports_skips(tmp_path: Path) -> None:
-    prep = _load(EXP / "scripts" / "prepare_imagenet.py", "imagenet_sfm_prepare")
+    prep = load_script(EXP / "scripts" / "prepare_imagenet.py", "imagenet_sfm_prepare")
     src, dst = tmp_path / "train", tmp_path / "out"
     originals = write_fake_imagenet(src, per_class=3, corrupt=True)
     assert prep.main(["--src", str(src), "--dst", str(dst), "--size", "32", "--workers", "1", "--no-progress"]) == 0
@@ -139,7 +128,7 @@ def test_recipe_end_to_end_on_cpu(
 
     # 1. data: fake ImageNet -> ADM centre crop
     write_fake_imagenet(tmp_path / "imagenet" / "train", per_class=4)
-    prep = _load(EXP / "scripts" / "prepare_imagenet.py", "imagenet_sfm_prepare")
+    prep = load_script(EXP / "scripts" / "prepare_imagenet.py", "imagenet_sfm_prepare")
     assert prep.main(["--src", "imagenet/train", "--dst", "data/imagenet256", "--size", "32", "--no-progress"]) == 0
     # 0. weights: a tiny FLUX.2-class VAE in diffusers format, loaded by path from here on
     _tiny_flux2_vae(tmp_path / "weights" / "flux2-vae")
@@ -484,10 +473,10 @@ def test_latent_stats_bakes_dataset_standardisation_into_a_vae_folder(
     from manifold_fm.data.image_folder import ImageFolderDataset
     from manifold_fm.tokenizers import DiffusersTokenizer
 
-    stats = _load(EXP / "scripts" / "latent_stats.py", "imagenet_sfm_latent_stats")
+    stats = load_script(EXP / "scripts" / "latent_stats.py", "imagenet_sfm_latent_stats")
     assert stats.even_indices(10, 4) == [0, 2, 5, 7] and stats.even_indices(3, 8) == [0, 1, 2]
     write_fake_imagenet(tmp_path / "raw", per_class=3)
-    prep = _load(EXP / "scripts" / "prepare_imagenet.py", "imagenet_sfm_prepare")
+    prep = load_script(EXP / "scripts" / "prepare_imagenet.py", "imagenet_sfm_prepare")
     assert (
         prep.main(["--src", str(tmp_path / "raw"), "--dst", str(tmp_path / "img"), "--size", "16", "--no-progress"])
         == 0
