@@ -438,19 +438,10 @@ class ManifoldPipeline:
 
     def log_prob(self, x: Tensor, *, steps: int | None = None) -> Tensor:
         """Log-density of points ``x`` (w.r.t. the manifold's Riemannian volume), the run's likelihood solver."""
-        from .likelihood import log_likelihood
-        from .sampler import model_velocity
+        from .training.toy import log_prob
 
         cfg = self.run.cfg
-        return log_likelihood(
-            model_velocity(self.model, cfg.sample),
-            x,
-            self.manifold,
-            steps=steps or cfg.eval.likelihood_steps,
-            method=cfg.sample.method,
-            divergence_method=cfg.eval.divergence,
-            transport=cfg.sample.transport,
-        ).detach()
+        return log_prob(self.model, x, self.manifold, cfg, steps or cfg.eval.likelihood_steps).detach()
 
     def __repr__(self) -> str:
         return f"ManifoldPipeline({self.manifold!r}, point_shape={self.point_shape}, step={self.run.step})"

@@ -177,11 +177,25 @@ def nll(
     generator: torch.Generator | None = None,
     stats: IntegrationStats | None = None,
 ) -> tuple[float, float]:
-    """Mean negative log-likelihood of ``x`` under ``model``'s flow and its standard error (``sample.method`` with
-    ``steps`` steps, ``eval.divergence``)."""
+    """Mean negative log-likelihood of ``x`` under ``model``'s flow and its standard error (:func:`log_prob`)."""
+    logp = log_prob(model, x, manifold, cfg, steps, generator, stats)
+    return float(-logp.mean()), float(logp.std() / math.sqrt(logp.numel())) if logp.numel() > 1 else 0.0
+
+
+def log_prob(
+    model: nn.Module,
+    x: Tensor,
+    manifold: Manifold,
+    cfg: ToyRunConfig,
+    steps: int,
+    generator: torch.Generator | None = None,
+    stats: IntegrationStats | None = None,
+) -> Tensor:
+    """``(N,)`` log-density of points ``x`` (w.r.t. the Riemannian volume) under ``model``'s flow: the run's
+    likelihood solver (``sample.method`` with ``steps`` steps, ``sample.transport``, ``eval.divergence``)."""
     model.eval()
     spec = cfg.sample
-    logp = log_likelihood(
+    return log_likelihood(
         model_velocity(model, spec),
         x,
         manifold,
@@ -192,7 +206,6 @@ def nll(
         stats=stats,
         transport=spec.transport,
     )
-    return float(-logp.mean()), float(logp.std() / math.sqrt(logp.numel())) if logp.numel() > 1 else 0.0
 
 
 def validation_points(cfg: ToyRunConfig, data: RunData) -> Tensor | None:
