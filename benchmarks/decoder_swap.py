@@ -34,9 +34,9 @@ METRIC = "fd_builtin_classifier"
 DECODERS = ("own", "base decoder, projected", "finetuned decoder, projected")
 
 
-def score(job: tuple[str, str, int, int, str | None]) -> dict[str, Any]:
+def score(job: tuple[str, str, int, int]) -> dict[str, Any]:
     """One arm of one seed: its samples through every decoder of :data:`DECODERS`."""
-    run_dir, arm, seed, samples, cache_dir = job
+    run_dir, arm, seed, samples = job
     import torch
 
     torch.set_num_threads(1)
@@ -102,7 +102,6 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--samples", type=int, default=600, help="samples per arm and seed")
     parser.add_argument("--processes", type=int, default=2)
-    parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--report", action="store_true", help="only rebuild the table from the saved json")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
@@ -117,9 +116,7 @@ def main() -> None:
         rows, command = saved["rows"], saved["command"]
     else:
         jobs = [
-            (str(args.runs / f"seed{seed}" / arm), arm, seed, args.samples, args.cache_dir)
-            for seed in args.seeds
-            for arm in args.arms
+            (str(args.runs / f"seed{seed}" / arm), arm, seed, args.samples) for seed in args.seeds for arm in args.arms
         ]
         rows = map_in_processes(__file__, "score", jobs, args.processes)
         write_json_atomic(RESULTS / "decoder_swap.json", {"command": command, "rows": rows})

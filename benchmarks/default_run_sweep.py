@@ -85,7 +85,7 @@ SAMPLERS: dict[str, dict[str, object]] = {
 ARMS = ("spherical", "linear")
 
 
-def rescore(run_dir: Path, seed: int, num_samples: int, cache_dir: Path | None) -> dict[str, dict[str, float]]:
+def rescore(run_dir: Path, seed: int, num_samples: int) -> dict[str, dict[str, float]]:
     """Every sampler of :data:`SAMPLERS` on the trained arms of one default run (the run's final evaluation noise)."""
     import torch
 
@@ -142,7 +142,7 @@ def run_candidate(name: str, seed: int, work: Path, cache_dir: Path | None, extr
             "spherical": refs["reconstructions (spherical, finetuned decoder)"]["classifier_accuracy"],
             "linear": refs["reconstructions (base decoder)"]["classifier_accuracy"],
         },
-        "samplers": rescore(out, seed, results["config"]["eval"]["num_samples"], cache_dir),
+        "samplers": rescore(out, seed, results["config"]["eval"]["num_samples"]),
     }
 
 

@@ -44,7 +44,6 @@ from typing import Any
 from reporting import add_output_options, map_in_processes, mean_sd, output_dir
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
 METRIC = "fd_builtin_classifier"
 NFES = (4, 8, 16, 32, 64)
 STAGES = {"euler": 1, "heun": 2, "midpoint": 2, "rk4": 4}
@@ -104,10 +103,10 @@ def score(job: tuple[Any, ...]) -> dict[str, Any]:
     """Every setting of ``grid`` on one trained model: FD, accuracy, NFE per sample and seconds; with both
     ``euler-1`` and ``euler-250`` in the grid, the flow's straightness error too: ``mean |z_1 - z_250| / mean
     |x_0 - z_250|`` over the samples (``z_n``: the sample after ``n`` Euler steps from the noise ``x_0``; 0 for a
-    flow whose one step lands where the full solve does). ``job``: ``(run_dir, arm, seed, grid, samples, cache_dir,
+    flow whose one step lands where the full solve does). ``job``: ``(run_dir, arm, seed, grid, samples,
     coupling[, noise])``, ``noise`` a key of :data:`NOISE` (default ``report``)."""
-    run_dir, arm, seed, grid, samples, cache_dir, coupling = job[:7]
-    noise = job[7] if len(job) > 7 else "report"
+    run_dir, arm, seed, grid, samples, coupling = job[:6]
+    noise = job[6] if len(job) > 6 else "report"
     import torch
 
     torch.set_num_threads(1)
@@ -159,11 +158,11 @@ PRECISION_SAMPLER = {"method": "euler", "steps": 20, "cfg_scale": 3.0}
 SPHERICAL_ARMS = ("spherical-linear", "spherical")
 
 
-def score_precision(job: tuple[str, str, int, int, str | None]) -> dict[str, Any]:
+def score_precision(job: tuple[str, str, int, int]) -> dict[str, Any]:
     """One trained model sampled at fp32 and bf16 from the same noise and labels: FD, accuracy and seconds of
     each (CPU: bf16 autocast there, timings are this machine's), and the largest and mean ``|z_bf16 - z_fp32|`` of
     the latents."""
-    run_dir, arm, seed, samples, cache_dir = job
+    run_dir, arm, seed, samples = job
     import torch
 
     torch.set_num_threads(1)
@@ -495,7 +494,6 @@ def main() -> None:
         help="precision: where the models missing from --runs are trained (seed<N>/<arm>)",
     )
     parser.add_argument("--processes", type=int, default=2)
-    parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--report", action="store_true", help="only rebuild the table and plot from the saved json")
     add_output_options(parser)
     args = parser.parse_args()
@@ -509,7 +507,7 @@ def main() -> None:
         args.samples = 24 if args.quick else 600 if args.study == "precision" else 240
     stem = f"sampling_{args.study}"
     if args.study == "precision":
-        _precision_study(args, stem)
+        _precision_study(args, stem, results)
         return
     command = (
         f"python benchmarks/sampling.py {args.study} --runs {args.runs} --arms {' '.join(args.arms)} "
@@ -533,7 +531,7 @@ def main() -> None:
             grid = {k: v for k, v in grid.items() if k.split("-")[1] in ("4", "8", "250")}
         noises = list(NOISE) if args.study == "nfe" else ["report"]  # nfe: choose on one noise, report another
         jobs = [
-            (str(folder / f"seed{seed}" / arm), arm, seed, grid, args.samples, args.cache_dir, coupling, noise)
+            (str(folder / f"seed{seed}" / arm), arm, seed, grid, args.samples, coupling, noise)
             for coupling, folder in folders.items()
             for seed in args.seeds
             for arm in args.arms
@@ -558,7 +556,7 @@ def main() -> None:
     print(table)
 
 
-def _precision_study(args: argparse.Namespace, stem: str) -> None:
+def _precision_study(args: argparse.Namespace, stem: str, results: Path) -> None:
     from manifold_fm.atomic import write_json_atomic, write_text_atomic
 
     command = (
@@ -567,7 +565,7 @@ def _precision_study(args: argparse.Namespace, stem: str) -> None:
     )
     samples = args.samples
     if args.report:
-        saved = json.loads((RESULTS / f"{stem}.json").read_text())
+        saved = json.loads((results / f"{stem}.json").read_text())
         rows, command, samples = saved["rows"], saved["command"], saved["samples"]
     else:
         from ablation import run_seed
@@ -578,14 +576,10 @@ def _precision_study(args: argparse.Namespace, stem: str) -> None:
             have = all((args.runs / f"seed{seed}" / arm / "checkpoints").is_dir() for arm in args.arms)
             trained = args.runs / f"seed{seed}"
             folders[seed] = trained if have else run_seed(seed, args.train_dir, [], tuple(args.arms))
-        jobs = [
-            (str(folders[seed] / arm), arm, seed, args.samples, args.cache_dir)
-            for seed in args.seeds
-            for arm in args.arms
-        ]
+        jobs = [(str(folders[seed] / arm), arm, seed, args.samples) for seed in args.seeds for arm in args.arms]
         rows = map_in_processes(__file__, "score_precision", jobs, args.processes)
         write_json_atomic(
-            RESULTS / f"{stem}.json",
+            results / f"{stem}.json",
             {
                 "command": command,
                 "wall_s": round(time.perf_counter() - t0, 1),
@@ -596,7 +590,7 @@ def _precision_study(args: argparse.Namespace, stem: str) -> None:
             },
         )
     table = precision_table(rows, args.arms, command, samples)
-    write_text_atomic(RESULTS / f"{stem}.md", table + "\n")
+    write_text_atomic(results / f"{stem}.md", table + "\n")
     print(table)
 
 
