@@ -33,6 +33,9 @@ RESULTS = ROOT / "benchmarks" / "results"
 METRIC = "fd_builtin_classifier"
 DECODERS = ("own", "base decoder, projected", "finetuned decoder, projected")
 
+#: Added to each model's seed for the noise of its samples.
+NOISE_OFFSET = 30_000
+
 
 def score(job: tuple[str, str, int, int]) -> dict[str, Any]:
     """One arm of one seed: its samples through every decoder of :data:`DECODERS`."""
@@ -49,7 +52,8 @@ def score(job: tuple[str, str, int, int]) -> dict[str, Any]:
     evaluator = builtin_evaluator()
     spec = run.cfg.sample
     quality = SampleQuality(run.flow, spec, run.decoder, run.latent_shape, run.num_classes, evaluator)
-    z, own_images, labels, _ = quality.sample(run.model, samples, seed=20_000 + seed)
+    # apart from training's, the runs' own evaluations and sampling.py's report and selection noise
+    z, own_images, labels, _ = quality.sample(run.model, samples, seed=NOISE_OFFSET + seed)
     spherical_latent = run.cfg.flow.resolved["latent"] == "spherical"
     base = run.decoder.base if spherical_latent else run.decoder  # the run's own tokenizer: loaded once
     raw = z if spherical_latent else run.decoder.normalization.denormalize(z)
