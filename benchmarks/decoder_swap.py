@@ -26,15 +26,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from reporting import map_in_processes, mean_sd
+from reporting import NOISE_OFFSETS, map_in_processes, mean_sd
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 METRIC = "fd_builtin_classifier"
 DECODERS = ("own", "base decoder, projected", "finetuned decoder, projected")
-
-#: Added to each model's seed for the noise of its samples.
-NOISE_OFFSET = 30_000
 
 
 def score(job: tuple[str, str, int, int]) -> dict[str, Any]:
@@ -52,8 +49,7 @@ def score(job: tuple[str, str, int, int]) -> dict[str, Any]:
     evaluator = builtin_evaluator()
     spec = run.cfg.sample
     quality = SampleQuality(run.flow, spec, run.decoder, run.latent_shape, run.num_classes, evaluator)
-    # apart from training's, the runs' own evaluations and sampling.py's report and selection noise
-    z, own_images, labels, _ = quality.sample(run.model, samples, seed=NOISE_OFFSET + seed)
+    z, own_images, labels, _ = quality.sample(run.model, samples, seed=NOISE_OFFSETS["decoder_swap"] + seed)
     spherical_latent = run.cfg.flow.resolved["latent"] == "spherical"
     base = run.decoder.base if spherical_latent else run.decoder  # the run's own tokenizer: loaded once
     raw = z if spherical_latent else run.decoder.normalization.denormalize(z)

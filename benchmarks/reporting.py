@@ -19,6 +19,10 @@ import tempfile
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+#: Study -> offset added to a trained model's seed for the noise of the samples the study draws. One table so that
+#: the studies' noise stays disjoint from each other's and from training's and the runs' own evaluations (seed + a
+#: few): ``sampling.py`` reports on ``report`` and chooses its presets on ``select``.
+NOISE_OFFSETS = {"report": 10_000, "select": 20_000, "precision": 30_000, "decoder_swap": 40_000}
 
 
 def add_output_options(parser: argparse.ArgumentParser) -> None:
@@ -83,4 +87,13 @@ def map_in_processes(script: str, function: str, jobs: list, processes: int) -> 
         return pool.map(worker, jobs, chunksize=1)
 
 
-__all__ = ["RESULTS", "add_output_options", "command", "map_in_processes", "mean_sd", "output_dir", "written_by"]
+__all__ = [
+    "NOISE_OFFSETS",
+    "RESULTS",
+    "add_output_options",
+    "command",
+    "map_in_processes",
+    "mean_sd",
+    "output_dir",
+    "written_by",
+]

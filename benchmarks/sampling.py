@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from reporting import add_output_options, map_in_processes, mean_sd, output_dir
+from reporting import NOISE_OFFSETS, add_output_options, map_in_processes, mean_sd, output_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 METRIC = "fd_builtin_classifier"
@@ -52,9 +52,8 @@ REFERENCE = {"method": "euler", "steps": 250}
 ADAPTIVE = {"method": "dopri5", "steps": 1, "atol": 1e-3, "rtol": 1e-3}
 CFG_SCALES = (1.0, 1.5, 2.0, 3.0, 4.0)
 CFG_INTERVALS: dict[str, tuple[float, float] | None] = {"none": None, "t<=0.7": (0.0, 0.7), "t>=0.3": (0.3, 1.0)}
-#: The noise of each model's samples: ``report`` (every number printed) and ``select`` (the presets' choice),
-#: offsets added to the model's seed, apart from training's and the runs' own evaluations and from each other.
-NOISE = {"report": 10_000, "select": 20_000}
+#: The noise of each model's samples: ``report`` (every number printed) and ``select`` (the presets' choice).
+NOISE = ("report", "select")
 
 
 def nfe_grid() -> dict[str, dict[str, Any]]:
@@ -104,7 +103,7 @@ def score(job: tuple[Any, ...]) -> dict[str, Any]:
     ``euler-1`` and ``euler-250`` in the grid, the flow's straightness error too: ``mean |z_1 - z_250| / mean
     |x_0 - z_250|`` over the samples (``z_n``: the sample after ``n`` Euler steps from the noise ``x_0``; 0 for a
     flow whose one step lands where the full solve does). ``job``: ``(run_dir, arm, seed, grid, samples,
-    coupling[, noise])``, ``noise`` a key of :data:`NOISE` (default ``report``)."""
+    coupling[, noise])``, ``noise`` one of :data:`NOISE` (default ``report``)."""
     run_dir, arm, seed, grid, samples, coupling = job[:6]
     noise = job[6] if len(job) > 6 else "report"
     import torch
@@ -119,7 +118,7 @@ def score(job: tuple[Any, ...]) -> dict[str, Any]:
     evaluator = builtin_evaluator()
     run = load_run(run_dir)
     base = run.cfg.sample.model_dump(include=set(SamplerSpec.model_fields))
-    noise_seed = NOISE[noise] + seed  # apart from training's and the runs' own evaluations
+    noise_seed = NOISE_OFFSETS[noise] + seed
     out: dict[str, Any] = {}
     latents: dict[str, torch.Tensor] = {}
     for name, overrides in grid.items():
@@ -181,7 +180,7 @@ def score_precision(job: tuple[str, str, int, int]) -> dict[str, Any]:
         spec = validate(SamplerSpec, {**base, **PRECISION_SAMPLER, "cfg_interval": None, "precision": precision})
         quality = SampleQuality(run.flow, spec, run.decoder, run.latent_shape, run.num_classes, evaluator)
         t0 = time.perf_counter()
-        z, images, labels, _ = quality.sample(run.model, samples, seed=30_000 + seed)
+        z, images, labels, _ = quality.sample(run.model, samples, seed=NOISE_OFFSETS["precision"] + seed)
         r = evaluator.evaluate(images, labels)
         out[precision] = {
             METRIC: r[METRIC],

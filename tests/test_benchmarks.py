@@ -156,3 +156,16 @@ def test_a_script_still_runs_on_its_own(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert (tmp_path / "compute_budget.md").is_file()
+
+
+def test_the_studies_draw_disjoint_noise() -> None:
+    """Each study's noise offset (``reporting.NOISE_OFFSETS``, added to a model's seed) is its own: no two studies, and
+    no study and a run's own evaluations (seed + a few), draw the same noise for any seed a study uses."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from reporting import NOISE_OFFSETS
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    offsets = sorted(NOISE_OFFSETS.values())
+    assert offsets[0] >= 1000, "an offset this small meets a run's own evaluation noise (seed + a few)"
+    assert all(b - a >= 1000 for a, b in zip(offsets, offsets[1:], strict=False)), NOISE_OFFSETS
