@@ -105,6 +105,7 @@ def rescore_arm(job: tuple[str, int, int]) -> dict[str, dict[str, float]]:
     from manifold_fm.eval.classifier import builtin_evaluator
     from manifold_fm.eval.sample_quality import SampleQuality
     from manifold_fm.sampler import SamplerSpec
+    from manifold_fm.training.default_run import FINAL_EVAL_NOISE
     from manifold_fm.training.runs import load_run
 
     run_dir, seed, num_samples = job
@@ -115,7 +116,7 @@ def rescore_arm(job: tuple[str, int, int]) -> dict[str, dict[str, float]]:
     for name, sampler in SAMPLERS.items():
         spec = validate(SamplerSpec, {**run.cfg.sample.model_dump(include=set(SamplerSpec.model_fields)), **sampler})
         quality = SampleQuality(run.flow, spec, run.decoder, run.latent_shape, run.num_classes, evaluator)
-        r = quality(run.model, num_samples, seed=seed + 2)  # the default run's final-evaluation noise
+        r = quality(run.model, num_samples, seed=seed + FINAL_EVAL_NOISE)  # the table's own noise
         out[name] = {k: r[k] for k in ("fd_builtin_classifier", "classifier_accuracy")}
     return out
 

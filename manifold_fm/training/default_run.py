@@ -68,6 +68,9 @@ QUICK_OVERRIDES = (
 DECODER_FILE = "spherical_decoder.safetensors"
 #: The run folder of the decoder finetune (checkpoints, so a stopped default run resumes it), in the default run's.
 FINETUNE_DIR = "decoder_finetune"
+#: Added to a mode's ``train.seed`` for the noise and labels of its final evaluation (the table's samples), so a study
+#: that re-samples a trained mode with other samplers can use the very same noise.
+FINAL_EVAL_NOISE = 2
 
 
 @dataclass
@@ -136,7 +139,7 @@ def _train_mode(job: ModeJob) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     train_s = time.perf_counter() - t0
     t_eval = time.perf_counter()
     ema = trainer.ema.model
-    final = quality(ema, cfg.eval.num_samples, seed=seed + 2)
+    final = quality(ema, cfg.eval.num_samples, seed=seed + FINAL_EVAL_NOISE)
     _, images, _, _ = quality.sample(ema, num_classes * 8, seed=seed + 3)
     order = torch.arange(num_classes * 8).view(8, num_classes).T.reshape(-1)  # one row per class
     save_image_grid(
